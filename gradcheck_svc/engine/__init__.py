@@ -1,0 +1,1 @@
+"""The checking engine: pure torch (no grpc, no pytest)."""

@@ -1,0 +1,187 @@
+"""Analytic Jacobians from autograd: reverse-mode rows, columns, forward-mode columns.
+
+Each quantity is tried with ``torch.func`` + vmap first (one batched call),
+then with ``torch.autograd.grad(is_grads_batched=True)``, then with a plain
+loop, because user code (old-style autograd.Function, ``.item()``, numpy in a
+backward) supports the first two only sometimes. The path that worked is kept
+for the rest of the check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.autograd import forward_ad
+
+from gradcheck_svc.engine.problem import Problem
+from gradcheck_svc.errors import CheckError, FunctionRaisedError
+
+__all__ = ["Analytic", "BackwardNotDifferentiableError"]
+
+
+class BackwardNotDifferentiableError(CheckError, TypeError):
+    """The backward cannot itself be differentiated (needed for columns and order 2)."""
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:160]}"
+
+
+class Analytic:
+    """Autograd side of a check for one problem (one evaluation point)."""
+
+    def __init__(self, problem: Problem, on_note: Callable[[str], None]) -> None:
+        self.problem = problem
+        self._note = on_note
+        self._paths = ["func", "batched", "loop"]
+        self._vjp_fn: Callable[..., tuple[torch.Tensor, ...]] | None = None
+        self._graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        self.backward_calls = 0
+
+    # ------------------------------------------------------------------ helpers
+    def _func_vjp(self) -> Callable[..., tuple[torch.Tensor, ...]]:
+        if self._vjp_fn is None:
+            _, self._vjp_fn = torch.func.vjp(self.problem.flat, *self.problem.base_reals())
+        return self._vjp_fn
+
+    def _autograd_graph(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self._graph is None:
+            reals = [r.detach().clone().requires_grad_(True) for r in self.problem.base_reals()]
+            with torch.enable_grad():
+                y = self.problem.flat(*reals)
+            if not y.requires_grad:
+                # Detached outputs have a zero autograd Jacobian: that is the analytic answer to compare.
+                self._note("fn's output does not require grad (detached or computed outside autograd)")
+                y = y + 0 * sum(r.sum() for r in reals)
+            self._graph = (y, reals)
+        return self._graph
+
+    def _grads(self, y: torch.Tensor, reals: list[torch.Tensor], cotangent: torch.Tensor, batched: bool):
+        grads = torch.autograd.grad(
+            y, reals, cotangent, retain_graph=True, allow_unused=True, is_grads_batched=batched
+        )
+        shape = (cotangent.shape[0],) if batched else ()
+        return [
+            torch.zeros(*shape, r.numel(), dtype=r.dtype, device=r.device) if g is None else g
+            for g, r in zip(grads, reals, strict=True)
+        ]
+
+    def _run(self, name: str, attempts: dict[str, Callable[[], list[torch.Tensor] | torch.Tensor]]):
+        """Try the remaining paths in order; drop the ones that fail for good."""
+        last: BaseException | None = None
+        for path in list(self._paths):
+            if path not in attempts:
+                continue
+            try:
+                return attempts[path]()
+            except (CheckError, torch.cuda.OutOfMemoryError):
+                raise
+            except Exception as exc:
+                last = exc
+                if path != "loop":
+                    self._paths.remove(path)
+                    self._note(f"{name}: '{path}' path unavailable ({_describe(exc)}); using a slower one")
+        raise FunctionRaisedError(f"backward raised while computing {name}: {_describe(last)}") from last
+
+    # ------------------------------------------------------------------ rows
+    def rows(self, cotangents: torch.Tensor) -> list[torch.Tensor]:
+        """``J^T c`` for each row ``c`` of ``cotangents (R, M)``: one ``(R, n_i)`` float64 tensor per leaf."""
+        self.backward_calls += cotangents.shape[0]
+
+        def func() -> list[torch.Tensor]:
+            return list(torch.vmap(self._func_vjp())(cotangents))
+
+        def batched() -> list[torch.Tensor]:
+            y, reals = self._autograd_graph()
+            return self._grads(y, reals, cotangents, batched=True)
+
+        def loop() -> list[torch.Tensor]:
+            y, reals = self._autograd_graph()
+            rows = [self._grads(y, reals, c, batched=False) for c in cotangents]
+            return [torch.stack([row[i] for row in rows]) for i in range(len(reals))]
+
+        result = self._run("reverse-mode rows", {"func": func, "batched": batched, "loop": loop})
+        return [g.detach().to(torch.float64) for g in result]
+
+    # ------------------------------------------------------------------ columns (reverse over reverse)
+    def columns(self, index: int, directions: torch.Tensor) -> torch.Tensor:
+        """``J u`` for rows ``u`` of ``directions (C, n_index)``, from the backward (vjp of the vjp)."""
+        self.backward_calls += directions.shape[0]
+        m = self.problem.n_outputs
+        leaves = self.problem.leaves
+
+        def func() -> torch.Tensor:
+            vjp_fn = self._func_vjp()
+            probe = torch.zeros(m, dtype=torch.float64, device=directions.device)
+            _, vjp_of_vjp = torch.func.vjp(vjp_fn, probe)
+            zeros = [
+                torch.zeros(leaf.size, dtype=leaf.real_dtype, device=directions.device) for leaf in leaves
+            ]
+
+            def column(u: torch.Tensor) -> torch.Tensor:
+                cotangent = tuple(u if i == index else z for i, z in enumerate(zeros))
+                return vjp_of_vjp(cotangent)[0]
+
+            return torch.vmap(column)(directions.to(leaves[index].real_dtype))
+
+        def autograd_path(batched: bool) -> torch.Tensor:
+            y, reals = self._autograd_graph()
+            probe = torch.zeros(m, dtype=y.dtype, device=y.device, requires_grad=True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(y, [reals[index]], probe, create_graph=True, allow_unused=True)
+            if g is None:
+                return torch.zeros(directions.shape[0], m, dtype=torch.float64, device=y.device)
+            if not g.requires_grad:
+                raise BackwardNotDifferentiableError(
+                    "the backward of fn is not differentiable (it detaches or leaves autograd), so the "
+                    "Jacobian cannot be streamed by columns; use mode='fast' or a smaller input"
+                )
+            u = directions.to(g.dtype)
+            if batched:
+                (cols,) = torch.autograd.grad(g, probe, u, retain_graph=True, is_grads_batched=True)
+                return cols
+            return torch.stack([torch.autograd.grad(g, probe, row, retain_graph=True)[0] for row in u])
+
+        result = self._run(
+            "reverse-mode columns",
+            {"func": func, "batched": lambda: autograd_path(True), "loop": lambda: autograd_path(False)},
+        )
+        return result.detach().to(torch.float64)
+
+    # ------------------------------------------------------------------ forward mode
+    def jvp_columns(self, index: int, directions: torch.Tensor) -> torch.Tensor:
+        """``J u`` from forward-mode AD (jvp) for rows ``u`` of ``directions (C, n_index)``."""
+        base = self.problem.leaves[index].real
+        problem = self.problem
+
+        def one_func(u: torch.Tensor) -> torch.Tensor:
+            return torch.func.jvp(lambda r: problem.flat_replace(index, r), (base,), (u,))[1]
+
+        def func() -> torch.Tensor:
+            return torch.vmap(one_func)(directions.to(base.dtype))
+
+        def loop() -> torch.Tensor:
+            cols = []
+            for u in directions.to(base.dtype):
+                with forward_ad.dual_level():
+                    dual = forward_ad.make_dual(base.detach(), u)
+                    y = problem.flat_replace(index, dual)
+                    tangent = forward_ad.unpack_dual(y).tangent
+                cols.append(torch.zeros_like(y) if tangent is None else tangent)
+            return torch.stack(cols)
+
+        try:
+            with torch.no_grad():
+                result = func()
+        except Exception as exc:
+            try:
+                with torch.no_grad():
+                    result = loop()
+            except Exception as exc2:
+                raise FunctionRaisedError(
+                    f"forward-mode AD failed: {_describe(exc2)} (vmap path: {_describe(exc)}); "
+                    "a custom autograd.Function needs a jvp staticmethod for forward_ad=True"
+                ) from exc2
+        return result.detach().to(torch.float64)

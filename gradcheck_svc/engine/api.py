@@ -1,0 +1,111 @@
+"""Public entry points of the engine: ``check`` and ``assert_grads``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from gradcheck_svc.engine.context import Context
+from gradcheck_svc.engine.devices import compare_devices, resolve_device
+from gradcheck_svc.engine.fast import run_fast
+from gradcheck_svc.engine.full import run_full
+from gradcheck_svc.engine.problem import build_problem
+from gradcheck_svc.engine.second_order import second_order_problem
+from gradcheck_svc.engine.taylor import run_taylor
+from gradcheck_svc.errors import GradientMismatch, InvalidOptionError
+from gradcheck_svc.options import CheckOptions, resolve_options
+from gradcheck_svc.report import Report, Status
+
+__all__ = ["assert_grads", "check"]
+
+
+def _function_name(fn: Any) -> str:
+    if isinstance(fn, torch.nn.Module):
+        return type(fn).__name__
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def check(
+    fn: Callable[..., Any],
+    *inputs: Any,
+    fn_kwargs: dict[str, Any] | None = None,
+    input_names: Sequence[str] | None = None,
+    deadline: float | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    **options: Any,
+) -> Report:
+    """Compare the autograd gradients of ``fn`` at ``inputs`` with error-bounded finite differences.
+
+    Returns a ``Report``; a mismatch does not raise (see ``assert_grads``). ``fn_kwargs`` reach
+    ``fn`` unchanged; ``input_names`` names the positional inputs in the report. ``deadline``
+    (a ``time.monotonic()`` value) and ``cancelled`` are polled between chunks. Every other
+    keyword is an option of ``CheckOptions``.
+    """
+    started = time.perf_counter()
+    opts: CheckOptions = resolve_options(**options)
+    if not callable(fn):
+        raise InvalidOptionError(f"fn must be callable, got {type(fn).__name__}")
+    device = resolve_device(opts.device, inputs)
+    problem, _ = build_problem(
+        fn, inputs, dict(fn_kwargs or {}), input_names=input_names, device=device, upcast=opts.upcast
+    )
+    if opts.order == 2:
+        problem = second_order_problem(problem, seed=opts.seed)
+    ctx = Context(problem, opts, deadline=deadline, cancelled=cancelled)
+
+    forward_nondeterministic = _forward_is_nondeterministic(ctx)
+    if not bool(torch.isfinite(ctx.f0).all()):
+        ctx.note("fn's value is NaN or infinite at this point: affected elements cannot be checked")
+
+    entries = problem.n_outputs * problem.n_inputs
+    mode = opts.mode if opts.mode != "auto" else ("full" if entries <= opts.fast_threshold else "fast")
+    if opts.scheme == "taylor":
+        pairs = run_taylor(ctx)
+        mode = "taylor"
+    elif mode == "full":
+        pairs = [a.report() for a in run_full(ctx).values()]
+    else:
+        pairs = run_fast(ctx)
+    if opts.compare_devices:
+        pairs.append(compare_devices(fn, inputs, dict(fn_kwargs or {}), input_names, opts, ctx))
+    if forward_nondeterministic:
+        for pair in pairs:
+            pair.status = Status.NONDETERMINISTIC
+            pair.message = "fn returned different values for the same input"
+    pairs.sort(key=lambda p: (p.check.value != "reverse", p.output, p.input))
+
+    ctx.timings["total_s"] = time.perf_counter() - started
+    leaf_dtypes = sorted({str(leaf.dtype).removeprefix("torch.") for leaf in problem.leaves})
+    return Report(
+        ok=all(p.ok for p in pairs),
+        pairs=pairs,
+        dtype=leaf_dtypes[0] if len(leaf_dtypes) == 1 else ",".join(leaf_dtypes),
+        device=str(ctx.f0.device),
+        mode=mode,
+        scheme=opts.scheme,
+        order=opts.order,
+        function=_function_name(fn),
+        notes=ctx.notes,
+        options=opts.model_dump(exclude_defaults=True),
+        timings={k: round(v, 6) for k, v in ctx.timings.items()},
+    )
+
+
+def _forward_is_nondeterministic(ctx: Context) -> bool:
+    again = ctx.evaluator.base()
+    same = torch.equal(again, ctx.f0) or bool(((again == ctx.f0) | (again.isnan() & ctx.f0.isnan())).all())
+    if not same:
+        ctx.note("fn is not deterministic: two calls at the same point returned different values")
+    return not same
+
+
+def assert_grads(fn: Callable[..., Any], *inputs: Any, **options: Any) -> Report:
+    """Like ``check`` but raise ``GradientMismatch`` (an AssertionError) when gradients disagree."""
+    __tracebackhide__ = True
+    report = check(fn, *inputs, **options)
+    if not report.ok:
+        raise GradientMismatch(report)
+    return report

@@ -1,0 +1,63 @@
+"""Batched evaluation of the flat function, with vmap where the function allows it.
+
+vmap fails on functions that are not "functional" enough (old-style
+autograd.Functions, ``.item()``, data-dependent branches, in-place tricks,
+random ops). The first failing call switches the problem to a plain loop for
+the rest of the check, and the reason is kept for the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from gradcheck_svc.engine.problem import Problem
+from gradcheck_svc.errors import FunctionRaisedError
+
+__all__ = ["Evaluator"]
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:160]}"
+
+
+class Evaluator:
+    """Evaluates ``problem.flat`` on batches of perturbed leaves."""
+
+    def __init__(self, problem: Problem, on_note: Callable[[str], None]) -> None:
+        self.problem = problem
+        self.use_vmap = True
+        self._note = on_note
+        self.evaluations = 0
+
+    def base(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self._guarded(lambda: self.problem.flat(*self.problem.base_reals()))
+
+    def leaf_batch(self, index: int, batch: torch.Tensor) -> torch.Tensor:
+        """Rows of ``batch`` are flat real values of leaf ``index``; returns (B, n_outputs)."""
+        self.evaluations += batch.shape[0]
+        problem = self.problem
+
+        def one(row: torch.Tensor) -> torch.Tensor:
+            return problem.flat_replace(index, row)
+
+        with torch.no_grad():
+            if self.use_vmap:
+                try:
+                    return torch.vmap(one)(batch)
+                except Exception as exc:  # any vmap incompatibility: fall back, remember why
+                    self.use_vmap = False
+                    self._note(f"fn does not support vmap ({_describe(exc)}); evaluated in a loop")
+            return self._guarded(lambda: torch.stack([one(row) for row in batch]))
+
+    @staticmethod
+    def _guarded(call: Callable[[], torch.Tensor]) -> torch.Tensor:
+        try:
+            return call()
+        except Exception as exc:
+            raise FunctionRaisedError(
+                f"fn raised while evaluating perturbed inputs: {_describe(exc)}"
+            ) from exc

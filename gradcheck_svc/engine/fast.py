@@ -1,0 +1,170 @@
+"""Fast mode: random projections ``v^T J u`` instead of the whole Jacobian.
+
+For each leaf, a few seeded random directions ``u`` are evaluated with the same
+four-node finite differences as full mode (one batched call), which gives
+``J u`` with an error bar per output element. For each output, seeded random
+cotangents ``v`` give ``J^T v`` by one batched backward. Each pair is then
+judged on the scalars ``v^T J u``, against a tolerance made of the propagated
+error bars (not a tolerance scaled by the input size). A failing pair is
+re-checked in full mode, so the message still points at elements.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from gradcheck_svc.engine.compare import judge
+from gradcheck_svc.engine.context import Context
+from gradcheck_svc.engine.full import DENSE_ENTRIES, run_full
+from gradcheck_svc.engine.numeric import Differences, differences, steps
+from gradcheck_svc.report import Check, PairReport, Status
+
+__all__ = ["run_fast"]
+
+_LEVELS = torch.tensor([0.5, 0.75, 1.0], dtype=torch.float64)
+
+
+def _directions(base: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Random directions whose entries have few mantissa bits, scaled by a power of two of max(|x|, 1).
+
+    Few bits keep ``x + t * u`` exactly representable for power-of-two ``t``, so the
+    perturbation applied is the one the analytic side projects on.
+    """
+    n = base.numel()
+    level = _LEVELS[torch.randint(0, 3, (count, n), generator=generator)]
+    sign = torch.randint(0, 2, (count, n), generator=generator).to(torch.float64) * 2 - 1
+    scale = torch.exp2(torch.round(torch.log2(base.detach().to("cpu", torch.float64).abs().clamp(min=1.0))))
+    return (level * sign * scale).to(base.device)
+
+
+def run_fast(ctx: Context) -> list[PairReport]:
+    problem, options = ctx.problem, ctx.options
+    count = options.projections
+    generator = torch.Generator().manual_seed(options.seed)
+    device = ctx.f0.device
+    n_out = len(problem.outputs)
+    ctx.check_limits(n_out * count * len(problem.leaves), 3 * count * len(problem.leaves))
+
+    # Numeric side: J u for each leaf and direction, with error bars: (M, P) per leaf.
+    directions: list[torch.Tensor] = []
+    numeric: list[Differences] = []
+    t0 = time.perf_counter()
+    for i, leaf in enumerate(problem.leaves):
+        ctx.poll()
+        u = _directions(leaf.real, count, generator)
+        t = float(steps(torch.zeros(1), ctx.eps(leaf))[0])
+        base = leaf.real.detach().to(torch.float64)
+        nodes = (-1.0, 1.0, 2.0)
+        batch = torch.cat([(base + node * t * u).to(leaf.real_dtype) for node in nodes])
+        offsets = torch.tensor(nodes, dtype=torch.float64, device=device).unsqueeze(1).expand(3, count) * t
+        evaluated = ctx.evaluator.leaf_batch(i, batch)
+        directions.append(u)
+        x_scale = torch.full((count,), 1.0, dtype=torch.float64, device=device)
+        numeric.append(differences(evaluated, ctx.f0, offsets.contiguous(), ctx.machine_eps, x_scale))
+    ctx.timed("numeric_s", t0)
+
+    # Analytic side: J^T v for seeded cotangents, one set per output block.
+    t0 = time.perf_counter()
+    m = problem.n_outputs
+    cotangents = torch.zeros(n_out * count, m, dtype=torch.float64)
+    for o, block in enumerate(problem.outputs):
+        cotangents[o * count : (o + 1) * count, block.rows] = torch.randn(
+            count, block.size, generator=generator
+        )
+    cotangents = cotangents.to(device)
+    grads = ctx.analytic.rows(cotangents)
+    again = ctx.analytic.rows(cotangents) if options.check_nondeterminism else grads
+    ctx.timed("analytic_s", t0)
+
+    reports: list[PairReport] = []
+    failing: list[tuple[int, int]] = []
+    for o, block in enumerate(problem.outputs):
+        v = cotangents[o * count : (o + 1) * count, block.rows]  # (P, m_o)
+        for i, leaf in enumerate(problem.leaves):
+            d = numeric[i].rows(block.rows)  # (m_o, P)
+            u = directions[i]
+            g = grads[i][o * count : (o + 1) * count]  # (P, n_i)
+            analytic = (g * u).sum(dim=1).unsqueeze(0)  # (1, P)
+            projected = Differences(
+                value=(v * d.value.T).sum(dim=1).unsqueeze(0),
+                bar=(v.abs() * d.bar.T).sum(dim=1).unsqueeze(0),
+                forward=(v * d.forward.T).sum(dim=1).unsqueeze(0),
+                backward=(v * d.backward.T).sum(dim=1).unsqueeze(0),
+                one_sided_bar=(v.abs() * d.one_sided_bar.T).sum(dim=1).unsqueeze(0),
+            )
+            verdict = judge(analytic, projected, ctx.tolerance(block, leaf))
+            nondet = (
+                float(
+                    torch.nan_to_num(
+                        (again[i][o * count : (o + 1) * count] - g).abs(), nan=float("inf")
+                    ).max()
+                )
+                if g.numel()
+                else 0.0
+            )
+            status = Status.PASS
+            if bool(verdict.nonfinite.any()):
+                status = Status.NONFINITE
+            elif nondet > options.nondet_tol:
+                status = Status.NONDETERMINISTIC
+            elif bool(verdict.failed.any()):
+                status = Status.FAIL
+            elif bool(verdict.kink.any()):
+                status = Status.KINK
+            error = (analytic - projected.value).abs()
+            finite = torch.isfinite(error)
+            rel = error / projected.value.abs().clamp(min=1e-300)
+            reports.append(
+                PairReport(
+                    output=block.name,
+                    input=leaf.name,
+                    check=Check.REVERSE,
+                    status=status,
+                    mode="fast",
+                    output_shape=list(block.shape),
+                    input_shape=list(leaf.shape),
+                    dtype=str(leaf.dtype).removeprefix("torch."),
+                    max_abs_error=float(error[finite].max()) if bool(finite.any()) else 0.0,
+                    max_rel_error=float(rel[finite].max()) if bool(finite.any()) else 0.0,
+                    max_error_ratio=float(verdict.ratio.max()),
+                    elements_checked=count,
+                    elements_failed=int(verdict.failed.sum()),
+                    kinks=int(verdict.kink.sum()),
+                    nondeterminism=nondet if options.check_nondeterminism else None,
+                    message=f"{count} random projections v^T J u",
+                )
+            )
+            if status in (Status.FAIL, Status.NONFINITE):
+                failing.append((o, i))
+
+    if failing:
+        reports = _recheck_in_full(ctx, reports, failing)
+    return reports
+
+
+def _recheck_in_full(
+    ctx: Context, reports: list[PairReport], failing: list[tuple[int, int]]
+) -> list[PairReport]:
+    """Re-run failing pairs element by element so the report names the elements."""
+    problem = ctx.problem
+    entries = problem.n_outputs * sum(problem.leaves[i].size for _, i in failing)
+    limit = ctx.options.max_jacobian_entries
+    if limit is not None and entries > limit:
+        ctx.note("fast mode found a mismatch; the full re-check is over the Jacobian size limit")
+        return reports
+    if entries > 16 * DENSE_ENTRIES:
+        ctx.note("fast mode found a mismatch; the Jacobian is too large to re-check every element")
+        return reports
+    full = run_full(ctx, failing, mode_label="full")
+    by_pair = {(a.output.name, a.leaf.name): a.report() for key, a in full.items() if key[0] == Check.REVERSE}
+    result = []
+    for report in reports:
+        replacement = by_pair.get((report.output, report.input))
+        if replacement is not None:
+            replacement.message = "fast-mode projections failed; re-checked in full"
+            result.append(replacement)
+        else:
+            result.append(report)
+    return result

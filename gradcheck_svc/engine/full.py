@@ -1,0 +1,181 @@
+"""Full mode: every Jacobian element, streamed over column chunks.
+
+The numeric side perturbs a chunk of columns of one leaf in one batched call.
+The analytic side is a dense reverse-mode Jacobian when it fits in memory
+(one vjp per output element, batched), otherwise the same columns computed by
+differentiating the backward (vjp of the vjp), so memory stays bounded by the
+chunk whatever the size of the Jacobian.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import torch
+
+from gradcheck_svc.engine.compare import PairAccumulator, judge
+from gradcheck_svc.engine.context import Context
+from gradcheck_svc.engine.numeric import Differences, differences, perturb, steps
+from gradcheck_svc.report import Check
+
+__all__ = ["DENSE_ENTRIES", "run_full"]
+
+DENSE_ENTRIES = 1 << 25  # analytic Jacobians up to this many entries are held densely (256 MiB)
+_ROW_BYTES = 128 * 2**20
+_NONDET_ROWS = 64  # rows per output re-run to detect nondeterministic backwards (all when small)
+
+Pair = tuple[int, int]  # (output block index, leaf index)
+
+
+def _dense_rows(ctx: Context, outputs: list[int], leaves: list[int]) -> dict[int, torch.Tensor]:
+    """Reverse-mode Jacobian rows of the selected outputs, for every selected leaf: (M, n_i) each."""
+    problem = ctx.problem
+    m = problem.n_outputs
+    rows = torch.cat([torch.arange(problem.outputs[o].offset, problem.outputs[o].rows.stop) for o in outputs])
+    n_total = sum(problem.leaves[i].size for i in leaves)
+    per_chunk = max(1, min(rows.numel(), _ROW_BYTES // max(1, 8 * (n_total + m))))
+    device = ctx.f0.device
+    jac = {i: torch.zeros(m, problem.leaves[i].size, dtype=torch.float64, device=device) for i in leaves}
+    for start in range(0, rows.numel(), per_chunk):
+        ctx.poll()
+        chunk = rows[start : start + per_chunk].to(device)
+        cotangents = torch.zeros(chunk.numel(), m, dtype=torch.float64, device=device)
+        cotangents[torch.arange(chunk.numel(), device=device), chunk] = 1.0
+        grads = ctx.analytic.rows(cotangents)
+        for i in leaves:
+            jac[i][chunk] = grads[i]
+    return jac
+
+
+def _nondeterminism(ctx: Context, jac: dict[int, torch.Tensor], outputs: list[int]) -> dict[Pair, float]:
+    """Run the backward again on some rows of each output and compare with the first run."""
+    problem = ctx.problem
+    m = problem.n_outputs
+    small = m <= 8 * _NONDET_ROWS
+    picked = []
+    for o in outputs:
+        block = problem.outputs[o]
+        count = block.size if small else min(block.size, _NONDET_ROWS)
+        picked.append(torch.arange(block.offset, block.offset + count))
+    rows = torch.cat(picked).to(ctx.f0.device)
+    cotangents = torch.zeros(rows.numel(), m, dtype=torch.float64, device=ctx.f0.device)
+    cotangents[torch.arange(rows.numel(), device=rows.device), rows] = 1.0
+    again = ctx.analytic.rows(cotangents)
+    result: dict[Pair, float] = {}
+    for o in outputs:
+        block = problem.outputs[o]
+        mask = (rows >= block.offset) & (rows < block.rows.stop)
+        for i, first in jac.items():
+            delta = (again[i][mask] - first[rows[mask]]).abs()
+            delta = torch.nan_to_num(delta, nan=float("inf"))
+            result[(o, i)] = float(delta.max()) if delta.numel() else 0.0
+    return result
+
+
+def run_full(
+    ctx: Context,
+    pairs: Iterable[Pair] | None = None,
+    *,
+    mode_label: str = "full",
+) -> dict[tuple[Check, int, int], PairAccumulator]:
+    """Check the selected pairs (default: all) element by element."""
+    problem = ctx.problem
+    options = ctx.options
+    selected = (
+        set(pairs)
+        if pairs is not None
+        else {(o, i) for o in range(len(problem.outputs)) for i in range(len(problem.leaves))}
+    )
+    outputs = sorted({o for o, _ in selected})
+    leaves = sorted({i for _, i in selected})
+    m = problem.n_outputs
+    n_sel = sum(problem.leaves[i].size for i in leaves)
+    ctx.check_limits(m * n_sel, 3 * n_sel)
+    dense = m * n_sel <= DENSE_ENTRIES
+
+    accumulators: dict[tuple[Check, int, int], PairAccumulator] = {}
+
+    def acc(check: Check, o: int, i: int) -> PairAccumulator:
+        key = (check, o, i)
+        if key not in accumulators:
+            out, leaf = problem.outputs[o], problem.leaves[i]
+            accumulators[key] = PairAccumulator(
+                out, leaf, check, mode_label, str(leaf.dtype).removeprefix("torch."), options.max_worst
+            )
+        return accumulators[key]
+
+    jac: dict[int, torch.Tensor] = {}
+    if dense:
+        start = time.perf_counter()
+        jac = _dense_rows(ctx, outputs, leaves)
+        if options.check_nondeterminism:
+            for (o, i), delta in _nondeterminism(ctx, jac, outputs).items():
+                if (o, i) in selected:
+                    a = acc(Check.REVERSE, o, i)
+                    a.nondeterminism = delta
+                    a.nondeterministic = delta > options.nondet_tol
+        ctx.timed("analytic_s", start)
+
+    machine_eps = ctx.machine_eps
+    for i in leaves:
+        leaf = problem.leaves[i]
+        base = leaf.real
+        h_all = steps(base, ctx.eps(leaf))
+        size = ctx.chunk_size(leaf)
+        leaf_outputs = [o for o in outputs if (o, i) in selected]
+        for start_col in range(0, leaf.size, size):
+            ctx.poll()
+            cols = torch.arange(start_col, min(start_col + size, leaf.size), device=base.device)
+            t0 = time.perf_counter()
+            batch, offsets = perturb(base, cols, h_all[cols])
+            evaluated = ctx.evaluator.leaf_batch(i, batch)
+            x_scale = torch.maximum(base[cols].detach().abs().to(torch.float64), h_all[cols])
+            diff = differences(evaluated, ctx.f0, offsets, machine_eps, x_scale)
+            ctx.timed("numeric_s", t0)
+
+            t0 = time.perf_counter()
+            if dense:
+                analytic = jac[i][:, cols]
+            else:
+                onehot = _onehot(cols, leaf.size, base)
+                analytic = ctx.analytic.columns(i, onehot).T
+                if options.check_nondeterminism and start_col == 0:
+                    again = ctx.analytic.columns(i, onehot).T
+                    for o in leaf_outputs:
+                        rows = problem.outputs[o].rows
+                        delta = float(
+                            torch.nan_to_num((again[rows] - analytic[rows]).abs(), nan=float("inf")).max()
+                        )
+                        a = acc(Check.REVERSE, o, i)
+                        a.nondeterminism = delta
+                        a.nondeterministic = delta > options.nondet_tol
+            forward = (
+                ctx.analytic.jvp_columns(i, _onehot(cols, leaf.size, base)).T if options.forward_ad else None
+            )
+            ctx.timed("analytic_s", t0)
+
+            for o in leaf_outputs:
+                block = problem.outputs[o]
+                d_o = diff.rows(block.rows)
+                tol = ctx.tolerance(block, leaf)
+                a_o = analytic[block.rows]
+                acc(Check.REVERSE, o, i).add(cols, a_o, d_o, judge(a_o, d_o, tol))
+                if forward is not None:
+                    f_o = forward[block.rows]
+                    acc(Check.FORWARD, o, i).add(cols, f_o, d_o, judge(f_o, d_o, tol))
+                    exact = _exact(a_o)
+                    acc(Check.FORWARD_VS_REVERSE, o, i).add(cols, f_o, exact, judge(f_o, exact, tol))
+    return accumulators
+
+
+def _onehot(cols: torch.Tensor, size: int, like: torch.Tensor) -> torch.Tensor:
+    onehot = torch.zeros(cols.numel(), size, dtype=torch.float64, device=like.device)
+    onehot[torch.arange(cols.numel(), device=like.device), cols] = 1.0
+    return onehot
+
+
+def _exact(values: torch.Tensor) -> Differences:
+    """A reference with no error bar (reverse-mode values) in the shape ``judge`` expects."""
+    zeros = torch.zeros_like(values)
+    return Differences(values, zeros, values, values, zeros)

@@ -1,0 +1,257 @@
+"""What is being checked: the function, its differentiable leaves and outputs, flattened.
+
+The engine sees every check as a map between flat real vectors
+``F(r_0, ..., r_{L-1}) -> y`` where each ``r_i`` is the real view of one
+differentiable leaf (a complex tensor contributes its real and imaginary parts)
+and ``y`` concatenates the real views of every floating/complex output, in
+float64 (the subtraction of two float32 values is exact in float64, so finite
+differences lose nothing to the upcast).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from gradcheck_svc.errors import FunctionRaisedError, NothingToCheckError, OutputTypeError
+
+__all__ = ["Leaf", "OutputBlock", "Problem", "build_problem", "flat_index"]
+
+
+def _differentiable(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+@dataclass
+class Leaf:
+    """One differentiable input tensor (or module parameter), seen as a flat real vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # the tensor's own dtype (complex64 for a complex leaf)
+    value: torch.Tensor  # detached, on the check's device, in the check's dtype
+    offset: int = 0  # first column of this leaf in the concatenated input vector
+
+    @property
+    def is_complex(self) -> bool:
+        return self.dtype.is_complex
+
+    @property
+    def real_dtype(self) -> torch.dtype:
+        return self.value.real.dtype if self.is_complex else self.dtype
+
+    @property
+    def real(self) -> torch.Tensor:
+        """Flat real view: (numel,) or (2 * numel,) for complex leaves."""
+        if self.is_complex:
+            return torch.view_as_real(self.value.contiguous()).reshape(-1)
+        return self.value.reshape(-1)
+
+    @property
+    def size(self) -> int:
+        return self.value.numel() * (2 if self.is_complex else 1)
+
+    def from_real(self, flat: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``real``; differentiable and vmap-friendly."""
+        if self.is_complex:
+            return torch.view_as_complex(flat.reshape(*self.shape, 2))
+        return flat.reshape(self.shape)
+
+
+@dataclass
+class OutputBlock:
+    """One checked output tensor: its rows in the concatenated output vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int
+    size: int
+
+    @property
+    def is_complex(self) -> bool:
+        return self.dtype.is_complex
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.offset, self.offset + self.size)
+
+
+def flat_index(position: int, shape: Sequence[int], is_complex: bool) -> tuple[list[int], str]:
+    """Multi-index (and "re"/"im" part for complex tensors) of a flat real position."""
+    part = ""
+    if is_complex:
+        position, part = divmod(position, 2)[0], ("re", "im")[position % 2]
+    index: list[int] = []
+    for dim in reversed(list(shape)):
+        position, rem = divmod(position, dim) if dim else (position, 0)
+        index.append(rem)
+    return list(reversed(index)), part
+
+
+@dataclass
+class Problem:
+    """A function with its leaves fixed: ``flat(reals) -> y`` plus naming."""
+
+    fn: Callable[..., Any]
+    leaves: list[Leaf]
+    outputs: list[OutputBlock] = field(default_factory=list)
+    # How to rebuild the call from leaf values: a pytree of (args, params) with slots.
+    _spec: Any = None
+    _template: list[Any] = field(default_factory=list)
+    _slots: list[int] = field(default_factory=list)
+    _kwargs: dict[str, Any] = field(default_factory=dict)
+    _module_params: list[str] | None = None  # names of leaves that are module parameters/buffers
+    _output_spec: Any = None
+
+    @property
+    def n_inputs(self) -> int:
+        return sum(leaf.size for leaf in self.leaves)
+
+    @property
+    def n_outputs(self) -> int:
+        return sum(out.size for out in self.outputs)
+
+    def call(self, values: Sequence[torch.Tensor]) -> Any:
+        """Call fn with leaf tensors replaced by ``values`` (tensors in their own shape)."""
+        flat = list(self._template)
+        for slot, value in zip(self._slots, values, strict=True):
+            flat[slot] = value
+        args, params = pytree.tree_unflatten(flat, self._spec)
+        if isinstance(self.fn, torch.nn.Module):
+            return torch.func.functional_call(self.fn, params, tuple(args), self._kwargs)
+        return self.fn(*args, **self._kwargs)
+
+    def flat(self, *reals: torch.Tensor) -> torch.Tensor:
+        """F(r_0, ..., r_{L-1}) -> concatenated real view of the outputs, float64."""
+        values = [leaf.from_real(r) for leaf, r in zip(self.leaves, reals, strict=True)]
+        out = self.call(values)
+        tensors = [t for t in pytree.tree_leaves(out) if _differentiable(t)]
+        parts = []
+        for t in tensors:
+            real = torch.view_as_real(t) if t.is_complex() else t
+            parts.append(real.reshape(-1).to(torch.float64))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def flat_replace(self, index: int, value: torch.Tensor) -> torch.Tensor:
+        """``flat`` with only leaf ``index`` replaced by a real vector (for vmap over one leaf)."""
+        reals = [leaf.real for leaf in self.leaves]
+        reals[index] = value
+        return self.flat(*reals)
+
+    def base_reals(self) -> list[torch.Tensor]:
+        return [leaf.real for leaf in self.leaves]
+
+
+def _output_blocks(out: Any) -> list[OutputBlock]:
+    paths, _ = pytree.tree_flatten_with_path(out)
+    blocks: list[OutputBlock] = []
+    offset = 0
+    single = isinstance(out, torch.Tensor)
+    for path, t in paths:
+        if not _differentiable(t):
+            continue
+        name = "output" if single else "output" + pytree.keystr(path)
+        size = t.numel() * (2 if t.is_complex() else 1)
+        blocks.append(OutputBlock(name, tuple(t.shape), t.dtype, offset, size))
+        offset += size
+    if not blocks:
+        kinds = sorted({type(t).__name__ for _, t in paths}) or [type(out).__name__]
+        raise OutputTypeError(
+            f"fn returned no floating-point or complex tensor (got {', '.join(kinds)}); "
+            "return the tensor(s) whose gradients should be checked"
+        )
+    return blocks
+
+
+def build_problem(
+    fn: Callable[..., Any],
+    inputs: Sequence[Any],
+    kwargs: dict[str, Any],
+    *,
+    input_names: Sequence[str] | None,
+    device: torch.device | None,
+    upcast: bool,
+) -> tuple[Problem, Any]:
+    """Select the leaves to check, move/cast them, and evaluate fn once. Returns (problem, output)."""
+    if input_names is not None and len(input_names) != len(inputs):
+        raise NothingToCheckError(f"{len(input_names)} input_names given for {len(inputs)} inputs")
+
+    def convert(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        t = t.detach()
+        if device is not None:
+            t = t.to(device)
+        if upcast and t.is_floating_point():
+            t = t.to(torch.float64)
+        elif upcast and t.is_complex():
+            t = t.to(torch.complex128)
+        return t
+
+    params: dict[str, torch.Tensor] = {}
+    trainable: set[str] = set()
+    if isinstance(fn, torch.nn.Module):
+        for name, p in fn.named_parameters():
+            params[name] = p
+            if p.requires_grad and _differentiable(p):
+                trainable.add(name)
+        for name, b in fn.named_buffers():
+            params[name] = b
+
+    tree = (list(inputs), params)
+    paths, spec = pytree.tree_flatten_with_path(tree)
+    any_requires_grad = any(
+        isinstance(t, torch.Tensor) and t.requires_grad and _differentiable(t)
+        for (path, t) in paths
+        if path[0].idx == 0  # type: ignore[union-attr]
+    )
+    template: list[Any] = []
+    slots: list[int] = []
+    leaves: list[Leaf] = []
+    for slot, (path, t) in enumerate(paths):
+        value = convert(t)
+        template.append(value)
+        is_param = path[0].idx == 1  # type: ignore[union-attr]
+        if is_param:
+            name = path[1].key  # type: ignore[union-attr]
+            selected = name in trainable
+        else:
+            position = path[1].idx  # type: ignore[union-attr]
+            head = input_names[position] if input_names is not None else f"inputs[{position}]"
+            name = head + pytree.keystr(path[2:])
+            selected = _differentiable(t) and (t.requires_grad or not any_requires_grad)
+        if selected:
+            slots.append(slot)
+            leaves.append(Leaf(str(name), tuple(value.shape), value.dtype, value))
+    if not leaves:
+        raise NothingToCheckError(
+            "nothing to differentiate: pass at least one floating-point or complex tensor "
+            "(integer tensors and other values are passed through unchanged)"
+        )
+    offset = 0
+    for leaf in leaves:
+        leaf.offset = offset
+        offset += leaf.size
+
+    problem = Problem(fn=fn, leaves=leaves, _spec=spec, _template=template, _slots=slots, _kwargs=kwargs)
+    with torch.no_grad():
+        try:
+            out = problem.call([leaf.value for leaf in leaves])
+        except Exception as exc:  # the user's function: any exception is theirs to see
+            raise FunctionRaisedError(
+                f"fn raised at the evaluation point: {type(exc).__name__}: {exc}"
+            ) from exc
+    if not isinstance(out, torch.Tensor) and not pytree.tree_leaves(out):
+        raise OutputTypeError(f"fn returned {type(out).__name__}, not a tensor")
+    problem.outputs = _output_blocks(out)
+    return problem, out
+
+
+def numel(shape: Sequence[int]) -> int:
+    return math.prod(shape) if shape else 1

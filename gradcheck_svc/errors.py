@@ -1,0 +1,119 @@
+"""The exception tree of gradcheck-svc, in one place.
+
+    GradcheckError                         root: catch this to catch everything we raise
+    ├── CheckError                         the check could not run as asked
+    │   ├── InvalidOptionError             (also ValueError) an option has a wrong name or value
+    │   ├── NothingToCheckError            (also TypeError)  no differentiable input or output
+    │   ├── OutputTypeError                (also TypeError)  fn returned something that is not a tensor
+    │   ├── FunctionRaisedError            (also ValueError) fn (or its backward) raised at this point
+    │   ├── DeviceUnavailableError         (also RuntimeError) e.g. device="cuda" without CUDA
+    │   ├── CheckCancelledError            the caller cancelled the check between chunks
+    │   └── LimitExceededError             (also ValueError) the check would exceed a configured limit
+    ├── SpecError                          (also ValueError) a function spec a client sent is not acceptable
+    │   └── UnknownFunctionError           (also LookupError) no registered function by that name
+    ├── InvalidRequestError                (also ValueError) a request a client sent is malformed; names the field
+    ├── ServiceError                       a remote check failed on the wire or on the server
+    └── GradientMismatch                   (also AssertionError) gradients disagree; carries the Report
+
+User-facing errors also subclass the builtin a user would naturally catch, so
+``except ValueError`` keeps working for code that does not know this package.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gradcheck_svc.report import Report
+
+__all__ = [
+    "CheckCancelledError",
+    "CheckError",
+    "DeviceUnavailableError",
+    "FunctionRaisedError",
+    "GradcheckError",
+    "GradientMismatch",
+    "InvalidOptionError",
+    "InvalidRequestError",
+    "LimitExceededError",
+    "NothingToCheckError",
+    "OutputTypeError",
+    "ServiceError",
+    "SpecError",
+    "UnknownFunctionError",
+]
+
+
+class GradcheckError(Exception):
+    """Root of every exception raised by gradcheck-svc."""
+
+
+class CheckError(GradcheckError):
+    """The check could not be carried out as asked."""
+
+
+class InvalidOptionError(CheckError, ValueError):
+    """An option has an unknown name or a value out of range."""
+
+
+class NothingToCheckError(CheckError, TypeError):
+    """No floating or complex input (or output) to differentiate."""
+
+
+class OutputTypeError(CheckError, TypeError):
+    """The function returned something other than tensors."""
+
+
+class FunctionRaisedError(CheckError, ValueError):
+    """The function (or its backward) raised while being checked."""
+
+
+class DeviceUnavailableError(CheckError, RuntimeError):
+    """The requested device is not available on this machine."""
+
+
+class CheckCancelledError(CheckError):
+    """The caller cancelled the check (polled between finite-difference chunks)."""
+
+
+class LimitExceededError(CheckError, ValueError):
+    """The check would exceed a configured size or time limit."""
+
+
+class SpecError(GradcheckError, ValueError):
+    """A function spec (expression or registered name) is not acceptable."""
+
+
+class UnknownFunctionError(SpecError, LookupError):
+    """No registered function has that name."""
+
+
+class ServiceError(GradcheckError):
+    """A remote check failed: transport error or an error status from the server.
+
+    ``code`` is the gRPC status code name (e.g. ``"INVALID_ARGUMENT"``) when known.
+    """
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class GradientMismatch(GradcheckError, AssertionError):
+    """Analytic and numeric gradients disagree. ``str()`` is the readable report."""
+
+    def __init__(self, report: Report) -> None:
+        super().__init__(str(report))
+        self.report = report
+
+
+class InvalidRequestError(GradcheckError, ValueError):
+    """A request a client sent is malformed (bad tensor, missing input, ...).
+
+    ``field`` is the path of the offending field, e.g. ``"points[0].tensors[1].shape"``.
+    """
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}" if field else description)
+        self.field = field
+        self.description = description
