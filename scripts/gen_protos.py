@@ -56,7 +56,8 @@ def _plugins() -> list[str]:
 
 def fix_imports(text: str) -> str:
     """Make sibling imports absolute within gradcheck_svc.v1 (a no-op for protoc's usual output)."""
-    return re.sub(r"^import (\w+_pb2(?:_grpc)?) as ", r"from gradcheck_svc.v1 import \1 as ", text, flags=re.M)
+    sibling = re.compile(r"^import (\w+_pb2(?:_grpc)?) as ", flags=re.M)
+    return sibling.sub(r"from gradcheck_svc.v1 import \1 as ", text)
 
 
 def generate(out_root: Path) -> list[Path]:

@@ -1,0 +1,444 @@
+"""Conversions between gradcheck_svc's Python objects and the gradcheck_svc.v1 protobuf messages.
+
+Tensors: a dtype enum, a shape and little-endian C-contiguous bytes. Decoding validates everything
+(known dtype, non-negative dims, element count computed without overflow and within the limit,
+``len(data) == numel * itemsize``) before a single element is allocated, and then only reinterprets
+the validated bytes with ``torch.frombuffer``: no pickle, no ``torch.load``.
+
+Reports and options convert both ways, field by field, so a Report that crossed the wire equals the
+one the engine built (tests/service/test_codec.py checks every model field is covered).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from gradcheck_svc.errors import InvalidRequestError, LimitExceededError
+from gradcheck_svc.options import CheckOptions
+from gradcheck_svc.report import Check, ElementError, PairReport, Report, Status
+from gradcheck_svc.specs.sampling import SampledInput, SamplingSpec
+from gradcheck_svc.v1 import gradcheck_pb2 as pb
+
+__all__ = [
+    "DTYPES",
+    "decode_options",
+    "decode_report",
+    "decode_sampling",
+    "decode_tensor",
+    "decode_value",
+    "dtype_from_name",
+    "encode_options",
+    "encode_point",
+    "encode_report",
+    "encode_sampling",
+    "encode_tensor",
+    "encode_value",
+    "validate_shape",
+]
+
+# proto enum <-> torch dtype. Order matters only for Capabilities listings.
+DTYPES: Mapping[int, torch.dtype] = {
+    pb.DTYPE_FLOAT16: torch.float16,
+    pb.DTYPE_BFLOAT16: torch.bfloat16,
+    pb.DTYPE_FLOAT32: torch.float32,
+    pb.DTYPE_FLOAT64: torch.float64,
+    pb.DTYPE_COMPLEX64: torch.complex64,
+    pb.DTYPE_COMPLEX128: torch.complex128,
+    pb.DTYPE_INT8: torch.int8,
+    pb.DTYPE_INT16: torch.int16,
+    pb.DTYPE_INT32: torch.int32,
+    pb.DTYPE_INT64: torch.int64,
+    pb.DTYPE_UINT8: torch.uint8,
+    pb.DTYPE_BOOL: torch.bool,
+}
+_DTYPE_ENUMS: Mapping[torch.dtype, int] = {v: k for k, v in DTYPES.items()}
+_BIG_ENDIAN = sys.byteorder == "big"
+MAX_DIMS = 32
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """'float32' / 'DTYPE_FLOAT32' / 'torch.float32' -> torch.float32 (ValueError when unknown)."""
+    key = name.strip().lower().removeprefix("torch.").removeprefix("dtype_")
+    for dtype in DTYPES.values():
+        if str(dtype).removeprefix("torch.") == key:
+            return dtype
+    known = ", ".join(str(d).removeprefix("torch.") for d in DTYPES.values())
+    raise ValueError(f"unknown dtype {name!r} (known: {known})")
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def validate_shape(shape: Sequence[int], max_elements: int, field: str = "shape") -> int:
+    """Return the element count of ``shape``; reject negative dims and counts above ``max_elements``.
+
+    The product is built step by step and stops as soon as it passes the limit, so a shape whose
+    product would overflow int64 is refused like any other oversized one.
+    """
+    if len(shape) > MAX_DIMS:
+        raise InvalidRequestError(field, f"has {len(shape)} dimensions; at most {MAX_DIMS} are supported")
+    for i, dim in enumerate(shape):
+        if dim < 0:
+            raise InvalidRequestError(f"{field}[{i}]", f"dimension {dim} is negative")
+    if any(dim == 0 for dim in shape):
+        return 0
+    numel = 1
+    for dim in shape:
+        numel *= dim
+        if numel > max_elements:
+            raise LimitExceededError(
+                f"{field}: tensor of shape {list(shape)} has more than {max_elements} elements "
+                f"(max_tensor_elements={max_elements})"
+            )
+    return numel
+
+
+def decode_tensor(msg: pb.Tensor, *, max_elements: int, field: str = "tensor") -> torch.Tensor:
+    """A validated CPU tensor owning its memory (InvalidRequestError / LimitExceededError otherwise)."""
+    dtype = DTYPES.get(msg.dtype)
+    if dtype is None:
+        raise InvalidRequestError(f"{field}.dtype", f"unknown or unset dtype {msg.dtype}")
+    numel = validate_shape(msg.shape, max_elements, f"{field}.shape")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(msg.data) != numel * itemsize:
+        raise InvalidRequestError(
+            f"{field}.data",
+            f"has {len(msg.data)} bytes; shape {list(msg.shape)} of {_dtype_name(dtype)} "
+            f"needs {numel * itemsize}",
+        )
+    if numel == 0:
+        tensor = torch.empty(tuple(msg.shape), dtype=dtype)
+    else:
+        # bytearray: torch.frombuffer wants a writable buffer, and the tensor must own its memory.
+        tensor = torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(tuple(msg.shape))
+        if _BIG_ENDIAN and itemsize > 1:
+            tensor = _byteswap(tensor)
+    return (
+        tensor.requires_grad_(msg.requires_grad) if msg.requires_grad and _differentiable(dtype) else tensor
+    )
+
+
+def encode_tensor(tensor: torch.Tensor) -> pb.Tensor:
+    """Any tensor (any device, layout, strides) -> little-endian C-contiguous bytes."""
+    dtype_enum = _DTYPE_ENUMS.get(tensor.dtype)
+    if dtype_enum is None:
+        raise TypeError(
+            f"dtype {tensor.dtype} cannot be sent (supported: {', '.join(map(str, DTYPES.values()))})"
+        )
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if _BIG_ENDIAN and flat.element_size() > 1:
+        flat = _byteswap(flat)
+    data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return pb.Tensor(
+        dtype=dtype_enum, shape=list(tensor.shape), data=data, requires_grad=tensor.requires_grad
+    )
+
+
+def _byteswap(tensor: torch.Tensor) -> torch.Tensor:
+    raw = tensor.reshape(-1).view(torch.uint8).reshape(-1, tensor.element_size()).flip(-1)
+    return raw.contiguous().view(tensor.dtype).reshape(tensor.shape)
+
+
+def _differentiable(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def encode_point(point: Mapping[str, torch.Tensor]) -> pb.Point:
+    return pb.Point(tensors=[pb.NamedTensor(name=n, tensor=encode_tensor(t)) for n, t in point.items()])
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def encode_sampling(spec: SamplingSpec) -> pb.SamplingSpec:
+    inputs = []
+    for i in spec.inputs:
+        if i.distribution == "uniform":
+            dist = pb.Distribution(uniform=pb.Uniform(low=i.low, high=i.high))
+        else:
+            dist = pb.Distribution(normal=pb.Normal(mean=i.mean, std=i.std))
+        inputs.append(
+            pb.SampledInput(
+                name=i.name,
+                shape=list(i.shape),
+                dtype=_DTYPE_ENUMS[i.dtype],
+                distribution=dist,
+                requires_grad=i.requires_grad,
+            )
+        )
+    return pb.SamplingSpec(inputs=inputs, count=spec.count, seed=spec.seed)
+
+
+def decode_sampling(msg: pb.SamplingSpec, *, max_elements: int, field: str = "sampling") -> SamplingSpec:
+    """Validated SamplingSpec (shapes within the limit, floating dtypes, finite parameters)."""
+    if not msg.inputs:
+        raise InvalidRequestError(f"{field}.inputs", "needs at least one input")
+    inputs = []
+    for k, i in enumerate(msg.inputs):
+        where = f"{field}.inputs[{k}]"
+        validate_shape(i.shape, max_elements, f"{where}.shape")
+        dtype = DTYPES.get(i.dtype) if i.dtype else torch.float64
+        if dtype is None or not _differentiable(dtype):
+            raise InvalidRequestError(f"{where}.dtype", "must be a floating or complex dtype")
+        kind = i.distribution.WhichOneof("kind")
+        if kind == "uniform":
+            low, high = i.distribution.uniform.low, i.distribution.uniform.high
+            _finite(f"{where}.distribution.uniform", low, high)
+            if not high > low:
+                raise InvalidRequestError(f"{where}.distribution.uniform", "high must be greater than low")
+            params: dict[str, Any] = {"distribution": "uniform", "low": low, "high": high}
+        else:
+            mean, std = i.distribution.normal.mean, i.distribution.normal.std or 1.0
+            _finite(f"{where}.distribution.normal", mean, std)
+            params = {"distribution": "normal", "mean": mean, "std": std}
+        inputs.append(
+            SampledInput(
+                name=i.name, shape=tuple(i.shape), dtype=dtype, requires_grad=i.requires_grad, **params
+            )
+        )
+    return SamplingSpec(inputs=tuple(inputs), count=msg.count or 1, seed=msg.seed)
+
+
+def _finite(field: str, *values: float) -> None:
+    if not all(math.isfinite(v) and abs(v) <= 1e18 for v in values):
+        raise InvalidRequestError(field, "parameters must be finite numbers of magnitude at most 1e18")
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def encode_value(value: Any) -> pb.Value:
+    """None, bool, int, float, str or a list/tuple of those -> Value."""
+    if value is None:
+        return pb.Value()
+    if isinstance(value, bool):
+        return pb.Value(bool_value=value)
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise ValueError(f"integer {value} does not fit in int64")
+        return pb.Value(int_value=value)
+    if isinstance(value, float):
+        return pb.Value(double_value=value)
+    if isinstance(value, str):
+        return pb.Value(string_value=value)
+    if isinstance(value, list | tuple):
+        return pb.Value(list_value=pb.ValueList(values=[encode_value(v) for v in value]))
+    raise TypeError(f"cannot send a value of type {type(value).__name__}")
+
+
+def decode_value(msg: pb.Value, depth: int = 0) -> Any:
+    kind = msg.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "list_value":
+        if depth >= 4:  # nesting has no use here; the bound keeps decoding flat and cheap
+            raise InvalidRequestError("value", "lists nest deeper than 4 levels")
+        return [decode_value(v, depth + 1) for v in msg.list_value.values]
+    return getattr(msg, kind)
+
+
+# ----------------------------------------------------------------------------- options
+
+_ENUM_OPTIONS = {
+    "mode": ("MODE_", pb.Mode),
+    "kinks": ("KINKS_", pb.Kinks),
+    "scheme": ("SCHEME_", pb.Scheme),
+    "device": ("DEVICE_", pb.Device),
+}
+_SCALAR_OPTIONS = tuple(
+    f.name for f in pb.Options.DESCRIPTOR.fields if f.name not in _ENUM_OPTIONS
+)  # the optional scalars: presence means "set"
+
+
+def encode_options(options: Mapping[str, Any] | CheckOptions | None) -> pb.Options:
+    """Engine options (a dict of the ones set, or a CheckOptions) -> Options; unknown names raise."""
+    if options is None:
+        return pb.Options()
+    if isinstance(options, CheckOptions):
+        options = options.model_dump(exclude_unset=True)
+    msg = pb.Options()
+    for name, value in options.items():
+        if value is None:
+            continue  # None means "engine default", which is what an unset field says
+        if name in _ENUM_OPTIONS:
+            prefix, enum = _ENUM_OPTIONS[name]
+            setattr(msg, name, enum.Value(prefix + str(value).upper()))
+        elif name in _SCALAR_OPTIONS:
+            setattr(msg, name, value)
+        else:
+            raise ValueError(f"unknown check option {name!r} (known: {', '.join(sorted(_option_names()))})")
+    return msg
+
+
+def decode_options(msg: pb.Options) -> dict[str, Any]:
+    """Options -> {name: value} of the fields set (unset fields are left to the engine)."""
+    out: dict[str, Any] = {}
+    for name, (prefix, enum) in _ENUM_OPTIONS.items():
+        number = getattr(msg, name)
+        if number:
+            out[name] = enum.Name(number).removeprefix(prefix).lower()
+    for name in _SCALAR_OPTIONS:
+        if msg.HasField(name):
+            out[name] = getattr(msg, name)
+    return out
+
+
+def _option_names() -> list[str]:
+    return [f.name for f in pb.Options.DESCRIPTOR.fields]
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def _doubles(values: Sequence[float] | None) -> pb.DoubleList | None:
+    return None if values is None else pb.DoubleList(values=values)
+
+
+def _encode_element(e: ElementError) -> pb.ElementError:
+    return pb.ElementError(
+        output_index=e.output_index,
+        input_index=e.input_index,
+        output_part=e.output_part,
+        input_part=e.input_part,
+        analytic=e.analytic,
+        numeric=e.numeric,
+        error_bar=e.error_bar,
+        tolerance=e.tolerance,
+        kink=e.kink,
+    )
+
+
+def _decode_element(m: pb.ElementError) -> ElementError:
+    return ElementError(
+        output_index=list(m.output_index),
+        input_index=list(m.input_index),
+        output_part=m.output_part,
+        input_part=m.input_part,
+        analytic=m.analytic,
+        numeric=m.numeric,
+        error_bar=m.error_bar,
+        tolerance=m.tolerance,
+        kink=m.kink,
+    )
+
+
+def _encode_pair(p: PairReport) -> pb.PairReport:
+    msg = pb.PairReport(
+        output=p.output,
+        input=p.input,
+        check=pb.CheckKind.Value("CHECK_KIND_" + p.check.name),
+        status=pb.Status.Value("STATUS_" + p.status.name),
+        mode=p.mode,
+        output_shape=p.output_shape,
+        input_shape=p.input_shape,
+        dtype=p.dtype,
+        max_abs_error=p.max_abs_error,
+        max_rel_error=p.max_rel_error,
+        max_error_ratio=p.max_error_ratio,
+        elements_checked=p.elements_checked,
+        elements_failed=p.elements_failed,
+        kinks=p.kinks,
+        worst=[_encode_element(e) for e in p.worst],
+        analytic=_doubles(p.analytic),
+        numeric=_doubles(p.numeric),
+        error_bars=_doubles(p.error_bars),
+        taylor_rates=_doubles(p.taylor_rates),
+        message=p.message,
+    )
+    if p.nondeterminism is not None:
+        msg.nondeterminism = p.nondeterminism
+    if p.error_map is not None:
+        msg.error_map.SetInParent()  # present even when it has no rows
+        msg.error_map.rows.extend(pb.DoubleList(values=row) for row in p.error_map)
+    return msg
+
+
+def _decode_pair(m: pb.PairReport) -> PairReport:
+    def doubles(name: str) -> list[float] | None:
+        return list(getattr(m, name).values) if m.HasField(name) else None
+
+    return PairReport(
+        output=m.output,
+        input=m.input,
+        check=Check[pb.CheckKind.Name(m.check).removeprefix("CHECK_KIND_")],
+        status=Status[pb.Status.Name(m.status).removeprefix("STATUS_")],
+        mode=m.mode,
+        output_shape=list(m.output_shape),
+        input_shape=list(m.input_shape),
+        dtype=m.dtype,
+        max_abs_error=m.max_abs_error,
+        max_rel_error=m.max_rel_error,
+        max_error_ratio=m.max_error_ratio,
+        elements_checked=m.elements_checked,
+        elements_failed=m.elements_failed,
+        kinks=m.kinks,
+        worst=[_decode_element(e) for e in m.worst],
+        analytic=doubles("analytic"),
+        numeric=doubles("numeric"),
+        error_bars=doubles("error_bars"),
+        nondeterminism=m.nondeterminism if m.HasField("nondeterminism") else None,
+        taylor_rates=doubles("taylor_rates"),
+        error_map=[list(r.values) for r in m.error_map.rows] if m.HasField("error_map") else None,
+        message=m.message,
+    )
+
+
+def encode_report(r: Report) -> pb.Report:
+    msg = pb.Report(
+        ok=r.ok,
+        pairs=[_encode_pair(p) for p in r.pairs],
+        dtype=r.dtype,
+        device=r.device,
+        mode=r.mode,
+        scheme=r.scheme,
+        order=r.order,
+        function=r.function,
+        notes=r.notes,
+        timings=r.timings,
+        served_by=r.served_by,
+    )
+    if r.point is not None:
+        msg.point = r.point
+    if r.error is not None:
+        msg.error = r.error
+    for name, value in r.options.items():
+        msg.options[name].CopyFrom(encode_value(_plain(value)))
+    return msg
+
+
+def _plain(value: Any) -> Any:
+    """Option values as plain data (enums by value; anything exotic by its text)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    enum_value = getattr(value, "value", None)
+    return enum_value if isinstance(enum_value, str | int | float) else str(value)
+
+
+def decode_report(m: pb.Report) -> Report:
+    return Report(
+        ok=m.ok,
+        pairs=[_decode_pair(p) for p in m.pairs],
+        dtype=m.dtype,
+        device=m.device,
+        mode=m.mode,
+        scheme=m.scheme,
+        order=m.order,
+        function=m.function,
+        point=m.point if m.HasField("point") else None,
+        error=m.error if m.HasField("error") else None,
+        notes=list(m.notes),
+        options={k: decode_value(v) for k, v in sorted(m.options.items())},
+        timings=dict(m.timings),
+        served_by=m.served_by,
+    )

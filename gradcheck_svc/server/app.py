@@ -1,0 +1,195 @@
+"""Build, start and stop a gradcheck server (grpc examples' create_server / serve split).
+
+    server, port = create_server(Settings(port=0))
+    server.start()              # warms the engine up, then reports SERVING
+    ...
+    server.stop(grace=5)        # NOT_SERVING, refuse new calls, let in-flight ones finish
+
+``serve()`` is what ``gradcheck-svc serve`` runs: it prints ``listening on HOST:PORT`` once ready
+and, on SIGTERM or SIGINT, drains within ``grace_seconds`` and returns 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import gradcheck_svc as gc
+from gradcheck_svc.report import Report
+from gradcheck_svc.server.auth import TokenAuthInterceptor
+from gradcheck_svc.server.service import GradcheckService
+from gradcheck_svc.settings import Settings
+from gradcheck_svc.specs import FunctionRegistry
+from gradcheck_svc.v1 import gradcheck_pb2 as pb
+from gradcheck_svc.v1 import gradcheck_pb2_grpc as pb_grpc
+
+__all__ = ["GradcheckServer", "create_server", "serve"]
+
+log = logging.getLogger("gradcheck_svc.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradcheckService"].full_name
+
+
+class GradcheckServer:
+    """A grpc.Server with the gradcheck, health and reflection services, and a graceful stop."""
+
+    def __init__(
+        self, grpc_server: grpc.Server, service: GradcheckService, health_servicer: health.HealthServicer
+    ):
+        self.grpc_server = grpc_server
+        self.service = service
+        self.health = health_servicer
+        self._stopped = threading.Event()
+
+    def start(self, *, warm_up: bool = True) -> None:
+        self.grpc_server.start()
+        if warm_up:
+            _warm_up()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new calls, give in-flight calls ``grace`` seconds, then cancel them."""
+        if self._stopped.is_set():
+            return
+        self.health.enter_graceful_shutdown()
+        self.service.draining.set()
+        self.grpc_server.stop(grace).wait()
+        self.service.close()
+        self._stopped.set()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self.grpc_server.wait_for_termination(timeout)
+
+
+def create_server(
+    settings: Settings | None = None,
+    *,
+    registry: FunctionRegistry | None = None,
+    check_fn: Callable[..., Report] = gc.check,
+) -> tuple[GradcheckServer, int]:
+    """A configured, not yet started server and the port it is bound to (``port=0`` picks one)."""
+    settings = settings or Settings()
+    registry = registry or FunctionRegistry.default(
+        settings.functions, load_entry_points=settings.entry_points
+    )
+    message_limits = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+    interceptors = []
+    if settings.auth_tokens:
+        interceptors.append(TokenAuthInterceptor([t.get_secret_value() for t in settings.auth_tokens]))
+    grpc_server = grpc.server(
+        ThreadPoolExecutor(settings.threads, thread_name_prefix="gradcheck-rpc"),
+        interceptors=interceptors,
+        options=message_limits,
+        # Calls beyond the worker threads are refused (RESOURCE_EXHAUSTED) rather than queued.
+        maximum_concurrent_rpcs=settings.threads,
+    )
+    service = GradcheckService(settings, registry, check_fn=check_fn)
+    pb_grpc.add_GradcheckServiceServicer_to_server(service, grpc_server)
+    # Health answers from its own small pool, so probes get through while every worker is busy.
+    health_servicer = health.HealthServicer(
+        experimental_non_blocking=True,
+        experimental_thread_pool=ThreadPoolExecutor(2, thread_name_prefix="health"),
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if settings.reflection:
+        names = (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, grpc_server)
+    port = _bind(grpc_server, settings)
+    return GradcheckServer(grpc_server, service, health_servicer), port
+
+
+def _bind(grpc_server: grpc.Server, settings: Settings) -> int:
+    address = f"{_host(settings.host)}:{settings.port}"
+    try:
+        if settings.tls:
+            port = grpc_server.add_secure_port(address, _server_credentials(settings))
+        else:
+            port = grpc_server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return port
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
+    key = Path(settings.tls_key_file).read_bytes()
+    cert = Path(settings.tls_cert_file).read_bytes()
+    client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=bool(client_ca)
+    )
+
+
+def _warm_up() -> None:
+    """Run one tiny check so the first client does not pay for torch's lazy imports."""
+    started = time.perf_counter()
+    gc.check(lambda x: x * x, torch.tensor(3.0, dtype=torch.float64))
+    log.debug("engine warm-up took %.2f s", time.perf_counter() - started)
+
+
+def serve(settings: Settings | None = None) -> int:
+    """Run until SIGTERM/SIGINT, then drain; return the exit status (0)."""
+    settings = settings or Settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    server, port = create_server(settings)
+    server.start()
+    stop = threading.Event()
+    received: list[str] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info(
+        "serving on %s:%d (device=%s, max_concurrent_checks=%d, %d registered functions, tls=%s, auth=%s)",
+        settings.host,
+        port,
+        settings.device,
+        settings.max_concurrent_checks,
+        len(server.service.registry),
+        settings.tls,
+        bool(settings.auth_tokens),
+    )
+    print(f"listening on {_host(settings.host)}:{port}", flush=True)
+    while not stop.wait(0.5):
+        pass
+    log.info(
+        "%s received: draining %d in-flight checks (grace %.3g s)",
+        received[0],
+        server.service.slots.in_flight,
+        settings.grace_seconds,
+    )
+    server.stop(settings.grace_seconds)
+    log.info("stopped")
+    return 0

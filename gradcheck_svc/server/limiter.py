@@ -1,0 +1,48 @@
+"""Bounded concurrency: a fixed number of check slots, never a queue.
+
+Unary checks take a slot or are turned away at once (RESOURCE_EXHAUSTED); CheckStream items wait
+for one, but a stream has at most ``stream_window`` items outstanding, so waiting is bounded too.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+__all__ = ["CheckSlots"]
+
+
+class CheckSlots:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free = size
+        self._cond = threading.Condition()
+
+    def try_acquire(self) -> bool:
+        with self._cond:
+            if self._free == 0:
+                return False
+            self._free -= 1
+            return True
+
+    def acquire(self, *, give_up: Callable[[], bool], poll: float = 0.05) -> bool:
+        """Wait for a slot; return False as soon as ``give_up()`` turns true."""
+        with self._cond:
+            while self._free == 0:
+                if give_up():
+                    return False
+                self._cond.wait(poll)
+            self._free -= 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            if self._free >= self.size:
+                raise RuntimeError("released a check slot that was not taken")
+            self._free += 1
+            self._cond.notify()
+
+    @property
+    def in_flight(self) -> int:
+        with self._cond:
+            return self.size - self._free

@@ -1,0 +1,245 @@
+"""A CheckRequest, validated and resolved into what the engine needs: a callable, points, options.
+
+Everything a client sent is checked here, against the server's limits, before any check runs;
+problems raise InvalidRequestError (with the field's path), UnknownFunctionError or
+LimitExceededError, which server.status turns into gRPC codes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from gradcheck_svc.codec import decode_options, decode_sampling, decode_tensor, decode_value, validate_shape
+from gradcheck_svc.errors import (
+    DeviceUnavailableError,
+    InvalidRequestError,
+    LimitExceededError,
+    SpecError,
+    UnknownFunctionError,
+)
+from gradcheck_svc.options import CheckOptions
+from gradcheck_svc.settings import Settings
+from gradcheck_svc.specs import (
+    Expression,
+    ExpressionLimits,
+    FunctionRegistry,
+    parse_expression,
+    sample_points,
+)
+from gradcheck_svc.v1 import gradcheck_pb2 as pb
+
+__all__ = ["CheckPlan", "PlannedPoint", "plan_check"]
+
+_INPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\[\]']{0,63}\Z")
+
+
+@dataclass(frozen=True)
+class PlannedPoint:
+    names: list[str]
+    tensors: list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CheckPlan:
+    """A request ready to run: ``fn(*point.tensors)`` for every point, with ``options``."""
+
+    label: str
+    fn: Callable[..., Any]
+    points: list[PlannedPoint]
+    options: dict[str, Any] = field(default_factory=dict)
+    client_options: frozenset[str] = frozenset()  # the option names the client set
+
+    @property
+    def device(self) -> str:
+        return str(self.options.get("device") or "auto")
+
+
+def plan_check(request: pb.CheckRequest, settings: Settings, registry: FunctionRegistry) -> CheckPlan:
+    label, fn, expression = _function(request.function, settings, registry)
+    points = _points(request, settings, expression)
+    if expression is not None:
+        _check_intermediates(expression, points, settings)
+    options = _options(request.options, settings)
+    client_options = frozenset(decode_options(request.options))
+    return CheckPlan(label=label, fn=fn, points=points, options=options, client_options=client_options)
+
+
+# ----------------------------------------------------------------------------- function
+
+
+def _function(
+    spec: pb.FunctionSpec, settings: Settings, registry: FunctionRegistry
+) -> tuple[str, Callable[..., Any], Expression | None]:
+    kind = spec.WhichOneof("kind")
+    if kind == "expression":
+        limits = ExpressionLimits(max_length=settings.max_expression_length)
+        try:
+            expression = parse_expression(spec.expression, limits)
+        except SpecError as exc:
+            raise InvalidRequestError("function.expression", str(exc)) from None
+        if not expression.variables:
+            raise InvalidRequestError("function.expression", "has no variables: nothing to differentiate")
+        return expression.text, expression, expression
+    if kind == "registered":
+        name = spec.registered.name
+        entry = registry.get(name)  # UnknownFunctionError -> NOT_FOUND
+        try:
+            params = {k: decode_value(v) for k, v in spec.registered.params.items()}
+            return entry.name, entry.bind(params), None
+        except (SpecError, InvalidRequestError) as exc:
+            if isinstance(exc, UnknownFunctionError):
+                raise
+            raise InvalidRequestError("function.registered.params", str(exc)) from None
+    raise InvalidRequestError("function", "set either expression or registered")
+
+
+# ----------------------------------------------------------------------------- points
+
+
+def _points(
+    request: pb.CheckRequest, settings: Settings, expression: Expression | None
+) -> list[PlannedPoint]:
+    kind = request.WhichOneof("points")
+    if kind == "explicit_points":
+        named = _explicit(request.explicit_points, settings)
+    elif kind == "sampling":
+        named = _sampled(request.sampling, settings)
+    else:
+        raise InvalidRequestError("points", "set either explicit_points or sampling")
+    return [_bind(i, point, expression, kind) for i, point in enumerate(named)]
+
+
+def _check_count(count: int, settings: Settings, field: str) -> None:
+    if count == 0:
+        raise InvalidRequestError(field, "needs at least one evaluation point")
+    if count > settings.max_points:
+        raise LimitExceededError(f"{field}: {count} points, more than max_points={settings.max_points}")
+
+
+def _check_name(name: str, field: str) -> None:
+    if not _INPUT_NAME.match(name):
+        raise InvalidRequestError(
+            field,
+            f"{name[:80]!r} is not a valid input name (a letter or _, then up to 63 of [A-Za-z0-9_.[]'])",
+        )
+
+
+def _explicit(msg: pb.ExplicitPoints, settings: Settings) -> list[list[tuple[str, torch.Tensor]]]:
+    _check_count(len(msg.points), settings, "explicit_points.points")
+    # Validate every shape first, so an oversized request is refused before anything is decoded.
+    total = 0
+    for i, point in enumerate(msg.points):
+        for j, named in enumerate(point.tensors):
+            where = f"explicit_points.points[{i}].tensors[{j}]"
+            total += validate_shape(named.tensor.shape, settings.max_tensor_elements, f"{where}.tensor.shape")
+            if total > settings.max_request_elements:
+                raise LimitExceededError(
+                    f"request has more than {settings.max_request_elements} tensor elements "
+                    f"(max_request_elements={settings.max_request_elements})"
+                )
+    out = []
+    for i, point in enumerate(msg.points):
+        if not point.tensors:
+            raise InvalidRequestError(f"explicit_points.points[{i}].tensors", "needs at least one tensor")
+        tensors = []
+        for j, named in enumerate(point.tensors):
+            where = f"explicit_points.points[{i}].tensors[{j}]"
+            _check_name(named.name, f"{where}.name")
+            if not named.HasField("tensor"):
+                raise InvalidRequestError(f"{where}.tensor", "is missing")
+            tensor = decode_tensor(
+                named.tensor, max_elements=settings.max_tensor_elements, field=f"{where}.tensor"
+            )
+            tensors.append((named.name, tensor))
+        out.append(tensors)
+    return out
+
+
+def _sampled(msg: pb.SamplingSpec, settings: Settings) -> list[list[tuple[str, torch.Tensor]]]:
+    spec = decode_sampling(msg, max_elements=settings.max_tensor_elements)
+    _check_count(spec.count, settings, "sampling.count")
+    per_point = sum(validate_shape(i.shape, settings.max_tensor_elements) for i in spec.inputs)
+    if per_point * spec.count > settings.max_request_elements:
+        raise LimitExceededError(
+            f"sampling: {spec.count} points of {per_point} elements exceed "
+            f"max_request_elements={settings.max_request_elements}"
+        )
+    for k, i in enumerate(spec.inputs):
+        _check_name(i.name, f"sampling.inputs[{k}].name")
+    return [list(point.items()) for point in sample_points(spec)]
+
+
+def _bind(
+    index: int, point: Sequence[tuple[str, torch.Tensor]], expression: Expression | None, kind: str
+) -> PlannedPoint:
+    where = f"explicit_points.points[{index}]" if kind == "explicit_points" else "sampling.inputs"
+    names = [n for n, _ in point]
+    seen: set[str] = set()
+    for j, name in enumerate(names):
+        if name in seen:
+            raise InvalidRequestError(f"{where}.tensors[{j}].name", f"{name!r} is given twice")
+        seen.add(name)
+    if expression is None:
+        return PlannedPoint(names, [t for _, t in point])
+    variables = expression.variables
+    for j, name in enumerate(names):
+        if name not in variables:
+            raise InvalidRequestError(
+                f"{where}.tensors[{j}].name",
+                f"{name!r} is not a variable of the expression (variables: {', '.join(variables)})",
+            )
+    missing = [v for v in variables if v not in seen]
+    if missing:
+        raise InvalidRequestError(where, f"no value for the variable(s) {', '.join(missing)}")
+    values = dict(point)
+    return PlannedPoint(list(variables), [values[v] for v in variables])
+
+
+def _check_intermediates(expression: Expression, points: list[PlannedPoint], settings: Settings) -> None:
+    """Refuse expressions that would build an oversized tensor (e.g. outer(x, x)), before running them."""
+    seen: set[tuple[Any, ...]] = set()
+    for point in points:
+        signature = tuple((tuple(t.shape), t.dtype) for t in point.tensors)
+        if signature in seen:
+            continue
+        seen.add(signature)
+        try:
+            largest = expression.largest_intermediate(dict(zip(point.names, point.tensors, strict=True)))
+        except Exception:  # a shape error shows up in the point's report when the check runs
+            continue
+        if largest > settings.max_tensor_elements:
+            raise LimitExceededError(
+                f"function.expression: evaluation would create a tensor of {largest} elements "
+                f"(max_tensor_elements={settings.max_tensor_elements})"
+            )
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def _options(msg: pb.Options, settings: Settings) -> dict[str, Any]:
+    options = decode_options(msg)
+    try:
+        CheckOptions(**options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise InvalidRequestError(f"options.{loc}" if loc else "options", err["msg"]) from None
+    # The server's limits always apply; a client may only ask for lower ones.
+    options["max_jacobian_entries"] = min(
+        options.get("max_jacobian_entries") or 2**62, settings.max_jacobian_entries
+    )
+    options["max_evaluations"] = min(options.get("max_evaluations") or 2**62, settings.max_evaluations)
+    device = options.get("device") or settings.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError("device 'cuda' was asked for, but this server has no CUDA device")
+    if options.get("compare_devices") and not torch.cuda.is_available():
+        raise DeviceUnavailableError("compare_devices needs CUDA, and this server has no CUDA device")
+    options["device"] = device
+    return options

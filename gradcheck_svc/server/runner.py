@@ -1,0 +1,133 @@
+"""Run a CheckPlan through the engine: one Report per point, within a deadline, cancellable.
+
+A function that raises (or returns something that is not a tensor) at one point yields a Report
+with ``error`` set for that point; the other points still run and the server is unharmed. Errors
+about the request as a whole (options, limits, device, deadline, cancellation) propagate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+import gradcheck_svc as gc
+from gradcheck_svc.errors import (
+    CheckCancelledError,
+    DeviceUnavailableError,
+    FunctionRaisedError,
+    GradcheckError,
+    InvalidOptionError,
+    LimitExceededError,
+    NothingToCheckError,
+    OutputTypeError,
+)
+from gradcheck_svc.report import Report
+from gradcheck_svc.server.plan import CheckPlan, PlannedPoint
+from gradcheck_svc.server.status import Rejection
+
+__all__ = ["Deadline", "run_plan"]
+
+log = logging.getLogger("gradcheck_svc.server")
+
+CheckFn = Callable[..., Report]
+# Errors about the request as a whole; everything else the function does is that point's business.
+_REQUEST_LEVEL = (InvalidOptionError, DeviceUnavailableError, CheckCancelledError, NothingToCheckError)
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """The earlier of the client's deadline and the server's per-check cap; says which one binds."""
+
+    at: float  # time.monotonic() value
+    client_binds: bool
+    cap_seconds: float
+
+    @classmethod
+    def start(cls, client_remaining: float | None, cap_seconds: float) -> Deadline:
+        now = time.monotonic()
+        client = now + client_remaining if client_remaining is not None else math.inf
+        cap = now + cap_seconds
+        return cls(at=min(client, cap), client_binds=client <= cap, cap_seconds=cap_seconds)
+
+    def passed(self) -> bool:
+        return time.monotonic() >= self.at
+
+    def rejection(self) -> Rejection:
+        if self.client_binds:
+            return Rejection(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the check finished")
+        return Rejection(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"check did not finish within the server's cap of {self.cap_seconds:g} s (max_check_seconds)",
+        )
+
+
+def run_plan(
+    plan: CheckPlan,
+    *,
+    deadline: Deadline,
+    cancelled: Callable[[], bool],
+    served_by: str,
+    check_fn: CheckFn = gc.check,
+) -> list[Report]:
+    reports = []
+    for index, point in enumerate(plan.points):
+        if cancelled():
+            raise CheckCancelledError("the client cancelled the check")
+        if deadline.passed():
+            raise deadline.rejection()
+        report = _run_point(plan, point, deadline, cancelled, check_fn)
+        # Options the server imposed (limits, its default device) stay out of the report, so a
+        # report from the service equals the one the same call gives in-process.
+        kept = {k: v for k, v in report.options.items() if k in plan.client_options}
+        update: dict[str, Any] = {
+            "point": index,
+            "served_by": served_by,
+            "function": plan.label,
+            "options": kept,
+        }
+        reports.append(report.model_copy(update=update))
+    return reports
+
+
+def _run_point(
+    plan: CheckPlan, point: PlannedPoint, deadline: Deadline, cancelled: Callable[[], bool], check_fn: CheckFn
+) -> Report:
+    try:
+        return check_fn(
+            plan.fn,
+            *point.tensors,
+            input_names=point.names,
+            deadline=deadline.at,
+            cancelled=cancelled,
+            **plan.options,
+        )
+    except LimitExceededError:
+        if deadline.passed():
+            raise deadline.rejection() from None
+        raise
+    except _REQUEST_LEVEL:
+        raise
+    except (FunctionRaisedError, OutputTypeError) as exc:
+        return _error_report(plan, point, str(exc))
+    except GradcheckError:
+        raise
+    except Exception as exc:  # the client's function may raise anything; the server carries on
+        return _error_report(plan, point, f"{type(exc).__name__}: {exc}")
+
+
+def _error_report(plan: CheckPlan, point: PlannedPoint, message: str) -> Report:
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in point.tensors if t.is_floating_point()})
+    return Report(
+        ok=False,
+        error=message,
+        dtype=",".join(dtypes),
+        device=plan.device,
+        function=plan.label,
+        options={k: v for k, v in plan.options.items() if k in plan.client_options},
+    )

@@ -1,0 +1,242 @@
+"""The GradcheckService servicer: request -> plan -> engine -> response, with limits and a log line."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import torch
+from grpc_status import rpc_status
+
+import gradcheck_svc as gc
+from gradcheck_svc.codec import DTYPES, encode_report
+from gradcheck_svc.report import Report
+from gradcheck_svc.server.limiter import CheckSlots
+from gradcheck_svc.server.plan import CheckPlan, plan_check
+from gradcheck_svc.server.runner import Deadline, run_plan
+from gradcheck_svc.server.status import Rejection, failure_for
+from gradcheck_svc.settings import Settings
+from gradcheck_svc.specs import EXPRESSION_FUNCTIONS, FunctionRegistry
+from gradcheck_svc.v1 import gradcheck_pb2 as pb
+from gradcheck_svc.v1 import gradcheck_pb2_grpc as pb_grpc
+
+__all__ = ["GradcheckService"]
+
+log = logging.getLogger("gradcheck_svc.server")
+_DONE = object()
+
+
+class GradcheckService(pb_grpc.GradcheckServiceServicer):
+    def __init__(
+        self, settings: Settings, registry: FunctionRegistry, *, check_fn: Callable[..., Report] = gc.check
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.check_fn = check_fn
+        self.served_by = settings.served_by
+        self.slots = CheckSlots(settings.max_concurrent_checks)
+        self.draining = threading.Event()
+        self._stream_pool = ThreadPoolExecutor(
+            settings.max_concurrent_checks, thread_name_prefix="gradcheck-stream"
+        )
+
+    def close(self) -> None:
+        self._stream_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------------- Check
+
+    def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
+        check_id = uuid.uuid4().hex[:12]
+        try:
+            if self.draining.is_set():
+                raise Rejection(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            if not self.slots.try_acquire():
+                raise Rejection(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"server busy: {self.slots.size} checks already running (max_concurrent_checks)",
+                )
+        except Rejection as exc:
+            self._log(check_id, request, None, None, time.perf_counter(), exc.code.name)
+            context.abort(exc.code, exc.message)
+        try:
+            cancel = threading.Event()
+            context.add_callback(cancel.set)
+            return self._run(check_id, request, context.time_remaining(), cancel.is_set)
+        except Exception as exc:  # every failure becomes a status
+            context.abort_with_status(rpc_status.to_status(failure_for(exc, check_id).to_status()))
+            raise  # unreachable: abort raises
+        finally:
+            self.slots.release()
+
+    def _run(
+        self, check_id: str, request: pb.CheckRequest, remaining: float | None, cancelled: Callable[[], bool]
+    ) -> pb.CheckResponse:
+        started = time.perf_counter()
+        plan: CheckPlan | None = None
+        reports: list[Report] | None = None
+        status = "OK"
+        try:
+            plan = plan_check(request, self.settings, self.registry)
+            deadline = Deadline.start(remaining, self.settings.max_check_seconds)
+            reports = run_plan(
+                plan, deadline=deadline, cancelled=cancelled, served_by=self.served_by, check_fn=self.check_fn
+            )
+            return pb.CheckResponse(reports=[encode_report(r) for r in reports], check_id=check_id)
+        except Exception as exc:
+            status = failure_for(exc, check_id).code.name
+            raise
+        finally:
+            self._log(check_id, request, plan, reports, started, status)
+
+    def _log(
+        self,
+        check_id: str,
+        request: pb.CheckRequest,
+        plan: CheckPlan | None,
+        reports: list[Report] | None,
+        started: float,
+        status: str,
+    ) -> None:
+        function = plan.label if plan else _function_label(request)
+        points = len(plan.points) if plan else _point_count(request)
+        device = reports[0].device if reports else (plan.device if plan else "-")
+        ok = "-" if reports is None else str(all(r.ok for r in reports)).lower()
+        extra = f" request_id={request.request_id[:64]}" if request.request_id else ""
+        log.info(
+            "check id=%s function=%r points=%d device=%s ok=%s status=%s duration=%.3fs%s",
+            check_id,
+            function[:120],
+            points,
+            device,
+            ok,
+            status,
+            time.perf_counter() - started,
+            extra,
+        )
+
+    # ------------------------------------------------------------------------- CheckStream
+
+    def CheckStream(
+        self, request_iterator: Iterator[pb.CheckStreamRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.CheckStreamResponse]:
+        answers: queue.Queue[Any] = queue.Queue()
+        window = threading.Semaphore(self.settings.stream_window)
+        cancel = threading.Event()
+        context.add_callback(cancel.set)
+        submitted = 0
+
+        def read() -> None:
+            nonlocal submitted
+            try:
+                for item in request_iterator:
+                    while not window.acquire(
+                        timeout=0.1
+                    ):  # backpressure: stop reading when the window is full
+                        if cancel.is_set():
+                            return
+                    submitted += 1
+                    self._stream_pool.submit(self._stream_item, item, context, cancel, answers, window)
+            except Exception:  # the client went away while we read; nothing to answer
+                log.debug("CheckStream reader stopped", exc_info=True)
+            finally:
+                answers.put(_DONE)
+
+        threading.Thread(target=read, name="gradcheck-stream-reader", daemon=True).start()
+        done, answered = False, 0
+        while not done or answered < submitted:
+            answer = answers.get()
+            if answer is _DONE:
+                done = True
+                continue
+            answered += 1
+            yield answer
+
+    def _stream_item(
+        self,
+        item: pb.CheckStreamRequest,
+        context: grpc.ServicerContext,
+        cancel: threading.Event,
+        answers: queue.Queue[Any],
+        window: threading.Semaphore,
+    ) -> None:
+        check_id = uuid.uuid4().hex[:12]
+        try:
+            remaining = context.time_remaining()
+            deadline = Deadline.start(remaining, self.settings.max_check_seconds)
+            if not self.slots.acquire(
+                give_up=lambda: cancel.is_set() or deadline.passed() or self.draining.is_set()
+            ):
+                if self.draining.is_set():
+                    raise Rejection(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+                if deadline.passed():
+                    raise deadline.rejection()
+                raise Rejection(grpc.StatusCode.CANCELLED, "the client cancelled the stream")
+            try:
+                response = self._run(check_id, item.request, context.time_remaining(), cancel.is_set)
+            finally:
+                self.slots.release()
+            answers.put(pb.CheckStreamResponse(id=item.id, response=response))
+        except Exception as exc:  # an item's failure is its answer; the stream goes on
+            answers.put(pb.CheckStreamResponse(id=item.id, error=failure_for(exc, check_id).to_status()))
+        finally:
+            window.release()
+
+    # ------------------------------------------------------------------------- GetCapabilities
+
+    def GetCapabilities(
+        self, request: pb.GetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> pb.GetCapabilitiesResponse:
+        s = self.settings
+        cuda = torch.cuda.is_available()
+        devices = [pb.DeviceInfo(name="cpu", available=True, description="CPU")]
+        if cuda:
+            devices += [
+                pb.DeviceInfo(name=f"cuda:{i}", available=True, description=torch.cuda.get_device_name(i))
+                for i in range(torch.cuda.device_count())
+            ]
+        return pb.GetCapabilitiesResponse(
+            server_version=gc.__version__,
+            torch_version=torch.__version__,
+            devices=devices,
+            cuda_available=cuda,
+            default_device=s.device,
+            dtypes=list(DTYPES),
+            expression_functions=sorted(EXPRESSION_FUNCTIONS),
+            registered_functions=self.registry.names(),
+            limits=pb.Limits(
+                max_message_bytes=s.max_message_bytes,
+                max_tensor_elements=s.max_tensor_elements,
+                max_request_elements=s.max_request_elements,
+                max_points=s.max_points,
+                max_jacobian_entries=s.max_jacobian_entries,
+                max_evaluations=s.max_evaluations,
+                max_check_seconds=s.max_check_seconds,
+                max_concurrent_checks=s.max_concurrent_checks,
+                max_expression_length=s.max_expression_length,
+            ),
+            served_by=self.served_by,
+        )
+
+
+def _function_label(request: pb.CheckRequest) -> str:
+    kind = request.function.WhichOneof("kind")
+    if kind == "expression":
+        return request.function.expression
+    if kind == "registered":
+        return request.function.registered.name
+    return "-"
+
+
+def _point_count(request: pb.CheckRequest) -> int:
+    if request.WhichOneof("points") == "explicit_points":
+        return len(request.explicit_points.points)
+    if request.WhichOneof("points") == "sampling":
+        return request.sampling.count or 1
+    return 0

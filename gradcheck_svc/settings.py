@@ -1,0 +1,99 @@
+"""Server configuration: defaults < ``GRADCHECK_*`` environment variables < command-line flags.
+
+    GRADCHECK_PORT=50051 GRADCHECK_FUNCTIONS=mypkg.ops,other.ops gradcheck-svc serve --device cpu
+
+List settings take a comma-separated string (or a JSON list) from the environment. Every field
+becomes a ``serve`` flag (``max_concurrent_checks`` -> ``--max-concurrent-checks``).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+MiB = 1024 * 1024
+
+
+def _split(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything ``gradcheck-svc serve`` can be told."""
+
+    model_config = SettingsConfigDict(env_prefix="GRADCHECK_", extra="forbid", validate_default=True)
+
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 / [::] to listen on every interface")
+    port: int = Field(50051, ge=0, le=65535, description="port to bind; 0 picks a free one")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="device when a request leaves it unset"
+    )
+    worker_threads: int = Field(
+        0, ge=0, description="gRPC handler threads; 0: max_concurrent_checks + 8 (room for health probes)"
+    )
+    max_concurrent_checks: int = Field(
+        32, ge=1, description="checks running at once; more get RESOURCE_EXHAUSTED, never a queue"
+    )
+    stream_window: int = Field(4, ge=1, description="checks of one CheckStream running at once")
+    max_message_bytes: int = Field(64 * MiB, ge=1024, description="largest request or response message")
+    max_tensor_elements: int = Field(
+        4_000_000, ge=1, description="largest tensor (inputs and expression intermediates), in elements"
+    )
+    max_request_elements: int = Field(
+        16_000_000, ge=1, description="largest total of input elements per request"
+    )
+    max_points: int = Field(1024, ge=1, description="most evaluation points per request")
+    max_jacobian_entries: int = Field(100_000_000, ge=1, description="largest Jacobian the engine may check")
+    max_evaluations: int = Field(1_000_000, ge=1, description="most finite-difference evaluations per check")
+    max_check_seconds: float = Field(120.0, gt=0, description="wall-clock cap of one request")
+    max_expression_length: int = Field(
+        2000, ge=1, le=100_000, description="longest expression, in characters"
+    )
+    functions: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="modules whose public functions clients may check (mypkg.ops)"
+    )
+    entry_points: bool = Field(True, description="also expose the 'gradcheck_svc.functions' entry points")
+    replica_name: str = Field("", description="name reported in Report.served_by; empty: the hostname")
+    grace_seconds: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight checks may finish")
+    reflection: bool = Field(True, description="serve gRPC server reflection")
+    log_level: str = Field("INFO", description="logging level of the server")
+    # Transport security and authentication (issue 7). Paths are PEM files.
+    tls_cert_file: str = Field("", description="server certificate (PEM); with tls_key_file enables TLS")
+    tls_key_file: str = Field("", description="server private key (PEM)")
+    tls_client_ca_file: str = Field("", description="CA (PEM) whose client certificates are required (mTLS)")
+    auth_tokens: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="bearer tokens accepted (comma-separated); empty: no authentication"
+    )
+
+    _split_lists = field_validator("functions", "auth_tokens", mode="before")(_split)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return self
+
+    @property
+    def threads(self) -> int:
+        return self.worker_threads or self.max_concurrent_checks + 8
+
+    @property
+    def served_by(self) -> str:
+        return self.replica_name or socket.gethostname()
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
