@@ -11,7 +11,7 @@
     │   └── LimitExceededError             (also ValueError) the check would exceed a configured limit
     ├── SpecError                          (also ValueError) a function spec a client sent is not acceptable
     │   └── UnknownFunctionError           (also LookupError) no registered function by that name
-    ├── InvalidRequestError                (also ValueError) a request a client sent is malformed; names the field
+    ├── InvalidRequestError                (also ValueError) a malformed request; .field names where
     ├── ServiceError                       a remote check failed on the wire or on the server
     └── GradientMismatch                   (also AssertionError) gradients disagree; carries the Report
 
