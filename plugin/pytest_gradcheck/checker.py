@@ -1,0 +1,95 @@
+"""The object behind the ``assert_grads`` fixture: merge options, run, record, raise on mismatch."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from pytest_gradcheck import dispatch
+from pytest_gradcheck.remote import RemoteServer, ServerUnreachable
+from pytest_gradcheck.settings import Defaults, resolve
+from pytest_gradcheck.summary import LOCAL, CheckRecord, Tally
+
+if TYPE_CHECKING:
+    from gradcheck_svc.report import Report
+
+__all__ = ["AssertGrads", "PluginState"]
+
+
+@dataclass
+class PluginState:
+    """Per-session state, kept in ``config.stash``."""
+
+    defaults: Defaults
+    tally: Tally = field(default_factory=Tally)
+    server: RemoteServer | None = None
+
+    def __post_init__(self) -> None:
+        if self.defaults.server is not None:
+            self.server = RemoteServer(self.defaults.server)  # connects on first use only
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+class AssertGrads:
+    """``assert_grads(fn, *inputs, **options)``: check the gradients of ``fn`` at ``inputs``.
+
+    ``fn`` is a callable, an expression string (inputs positional in the order the variables first
+    appear, or one dict keyed by variable name) or a registered function name. ``options`` are the
+    engine's (atol, rtol, mode, kinks, device, ...) plus ``remote=`` ("prefer" | "require" | "never")
+    and ``params=`` for a registered function. Returns the ``gradcheck_svc.Report``; raises
+    ``gradcheck_svc.GradientMismatch`` (an AssertionError) with the readable report on a mismatch.
+    """
+
+    def __init__(self, state: PluginState, item: pytest.Item) -> None:
+        self._state = state
+        self._item = item
+
+    def __repr__(self) -> str:  # shown among the test's arguments in a failure
+        server = self._state.server
+        return f"<assert_grads fixture, {'server ' + server.address if server else 'local'}>"
+
+    def __call__(self, fn: Any, /, *inputs: Any, **options: Any) -> Report:
+        __tracebackhide__ = True
+        import gradcheck_svc as gc  # torch loads with the first check, not with the plugin
+
+        resolved = resolve(
+            self._state.defaults,
+            [(m.args, m.kwargs) for m in self._item.iter_markers("gradcheck")],
+            options,
+            gc.CheckOptions.model_fields,
+        )
+        server = self._state.server
+        started = time.perf_counter()
+        label = getattr(fn, "__qualname__", None) or str(fn)
+        try:
+            target = dispatch.target_for(fn, server, resolved)
+            label = target.label
+            outcome = dispatch.run(target, inputs, resolved, server)
+        except ServerUnreachable as exc:
+            assert server is not None
+            self._record(label, server.address, started, ok=False, error=str(exc), unreachable=True)
+            pytest.fail(str(exc), pytrace=False)
+        except gc.GradientMismatch:
+            raise  # not expected from check(), but never count it as "could not run"
+        except (Exception, pytest.fail.Exception) as exc:  # recorded as "could not run", then re-raised
+            where = server.address if server is not None and resolved.remote != "never" else LOCAL
+            self._record(label, where, started, ok=False, error=f"{type(exc).__name__}: {exc}")
+            raise
+        report = outcome.report
+        self._record(
+            label, outcome.where, started, ok=report.ok, kinks=report.kinks, fallback=outcome.fallback
+        )
+        if not report.ok:
+            raise gc.GradientMismatch(report)
+        return report
+
+    def _record(self, label: str, where: str, started: float, **fields: Any) -> None:
+        seconds = time.perf_counter() - started
+        record = CheckRecord(self._item.nodeid, label, where, seconds=seconds, **fields)
+        self._state.tally.add(record)

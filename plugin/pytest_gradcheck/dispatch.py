@@ -1,0 +1,127 @@
+"""Where a check runs (in-process or on the server) and running it there.
+
+Every frame here sets ``__tracebackhide__`` so a failure points at the user's ``assert_grads`` line.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from pytest_gradcheck.remote import RemoteServer
+from pytest_gradcheck.settings import Resolved
+from pytest_gradcheck.summary import LOCAL
+from pytest_gradcheck.targets import Target, bind_names, classify, registered_name, why_not_remote
+
+if TYPE_CHECKING:
+    from gradcheck_svc.report import Report
+    from gradcheck_svc.specs import FunctionRegistry
+
+__all__ = ["Outcome", "run", "target_for"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    report: Report
+    where: str  # LOCAL or the server address
+    fallback: str = ""  # why a check meant for the server ran locally
+
+
+def _remote(server: RemoteServer | None, resolved: Resolved) -> RemoteServer | None:
+    return server if server is not None and resolved.remote != "never" else None
+
+
+def target_for(fn: Any, server: RemoteServer | None, resolved: Resolved) -> Target:
+    """Classify ``fn``; a string is looked up in the server's registry when one is used."""
+    __tracebackhide__ = True
+    remote = _remote(server, resolved)
+    if isinstance(fn, str) and remote is not None:
+        return classify(fn, remote.registered)
+    if isinstance(fn, str):
+        return classify(fn, _local_registry())
+    return classify(fn)
+
+
+@functools.cache
+def _local_registry() -> FunctionRegistry:
+    """The registry a server started here would have: built-ins plus installed entry points."""
+    from gradcheck_svc.specs import FunctionRegistry
+
+    return FunctionRegistry.default()
+
+
+def _named(fn: Any, inputs: Sequence[Any]) -> dict[str, Any]:
+    """Inputs of a Python function by its parameter names, for a call by registered name."""
+    __tracebackhide__ = True
+    import inspect
+
+    try:
+        names = [
+            p.name
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):  # builtins without a signature: the registry's own order
+        names = []
+    return bind_names(names[: len(inputs)], inputs, f"{getattr(fn, '__qualname__', fn)}")
+
+
+def _local(target: Target, inputs: Sequence[Any], resolved: Resolved) -> Report:
+    __tracebackhide__ = True
+    import gradcheck_svc as gc
+
+    if target.kind == "callable":
+        return gc.check(target.fn, *inputs, **resolved.options)
+    if target.kind == "expression":
+        from gradcheck_svc.specs import compile_expression
+
+        expression = compile_expression(target.text)  # callable with inputs in variable order
+        names = list(expression.variables)
+        named = bind_names(names, inputs, f"expression {target.text!r}")
+        report = gc.check(expression, *named.values(), input_names=names, **resolved.options)
+    else:
+        fn = _local_registry().bind(target.text, resolved.params)
+        report = gc.check(fn, *inputs, **resolved.options)
+    return report.model_copy(update={"function": target.text})
+
+
+def _on_server(server: RemoteServer, target: Target, inputs: Sequence[Any], resolved: Resolved) -> Report:
+    __tracebackhide__ = True
+    options = resolved.options
+    if target.kind == "expression":
+        from gradcheck_svc.specs import parse_expression
+
+        names = list(parse_expression(target.text).variables)
+        named = bind_names(names, inputs, f"expression {target.text!r}")
+        return server.call("check", target.text, options=options, **named)
+    name = target.text
+    named = _named(target.fn, inputs) if target.fn is not None else {}
+    return server.call("check_registered", name, params=resolved.params or {}, options=options, **named)
+
+
+def run(target: Target, inputs: Sequence[Any], resolved: Resolved, server: RemoteServer | None) -> Outcome:
+    """Run the check where the policy says; a callable the server cannot run falls back or fails."""
+    __tracebackhide__ = True
+    remote = _remote(server, resolved)
+    if remote is None:
+        return Outcome(_local(target, inputs, resolved), LOCAL)
+    if target.kind == "callable":
+        assert target.fn is not None
+        why = why_not_remote(target.fn)
+        name = None if why else registered_name(target.fn, remote.registered)
+        if name is None:
+            why = why or "not registered on the server"
+            if resolved.remote == "require":
+                pytest.fail(
+                    f"gradcheck: {target.label} cannot run on server {remote.address} ({why}) "
+                    "and --gradcheck-remote=require forbids running it locally"
+                )
+            report = _local(target, inputs, resolved)
+            report.notes.append(f"ran locally: server {remote.address} cannot run it ({why})")
+            return Outcome(report, LOCAL, fallback=why)
+        target = Target("registered", target.label, fn=target.fn, text=name)
+    return Outcome(_on_server(remote, target, inputs, resolved), remote.address)
