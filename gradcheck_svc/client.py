@@ -1,0 +1,401 @@
+"""Python client of the gradcheck service; returns the same ``gc.Report`` the engine does.
+
+    from gradcheck_svc.client import Client
+    with Client("127.0.0.1:50051") as c:
+        report = c.check("sin(x / 2**1.5)", x=torch.tensor(100.0))
+        reports = c.check_points("x**2", [{"x": t1}, {"x": t2}], options={"mode": "full"})
+        report = c.check_registered("torch.nn.functional.softmax", x=t, params={"dim": -1})
+        caps = c.capabilities()
+
+Targets: one address, a ``dns:///name:port`` (gRPC's round_robin over every address the name
+resolves to), or a list of addresses (one channel each, used in turn; a call that finds one
+unavailable moves on to the next, which is safe because checks have no side effects).
+``retry=True`` adds a gRPC retry policy (UNAVAILABLE, with backoff) to every channel.
+An unreachable server raises ``ServiceError(code="UNAVAILABLE")`` after ``connect_timeout``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from pydantic import BaseModel
+
+from gradcheck_svc.codec import (
+    DTYPES,
+    decode_report,
+    encode_options,
+    encode_point,
+    encode_sampling,
+    encode_value,
+)
+from gradcheck_svc.errors import ServiceError
+from gradcheck_svc.options import CheckOptions
+from gradcheck_svc.report import Report
+from gradcheck_svc.specs.sampling import SamplingSpec
+from gradcheck_svc.v1 import gradcheck_pb2 as pb
+from gradcheck_svc.v1 import gradcheck_pb2_grpc as pb_grpc
+
+__all__ = ["Capabilities", "CheckCall", "Client", "DeviceInfo", "Registered", "StreamResult"]
+
+Options = Mapping[str, Any] | CheckOptions | None
+Point = Mapping[str, Any]
+_SERVICE = "gradcheck_svc.v1.GradcheckService"
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A registered function by name, with its parameters (``Registered("torch.softmax", {"dim": 0})``)."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckCall:
+    """One item of ``Client.check_stream``: a function and either points or a sampling spec."""
+
+    function: str | Registered
+    points: Sequence[Point] | None = None
+    sampling: SamplingSpec | None = None
+    options: Options = None
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """The answer to one CheckCall: its reports, or the error that rejected it."""
+
+    id: str
+    reports: list[Report] | None
+    error: ServiceError | None = None
+
+
+class DeviceInfo(BaseModel):
+    name: str
+    available: bool
+    description: str = ""
+
+
+class Capabilities(BaseModel):
+    """What a server offers (``Client.capabilities()``)."""
+
+    server_version: str
+    torch_version: str
+    devices: list[DeviceInfo]
+    cuda_available: bool
+    default_device: str
+    dtypes: list[str]
+    expression_functions: list[str]
+    registered_functions: list[str]
+    limits: dict[str, int | float]
+    served_by: str
+
+
+# ----------------------------------------------------------------------------- channels
+
+
+def _service_config(retry: bool | int) -> str:
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if retry:
+        attempts = 4 if retry is True else max(2, min(int(retry), 5))  # gRPC caps attempts at 5
+        config["methodConfig"] = [
+            {
+                "name": [{"service": _SERVICE}, {"service": "grpc.health.v1.Health"}],
+                "retryPolicy": {
+                    "maxAttempts": attempts,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    return json.dumps(config)
+
+
+class _Channel:
+    """One gRPC channel, its stubs, and whether it is known to be connected."""
+
+    def __init__(
+        self, target: str, options: list[tuple[str, Any]], credentials: grpc.ChannelCredentials | None
+    ):
+        self.target = target
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=options)
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        self.stub = pb_grpc.GradcheckServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self._state = grpc.ChannelConnectivity.IDLE
+        self.channel.subscribe(self._on_state, try_to_connect=False)
+
+    def _on_state(self, state: grpc.ChannelConnectivity) -> None:
+        self._state = state
+
+    def ensure_ready(self, timeout: float) -> None:
+        """Fail fast (UNAVAILABLE) when the server cannot be reached within ``timeout`` seconds."""
+        if self._state == grpc.ChannelConnectivity.READY:
+            return
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise ServiceError(
+                f"cannot reach the gradcheck server at {self.target} within {timeout:g} s", code="UNAVAILABLE"
+            ) from None
+
+    def close(self) -> None:
+        self.channel.unsubscribe(self._on_state)
+        self.channel.close()
+
+
+def _service_error(exc: grpc.RpcError, target: str) -> ServiceError:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    violations = []
+    try:
+        status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    except Exception:  # a malformed status detail must not hide the error itself
+        status = None
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations += [f"{v.field}: {v.description}" for v in bad.field_violations]
+    message = details or (code.name if code else "RPC failed")
+    extra = [v for v in violations if v not in message]
+    if extra:
+        message += " (" + "; ".join(extra) + ")"
+    name = code.name if code else None
+    return ServiceError(f"{name or 'ERROR'} from {target}: {message}", code=name)
+
+
+# ----------------------------------------------------------------------------- the client
+
+
+class Client:
+    """A connection to one or more gradcheck servers. Thread-safe; use as a context manager."""
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        timeout: float | None = 600.0,
+        connect_timeout: float = 5.0,
+        retry: bool | int = False,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+    ) -> None:
+        targets = [target] if isinstance(target, str) else list(target)
+        if not targets:
+            raise ValueError("Client needs at least one target")
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.service_config", _service_config(retry)),
+            ("grpc.enable_retries", 1 if retry else 0),
+        ]
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._channels = [_Channel(t, options, credentials) for t in targets]
+        self._turn = itertools.cycle(range(len(self._channels)))
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------- plumbing
+
+    def _next(self) -> _Channel:
+        with self._lock:
+            return self._channels[next(self._turn)]
+
+    def _call(self, method: str, request: Any, timeout: float | None) -> Any:
+        """Call ``method`` on the next channel; on UNAVAILABLE try the other targets once each."""
+        error: ServiceError | None = None
+        for _ in range(len(self._channels)):
+            channel = self._next()
+            try:
+                channel.ensure_ready(self.connect_timeout)
+                return getattr(channel.stub, method)(request, timeout=timeout, metadata=self._metadata)
+            except ServiceError as exc:
+                error = exc
+            except grpc.RpcError as exc:
+                error = _service_error(exc, channel.target)
+            if error.code != "UNAVAILABLE":
+                break
+        assert error is not None
+        raise error
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def _check(self, request: pb.CheckRequest, timeout: float | None) -> list[Report]:
+        response = self._call("Check", request, self._timeout(timeout))
+        return [decode_report(r) for r in response.reports]
+
+    # ------------------------------------------------------------------------- checks
+
+    def check(
+        self, expression: str, /, *, options: Options = None, timeout: float | None = None, **inputs: Any
+    ) -> Report:
+        """Check an expression at one point given by name: ``c.check("x**2", x=torch.tensor(9.0))``."""
+        if not inputs:
+            raise TypeError(
+                "check() needs the expression's inputs as keyword arguments, e.g. x=torch.tensor(9.0)"
+            )
+        return self.check_points(expression, [inputs], options=options, timeout=timeout)[0]
+
+    def check_points(
+        self,
+        function: str | Registered,
+        points: Sequence[Point],
+        *,
+        options: Options = None,
+        timeout: float | None = None,
+    ) -> list[Report]:
+        """Check a function (expression text or ``Registered``) at several points; one Report each."""
+        return self._check(build_request(function, points=points, options=options), timeout)
+
+    def check_registered(
+        self,
+        name: str,
+        /,
+        *inputs: Any,
+        params: Mapping[str, Any] | None = None,
+        options: Options = None,
+        timeout: float | None = None,
+        **named_inputs: Any,
+    ) -> Report:
+        """Check a registered function; tensors reach it positionally, in the order given."""
+        point = {f"inputs[{i}]": t for i, t in enumerate(inputs)} | named_inputs
+        if not point:
+            raise TypeError("check_registered() needs at least one input tensor")
+        return self.check_points(Registered(name, params or {}), [point], options=options, timeout=timeout)[0]
+
+    def check_sampled(
+        self,
+        function: str | Registered,
+        sampling: SamplingSpec,
+        *,
+        options: Options = None,
+        timeout: float | None = None,
+    ) -> list[Report]:
+        """Check at points the server draws from ``sampling`` (see ``specs.sample_points``)."""
+        return self._check(build_request(function, sampling=sampling, options=options), timeout)
+
+    def check_stream(
+        self, calls: Iterable[CheckCall], *, timeout: float | None = None
+    ) -> Iterator[StreamResult]:
+        """Send many checks over one stream; results arrive as each finishes (match them by ``id``)."""
+        ids = iter(itertools.count())
+
+        def requests() -> Iterator[pb.CheckStreamRequest]:
+            for call in calls:
+                request = build_request(
+                    call.function, points=call.points, sampling=call.sampling, options=call.options
+                )
+                yield pb.CheckStreamRequest(id=call.id or str(next(ids)), request=request)
+
+        channel = self._next()
+        channel.ensure_ready(self.connect_timeout)
+        try:
+            for answer in channel.stub.CheckStream(
+                requests(), timeout=self._timeout(timeout), metadata=self._metadata
+            ):
+                if answer.HasField("error"):
+                    code = grpc.StatusCode(_code_tuple(answer.error.code))
+                    message = f"{code.name} from {channel.target}: {answer.error.message}"
+                    yield StreamResult(answer.id, None, ServiceError(message, code=code.name))
+                else:
+                    yield StreamResult(answer.id, [decode_report(r) for r in answer.response.reports])
+        except grpc.RpcError as exc:
+            raise _service_error(exc, channel.target) from None
+
+    # ------------------------------------------------------------------------- server info
+
+    def capabilities(self, *, timeout: float | None = 30.0) -> Capabilities:
+        m = self._call("GetCapabilities", pb.GetCapabilitiesRequest(), timeout)
+        return Capabilities(
+            server_version=m.server_version,
+            torch_version=m.torch_version,
+            devices=[
+                DeviceInfo(name=d.name, available=d.available, description=d.description) for d in m.devices
+            ],
+            cuda_available=m.cuda_available,
+            default_device=m.default_device,
+            dtypes=[str(DTYPES[d]).removeprefix("torch.") for d in m.dtypes if d in DTYPES],
+            expression_functions=list(m.expression_functions),
+            registered_functions=list(m.registered_functions),
+            limits={f.name: v for f, v in m.limits.ListFields()},
+            served_by=m.served_by,
+        )
+
+    def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
+        """The health status name (``"SERVING"``, ``"NOT_SERVING"``, ...) of the next target."""
+        channel = self._next()
+        channel.ensure_ready(self.connect_timeout)
+        try:
+            response = channel.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _service_error(exc, channel.target) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _code_tuple(number: int) -> tuple[int, str]:
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code.value
+    return grpc.StatusCode.UNKNOWN.value
+
+
+def build_request(
+    function: str | Registered,
+    *,
+    points: Sequence[Point] | None = None,
+    sampling: SamplingSpec | None = None,
+    options: Options = None,
+) -> pb.CheckRequest:
+    """The CheckRequest for a function and its points (exactly one of ``points`` / ``sampling``)."""
+    if (points is None) == (sampling is None):
+        raise TypeError("give either points or sampling")
+    if isinstance(function, Registered):
+        spec = pb.FunctionSpec(
+            registered=pb.RegisteredFunction(
+                name=function.name, params={k: encode_value(v) for k, v in function.params.items()}
+            )
+        )
+    elif isinstance(function, str):
+        spec = pb.FunctionSpec(expression=function)
+    else:
+        raise TypeError(f"function must be an expression string or Registered, got {type(function).__name__}")
+    request = pb.CheckRequest(function=spec, options=encode_options(options))
+    if sampling is not None:
+        request.sampling.CopyFrom(encode_sampling(sampling))
+    else:
+        assert points is not None
+        tensors = [
+            {n: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for n, v in p.items()}
+            for p in points
+        ]
+        request.explicit_points.SetInParent()
+        request.explicit_points.points.extend(encode_point(p) for p in tensors)
+    return request
