@@ -1,0 +1,99 @@
+# gradcheck-svc: the gradient checker as a gRPC service (port 50051).
+#
+# Stages
+#   deps      a virtual environment with torch and the project's dependencies (no test dependencies);
+#             rebuilt only when pyproject.toml or a torch argument changes
+#   builder   builds the gradcheck-svc wheel from the source
+#   runtime   the default target: the venv + the wheel on a clean base, non-root, healthcheck,
+#             `gradcheck-svc serve`; no compilers, no test dependencies, no source tree
+#   tests     the same + pytest + examples/remote_suite (the compose `tests` service; --target tests)
+#
+# Build arguments
+#   BASE_IMAGE      a Python 3.11+ image with `python3 -m venv` (default python:3.11-slim; a Debian
+#                   image with python3 + python3-venv works too). Builder and runtime use the same one.
+#   TORCH_SPEC      the pip requirement for torch. Default: the CPU build, "torch==2.13.0+cpu", which
+#                   pip finds on PyTorch's CPU wheel index (pass it as TORCH_INDEX_URL) or in a folder
+#                   of wheels (PIP_FIND_LINKS). A plain "torch==2.13.0" also matches a local "+cpu" wheel.
+#                   CUDA variant for GPU hosts: TORCH_SPEC="torch==2.13.0" with no TORCH_INDEX_URL: the
+#                   default index's Linux wheels are CUDA builds that bring their CUDA runtime as pip
+#                   packages, so the host needs only the NVIDIA driver and container toolkit (compose
+#                   profile `gpu`). A specific CUDA version: TORCH_INDEX_URL=<PyTorch index>/whl/cu128.
+#   TORCH_INDEX_URL an extra index used for the torch install only (empty: none).
+#   PIP_FIND_LINKS  a folder (or URL) of wheels pip may install from, e.g. a folder mounted into the
+#                   build that holds the torch wheel (empty: none).
+#
+#   docker build -t gradcheck-svc --build-arg TORCH_INDEX_URL=<PyTorch index>/whl/cpu .        # CPU
+#   docker build -t gradcheck-svc --build-arg PIP_FIND_LINKS=/wheels ...  # CPU, wheel folder mounted
+#   docker build -t gradcheck-svc:cuda --build-arg TORCH_SPEC=torch==2.13.0 .                 # CUDA
+
+ARG BASE_IMAGE=python:3.11-slim
+
+# ------------------------------------------------------------------------------------------------ base
+FROM ${BASE_IMAGE} AS base
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN useradd --create-home --home-dir /home/gradcheck --uid 10001 --user-group --shell /usr/sbin/nologin gradcheck
+
+# ------------------------------------------------------------------------------------------------ deps
+FROM ${BASE_IMAGE} AS deps
+ARG TORCH_SPEC="torch==2.13.0+cpu"
+ARG TORCH_INDEX_URL=""
+ARG PIP_FIND_LINKS=""
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_DEFAULT_TIMEOUT=120
+RUN python3 -m venv /opt/venv
+# torch first, in its own layer: by far the largest download, and the one that changes least often.
+RUN set -eu; \
+    [ -n "${PIP_FIND_LINKS}" ] || unset PIP_FIND_LINKS; \
+    /opt/venv/bin/pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "${TORCH_SPEC}"
+# The project's other dependencies, read from pyproject.toml (cached until that file changes).
+COPY pyproject.toml /src/pyproject.toml
+RUN set -eu; \
+    [ -n "${PIP_FIND_LINKS}" ] || unset PIP_FIND_LINKS; \
+    /opt/venv/bin/python -c "import tomllib; \
+print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt; \
+    /opt/venv/bin/pip install -r /tmp/requirements.txt
+
+# --------------------------------------------------------------------------------------------- builder
+FROM deps AS builder
+COPY . /src
+RUN /opt/venv/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /dist /src
+
+# --------------------------------------------------------------------------------------------- runtime
+FROM base AS runtime
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=builder /dist /dist
+RUN pip install --no-deps --no-index /dist/*.whl && rm -rf /dist \
+    && python -c "import gradcheck_svc, pytest_gradcheck"
+USER 10001:10001
+WORKDIR /home/gradcheck
+EXPOSE 50051
+HEALTHCHECK --interval=10s --timeout=10s --start-period=60s --retries=3 \
+    CMD ["gradcheck-svc", "health", "--target", "127.0.0.1:50051"]
+STOPSIGNAL SIGTERM
+CMD ["gradcheck-svc", "serve", "--host", "0.0.0.0", "--port", "50051"]
+
+# ----------------------------------------------------------------------------------------------- tests
+# A client image: runs examples/remote_suite against $GRADCHECK_SERVER (default server:50051).
+# Shares the base and dependency layers with runtime; adds pytest, the wheel and the suite.
+FROM base AS tests
+ARG PIP_FIND_LINKS=""
+COPY --from=deps /opt/venv /opt/venv
+RUN set -eu; \
+    [ -n "${PIP_FIND_LINKS}" ] || unset PIP_FIND_LINKS; \
+    pip install "pytest>=8"
+COPY --from=builder /dist /dist
+RUN pip install --no-deps --no-index /dist/*.whl && rm -rf /dist
+COPY examples/remote_suite /suite
+USER 10001:10001
+WORKDIR /suite
+ENV GRADCHECK_SERVER=server:50051
+CMD ["pytest", "-v"]
+
+# ------------------------------------------------------------------------------- default target: runtime
+FROM runtime
