@@ -438,7 +438,7 @@ def decode_report(m: pb.Report) -> Report:
         point=m.point if m.HasField("point") else None,
         error=m.error if m.HasField("error") else None,
         notes=list(m.notes),
-        options={k: decode_value(v) for k, v in sorted(m.options.items())},
+        options={k: decode_value(v) for k, v in m.options.items()},
         timings=dict(m.timings),
         served_by=m.served_by,
     )

@@ -143,13 +143,19 @@ class FunctionRegistry:
         return len(self._functions)
 
 
+def _exposable(obj: Any) -> Callable[..., Any] | None:
+    """What a module may expose: functions, callable instances (e.g. an nn.Module), and
+    autograd.Function subclasses (through ``.apply``). Other classes and plain values are skipped."""
+    if inspect.isclass(obj):
+        return obj.apply if issubclass(obj, torch.autograd.Function) else None
+    return obj if callable(obj) else None
+
+
 def _callable(obj: Any) -> Callable[..., Any]:
-    """An autograd.Function subclass is exposed through ``.apply``; anything else must be callable."""
-    if inspect.isclass(obj) and issubclass(obj, torch.autograd.Function):
-        return obj.apply
-    if not callable(obj):
-        raise SpecError(f"{obj!r} is not callable")
-    return obj
+    fn = _exposable(obj)
+    if fn is None:
+        raise SpecError(f"{obj!r} cannot be exposed: not a function, callable object or autograd.Function")
+    return fn
 
 
 def _public_callables(mod: ModuleType) -> list[tuple[str, Callable[..., Any]]]:
@@ -162,4 +168,5 @@ def _public_callables(mod: ModuleType) -> list[tuple[str, Callable[..., Any]]]:
             and (inspect.isfunction(v) or (inspect.isclass(v) and issubclass(v, torch.autograd.Function)))
             and getattr(v, "__module__", None) == mod.__name__
         ]
-    return [(n, _callable(getattr(mod, n))) for n in sorted(names)]
+    found = ((n, _exposable(getattr(mod, n))) for n in sorted(names))
+    return [(n, fn) for n, fn in found if fn is not None]
