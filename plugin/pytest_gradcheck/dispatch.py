@@ -6,7 +6,7 @@ Every frame here sets ``__tracebackhide__`` so a failure points at the user's ``
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,20 +54,11 @@ def _local_registry() -> FunctionRegistry:
     return FunctionRegistry.default()
 
 
-def _named(fn: Any, inputs: Sequence[Any]) -> dict[str, Any]:
-    """Inputs of a Python function by its parameter names, for a call by registered name."""
-    __tracebackhide__ = True
-    import inspect
-
-    try:
-        names = [
-            p.name
-            for p in inspect.signature(fn).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-    except (TypeError, ValueError):  # builtins without a signature: the registry's own order
-        names = []
-    return bind_names(names[: len(inputs)], inputs, f"{getattr(fn, '__qualname__', fn)}")
+def _split(inputs: Sequence[Any]) -> tuple[Sequence[Any], dict[str, Any]]:
+    """A registered function takes tensors positionally, or as one dict whose keys name them."""
+    if len(inputs) == 1 and isinstance(inputs[0], Mapping):
+        return (), dict(inputs[0])
+    return inputs, {}
 
 
 def _local(target: Target, inputs: Sequence[Any], resolved: Resolved) -> Report:
@@ -85,7 +76,11 @@ def _local(target: Target, inputs: Sequence[Any], resolved: Resolved) -> Report:
         report = gc.check(expression, *named.values(), input_names=names, **resolved.options)
     else:
         fn = _local_registry().bind(target.text, resolved.params)
-        report = gc.check(fn, *inputs, **resolved.options)
+        positional, named = _split(inputs)
+        if named:
+            report = gc.check(fn, *named.values(), input_names=list(named), **resolved.options)
+        else:
+            report = gc.check(fn, *positional, **resolved.options)
     return report.model_copy(update={"function": target.text})
 
 
@@ -98,9 +93,18 @@ def _on_server(server: RemoteServer, target: Target, inputs: Sequence[Any], reso
         names = list(parse_expression(target.text).variables)
         named = bind_names(names, inputs, f"expression {target.text!r}")
         return server.call("check", target.text, options=options, **named)
-    name = target.text
-    named = _named(target.fn, inputs) if target.fn is not None else {}
-    return server.call("check_registered", name, params=resolved.params or {}, options=options, **named)
+    positional, named = _split(inputs)
+    params = resolved.params or {}
+    return server.call("check_registered", target.text, *positional, params=params, options=options, **named)
+
+
+def _not_sendable(inputs: Sequence[Any]) -> str:
+    """Why these inputs cannot travel to a server ("" when they can): only plain tensors do."""
+    import torch
+
+    if all(isinstance(x, torch.Tensor) for x in inputs):
+        return ""
+    return "inputs other than plain tensors"
 
 
 def run(target: Target, inputs: Sequence[Any], resolved: Resolved, server: RemoteServer | None) -> Outcome:
@@ -111,7 +115,7 @@ def run(target: Target, inputs: Sequence[Any], resolved: Resolved, server: Remot
         return Outcome(_local(target, inputs, resolved), LOCAL)
     if target.kind == "callable":
         assert target.fn is not None
-        why = why_not_remote(target.fn)
+        why = why_not_remote(target.fn) or _not_sendable(inputs)
         name = None if why else registered_name(target.fn, remote.registered)
         if name is None:
             why = why or "not registered on the server"

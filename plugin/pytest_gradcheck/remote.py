@@ -41,11 +41,10 @@ class RemoteServer:
 
     def client(self) -> Client:
         """The connected client; raises ServerUnreachable (promptly, and every time after the first)."""
-        if self._down is not None:
-            raise ServerUnreachable(self._down)
+        if self._down is not None:  # said in full once; later checks get the short form at once
+            raise ServerUnreachable(f"gradcheck server {self.address} is unreachable (see the first failure)")
         if self._client is None:
             from gradcheck_svc.client import Client
-
             from gradcheck_svc.errors import ServiceError
 
             client = Client(self.address)

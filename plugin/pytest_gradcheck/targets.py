@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
+import types
 from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,6 +29,10 @@ class Target:
 
 
 def _label(fn: Callable[..., Any]) -> str:
+    fn = _owner(fn)
+    if isinstance(fn, types.BuiltinFunctionType):  # torch.sin's qualname is _VariableFunctionsClass.sin
+        module = getattr(fn, "__module__", None)
+        return f"{module}.{fn.__name__}" if module else fn.__name__
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__qualname__
     return str(name)
 
@@ -59,6 +64,7 @@ def classify(fn: Any, registered: Container[str] = ()) -> Target:
 
 def why_not_remote(fn: Callable[..., Any]) -> str:
     """Why a server can never run ``fn`` whatever it registered; "" when it might."""
+    fn = _owner(fn)
     qualname = getattr(fn, "__qualname__", "") or ""
     if qualname.endswith("<lambda>"):
         return "lambda"
@@ -91,10 +97,17 @@ def _resolve_loaded(name: str) -> Any:
     return obj
 
 
+def _owner(fn: Callable[..., Any]) -> Any:
+    """The class behind ``MyFunction.apply`` (servers register autograd.Functions by class name)."""
+    owner = getattr(fn, "__self__", None)
+    return owner if isinstance(owner, type) and getattr(fn, "__name__", "") == "apply" else fn
+
+
 def registered_name(fn: Callable[..., Any], registered: Collection[str]) -> str | None:
     """The name under which a server registered ``fn``, if any."""
-    module = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", None)
+    named = _owner(fn)
+    module = getattr(named, "__module__", None)
+    qualname = getattr(named, "__qualname__", None)
     if module and qualname:
         for candidate in (f"{module}:{qualname}", f"{module}.{qualname}"):
             if candidate in registered:

@@ -7,6 +7,8 @@ snapshot stays, one loaded during a run would be re-imported by the next).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch  # noqa: F401  (see module docstring)
 
@@ -19,3 +21,22 @@ pytest_plugins = ["pytester"]
 def _no_ambient_server(monkeypatch: pytest.MonkeyPatch) -> None:
     """A GRADCHECK_SERVER from the developer's shell must not leak into the inner runs."""
     monkeypatch.delenv("GRADCHECK_SERVER", raising=False)
+
+
+@pytest.fixture(scope="session")
+def server_address() -> Iterator[str]:
+    """A real gradcheck server on a free loopback port, with ``plugin_sample_ops`` registered."""
+    import plugin_sample_ops
+
+    from gradcheck_svc.server import create_server
+    from gradcheck_svc.settings import Settings
+    from gradcheck_svc.specs import FunctionRegistry
+
+    registry = FunctionRegistry.default(load_entry_points=False)
+    registry.add_module(plugin_sample_ops)
+    server, port = create_server(
+        Settings(host="127.0.0.1", port=0, replica_name="test-replica"), registry=registry
+    )
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(grace=1)

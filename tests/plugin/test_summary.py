@@ -61,21 +61,21 @@ X = torch.tensor([0.3, 0.7], dtype=torch.float64)
 
 @pytest.mark.parametrize("i", range(6))
 def test_sine(assert_grads, i):
-    assert_grads(torch.sin, X + i)
+    assert_grads("sin(x)", X + i)   # an expression: runs on the server
 
 
 def test_wrong(assert_grads):
-    assert_grads(lambda x: x.detach() * x, X)   # gradient x where 2x is right
+    assert_grads(lambda x: x.detach() * x, X)   # a lambda runs locally; gradient x where 2x is right
 
 
 def test_relu(assert_grads):
-    assert_grads(torch.relu, torch.tensor([0.0], dtype=torch.float64))
+    assert_grads(torch.relu, torch.tensor([0.0], dtype=torch.float64))   # registered as torch.relu
 """
 
 
-def test_xdist_aggregates_every_worker_once(pytester: pytest.Pytester) -> None:
+def test_xdist_aggregates_every_worker_once(pytester: pytest.Pytester, server_address: str) -> None:
     pytester.makepyfile(test_suite=XDIST_SUITE)
-    result = pytester.runpytest("-n", "2", "-p", "xdist")
+    result = pytester.runpytest("-n", "2", "-p", "xdist", f"--gradcheck-server={server_address}")
     result.assert_outcomes(passed=7, failed=1)
     out = result.stdout.str()
     assert out.count("= gradcheck =") == 1
@@ -84,7 +84,10 @@ def test_xdist_aggregates_every_worker_once(pytester: pytest.Pytester) -> None:
         [
             "*= gradcheck =*",
             "8 checks run, 1 failed, 1 kink seen (in 1 check)",
-            "where: 8 local",
-            "slowest: * s test_suite.py::* (*, local)",
+            f"where: 7 on {server_address}, 1 local",
+            "ran locally, the server cannot run them: 1 check",
+            "  test_suite.py::test_wrong (test_wrong.<locals>.<lambda>: lambda)",
+            "slowest: * s test_suite.py::* (*)",
+            "*= short test summary info =*",
         ]
     )
