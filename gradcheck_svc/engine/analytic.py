@@ -19,6 +19,8 @@ from gradcheck_svc.errors import CheckError, FunctionRaisedError
 
 __all__ = ["Analytic", "BackwardNotDifferentiableError"]
 
+_FEW_ROWS = 4
+
 
 class BackwardNotDifferentiableError(CheckError, TypeError):
     """The backward cannot itself be differentiated (needed for columns and order 2)."""
@@ -102,7 +104,11 @@ class Analytic:
             rows = [self._grads(y, reals, c, batched=False) for c in cotangents]
             return [torch.stack([row[i] for row in rows]) for i in range(len(reals))]
 
-        result = self._run("reverse-mode rows", {"func": func, "batched": batched, "loop": loop})
+        attempts = {"func": func, "batched": batched, "loop": loop}
+        if cotangents.shape[0] <= _FEW_ROWS and "func" in self._paths:
+            # A handful of backward calls costs less than setting up a vmap over them.
+            attempts = {"loop": loop}
+        result = self._run("reverse-mode rows", attempts)
         return [g.detach().to(torch.float64) for g in result]
 
     # ------------------------------------------------------------------ columns (reverse over reverse)

@@ -36,47 +36,73 @@ class Tolerance:
 @dataclass
 class Judgement:
     tolerance: torch.Tensor
+    error: torch.Tensor  # |a - n| where both are finite, else 0
     ratio: torch.Tensor  # |a - n| / tolerance (inf where one side is non-finite)
     failed: torch.Tensor
     kink: torch.Tensor
     nonfinite: torch.Tensor
 
 
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    # A sum propagates NaN and inf (inf - inf is NaN): one reduction per tensor, no mask.
+    return all(bool(torch.isfinite(t.sum())) for t in tensors if t.numel())
+
+
 def judge(analytic: torch.Tensor, diff: Differences, tol: Tolerance) -> Judgement:
     numeric = diff.value
+    if _all_finite(analytic, numeric, diff.bar, diff.one_sided_bar):
+        return _judge_finite(analytic, diff, tol)
     finite_a = torch.isfinite(analytic)
     finite_n = torch.isfinite(numeric)
     both_finite = finite_a & finite_n
     # Equal non-finite values on both sides (inf == inf, or NaN on both) are not a gradient bug.
     same_nonfinite = (~finite_a & ~finite_n) & ((analytic == numeric) | (analytic.isnan() & numeric.isnan()))
     nonfinite = ~both_finite & ~same_nonfinite
-
-    safe_n = torch.where(both_finite, numeric, torch.zeros_like(numeric))
-    safe_a = torch.where(both_finite, analytic, torch.zeros_like(analytic))
-    safe_bar = torch.where(
-        both_finite, torch.nan_to_num(diff.bar, nan=0.0, posinf=0.0), torch.zeros_like(numeric)
+    zero = torch.zeros((), dtype=numeric.dtype)
+    clean = Differences(
+        *(
+            torch.where(both_finite, torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0), zero)
+            for t in (numeric, diff.bar, diff.forward, diff.backward, diff.one_sided_bar)
+        )
     )
+    verdict = _judge_finite(torch.where(both_finite, analytic, zero), clean, tol)
+    verdict.ratio = torch.where(nonfinite, float("inf"), verdict.ratio)
+    verdict.failed |= nonfinite
+    verdict.nonfinite = nonfinite
+    return verdict
+
+
+def _judge_finite(analytic: torch.Tensor, diff: Differences, tol: Tolerance) -> Judgement:
+    """The verdict where every value is finite; in-place ops keep the passes over memory few."""
+    numeric = diff.value
     if tol.atol is None:
-        scale = safe_n.abs().max() if safe_n.numel() else torch.zeros((), dtype=safe_n.dtype)
-        atol = tol.atol_factor * scale
+        scale = torch.linalg.vector_norm(numeric, ord=float("inf")) if numeric.numel() else 0.0
+        atol = float(tol.atol_factor * scale)
     else:
-        atol = torch.as_tensor(tol.atol, dtype=safe_n.dtype)
-    tolerance = atol + tol.rtol * safe_n.abs() + tol.bars * safe_bar
-    tolerance = torch.clamp(tolerance, min=torch.finfo(tolerance.dtype).tiny)
-    error = (safe_a - safe_n).abs()
-    ratio = torch.where(nonfinite, torch.full_like(error, float("inf")), error / tolerance)
+        atol = tol.atol
+    tolerance = numeric.abs().mul_(tol.rtol).add_(diff.bar, alpha=tol.bars).add_(atol)
+    tolerance.clamp_(min=torch.finfo(tolerance.dtype).tiny)
+    error = torch.sub(analytic, numeric).abs_()
+    ratio = error / tolerance
+    failed = error > tolerance
 
     # A kink: the one-sided differences disagree far beyond their error bars (the central
     # difference and its bar mean nothing there) and the analytic value lies between them.
-    side_bar = tol.bars * torch.nan_to_num(diff.one_sided_bar, nan=0.0, posinf=0.0)
-    spread = (diff.forward - diff.backward).abs()
-    low = torch.minimum(diff.forward, diff.backward) - side_bar - atol
-    high = torch.maximum(diff.forward, diff.backward) + side_bar + atol
-    kink = both_finite & (spread > 2 * side_bar + atol) & (safe_a >= low) & (safe_a <= high)
-    failed = (error > tolerance) & both_finite & ~kink
-    if tol.kinks_fail:
-        failed = failed | kink
-    return Judgement(tolerance, ratio, failed | nonfinite, kink, nonfinite)
+    # Candidates are rare, so the interval test runs on them alone.
+    side_bar = diff.one_sided_bar * tol.bars
+    spread = torch.sub(diff.forward, diff.backward).abs_()
+    candidates = (spread > side_bar.mul_(2).add_(atol)).nonzero(as_tuple=True)
+    kink = torch.zeros_like(failed)
+    if candidates[0].numel():
+        fwd, bwd, a = diff.forward[candidates], diff.backward[candidates], analytic[candidates]
+        margin = diff.one_sided_bar[candidates] * tol.bars + atol
+        inside = (a >= torch.minimum(fwd, bwd) - margin) & (a <= torch.maximum(fwd, bwd) + margin)
+        kink[candidates] = inside
+        if not tol.kinks_fail:
+            failed[candidates] &= ~inside
+        else:
+            failed[candidates] |= inside
+    return Judgement(tolerance, error, ratio, failed, kink, torch.zeros_like(failed))
 
 
 @dataclass
@@ -117,68 +143,82 @@ class PairAccumulator:
         verdict: Judgement,
         rows: torch.Tensor | None = None,
     ) -> None:
-        """Add a block: ``rows`` (default all of the output) x ``columns`` (positions within the leaf)."""
-        analytic = analytic.detach().to("cpu", torch.float64)
-        numeric = diff.value.detach().to("cpu", torch.float64)
-        bar = diff.bar.detach().to("cpu", torch.float64)
-        ratio = verdict.ratio.detach().to("cpu")
-        tolerance = verdict.tolerance.detach().to("cpu")
-        failed = verdict.failed.detach().to("cpu")
-        kink = verdict.kink.detach().to("cpu")
-        columns = columns.detach().to("cpu")
-        if rows is None:
-            rows = torch.arange(self.output.size)
-        rows = rows.to("cpu")
+        """Add a block: ``rows`` (default all of the output) x ``columns`` (positions within the leaf).
 
-        self.checked += analytic.numel()
-        self.failed += int(failed.sum())
+        Reductions run where the block lives; only scalars and the few worst elements move.
+        """
+        numeric, error, ratio, failed, kink = (
+            diff.value,
+            verdict.error,
+            verdict.ratio,
+            verdict.failed,
+            verdict.kink,
+        )
+        device = numeric.device
+        rows = torch.arange(self.output.size, device=device) if rows is None else rows.to(device)
+        columns = columns.to(device)
+
+        self.checked += numeric.numel()
+        n_failed = int(failed.sum())
+        self.failed += n_failed
         self.kinks += int(kink.sum())
         self.nonfinite += int(verdict.nonfinite.sum())
-        finite = torch.isfinite(analytic) & torch.isfinite(numeric)
-        error = torch.where(finite, (analytic - numeric).abs(), torch.zeros_like(numeric))
-        if error.numel():
-            self.max_abs = max(self.max_abs, float(error.max()))
-            rel = error / numeric.abs().clamp(min=torch.finfo(torch.float64).tiny)
-            rel = torch.where(error == 0, torch.zeros_like(rel), rel)
-            self.max_rel = max(self.max_rel, float(rel.max()))
-            self.max_ratio = max(self.max_ratio, float(ratio.max()))
+        if not numeric.numel():
+            return
+        self.max_abs = max(self.max_abs, float(error.max()))
+        rel = error / numeric.abs().clamp_(min=torch.finfo(numeric.dtype).tiny)
+        self.max_rel = max(self.max_rel, float(rel.masked_fill_(error == 0, 0.0).max()))
+        self.max_ratio = max(self.max_ratio, float(ratio.max()))
 
         if self._full is not None:
-            grid = (rows.unsqueeze(1), columns.unsqueeze(0))
-            self._full["a"][grid] = analytic
-            self._full["n"][grid] = numeric
-            self._full["b"][grid] = bar
+            grid = (rows.cpu().unsqueeze(1), columns.cpu().unsqueeze(0))
+            self._full["a"][grid] = analytic.detach().to("cpu", torch.float64)
+            self._full["n"][grid] = numeric.detach().to("cpu", torch.float64)
+            self._full["b"][grid] = diff.bar.detach().to("cpu", torch.float64)
 
-        assert self._map is not None
-        bins_r, bins_c = self._map.shape
-        rb = rows * bins_r // self.output.size
-        cb = columns * bins_c // self.leaf.size
-        index = (rb.unsqueeze(1) * bins_c + cb.unsqueeze(0)).reshape(-1)
-        self._map.view(-1).scatter_reduce_(0, index, ratio.reshape(-1).clamp(max=1e300), "amax")
+        if n_failed and self._map is not None:
+            # The error map is kept for failing pairs only, so only blocks with failures draw on it.
+            bins_r, bins_c = self._map.shape
+            rb = rows * bins_r // self.output.size
+            cb = columns * bins_c // self.leaf.size
+            index = (rb.unsqueeze(1) * bins_c + cb.unsqueeze(0)).reshape(-1).cpu()
+            pooled = ratio.reshape(-1).clamp(max=1e300).to("cpu", torch.float64)
+            self._map.view(-1).scatter_reduce_(0, index, pooled, "amax")
 
-        # Keep the worst elements: failing ones first, then by ratio.
-        key = ratio + failed.to(ratio.dtype) * 1e300
+        # Keep the worst elements: failing ones first, then kinks, then by ratio.
+        key = ratio.clamp(max=1e100)
+        if n_failed or self.kinks:
+            key = key + failed.to(key.dtype) * 1e300 + kink.to(key.dtype) * 1e200
         k = min(self.max_worst, key.numel())
-        if k == 0:
-            return
         top = torch.topk(key.reshape(-1), k).indices
-        for flat in top.tolist():
-            r, c = divmod(flat, analytic.shape[1])
-            row, col = int(rows[r]), int(columns[c])
-            out_index, out_part = flat_index(row, self.output.shape, self.output.is_complex)
-            in_index, in_part = flat_index(col, self.leaf.shape, self.leaf.is_complex)
+        r_idx, c_idx = top // numeric.shape[1], top % numeric.shape[1]
+        picked = {
+            name: t[r_idx, c_idx].tolist()
+            for name, t in (
+                ("a", analytic),
+                ("n", numeric),
+                ("b", diff.bar),
+                ("t", verdict.tolerance),
+                ("k", kink),
+                ("key", key),
+            )
+        }
+        rows_list, cols_list = rows[r_idx].tolist(), columns[c_idx].tolist()
+        for j in range(k):
+            out_index, out_part = flat_index(rows_list[j], self.output.shape, self.output.is_complex)
+            in_index, in_part = flat_index(cols_list[j], self.leaf.shape, self.leaf.is_complex)
             element = ElementError(
                 output_index=out_index,
                 input_index=in_index,
                 output_part=out_part,
                 input_part=in_part,
-                analytic=float(analytic[r, c]),
-                numeric=float(numeric[r, c]),
-                error_bar=float(bar[r, c]),
-                tolerance=float(tolerance[r, c]),
-                kink=bool(kink[r, c]),
+                analytic=picked["a"][j],
+                numeric=picked["n"][j],
+                error_bar=picked["b"][j],
+                tolerance=picked["t"][j],
+                kink=bool(picked["k"][j]),
             )
-            self._worst.append((float(key[r, c]), element))
+            self._worst.append((picked["key"][j], element))
         self._worst.sort(key=lambda item: -item[0])
         del self._worst[self.max_worst :]
 
