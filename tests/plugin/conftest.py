@@ -14,7 +14,12 @@ import torch  # noqa: F401  (see module docstring)
 
 import gradcheck_svc  # noqa: F401
 
-pytest_plugins = ["pytester"]
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytester, loaded from here rather than by ``pytest_plugins``: pytest refuses ``pytest_plugins``
+    # in a conftest below the rootdir when the whole suite runs from the root. A no-op when
+    # ``-p pytester`` already loaded it.
+    config.pluginmanager.import_plugin("pytester")
 
 
 @pytest.fixture(autouse=True)
