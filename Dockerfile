@@ -66,14 +66,18 @@ RUN /opt/venv/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /dist /sr
 
 # --------------------------------------------------------------------------------------------- runtime
 FROM base AS runtime
+# Settings of `gradcheck-svc serve` (gradcheck_svc/settings.py); flags on the command line win.
+ENV GRADCHECK_HOST=0.0.0.0 \
+    GRADCHECK_PORT=50051 \
+    GRADCHECK_DEVICE=auto
 COPY --from=deps /opt/venv /opt/venv
 COPY --from=builder /dist /dist
 RUN pip install --no-deps --no-index /dist/*.whl && rm -rf /dist \
-    && python -c "import gradcheck_svc, pytest_gradcheck"
+    && gradcheck-svc --help >/dev/null
 USER 10001:10001
 WORKDIR /home/gradcheck
 EXPOSE 50051
-HEALTHCHECK --interval=10s --timeout=10s --start-period=60s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=15s --start-period=60s --retries=3 \
     CMD ["gradcheck-svc", "health", "--target", "127.0.0.1:50051"]
 STOPSIGNAL SIGTERM
 CMD ["gradcheck-svc", "serve", "--host", "0.0.0.0", "--port", "50051"]
