@@ -31,6 +31,7 @@ class Tolerance:
     rtol: float
     bars: float  # how many error bars are tolerated
     kinks_fail: bool
+    slack: float = 0.0  # the accepted nondeterminism of the analytic side, added to atol
 
 
 @dataclass
@@ -80,6 +81,7 @@ def _judge_finite(analytic: torch.Tensor, diff: Differences, tol: Tolerance) -> 
         atol = float(tol.atol_factor * scale)
     else:
         atol = tol.atol
+    atol += tol.slack
     tolerance = numeric.abs().mul_(tol.rtol).add_(diff.bar, alpha=tol.bars).add_(atol)
     tolerance.clamp_(min=torch.finfo(tolerance.dtype).tiny)
     error = torch.sub(analytic, numeric).abs_()

@@ -68,6 +68,7 @@ class Context:
             rtol=o.rtol if o.rtol is not None else d.rtol,
             bars=o.error_bars,
             kinks_fail=o.kinks == "fail",
+            slack=o.nondet_tol,
         )
 
     def chunk_size(self, leaf: Leaf) -> int:
