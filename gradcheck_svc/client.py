@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,7 +126,13 @@ def _service_config(retry: bool | int) -> str:
 
 
 class _Channel:
-    """One gRPC channel, its stubs, and whether it is known to be connected."""
+    """One gRPC channel, its stubs, and what we last learnt about reaching it.
+
+    Reachability is learnt from calls, not from connectivity subscriptions: grpc's subscription
+    poller races with ``Channel.close()`` and prints tracebacks (grpc issue 18995).
+    """
+
+    _FAILED_FOR = 2.0  # seconds a target that failed is tried last
 
     def __init__(
         self, target: str, options: list[tuple[str, Any]], credentials: grpc.ChannelCredentials | None
@@ -136,25 +144,36 @@ class _Channel:
             self.channel = grpc.secure_channel(target, credentials, options=options)
         self.stub = pb_grpc.GradcheckServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
-        self._state = grpc.ChannelConnectivity.IDLE
-        self.channel.subscribe(self._on_state, try_to_connect=False)
+        self._connected = False
+        self._failed_at = -math.inf
 
-    def _on_state(self, state: grpc.ChannelConnectivity) -> None:
-        self._state = state
+    @property
+    def failing(self) -> bool:
+        return time.monotonic() - self._failed_at < self._FAILED_FOR
+
+    def mark_failed(self) -> None:
+        self._connected = False
+        self._failed_at = time.monotonic()
 
     def ensure_ready(self, timeout: float) -> None:
-        """Fail fast (UNAVAILABLE) when the server cannot be reached within ``timeout`` seconds."""
-        if self._state == grpc.ChannelConnectivity.READY:
+        """Before the first call (and after a failure) probe the server with a short deadline, so an
+        unreachable one raises UNAVAILABLE promptly instead of holding a long check's deadline."""
+        if self._connected:
             return
         try:
-            grpc.channel_ready_future(self.channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise ServiceError(
-                f"cannot reach the gradcheck server at {self.target} within {timeout:g} s", code="UNAVAILABLE"
-            ) from None
+            self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                self.mark_failed()
+                raise ServiceError(
+                    f"cannot reach the gradcheck server at {self.target} within {timeout:g} s",
+                    code="UNAVAILABLE",
+                ) from None
+            # Anything else (e.g. a server without the health service) still proves it is reachable.
+        self._connected = True
 
     def close(self) -> None:
-        self.channel.unsubscribe(self._on_state)
         self.channel.close()
 
 
@@ -215,14 +234,19 @@ class Client:
     # ------------------------------------------------------------------------- plumbing
 
     def _next(self) -> _Channel:
+        return self._candidates()[0]
+
+    def _candidates(self) -> list[_Channel]:
+        """Every channel, starting with the next in turn; ones known to be failing go last."""
         with self._lock:
-            return self._channels[next(self._turn)]
+            start = next(self._turn)
+        order = self._channels[start:] + self._channels[:start]
+        return sorted(order, key=lambda c: c.failing)  # stable: otherwise the rotation is kept
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         """Call ``method`` on the next channel; on UNAVAILABLE try the other targets once each."""
         error: ServiceError | None = None
-        for _ in range(len(self._channels)):
-            channel = self._next()
+        for channel in self._candidates():
             try:
                 channel.ensure_ready(self.connect_timeout)
                 return getattr(channel.stub, method)(request, timeout=timeout, metadata=self._metadata)
@@ -232,6 +256,7 @@ class Client:
                 error = _service_error(exc, channel.target)
             if error.code != "UNAVAILABLE":
                 break
+            channel.mark_failed()
         assert error is not None
         raise error
 
@@ -342,7 +367,6 @@ class Client:
     def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
         """The health status name (``"SERVING"``, ``"NOT_SERVING"``, ...) of the next target."""
         channel = self._next()
-        channel.ensure_ready(self.connect_timeout)
         try:
             response = channel.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as exc:
