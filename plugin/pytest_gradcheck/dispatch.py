@@ -1,6 +1,6 @@
 """Where a check runs (in-process or on the server) and running it there.
 
-Every frame here sets ``__tracebackhide__`` so a failure points at the user's ``assert_grads`` line.
+Frames that can raise set ``__tracebackhide__``, so a failure points at the user's ``assert_grads`` line.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def run(target: Target, inputs: Sequence[Any], resolved: Resolved, server: Remot
             if resolved.remote == "require":
                 pytest.fail(
                     f"gradcheck: {target.label} cannot run on server {remote.address} ({why}) "
-                    "and --gradcheck-remote=require forbids running it locally"
+                    "and remote='require' forbids running it locally"
                 )
             report = _local(target, inputs, resolved)
             report.notes.append(f"ran locally: server {remote.address} cannot run it ({why})")

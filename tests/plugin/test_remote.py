@@ -105,7 +105,7 @@ def test_require_fails_for_what_the_server_cannot_run(
         [
             ">       assert_grads(lambda x: x**2, torch.tensor(9.0))",
             f"E       Failed: gradcheck: test_lambda.<locals>.<lambda> cannot run on server {server_address} "
-            "(lambda) and --gradcheck-remote=require forbids running it locally",
+            "(lambda) and remote='require' forbids running it locally",
         ]
     )
     result.stdout.fnmatch_lines(["2 checks run, 1 failed (1 could not run), 0 kinks seen"])
