@@ -15,7 +15,14 @@ import pytest
 from pytest_gradcheck.remote import RemoteServer
 from pytest_gradcheck.settings import Resolved
 from pytest_gradcheck.summary import LOCAL
-from pytest_gradcheck.targets import Target, bind_names, classify, registered_name, why_not_remote
+from pytest_gradcheck.targets import (
+    Target,
+    bind_names,
+    classify,
+    named_object,
+    registered_name,
+    why_not_remote,
+)
 
 if TYPE_CHECKING:
     from gradcheck_svc.report import Report
@@ -66,7 +73,10 @@ def _local(target: Target, inputs: Sequence[Any], resolved: Resolved) -> Report:
     import gradcheck_svc as gc
 
     if target.kind == "callable":
-        return gc.check(target.fn, *inputs, **resolved.options)
+        report = gc.check(target.fn, *inputs, **resolved.options)
+        if named_object(target.fn) is not target.fn:  # MyFunction.apply: name the class, not "Function.apply"
+            report = report.model_copy(update={"function": target.label})
+        return report
     if target.kind == "expression":
         from gradcheck_svc.specs import compile_expression
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Target", "bind_names", "classify", "registered_name", "why_not_remote"]
+__all__ = ["Target", "bind_names", "classify", "named_object", "registered_name", "why_not_remote"]
 
 Kind = Literal["callable", "expression", "registered"]
 _NAME = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?$")
@@ -29,7 +29,7 @@ class Target:
 
 
 def _label(fn: Callable[..., Any]) -> str:
-    fn = _owner(fn)
+    fn = named_object(fn)
     if isinstance(fn, types.BuiltinFunctionType):  # torch.sin's qualname is _VariableFunctionsClass.sin
         module = getattr(fn, "__module__", None)
         return f"{module}.{fn.__name__}" if module else fn.__name__
@@ -64,7 +64,7 @@ def classify(fn: Any, registered: Container[str] = ()) -> Target:
 
 def why_not_remote(fn: Callable[..., Any]) -> str:
     """Why a server can never run ``fn`` whatever it registered; "" when it might."""
-    fn = _owner(fn)
+    fn = named_object(fn)
     qualname = getattr(fn, "__qualname__", "") or ""
     if qualname.endswith("<lambda>"):
         return "lambda"
@@ -97,7 +97,7 @@ def _resolve_loaded(name: str) -> Any:
     return obj
 
 
-def _owner(fn: Callable[..., Any]) -> Any:
+def named_object(fn: Callable[..., Any]) -> Any:
     """The class behind ``MyFunction.apply`` (servers register autograd.Functions by class name)."""
     owner = getattr(fn, "__self__", None)
     return owner if isinstance(owner, type) and getattr(fn, "__name__", "") == "apply" else fn
@@ -105,7 +105,7 @@ def _owner(fn: Callable[..., Any]) -> Any:
 
 def registered_name(fn: Callable[..., Any], registered: Collection[str]) -> str | None:
     """The name under which a server registered ``fn``, if any."""
-    named = _owner(fn)
+    named = named_object(fn)
     module = getattr(named, "__module__", None)
     qualname = getattr(named, "__qualname__", None)
     if module and qualname:
