@@ -285,6 +285,8 @@ def decode_options(msg: pb.Options) -> dict[str, Any]:
     for name, (prefix, enum) in _ENUM_OPTIONS.items():
         number = getattr(msg, name)
         if number:
+            if number not in enum.values():  # proto3 keeps unknown enum numbers
+                raise InvalidRequestError(f"options.{name}", f"unknown value {number}")
             out[name] = enum.Name(number).removeprefix(prefix).lower()
     for name in _SCALAR_OPTIONS:
         if msg.HasField(name):

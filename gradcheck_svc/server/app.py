@@ -30,7 +30,7 @@ from gradcheck_svc.report import Report
 from gradcheck_svc.server.auth import TokenAuthInterceptor
 from gradcheck_svc.server.service import GradcheckService
 from gradcheck_svc.settings import Settings
-from gradcheck_svc.specs import FunctionRegistry
+from gradcheck_svc.specs import FunctionRegistry, compile_expression
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 from gradcheck_svc.v1 import gradcheck_pb2_grpc as pb_grpc
 
@@ -148,7 +148,9 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
 def _warm_up() -> None:
     """Run one tiny check so the first client does not pay for torch's lazy imports."""
     started = time.perf_counter()
-    gc.check(lambda x: x * x, torch.tensor(3.0, dtype=torch.float64))
+    square = compile_expression("x * x")
+    square.largest_intermediate({"x": torch.zeros(2)})  # the meta device's first use is slow too
+    gc.check(square, torch.tensor(3.0, dtype=torch.float64))
     log.debug("engine warm-up took %.2f s", time.perf_counter() - started)
 
 
