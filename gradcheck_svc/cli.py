@@ -8,8 +8,8 @@
 ``--at NAME=VALUE`` binds one input (a number or a JSON list); repeating a name starts the next
 point (the k-th value of every name forms point k). Exit status of ``check``: 0 all ok,
 1 gradient mismatch, 2 usage error, server error, or a point where the function could not run.
-The client commands read GRADCHECK_TARGET and GRADCHECK_TOKEN when the flags are absent;
-``serve`` reads every GRADCHECK_* setting (see gradcheck_svc.settings).
+The client commands read GRADCHECK_TARGET (or GRADCHECK_SERVER) and GRADCHECK_TOKEN when the
+flags are absent; ``serve`` reads every GRADCHECK_* setting (see gradcheck_svc.settings).
 """
 
 from __future__ import annotations
@@ -56,12 +56,17 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, **kwargs)
 
 
+def _env_target() -> str | None:
+    return os.environ.get("GRADCHECK_TARGET") or os.environ.get("GRADCHECK_SERVER") or None
+
+
 def _client_flags(parser: argparse.ArgumentParser, *, target_required: bool) -> None:
     parser.add_argument(
         "--target",
-        default=os.environ.get("GRADCHECK_TARGET") or None,
-        required=target_required and not os.environ.get("GRADCHECK_TARGET"),
-        help="server address HOST:PORT, dns:///NAME:PORT, or several comma-separated (env GRADCHECK_TARGET)",
+        default=_env_target(),
+        required=target_required and not _env_target(),
+        help="server address HOST:PORT, dns:///NAME:PORT, or several comma-separated "
+        "(env GRADCHECK_TARGET, or GRADCHECK_SERVER as the plugin reads it)",
     )
     parser.add_argument("--timeout", type=float, default=None, help="seconds to wait for the answer")
     parser.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to wait for a connection")
@@ -259,8 +264,27 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        status = client.health(args.service, timeout=args.timeout or 5.0)
+    """grpc.health.v1 Check on the first target; needs neither torch nor the client (probes run often)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = args.target.split(",")[0].strip()
+    if args.tls_ca:
+        credentials = grpc.ssl_channel_credentials(root_certificates=Path(args.tls_ca).read_bytes())
+        channel = grpc.secure_channel(target, credentials)
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service),
+                timeout=args.timeout or args.connect_timeout,
+            )
+        except grpc.RpcError as exc:
+            code = exc.code().name if hasattr(exc, "code") else "ERROR"
+            print(f"gradcheck-svc health: {code} from {target}", file=sys.stderr)
+            return EXIT_ERROR
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     print(status)
     return EXIT_OK if status == "SERVING" else 1
 

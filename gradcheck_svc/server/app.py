@@ -59,12 +59,17 @@ class GradcheckServer:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, refuse new calls, give in-flight calls ``grace`` seconds, then cancel them."""
+        """Drain, then stop: health says NOT_SERVING and new checks get UNAVAILABLE (so clients move
+        to another replica) while in-flight checks have up to ``grace`` seconds to finish; then
+        the gRPC server stops and cancels whatever is left."""
         if self._stopped.is_set():
             return
         self.health.enter_graceful_shutdown()
         self.service.draining.set()
-        self.grpc_server.stop(grace).wait()
+        deadline = time.monotonic() + (grace or 0.0)
+        while self.service.slots.in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
         self.service.close()
         self._stopped.set()
 
