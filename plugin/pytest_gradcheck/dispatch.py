@@ -19,8 +19,8 @@ from pytest_gradcheck.targets import (
     Target,
     bind_names,
     classify,
-    named_object,
     registered_name,
+    renamed,
     why_not_remote,
 )
 
@@ -74,7 +74,7 @@ def _local(target: Target, inputs: Sequence[Any], resolved: Resolved) -> Report:
 
     if target.kind == "callable":
         report = gc.check(target.fn, *inputs, **resolved.options)
-        if named_object(target.fn) is not target.fn:  # MyFunction.apply: name the class, not "Function.apply"
+        if renamed(target.fn):
             report = report.model_copy(update={"function": target.label})
         return report
     if target.kind == "expression":

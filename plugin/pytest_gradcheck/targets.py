@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Target", "bind_names", "classify", "named_object", "registered_name", "why_not_remote"]
+__all__ = ["Target", "bind_names", "classify", "named_object", "registered_name", "renamed", "why_not_remote"]
 
 Kind = Literal["callable", "expression", "registered"]
 _NAME = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?$")
@@ -60,6 +60,12 @@ def classify(fn: Any, registered: Container[str] = ()) -> Target:
             f"got {type(fn).__name__}"
         )
     return Target("callable", _label(fn), fn=fn)
+
+
+def renamed(fn: Callable[..., Any]) -> bool:
+    """Whether reports should carry our label: the engine would say "Function.apply" or
+    "_VariableFunctionsClass.sin" for these."""
+    return named_object(fn) is not fn or isinstance(fn, types.BuiltinFunctionType)
 
 
 def why_not_remote(fn: Callable[..., Any]) -> str:

@@ -110,6 +110,7 @@ def test_returns_report(assert_grads):
     import gradcheck_svc as gc
     report = assert_grads(torch.sin, torch.tensor([0.5, 1.5], dtype=torch.float64))
     assert isinstance(report, gc.Report) and report.ok
+    assert report.function == "torch.sin"
 """
     )
     pytester.runpytest().assert_outcomes(passed=2)
