@@ -61,11 +61,21 @@ def _local_registry() -> FunctionRegistry:
     return FunctionRegistry.default()
 
 
-def _split(inputs: Sequence[Any]) -> tuple[Sequence[Any], dict[str, Any]]:
-    """A registered function takes tensors positionally, or as one dict whose keys name them."""
+def _split(inputs: Sequence[Any], names: list[str] | None) -> tuple[Sequence[Any], dict[str, Any]]:
+    """A registered function takes tensors positionally, or named: by ``input_names`` or as one
+    dict whose keys name them (the names label the report; the order is the call's)."""
+    __tracebackhide__ = True
+    if names is not None:
+        return (), bind_names(names, inputs, f"input_names={names!r}")
     if len(inputs) == 1 and isinstance(inputs[0], Mapping):
         return (), dict(inputs[0])
     return inputs, {}
+
+
+def _no_names(target: Target, resolved: Resolved) -> None:
+    __tracebackhide__ = True
+    if resolved.input_names is not None and target.kind == "expression":
+        raise TypeError("input_names is for callables: an expression's inputs are named by its variables")
 
 
 def _local(target: Target, inputs: Sequence[Any], resolved: Resolved) -> Report:
@@ -73,7 +83,8 @@ def _local(target: Target, inputs: Sequence[Any], resolved: Resolved) -> Report:
     import gradcheck_svc as gc
 
     if target.kind == "callable":
-        report = gc.check(target.fn, *inputs, **resolved.options)
+        names = {} if resolved.input_names is None else {"input_names": resolved.input_names}
+        report = gc.check(target.fn, *inputs, **names, **resolved.options)
         if renamed(target.fn):
             report = report.model_copy(update={"function": target.label})
         return report
@@ -86,7 +97,7 @@ def _local(target: Target, inputs: Sequence[Any], resolved: Resolved) -> Report:
         report = gc.check(expression, *named.values(), input_names=names, **resolved.options)
     else:
         fn = _local_registry().bind(target.text, resolved.params)
-        positional, named = _split(inputs)
+        positional, named = _split(inputs, resolved.input_names)
         if named:
             report = gc.check(fn, *named.values(), input_names=list(named), **resolved.options)
         else:
@@ -103,7 +114,7 @@ def _on_server(server: RemoteServer, target: Target, inputs: Sequence[Any], reso
         names = list(parse_expression(target.text).variables)
         named = bind_names(names, inputs, f"expression {target.text!r}")
         return server.call("check", target.text, options=options, **named)
-    positional, named = _split(inputs)
+    positional, named = _split(inputs, resolved.input_names)
     params = resolved.params or {}
     return server.call("check_registered", target.text, *positional, params=params, options=options, **named)
 
@@ -120,6 +131,7 @@ def _not_sendable(inputs: Sequence[Any]) -> str:
 def run(target: Target, inputs: Sequence[Any], resolved: Resolved, server: RemoteServer | None) -> Outcome:
     """Run the check where the policy says; a callable the server cannot run falls back or fails."""
     __tracebackhide__ = True
+    _no_names(target, resolved)
     remote = _remote(server, resolved)
     if remote is None:
         return Outcome(_local(target, inputs, resolved), LOCAL)

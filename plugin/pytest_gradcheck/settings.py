@@ -76,8 +76,10 @@ SETTINGS: tuple[Setting, ...] = (
     ),
 )
 ENGINE_SETTINGS: tuple[str, ...] = ("atol", "rtol", "mode", "kinks", "device")
-# Keywords the fixture and the marker take besides the engine's options.
+# Keywords the fixture and the marker take besides the engine's options; the call also takes
+# input_names (names of a callable's positional inputs in the report).
 PLUGIN_KEYWORDS: frozenset[str] = frozenset({"remote", "params"})
+CALL_KEYWORDS: frozenset[str] = PLUGIN_KEYWORDS | {"input_names"}
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -151,12 +153,15 @@ class Resolved:
 
     options: dict[str, Any]  # engine options
     remote: RemotePolicy
-    params: dict[str, Any] | None  # parameters of a registered function
+    params: dict[str, Any] | None = None  # parameters of a registered function
+    input_names: list[str] | None = None  # names of a callable's positional inputs
 
 
-def _check_keywords(source: str, kwargs: Mapping[str, Any], engine_names: Iterable[str]) -> None:
+def _check_keywords(
+    source: str, kwargs: Mapping[str, Any], engine_names: Iterable[str], extra: frozenset[str]
+) -> None:
     __tracebackhide__ = True  # a wrong keyword is the user's line's fault
-    allowed = set(engine_names) | PLUGIN_KEYWORDS
+    allowed = set(engine_names) | extra
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise TypeError(
@@ -178,9 +183,9 @@ def resolve(
     for args, kwargs in markers:
         if args:
             raise TypeError("@pytest.mark.gradcheck takes keyword options only, e.g. gradcheck(atol=1e-6)")
-        _check_keywords("@pytest.mark.gradcheck", kwargs, engine_names)
+        _check_keywords("@pytest.mark.gradcheck", kwargs, engine_names, PLUGIN_KEYWORDS)
         layers.append(kwargs)
-    _check_keywords("the assert_grads call", call, engine_names)
+    _check_keywords("the assert_grads call", call, engine_names, CALL_KEYWORDS)
     merged: dict[str, Any] = dict(defaults.options)
     merged["remote"] = defaults.remote
     for layer in [*reversed(layers), call]:  # weakest first
@@ -192,4 +197,6 @@ def resolve(
         if remote == "require":
             raise ValueError(f"remote='require' needs a server: --gradcheck-server ADDR or ${SERVER_ENV}")
         remote = "never"
-    return Resolved(options=merged, remote=remote, params=merged.pop("params", None))
+    params = merged.pop("params", None)
+    names = merged.pop("input_names", None)
+    return Resolved(merged, remote, params, list(names) if names is not None else None)

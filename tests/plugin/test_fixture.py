@@ -111,9 +111,15 @@ def test_returns_report(assert_grads):
     report = assert_grads(torch.sin, torch.tensor([0.5, 1.5], dtype=torch.float64))
     assert isinstance(report, gc.Report) and report.ok
     assert report.function == "torch.sin"
+
+
+def test_input_names_label_the_report(assert_grads):
+    x, w = torch.tensor([0.5, 1.5], dtype=torch.float64), torch.tensor([2.0, 3.0], dtype=torch.float64)
+    report = assert_grads(lambda x, w: x * w, x, w, input_names=["x", "w"])
+    assert sorted(p.input for p in report.pairs) == ["w", "x"]
 """
     )
-    pytester.runpytest().assert_outcomes(passed=2)
+    pytester.runpytest().assert_outcomes(passed=3)
 
 
 def test_kinks_are_counted(pytester: pytest.Pytester) -> None:

@@ -69,15 +69,19 @@ def test_resolve_call_beats_markers_beats_defaults() -> None:
         ((), {"atol": 0.1, "kinks": "fail"}),
         ((), {"atol": 0.2, "rtol": 0.2, "remote": "require"}),
     )
-    resolved = resolve(defaults, [closest, outer], {"atol": 0.01, "params": {"k": 2}}, ENGINE_NAMES)
+    call = {"atol": 0.01, "params": {"k": 2}, "input_names": ("a",)}
+    resolved = resolve(defaults, [closest, outer], call, ENGINE_NAMES)
     assert resolved.options == {"atol": 0.01, "rtol": 0.2, "mode": "full", "kinks": "fail"}
     assert resolved.remote == "require"
     assert resolved.params == {"k": 2}
+    assert resolved.input_names == ["a"]
 
 
 def test_resolve_rejects_bad_keywords() -> None:
     with pytest.raises(TypeError, match=r"'atoll' in @pytest.mark.gradcheck"):
         resolve(Defaults(), [((), {"atoll": 1})], {}, ENGINE_NAMES)
+    with pytest.raises(TypeError, match=r"'input_names' in @pytest.mark.gradcheck"):
+        resolve(Defaults(), [((), {"input_names": ["x"]})], {}, ENGINE_NAMES)
     with pytest.raises(TypeError, match="keyword options only"):
         resolve(Defaults(), [((1e-3,), {})], {}, ENGINE_NAMES)
     with pytest.raises(ValueError, match="needs a server"):
@@ -86,11 +90,19 @@ def test_resolve_rejects_bad_keywords() -> None:
         resolve(Defaults(server="h:1", remote="prefer"), [], {"remote": "sometimes"}, ENGINE_NAMES)
 
 
-def test_bad_ini_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
-    pytester.makeini("[pytest]\ngradcheck_mode = fastest\n")
+@pytest.mark.parametrize(
+    ("ini", "message"),
+    [
+        ("gradcheck_mode = fastest", "*gradcheck_mode = 'fastest': expected one of auto, full, fast*"),
+        ("gradcheck_atol = -1", "*gradcheck atol must be >= 0, got -1.0*"),
+        ("gradcheck_remote = require", "*--gradcheck-remote=require needs a server*"),
+    ],
+)
+def test_bad_ini_value_is_a_usage_error(pytester: pytest.Pytester, ini: str, message: str) -> None:
+    pytester.makeini(f"[pytest]\n{ini}\n")
     result = pytester.runpytest()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*gradcheck_mode = 'fastest': expected one of auto, full, fast*"])
+    result.stderr.fnmatch_lines([message])
 
 
 def test_help_has_its_own_group(pytester: pytest.Pytester) -> None:

@@ -41,9 +41,10 @@ def test_registered_builtin_callable(assert_grads):
 
 
 def test_registered_python_function(assert_grads):
-    report = assert_grads(scaled_sine, X)
+    report = assert_grads(scaled_sine, X, input_names=["x"])
     assert report.served_by == "test-replica"
     assert report.function == "plugin_sample_ops:scaled_sine"
+    assert report.pairs[0].input == "x"
 
 
 def test_registered_autograd_function_with_a_bug(assert_grads):
