@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,9 +121,49 @@ class ServeProcess:
         return "".join(self.stderr_lines)
 
 
+# Subprocess servers take seconds to import torch and warm up; those the selected tests need are
+# started right after collection so they boot while the in-process tests run.
+_SUBPROCESS_SERVERS: dict[str, Callable[[], ServeProcess]] = {
+    "served": lambda: ServeProcess(env={"GRADCHECK_REPLICA_NAME": "replica-sub"}),
+    "draining_server": lambda: ServeProcess(
+        "--grace-seconds", "20", env={"GRADCHECK_REPLICA_NAME": "draining"}
+    ),
+}
+_started: dict[str, ServeProcess] = {}
+
+
+def _needs_subprocess(item: pytest.Item) -> bool:
+    mine = HERE in Path(item.path).parents
+    return mine and any(name in _SUBPROCESS_SERVERS for name in getattr(item, "fixturenames", ()))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    wanted = {name for item in items if _needs_subprocess(item) for name in item.fixturenames}  # type: ignore[attr-defined]
+    for name, make in _SUBPROCESS_SERVERS.items():
+        if name in wanted and name not in _started:
+            _started[name] = make()
+    # Tests that use them run last, by which time the servers are up.
+    items.sort(key=_needs_subprocess)
+
+
+def _subprocess_server(name: str) -> Iterator[ServeProcess]:
+    process = _started.pop(name, None) or _SUBPROCESS_SERVERS[name]()
+    yield process
+    process.stop()
+
+
 @pytest.fixture(scope="session")
 def served() -> Iterator[ServeProcess]:
     """A ``gradcheck-svc serve`` subprocess shared by the CLI tests."""
-    process = ServeProcess(env={"GRADCHECK_REPLICA_NAME": "replica-sub"})
-    yield process
-    process.stop()
+    yield from _subprocess_server("served")
+
+
+@pytest.fixture(scope="session")
+def draining_server() -> Iterator[ServeProcess]:
+    """A ``gradcheck-svc serve`` subprocess that the SIGTERM test stops."""
+    yield from _subprocess_server("draining_server")
+
+
+def pytest_sessionfinish() -> None:
+    for process in _started.values():  # started but never used (e.g. deselected later)
+        process.stop()
