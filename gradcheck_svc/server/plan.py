@@ -7,6 +7,7 @@ LimitExceededError, which server.status turns into gRPC codes.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -78,9 +79,8 @@ def _function(
 ) -> tuple[str, Callable[..., Any], Expression | None]:
     kind = spec.WhichOneof("kind")
     if kind == "expression":
-        limits = ExpressionLimits(max_length=settings.max_expression_length)
         try:
-            expression = parse_expression(spec.expression, limits)
+            expression = _parse(spec.expression, settings.max_expression_length)
         except SpecError as exc:
             raise InvalidRequestError("function.expression", str(exc)) from None
         if not expression.variables:
@@ -203,21 +203,32 @@ def _bind(
 
 def _check_intermediates(expression: Expression, points: list[PlannedPoint], settings: Settings) -> None:
     """Refuse expressions that would build an oversized tensor (e.g. outer(x, x)), before running them."""
-    seen: set[tuple[Any, ...]] = set()
-    for point in points:
-        signature = tuple((tuple(t.shape), t.dtype) for t in point.tensors)
-        if signature in seen:
-            continue
-        seen.add(signature)
-        try:
-            largest = expression.largest_intermediate(dict(zip(point.names, point.tensors, strict=True)))
-        except Exception:  # a shape error shows up in the point's report when the check runs
-            continue
+    signatures = {
+        tuple(zip(p.names, ((tuple(t.shape), t.dtype) for t in p.tensors), strict=True)) for p in points
+    }
+    for signature in signatures:
+        largest = _largest_intermediate(expression, signature)
         if largest > settings.max_tensor_elements:
             raise LimitExceededError(
                 f"function.expression: evaluation would create a tensor of {largest} elements "
                 f"(max_tensor_elements={settings.max_tensor_elements})"
             )
+
+
+# CI jobs send the same expressions at the same shapes over and over: parse and size them once.
+# Expressions are immutable, so one parsed tree can serve every thread.
+@functools.lru_cache(maxsize=1024)
+def _parse(text: str, max_length: int) -> Expression:
+    return parse_expression(text, ExpressionLimits(max_length=max_length))
+
+
+@functools.lru_cache(maxsize=4096)
+def _largest_intermediate(expression: Expression, signature: tuple[tuple[str, Any], ...]) -> int:
+    inputs = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in signature}
+    try:
+        return expression.largest_intermediate(inputs)
+    except Exception:  # a shape error shows up in the point's report when the check runs
+        return 0
 
 
 # ----------------------------------------------------------------------------- options

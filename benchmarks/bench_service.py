@@ -1,0 +1,210 @@
+"""The seed check through the service, next to the same check in-process and a bare gRPC echo.
+
+    .venv/bin/python benchmarks/bench_service.py [--iterations 400] [--seconds 5] [--clients 8]
+
+Three ways to get the same answer for d/dx sin(x / 2**1.5) at x = 100 (float32):
+
+- in-process  ``gc.check`` on the compiled expression, in this process;
+- service     ``Client.check`` against a ``gradcheck-svc`` server in a subprocess;
+- echo        a generic gRPC handler in that same server process that answers the serialized
+              CheckRequest with the serialized CheckResponse of a real check: the same bytes both
+              ways, no work. It is the floor any gRPC service pays on this machine.
+
+Latency: one client, calls interleaved (in-process, service, echo, repeat) so drift hits all three
+alike; p50 and p99. Throughput: ``--clients`` threads of this process calling as fast as they can
+for ``--seconds`` (each with its own channel). Goals from the issue: service p50 overhead over
+in-process within one echo round trip; service throughput at least half the echo's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import torch
+
+import gradcheck_svc as gc
+from gradcheck_svc.client import Client, build_request
+from gradcheck_svc.specs import compile_expression
+
+EXPRESSION = "sin(x / 2**1.5)"
+ECHO, SET_REPLY = "/bench.Echo/Echo", "/bench.Echo/SetReply"
+
+
+# ----------------------------------------------------------------------------- the server side
+
+
+def serve() -> None:
+    """Run a gradcheck server with the echo handler; print the port; stop when stdin closes."""
+    from gradcheck_svc.server import create_server
+    from gradcheck_svc.settings import Settings
+
+    reply = [b""]
+
+    def set_reply(request: bytes, context: grpc.ServicerContext) -> bytes:
+        reply[0] = request
+        return b""
+
+    class Echo(grpc.GenericRpcHandler):
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+            if details.method == ECHO:
+                return grpc.unary_unary_rpc_method_handler(lambda request, context: reply[0])
+            if details.method == SET_REPLY:
+                return grpc.unary_unary_rpc_method_handler(set_reply)
+            return None
+
+    server, port = create_server(Settings(port=0, max_concurrent_checks=64, log_level="WARNING"))
+    server.grpc_server.add_generic_rpc_handlers((Echo(),))
+    server.start()
+    print(port, flush=True)
+    sys.stdin.read()  # the parent closes our stdin when it is done
+    server.stop(grace=1)
+
+
+# ----------------------------------------------------------------------------- the client side
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    cuts = statistics.quantiles(samples, n=100, method="inclusive")
+    return statistics.median(samples), cuts[98]
+
+
+def latency(calls: dict[str, Callable[[], object]], iterations: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(iterations):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def throughput(make_call: Callable[[], Callable[[], object]], clients: int, seconds: float) -> float:
+    """Completed calls per second with ``clients`` threads, each with its own call (and channel)."""
+    counts = [0] * clients
+    start_barrier = threading.Barrier(clients + 1)
+    stop = threading.Event()
+
+    def worker(k: int) -> None:
+        call = make_call()
+        call()  # warm this thread's channel
+        start_barrier.wait()
+        while not stop.is_set():
+            call()
+            counts[k] += 1
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    start_barrier.wait()
+    started = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=400, help="latency samples per mode")
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput run")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients for throughput")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve()
+        return 0
+
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        target = f"127.0.0.1:{int(server.stdout.readline())}"
+        return run(args, target)
+    finally:
+        assert server.stdin is not None
+        server.stdin.close()
+        server.wait(30)
+
+
+def run(args: argparse.Namespace, target: str) -> int:
+    x = torch.tensor(100.0)
+    fn = compile_expression(EXPRESSION)
+    request_bytes = build_request(EXPRESSION, points=[{"x": x}]).SerializeToString()
+
+    def in_process() -> Callable[[], object]:
+        return lambda: gc.check(fn, x, input_names=["x"])
+
+    def service() -> Callable[[], object]:
+        client = Client(target)
+        return lambda: client.check(EXPRESSION, x=x)
+
+    def echo() -> Callable[[], object]:
+        channel = grpc.insecure_channel(target)
+        call = channel.unary_unary(ECHO)
+        return lambda: call(request_bytes, timeout=30)
+
+    # The echo answers with the bytes of a real response to this very request.
+    with grpc.insecure_channel(target) as channel:
+        response = channel.unary_unary("/gradcheck_svc.v1.GradcheckService/Check")(request_bytes, timeout=60)
+        channel.unary_unary(SET_REPLY)(response, timeout=10)
+    report = service()()
+    assert isinstance(report, gc.Report) and report.ok
+
+    makers = {"in-process": in_process, "service": service, "echo": echo}
+    calls = {name: make() for name, make in makers.items()}
+    latency(calls, 30)  # warm-up
+    times = latency(calls, args.iterations)
+    rates = {name: throughput(make, args.clients, args.seconds) for name, make in makers.items()}
+
+    stats = {name: percentiles(samples) for name, samples in times.items()}
+    figures = {
+        name: {
+            "p50_ms": stats[name][0] * 1e3,
+            "p99_ms": stats[name][1] * 1e3,
+            "throughput_per_s": rates[name],
+        }
+        for name in makers
+    }
+    overhead = figures["service"]["p50_ms"] - figures["in-process"]["p50_ms"]
+    echo_p50 = figures["echo"]["p50_ms"]
+    ratio = figures["service"]["throughput_per_s"] / figures["echo"]["throughput_per_s"]
+    sizes = f"request {len(request_bytes)} B, response {len(response)} B"
+    print(f"seed check d/dx {EXPRESSION} at x=100 (float32); {sizes}")
+    machine = f"{os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}"
+    load = f"{args.iterations} latency samples, {args.clients} clients x {args.seconds:g} s for throughput"
+    print(f"{machine}, {load}")
+    print()
+    print(f"{'':<12} {'p50 ms':>9} {'p99 ms':>9} {'checks/s':>10}")
+    for name, f in figures.items():
+        print(f"{name:<12} {f['p50_ms']:>9.3f} {f['p99_ms']:>9.3f} {f['throughput_per_s']:>10.1f}")
+    print()
+    trips = overhead / echo_p50
+    print(
+        f"service p50 overhead over in-process: {overhead:.3f} ms = {trips:.2f} echo round trips (goal <= 1)"
+    )
+    print(f"service throughput / echo throughput: {ratio:.2f} (goal >= 0.5)")
+    in_ratio = figures["service"]["throughput_per_s"] / figures["in-process"]["throughput_per_s"]
+    print(f"service throughput / in-process throughput: {in_ratio:.2f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"figures": figures, "overhead_echo_round_trips": overhead / echo_p50,
+                                         "throughput_vs_echo": ratio}, indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
