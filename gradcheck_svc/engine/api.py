@@ -23,9 +23,20 @@ __all__ = ["assert_grads", "check"]
 
 
 def _function_name(fn: Any) -> str:
+    """A readable name: ``Cube`` for ``Cube.apply``, ``torch.sin`` for the builtin, the class of a module."""
     if isinstance(fn, torch.nn.Module):
         return type(fn).__name__
-    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, type) and issubclass(owner, torch.autograd.Function):
+        return owner.__name__
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    if getattr(fn, "__module__", None) in (None, "torch", "torch._C", "torch._C._VariableFunctions") or (
+        isinstance(owner, type) and owner.__name__ == "_VariableFunctionsClass"
+    ):
+        public = getattr(fn, "__name__", name)
+        if getattr(torch, public, None) is fn:
+            return f"torch.{public}"
+    return name
 
 
 def check(

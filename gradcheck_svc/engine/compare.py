@@ -22,6 +22,9 @@ __all__ = ["Judgement", "PairAccumulator", "Tolerance", "judge"]
 
 _KEEP_FULL = 4096  # pairs with at most this many entries keep their whole Jacobians
 _MAP_BINS = 128  # error maps are max-pooled to at most this many bins per side
+# Sort keys of the worst-element list: failing elements first, then kinks, then by ratio.
+_FAILED_KEY = 1e300
+_KINK_KEY = 1e200
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,7 @@ class PairAccumulator:
         # Keep the worst elements: failing ones first, then kinks, then by ratio.
         key = ratio.clamp(max=1e100)
         if n_failed or self.kinks:
-            key = key + failed.to(key.dtype) * 1e300 + kink.to(key.dtype) * 1e200
+            key = key + failed.to(key.dtype) * _FAILED_KEY + kink.to(key.dtype) * _KINK_KEY
         k = min(self.max_worst, key.numel())
         top = torch.topk(key.reshape(-1), k).indices
         r_idx, c_idx = top // numeric.shape[1], top % numeric.shape[1]
@@ -242,9 +245,13 @@ class PairAccumulator:
         error_map = None
         if status.failed and self._map is not None:
             error_map = [[float(v) for v in row] for row in self._map.tolist()]
-        worst = [el for _, el in self._worst]
-        if status == Status.PASS:
-            worst = worst[:1]
+        # Failing elements when there are any, else kinks, else the closest call.
+        if self.failed:
+            worst = [el for key, el in self._worst if key >= _FAILED_KEY]
+        elif self.kinks:
+            worst = [el for key, el in self._worst if key >= _KINK_KEY]
+        else:
+            worst = [el for _, el in self._worst[:1]]
         return PairReport(
             output=self.output.name,
             input=self.leaf.name,

@@ -20,7 +20,7 @@ __all__ = ["Evaluator"]
 
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text[:160]}"
+    return f"{type(exc).__name__}: {text.split('. ')[0][:160]}"
 
 
 class Evaluator:
