@@ -44,7 +44,7 @@ ECHO, SET_REPLY = "/bench.Echo/Echo", "/bench.Echo/SetReply"
 # ----------------------------------------------------------------------------- the server side
 
 
-def serve() -> None:
+def serve(device: str) -> None:
     """Run a gradcheck server with the echo handler; print the port; stop when stdin closes."""
     from gradcheck_svc.server import create_server
     from gradcheck_svc.settings import Settings
@@ -63,7 +63,9 @@ def serve() -> None:
                 return grpc.unary_unary_rpc_method_handler(set_reply)
             return None
 
-    server, port = create_server(Settings(port=0, max_concurrent_checks=64, log_level="WARNING"))
+    server, port = create_server(
+        Settings(port=0, device=device, max_concurrent_checks=64, log_level="WARNING")
+    )
     server.grpc_server.add_generic_rpc_handlers((Echo(),))
     server.start()
     print(port, flush=True)
@@ -120,15 +122,21 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=400, help="latency samples per mode")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput run")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients for throughput")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where the check runs (both ways)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve()
+        serve(args.device)
         return 0
 
     server = subprocess.Popen(
-        [sys.executable, __file__, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, __file__, "--serve", "--device", args.device],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert server.stdout is not None
@@ -143,14 +151,16 @@ def main() -> int:
 def run(args: argparse.Namespace, target: str) -> int:
     x = torch.tensor(100.0)
     fn = compile_expression(EXPRESSION)
-    request_bytes = build_request(EXPRESSION, points=[{"x": x}]).SerializeToString()
+    request_bytes = build_request(
+        EXPRESSION, points=[{"x": x}], options={"device": args.device}
+    ).SerializeToString()
 
     def in_process() -> Callable[[], object]:
-        return lambda: gc.check(fn, x, input_names=["x"])
+        return lambda: gc.check(fn, x, input_names=["x"], device=args.device)
 
     def service() -> Callable[[], object]:
         client = Client(target)
-        return lambda: client.check(EXPRESSION, x=x)
+        return lambda: client.check(EXPRESSION, x=x, options={"device": args.device})
 
     def echo() -> Callable[[], object]:
         channel = grpc.insecure_channel(target)
@@ -162,7 +172,7 @@ def run(args: argparse.Namespace, target: str) -> int:
         response = channel.unary_unary("/gradcheck_svc.v1.GradcheckService/Check")(request_bytes, timeout=60)
         channel.unary_unary(SET_REPLY)(response, timeout=10)
     report = service()()
-    assert isinstance(report, gc.Report) and report.ok
+    assert isinstance(report, gc.Report) and report.ok and report.device.startswith(args.device), report
 
     makers = {"in-process": in_process, "service": service, "echo": echo}
     calls = {name: make() for name, make in makers.items()}
@@ -183,7 +193,7 @@ def run(args: argparse.Namespace, target: str) -> int:
     echo_p50 = figures["echo"]["p50_ms"]
     ratio = figures["service"]["throughput_per_s"] / figures["echo"]["throughput_per_s"]
     sizes = f"request {len(request_bytes)} B, response {len(response)} B"
-    print(f"seed check d/dx {EXPRESSION} at x=100 (float32); {sizes}")
+    print(f"seed check d/dx {EXPRESSION} at x=100 (float32, checked on {args.device}); {sizes}")
     machine = f"{os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}"
     load = f"{args.iterations} latency samples, {args.clients} clients x {args.seconds:g} s for throughput"
     print(f"{machine}, {load}")

@@ -36,7 +36,8 @@ class Running:
 
 
 def start_server(**settings: object) -> Running:
-    defaults: dict[str, object] = {"host": "127.0.0.1", "port": 0, "entry_points": False}
+    # device="cpu": reports are compared with in-process ones, which stay where the inputs are.
+    defaults: dict[str, object] = {"host": "127.0.0.1", "port": 0, "entry_points": False, "device": "cpu"}
     server, port = create_server(Settings(**(defaults | settings)), registry=make_registry())
     server.start(warm_up=False)
     return Running(server, f"127.0.0.1:{port}")
