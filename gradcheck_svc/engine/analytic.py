@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch.autograd import forward_ad
 
+from gradcheck_svc.engine.evaluate import describe as _describe
 from gradcheck_svc.engine.problem import Problem
 from gradcheck_svc.errors import CheckError, FunctionRaisedError
 
@@ -24,11 +25,6 @@ _FEW_ROWS = 4
 
 class BackwardNotDifferentiableError(CheckError, TypeError):
     """The backward cannot itself be differentiated (needed for columns and order 2)."""
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text.split('. ')[0][:160]}"
 
 
 class Analytic:

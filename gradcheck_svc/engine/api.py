@@ -81,7 +81,7 @@ def check(
     else:
         pairs = run_fast(ctx)
     if opts.compare_devices:
-        pairs.append(compare_devices(fn, inputs, dict(fn_kwargs or {}), input_names, opts, ctx))
+        pairs.append(compare_devices(fn, inputs, dict(fn_kwargs or {}), input_names, opts))
     if forward_nondeterministic:
         for pair in pairs:
             pair.status = Status.NONDETERMINISTIC

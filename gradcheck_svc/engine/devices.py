@@ -47,7 +47,6 @@ def compare_devices(
     kwargs: dict[str, Any],
     names: Sequence[str] | None,
     options: CheckOptions,
-    ctx: Any,
 ) -> PairReport:
     """Largest difference between the reverse-mode Jacobians computed on CPU and on CUDA."""
     if not torch.cuda.is_available():

@@ -15,10 +15,11 @@ import torch
 from gradcheck_svc.engine.problem import Problem
 from gradcheck_svc.errors import FunctionRaisedError
 
-__all__ = ["Evaluator"]
+__all__ = ["Evaluator", "describe"]
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
+    """One short line for a user's exception: its type and first sentence."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text.split('. ')[0][:160]}"
 
@@ -50,7 +51,7 @@ class Evaluator:
                     return torch.vmap(one)(batch)
                 except Exception as exc:  # any vmap incompatibility: fall back, remember why
                     self.use_vmap = False
-                    self._note(f"fn does not support vmap ({_describe(exc)}); evaluated in a loop")
+                    self._note(f"fn does not support vmap ({describe(exc)}); evaluated in a loop")
             return self._guarded(lambda: torch.stack([one(row) for row in batch]))
 
     @staticmethod
@@ -59,5 +60,5 @@ class Evaluator:
             return call()
         except Exception as exc:
             raise FunctionRaisedError(
-                f"fn raised while evaluating perturbed inputs: {_describe(exc)}"
+                f"fn raised while evaluating perturbed inputs: {describe(exc)}"
             ) from exc
