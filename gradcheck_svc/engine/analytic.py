@@ -37,11 +37,15 @@ class Analytic:
         self._vjp_fn: Callable[..., tuple[torch.Tensor, ...]] | None = None
         self._graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         self.backward_calls = 0
+        # fn's value from each forward the analytic side ran: a free second evaluation at the
+        # point, compared with the first to detect a nondeterministic forward.
+        self.forward_values: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ helpers
     def _func_vjp(self) -> Callable[..., tuple[torch.Tensor, ...]]:
         if self._vjp_fn is None:
-            _, self._vjp_fn = torch.func.vjp(self.problem.flat, *self.problem.base_reals())
+            value, self._vjp_fn = torch.func.vjp(self.problem.flat, *self.problem.base_reals())
+            self.forward_values.append(value.detach())
         return self._vjp_fn
 
     def _autograd_graph(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -54,6 +58,7 @@ class Analytic:
                 self._note("fn's output does not require grad (detached or computed outside autograd)")
                 y = y + 0 * sum(r.sum() for r in reals)
             self._graph = (y, reals)
+            self.forward_values.append(y.detach())
         return self._graph
 
     def _grads(self, y: torch.Tensor, reals: list[torch.Tensor], cotangent: torch.Tensor, batched: bool):

@@ -67,7 +67,6 @@ def check(
         problem = second_order_problem(problem, seed=opts.seed)
     ctx = Context(problem, opts, deadline=deadline, cancelled=cancelled)
 
-    forward_nondeterministic = _forward_is_nondeterministic(ctx)
     if not bool(torch.isfinite(ctx.f0).all()):
         ctx.note("fn's value is NaN or infinite at this point: affected elements cannot be checked")
 
@@ -80,6 +79,7 @@ def check(
         pairs = [a.report() for a in run_full(ctx).values()]
     else:
         pairs = run_fast(ctx)
+    forward_nondeterministic = _forward_is_nondeterministic(ctx)
     if opts.compare_devices:
         pairs.append(compare_devices(fn, inputs, dict(fn_kwargs or {}), input_names, opts))
     if forward_nondeterministic:
@@ -106,11 +106,19 @@ def check(
 
 
 def _forward_is_nondeterministic(ctx: Context) -> bool:
-    again = ctx.evaluator.base()
-    same = torch.equal(again, ctx.f0) or bool(((again == ctx.f0) | (again.isnan() & ctx.f0.isnan())).all())
-    if not same:
-        ctx.note("fn is not deterministic: two calls at the same point returned different values")
-    return not same
+    """Compare f(x) from the first evaluation with the analytic side's own forward passes."""
+    values = ctx.analytic.forward_values or [ctx.evaluator.base()]
+    f0 = ctx.f0
+    # With autograd on, a library may pick another kernel and round differently: a few ulps
+    # are not nondeterminism (and smaller noise shows up in the error bars anyway).
+    scale = f0.abs().nan_to_num(nan=0.0, posinf=0.0)
+    allowed = 64 * ctx.machine_eps * (scale + (scale.max() if scale.numel() else 0.0))
+    for again in values:
+        same = ((again - f0).abs() <= allowed) | (again == f0) | (again.isnan() & f0.isnan())
+        if not bool(same.all()):
+            ctx.note("fn is not deterministic: two calls at the same point returned different values")
+            return True
+    return False
 
 
 def assert_grads(fn: Callable[..., Any], *inputs: Any, **options: Any) -> Report:
