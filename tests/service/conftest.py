@@ -81,6 +81,8 @@ class ServeProcess:
                 "serve",
                 "--port",
                 "0",
+                "--device",
+                "cpu",  # reports are compared with in-process ones
                 "--functions",
                 "service_test_ops",
                 "--no-entry-points",
