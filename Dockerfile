@@ -1,8 +1,9 @@
 # gradcheck-svc: the gradient checker as a gRPC service (port 50051).
 #
 # Stages
+#   requires  the dependency list of pyproject.toml as a requirements file
 #   deps      a virtual environment with torch and the project's dependencies (no test dependencies);
-#             rebuilt only when pyproject.toml or a torch argument changes
+#             rebuilt only when that list or a torch argument changes
 #   builder   builds the gradcheck-svc wheel from the source
 #   runtime   the default target: the venv + the wheel on a clean base, non-root, healthcheck,
 #             `gradcheck-svc serve`; no compilers, no test dependencies, no source tree
@@ -37,6 +38,15 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN useradd --create-home --home-dir /home/gradcheck --uid 10001 --user-group --shell /usr/sbin/nologin gradcheck
 
+# -------------------------------------------------------------------------------------------- requires
+# The dependency list of pyproject.toml as a requirements file: the deps stage below stays cached until
+# the list itself changes (not on every edit of pyproject.toml).
+FROM ${BASE_IMAGE} AS requires
+COPY pyproject.toml /src/pyproject.toml
+RUN python3 -c "import tomllib; \
+print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" \
+    > /requirements.txt
+
 # ------------------------------------------------------------------------------------------------ deps
 FROM ${BASE_IMAGE} AS deps
 ARG TORCH_SPEC="torch==2.13.0+cpu"
@@ -50,14 +60,10 @@ RUN python3 -m venv /opt/venv
 RUN set -eu; \
     [ -n "${PIP_FIND_LINKS}" ] || unset PIP_FIND_LINKS; \
     /opt/venv/bin/pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "${TORCH_SPEC}"
-# The project's other dependencies, read from pyproject.toml (cached until that file changes).
-COPY pyproject.toml /src/pyproject.toml
+COPY --from=requires /requirements.txt /requirements.txt
 RUN set -eu; \
     [ -n "${PIP_FIND_LINKS}" ] || unset PIP_FIND_LINKS; \
-    /opt/venv/bin/python -c "import tomllib; \
-print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt; \
-    /opt/venv/bin/pip install -r /tmp/requirements.txt
+    /opt/venv/bin/pip install -r /requirements.txt
 
 # --------------------------------------------------------------------------------------------- builder
 FROM deps AS builder

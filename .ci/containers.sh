@@ -34,6 +34,8 @@ fi
 
 STATE=$(mktemp -d /tmp/gradcheck-containers.XXXXXX)
 export GRADCHECK_CONTAINERS_STATE=$STATE
+# Every podman / compose command the test ran, with its output (kept after the run).
+export GRADCHECK_CONTAINERS_LOG=${GRADCHECK_CONTAINERS_LOG:-/tmp/gradcheck-containers-commands.log}
 cleanup() {
     if [ -s "$STATE/podman-service.pid" ]; then
         pid=$(cat "$STATE/podman-service.pid")
@@ -62,6 +64,6 @@ fi
 
 status=0
 timeout --signal=INT --kill-after=120 "$TIMEOUT" \
-    "$PY" -m pytest tests/containers -m containers -p no:cacheprovider -v --durations=0 || status=$?
-echo "containers: finished in $(($(date +%s) - started)) s (exit $status)"
+    "$PY" -m pytest tests/containers -m containers -p no:cacheprovider -v -rfEsP --durations=0 || status=$?
+echo "containers: finished in $(($(date +%s) - started)) s (exit $status); commands: $GRADCHECK_CONTAINERS_LOG"
 exit "$status"
