@@ -37,7 +37,7 @@ class CheckOptions(BaseModel):
     fast_threshold: int = Field(
         4_000_000, ge=1, description="mode='auto' uses fast mode above this many Jacobian entries"
     )
-    projections: int = Field(2, ge=1, le=64, description="random projections per pair in fast mode")
+    projections: int = Field(1, ge=1, le=64, description="random projections per pair in fast mode")
     chunk_size: int | None = Field(
         None, ge=1, description="input columns perturbed per batched call; None: sized to memory"
     )

@@ -41,6 +41,11 @@ class Analytic:
         # point, compared with the first to detect a nondeterministic forward.
         self.forward_values: list[torch.Tensor] = []
 
+    def adopt_graph(self, y: torch.Tensor, reals: list[torch.Tensor]) -> None:
+        """Reuse the graph of a forward already made with autograd on (the check's first call)."""
+        if y.requires_grad:
+            self._graph = (y, reals)
+
     # ------------------------------------------------------------------ helpers
     def _func_vjp(self) -> Callable[..., tuple[torch.Tensor, ...]]:
         if self._vjp_fn is None:

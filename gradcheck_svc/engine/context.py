@@ -32,11 +32,31 @@ class Context:
     evaluator: Evaluator = field(init=False)
     analytic: Analytic = field(init=False)
     f0: torch.Tensor = field(init=False)
+    _base_rechecked: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.evaluator = Evaluator(self.problem, self.note)
         self.analytic = Analytic(self.problem, self.note)
-        self.f0 = self.evaluator.base()
+        first = self.problem.first_call
+        if first is None:
+            self.f0 = self.evaluator.base()
+        else:
+            self.f0 = first[0].detach()
+            self.analytic.adopt_graph(*first)
+
+    def evaluate(self, index: int, batch: torch.Tensor) -> torch.Tensor:
+        """Evaluate a batch of perturbed copies of leaf ``index``.
+
+        The first batch of a check also carries the unperturbed point: a second evaluation of
+        f(x), nearly free inside the batch, compared with the first to catch a nondeterministic fn.
+        """
+        if self._base_rechecked:
+            return self.evaluator.leaf_batch(index, batch)
+        self._base_rechecked = True
+        base = self.problem.leaves[index].real.detach().to(batch.dtype).unsqueeze(0)
+        evaluated = self.evaluator.leaf_batch(index, torch.cat([batch, base]))
+        self.analytic.forward_values.append(evaluated[-1])
+        return evaluated[:-1]
 
     def note(self, text: str) -> None:
         if text not in self.notes:

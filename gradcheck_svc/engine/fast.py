@@ -59,7 +59,7 @@ def run_fast(ctx: Context) -> list[PairReport]:
         nodes = (-1.0, 1.0, 2.0)
         batch = torch.cat([(base + node * t * u).to(leaf.real_dtype) for node in nodes])
         offsets = torch.tensor(nodes, dtype=torch.float64, device=device).unsqueeze(1).expand(3, count) * t
-        evaluated = ctx.evaluator.leaf_batch(i, batch)
+        evaluated = ctx.evaluate(i, batch)
         directions.append(u)
         x_scale = torch.full((count,), 1.0, dtype=torch.float64, device=device)
         numeric.append(differences(evaluated, ctx.f0, offsets.contiguous(), ctx.machine_eps, x_scale))

@@ -133,7 +133,7 @@ def run_full(
             cols = torch.arange(start_col, min(start_col + size, leaf.size), device=base.device)
             t0 = time.perf_counter()
             batch, offsets = perturb(base, cols, h_all[cols])
-            evaluated = ctx.evaluator.leaf_batch(i, batch)
+            evaluated = ctx.evaluate(i, batch)
             ctx.timed("numeric_s", t0)
 
             t0 = time.perf_counter()

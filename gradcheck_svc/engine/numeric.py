@@ -84,25 +84,23 @@ def perturb(base: torch.Tensor, columns: torch.Tensor, h: torch.Tensor) -> tuple
     return batch, offsets
 
 
-def _derivative_weights(t: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Weights w_k with f'(0) ~ sum w_k f(t_k): derivative at 0 of the Lagrange interpolant."""
-    weights = []
-    for k, tk in enumerate(t):
-        denominator = torch.ones_like(tk)
-        for j, tj in enumerate(t):
-            if j != k:
-                denominator = denominator * (tk - tj)
-        numerator = torch.zeros_like(tk)
-        for m in range(len(t)):
-            if m == k:
-                continue
-            term = torch.ones_like(tk)
-            for j, tj in enumerate(t):
-                if j not in (k, m):
-                    term = term * (-tj)
-            numerator = numerator + term
-        weights.append(numerator / denominator)
-    return weights
+def _derivative_weights(
+    t_minus: torch.Tensor, t_plus: torch.Tensor, t_plus2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weights of f(x + t) - f(x) in f'(x) ~ sum_k w_k (f(x + t_k) - f(x)), nodes {0, t_k}.
+
+    The derivative at 0 of the Lagrange basis polynomial of node ``a`` (other nodes 0, b, c)
+    is ``b c / (a (a - b) (a - c))``; the weight of f(x) itself is minus their sum.
+    """
+
+    def weight(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return b * c / (a * (a - b) * (a - c))
+
+    return (
+        weight(t_minus, t_plus, t_plus2),
+        weight(t_plus, t_minus, t_plus2),
+        weight(t_plus2, t_minus, t_plus),
+    )
 
 
 @dataclass
@@ -141,8 +139,8 @@ def differences(
     d_plus = torch.sub(nodes[1], f0).T  # f(x + h) - f(x)
     d_plus2 = torch.sub(nodes[2], f0).T  # f(x + 2h) - f(x)
     t_minus, t_plus, t_plus2 = offsets[0], offsets[1], offsets[2]
-    w_minus, _, w_plus, w_plus2 = _derivative_weights([t_minus, torch.zeros_like(t_plus), t_plus, t_plus2])
-    # The weights sum to zero, so R = sum_k w_k (f_k - f(x)).
+    w_minus, w_plus, w_plus2 = _derivative_weights(t_minus, t_plus, t_plus2)
+    # R = sum_k w_k (f(x + t_k) - f(x)); d_minus is f(x) - f(x - h), hence the sign.
     richardson = d_plus * w_plus
     richardson.add_(d_minus * (-w_minus)).add_(d_plus2 * w_plus2)
     # R - D, with D = (d_plus + d_minus) / (t_plus - t_minus) the central difference.

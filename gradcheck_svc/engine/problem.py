@@ -108,6 +108,8 @@ class Problem:
     _kwargs: dict[str, Any] = field(default_factory=dict)
     _module_params: list[str] | None = None  # names of leaves that are module parameters/buffers
     _output_spec: Any = None
+    # (flat output, real leaves) of the first call, made with autograd on; None for derived problems.
+    first_call: tuple[torch.Tensor, list[torch.Tensor]] | None = None
 
     @property
     def n_inputs(self) -> int:
@@ -240,16 +242,24 @@ def build_problem(
         offset += leaf.size
 
     problem = Problem(fn=fn, leaves=leaves, _spec=spec, _template=template, _slots=slots, _kwargs=kwargs)
-    with torch.no_grad():
+    # The first call runs with autograd on: its graph serves the analytic side, its value is f(x).
+    reals = [leaf.real.detach().clone().requires_grad_(True) for leaf in leaves]
+    with torch.enable_grad():
         try:
-            out = problem.call([leaf.value for leaf in leaves])
+            out = problem.call([leaf.from_real(r) for leaf, r in zip(leaves, reals, strict=True)])
         except Exception as exc:  # the user's function: any exception is theirs to see
             raise FunctionRaisedError(
                 f"fn raised at the evaluation point: {type(exc).__name__}: {exc}"
             ) from exc
-    if not isinstance(out, torch.Tensor) and not pytree.tree_leaves(out):
-        raise OutputTypeError(f"fn returned {type(out).__name__}, not a tensor")
-    problem.outputs = _output_blocks(out)
+        if not isinstance(out, torch.Tensor) and not pytree.tree_leaves(out):
+            raise OutputTypeError(f"fn returned {type(out).__name__}, not a tensor")
+        problem.outputs = _output_blocks(out)
+        parts = [
+            (torch.view_as_real(t) if t.is_complex() else t).reshape(-1).to(torch.float64)
+            for t in pytree.tree_leaves(out)
+            if _differentiable(t)
+        ]
+        problem.first_call = (torch.cat(parts) if len(parts) > 1 else parts[0], reals)
     return problem, out
 
 

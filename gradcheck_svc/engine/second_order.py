@@ -66,4 +66,5 @@ def second_order_problem(problem: Problem, *, seed: int) -> SecondOrderProblem:
         blocks.append(OutputBlock(f"grad[{leaf.name}]", tuple(shape), leaf.real_dtype, offset, leaf.size))
         offset += leaf.size
     derived.outputs = blocks
+    derived.first_call = None
     return derived

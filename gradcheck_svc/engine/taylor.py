@@ -42,7 +42,7 @@ def run_taylor(ctx: Context) -> list[PairReport]:
         base = leaf.real.detach().to(torch.float64)
         batch = torch.stack([(base + h * d).to(leaf.real_dtype) for h in hs])
         applied = batch.to(torch.float64) - base  # the perturbation actually applied, per h
-        values = ctx.evaluator.leaf_batch(i, batch)  # (K, M)
+        values = ctx.evaluate(i, batch)  # (K, M)
         for o, block in enumerate(problem.outputs):
             v = cotangents[o]
             g = grads[i][o]
