@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from pytest_gradcheck.settings import Defaults, read_defaults, resolve
 
 ENGINE_NAMES = ("atol", "rtol", "mode", "kinks", "device", "seed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pytest_gradcheck.summary import LOCAL, CheckRecord, Tally, summary_lines
 
 

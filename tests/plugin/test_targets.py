@@ -8,9 +8,9 @@ import plugin_sample_ops
 import pytest
 import torch
 import torch.nn.functional as F
-from pytest_gradcheck.targets import Target, bind_names, classify, registered_name, why_not_remote
 
 from gradcheck_svc.errors import SpecError
+from pytest_gradcheck.targets import Target, bind_names, classify, registered_name, why_not_remote
 
 REGISTERED = {
     "torch.sin",
