@@ -1,12 +1,18 @@
 """gradcheck-svc: check hand-written gradients against error-bounded finite differences.
 
-import torch, gradcheck_svc as gc
-report = gc.check(lambda x: x**2, torch.tensor(9.0))
-assert report.ok
-print(report)
+    import torch, gradcheck_svc as gc
+    report = gc.check(lambda x: x**2, torch.tensor(9.0))
+    assert report.ok
+    print(report)
+
+The engine (and torch) is imported on first use of ``check`` / ``assert_grads``, so
+``gradcheck_svc.errors`` or the CLI's ``health`` command stay light.
 """
 
-from gradcheck_svc.engine.api import assert_grads, check
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from gradcheck_svc.errors import (
     CheckCancelledError,
     CheckError,
@@ -15,6 +21,7 @@ from gradcheck_svc.errors import (
     GradcheckError,
     GradientMismatch,
     InvalidOptionError,
+    InvalidRequestError,
     LimitExceededError,
     NothingToCheckError,
     OutputTypeError,
@@ -24,6 +31,9 @@ from gradcheck_svc.errors import (
 )
 from gradcheck_svc.options import CheckOptions
 from gradcheck_svc.report import Check, ElementError, PairReport, Report, Status
+
+if TYPE_CHECKING:
+    from gradcheck_svc.engine.api import assert_grads, check
 
 __version__ = "0.1.0"
 
@@ -38,6 +48,7 @@ __all__ = [
     "GradcheckError",
     "GradientMismatch",
     "InvalidOptionError",
+    "InvalidRequestError",
     "LimitExceededError",
     "NothingToCheckError",
     "OutputTypeError",
@@ -51,3 +62,11 @@ __all__ = [
     "assert_grads",
     "check",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("check", "assert_grads"):
+        from gradcheck_svc.engine import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'gradcheck_svc' has no attribute {name!r}")
