@@ -224,6 +224,9 @@ def render(report: Report) -> str:
     total = report.timings.get("total_s")
     took = f", {total:.3g} s" if total is not None else ""
     where = f"{report.dtype}, {report.device}, {report.mode} mode, {report.scheme}"
+    eps = report.options.get("eps")
+    if isinstance(eps, float):
+        where += f", h = {eps:.2g}·max(|x|, 1)"
     name = f" {report.function}" if report.function else ""
     point = f" at point {report.point}" if report.point is not None else ""
     lines = [f"gradcheck{name}{point}: {verdict} ({where}{took})"]

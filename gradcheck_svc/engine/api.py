@@ -100,9 +100,17 @@ def check(
         order=opts.order,
         function=_function_name(fn),
         notes=ctx.notes,
-        options=opts.model_dump(exclude_defaults=True),
+        options=_resolved_options(opts, ctx),
         timings={k: round(v, 6) for k, v in ctx.timings.items()},
     )
+
+
+def _resolved_options(opts: CheckOptions, ctx: Context) -> dict[str, object]:
+    """The options set, plus the relative finite-difference step each leaf used."""
+    resolved: dict[str, object] = opts.model_dump(exclude_defaults=True)
+    steps = [ctx.eps(leaf) for leaf in ctx.problem.leaves]
+    resolved["eps"] = steps[0] if len(set(steps)) == 1 else steps
+    return resolved
 
 
 def _forward_is_nondeterministic(ctx: Context) -> bool:
