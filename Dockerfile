@@ -29,8 +29,11 @@
 
 ARG BASE_IMAGE=python:3.11-slim
 
+# Every stage carries the label io.gradcheck-svc.stage=<stage>, so leftovers of earlier builds can be
+# pruned selectively: podman image prune -f --filter label=io.gradcheck-svc.stage
 # ------------------------------------------------------------------------------------------------ base
 FROM ${BASE_IMAGE} AS base
+LABEL io.gradcheck-svc.stage=base
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -42,6 +45,7 @@ RUN useradd --create-home --home-dir /home/gradcheck --uid 10001 --user-group --
 # The dependency list of pyproject.toml as a requirements file: the deps stage below stays cached until
 # the list itself changes (not on every edit of pyproject.toml).
 FROM ${BASE_IMAGE} AS requires
+LABEL io.gradcheck-svc.stage=requires
 COPY pyproject.toml /src/pyproject.toml
 RUN python3 -c "import tomllib; \
 print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" \
@@ -49,6 +53,7 @@ print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['depe
 
 # ------------------------------------------------------------------------------------------------ deps
 FROM ${BASE_IMAGE} AS deps
+LABEL io.gradcheck-svc.stage=deps
 ARG TORCH_SPEC="torch==2.13.0+cpu"
 ARG TORCH_INDEX_URL=""
 ARG PIP_FIND_LINKS=""
@@ -67,11 +72,16 @@ RUN set -eu; \
 
 # --------------------------------------------------------------------------------------------- builder
 FROM deps AS builder
+LABEL io.gradcheck-svc.stage=builder
 COPY . /src
 RUN /opt/venv/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /dist /src
 
 # --------------------------------------------------------------------------------------------- runtime
 FROM base AS runtime
+LABEL io.gradcheck-svc.stage=runtime \
+      org.opencontainers.image.title=gradcheck-svc \
+      org.opencontainers.image.description="Gradient checker (finite differences vs autograd) as a gRPC service" \
+      org.opencontainers.image.licenses=Apache-2.0
 # Settings of `gradcheck-svc serve` (gradcheck_svc/settings.py); flags on the command line win.
 ENV GRADCHECK_HOST=0.0.0.0 \
     GRADCHECK_PORT=50051 \
@@ -92,6 +102,7 @@ CMD ["gradcheck-svc", "serve", "--host", "0.0.0.0", "--port", "50051"]
 # A client image: runs examples/remote_suite against $GRADCHECK_SERVER (default server:50051).
 # Shares the base and dependency layers with runtime; adds pytest, the wheel and the suite.
 FROM base AS tests
+LABEL io.gradcheck-svc.stage=tests
 ARG PIP_FIND_LINKS=""
 COPY --from=deps /opt/venv /opt/venv
 RUN set -eu; \

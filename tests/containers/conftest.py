@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 PROJECT = "gradcheck-ci"
 IMAGE = "localhost/gradcheck-svc:latest"
+DEPS_IMAGE = "localhost/gradcheck-svc-deps:cache"  # keeps the torch + dependencies layer cached
 TESTS_IMAGE = "localhost/gradcheck-svc-tests:latest"
 BASE_IMAGE = "localhost/gradcheck-base:bookworm"
 DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
@@ -313,8 +314,10 @@ def build_images(engine: Engine, base: str, wheels: Path | None) -> None:
     for name in ("TORCH_SPEC", "TORCH_INDEX_URL"):
         if os.environ.get(f"GRADCHECK_{name}"):
             args += ["--build-arg", f"{name}={os.environ[f'GRADCHECK_{name}']}"]
-    engine.podman(*args, "--target", "runtime", "-t", IMAGE, str(ROOT), timeout=BUILD_TIMEOUT)
-    engine.podman(*args, "--target", "tests", "-t", TESTS_IMAGE, str(ROOT), timeout=BUILD_TIMEOUT)
+    for target, tag in (("deps", DEPS_IMAGE), ("runtime", IMAGE), ("tests", TESTS_IMAGE)):
+        engine.podman(*args, "--target", target, "-t", tag, str(ROOT), timeout=BUILD_TIMEOUT)
+    # Drop what earlier builds of this Dockerfile left untagged (only images carrying its stage label).
+    engine.podman("image", "prune", "-f", "--filter", "label=io.gradcheck-svc.stage", check=False)
 
 
 @contextlib.contextmanager
