@@ -158,12 +158,15 @@ def differences(
     # fewer than a few samples (elementwise functions) the median would be the element's own
     # value, kink included, so only the floor below is used. A median needs a few dozen
     # samples, not thousands: an even subsample of columns is used.
-    picked = slice(None, None, max(1, c // _NOISE_COLUMNS))
-    moved = (d_plus[:, picked] != 0) | (d_minus[:, picked] != 0) | (d_plus2[:, picked] != 0)
-    sample = truncation[:, picked] * h[picked]
-    noise_samples = torch.where(moved & torch.isfinite(sample), sample, torch.nan)
-    sigma = torch.nan_to_num(noise_samples.nanmedian(dim=1).values, nan=0.0) / 0.502
-    sigma = torch.where(moved.sum(dim=1) >= _MIN_NOISE_SAMPLES, sigma, torch.zeros_like(sigma))
+    if c >= _MIN_NOISE_SAMPLES:
+        picked = slice(None, None, max(1, c // _NOISE_COLUMNS))
+        moved = (d_plus[:, picked] != 0) | (d_minus[:, picked] != 0) | (d_plus2[:, picked] != 0)
+        sample = truncation[:, picked] * h[picked]
+        noise_samples = torch.where(moved & torch.isfinite(sample), sample, torch.nan)
+        sigma = torch.nan_to_num(noise_samples.nanmedian(dim=1).values, nan=0.0) / 0.502
+        sigma = torch.where(moved.sum(dim=1) >= _MIN_NOISE_SAMPLES, sigma, torch.zeros_like(sigma))
+    else:
+        sigma = torch.zeros_like(f0)
     # Floor: a few ulps of the output and of the terms that make it up (|J_ij| |x_j| summed),
     # the size of the rounding error of a dot product, whatever the cancellation in f(x).
     terms = torch.nan_to_num(richardson.abs() @ x_scale, nan=0.0, posinf=0.0)
