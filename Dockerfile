@@ -5,6 +5,7 @@
 #   deps      a virtual environment with torch and the project's dependencies (no test dependencies);
 #             rebuilt only when that list or a torch argument changes
 #   builder   builds the gradcheck-svc wheel from the source
+#   venv      the base image + the dependency venv (shared by runtime and tests)
 #   runtime   the default target: the venv + the wheel on a clean base, non-root, healthcheck,
 #             `gradcheck-svc serve`; no compilers, no test dependencies, no source tree
 #   tests     the same + pytest + examples/remote_suite (the compose `tests` service; --target tests)
@@ -76,8 +77,13 @@ LABEL io.gradcheck-svc.stage=builder
 COPY . /src
 RUN /opt/venv/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /dist /src
 
+# ------------------------------------------------------------------------------------------------ venv
+# The dependency venv on the clean base: one layer shared by the runtime and tests images.
+FROM base AS venv
+COPY --from=deps /opt/venv /opt/venv
+
 # --------------------------------------------------------------------------------------------- runtime
-FROM base AS runtime
+FROM venv AS runtime
 LABEL io.gradcheck-svc.stage=runtime \
       org.opencontainers.image.title=gradcheck-svc \
       org.opencontainers.image.description="Gradient checker (finite differences vs autograd) as a gRPC service" \
@@ -86,7 +92,6 @@ LABEL io.gradcheck-svc.stage=runtime \
 ENV GRADCHECK_HOST=0.0.0.0 \
     GRADCHECK_PORT=50051 \
     GRADCHECK_DEVICE=auto
-COPY --from=deps /opt/venv /opt/venv
 COPY --from=builder /dist /dist
 RUN pip install --no-deps --no-index /dist/*.whl && rm -rf /dist \
     && gradcheck-svc --help >/dev/null
@@ -100,11 +105,10 @@ CMD ["gradcheck-svc", "serve", "--host", "0.0.0.0", "--port", "50051"]
 
 # ----------------------------------------------------------------------------------------------- tests
 # A client image: runs examples/remote_suite against $GRADCHECK_SERVER (default server:50051).
-# Shares the base and dependency layers with runtime; adds pytest, the wheel and the suite.
-FROM base AS tests
+# Shares the base and venv layers with runtime; adds pytest, the wheel and the suite.
+FROM venv AS tests
 LABEL io.gradcheck-svc.stage=tests
 ARG PIP_FIND_LINKS=""
-COPY --from=deps /opt/venv /opt/venv
 RUN set -eu; \
     [ -n "${PIP_FIND_LINKS}" ] || unset PIP_FIND_LINKS; \
     pip install "pytest>=8"
