@@ -108,6 +108,17 @@ def test_cli_against_the_container(stack: Engine) -> None:
     assert report["served_by"]
 
 
+def test_host_pytest_pointed_at_the_container(stack: Engine) -> None:
+    suite = Path(__file__).resolve().parents[2] / "examples" / "remote_suite"
+    with stack.timed("host pytest --gradcheck-server"):
+        proc = stack.run(
+            [sys.executable, "-m", "pytest", str(suite), f"--gradcheck-server=127.0.0.1:{stack.host_port}"],
+            timeout=300,
+        )
+    assert f"on 127.0.0.1:{stack.host_port}" in proc.stdout, proc.stdout[-3000:]
+    assert_suite_passed(proc.stdout)
+
+
 def test_remote_suite_runs_in_the_tests_container(stack: Engine) -> None:
     with stack.timed("tests container: examples/remote_suite"):
         proc = stack.dc("run", "--rm", "-T", "tests", timeout=300)
