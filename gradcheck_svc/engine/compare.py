@@ -227,6 +227,11 @@ class PairAccumulator:
         self._worst.sort(key=lambda item: -item[0])
         del self._worst[self.max_worst :]
 
+    def record_nondeterminism(self, delta: float, tolerance: float) -> None:
+        """The largest difference between two backward runs, and whether it is too large."""
+        self.nondeterminism = delta
+        self.nondeterministic = delta > tolerance
+
     @property
     def status(self) -> Status:
         if self.nonfinite:

@@ -116,9 +116,7 @@ def run_full(
         if options.check_nondeterminism:
             for (o, i), delta in _nondeterminism(ctx, jac, outputs).items():
                 if (o, i) in selected:
-                    a = acc(Check.REVERSE, o, i)
-                    a.nondeterminism = delta
-                    a.nondeterministic = delta > options.nondet_tol
+                    acc(Check.REVERSE, o, i).record_nondeterminism(delta, options.nondet_tol)
         ctx.timed("analytic_s", start)
 
     machine_eps = ctx.machine_eps
@@ -148,9 +146,8 @@ def run_full(
                     for o in leaf_outputs:
                         rows = problem.outputs[o].rows
                         delta = (again[:, rows] - analytic_t[:, rows]).abs().nan_to_num(nan=float("inf"))
-                        a = acc(Check.REVERSE, o, i)
-                        a.nondeterminism = float(delta.max()) if delta.numel() else 0.0
-                        a.nondeterministic = a.nondeterminism > options.nondet_tol
+                        worst = float(delta.max()) if delta.numel() else 0.0
+                        acc(Check.REVERSE, o, i).record_nondeterminism(worst, options.nondet_tol)
             forward_t = (
                 ctx.analytic.jvp_columns(i, _onehot(cols, leaf.size, base)) if options.forward_ad else None
             )
