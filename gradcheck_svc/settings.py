@@ -57,6 +57,14 @@ class Settings(BaseSettings):
     max_jacobian_entries: int = Field(100_000_000, ge=1, description="largest Jacobian the engine may check")
     max_evaluations: int = Field(1_000_000, ge=1, description="most finite-difference evaluations per check")
     max_check_seconds: float = Field(120.0, gt=0, description="wall-clock cap of one request")
+    isolation: Literal["auto", "process", "thread"] = Field(
+        "auto",
+        description="where checks run: auto (operator functions in killable worker processes, expressions "
+        "and built-ins in threads), process (everything in workers) or thread (nothing in workers)",
+    )
+    kill_after_seconds: float = Field(
+        2.0, gt=0, description="a worker process still busy this long after its check's deadline is killed"
+    )
     max_expression_length: int = Field(
         2000, ge=1, le=100_000, description="longest expression, in characters"
     )

@@ -11,6 +11,7 @@ and, on SIGTERM or SIGINT, drains within ``grace_seconds`` and returns 0.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
@@ -21,16 +22,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import gradcheck_svc as gc
 from gradcheck_svc.report import Report
 from gradcheck_svc.server.auth import TokenAuthInterceptor
+from gradcheck_svc.server.isolation import WorkerPool
 from gradcheck_svc.server.service import GradcheckService
+from gradcheck_svc.server.worker import warm_up_engine
 from gradcheck_svc.settings import Settings
-from gradcheck_svc.specs import FunctionRegistry, compile_expression
+from gradcheck_svc.specs import FunctionRegistry
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 from gradcheck_svc.v1 import gradcheck_pb2_grpc as pb_grpc
 
@@ -54,7 +56,9 @@ class GradcheckServer:
     def start(self, *, warm_up: bool = True) -> None:
         self.grpc_server.start()
         if warm_up:
-            _warm_up()
+            warm_up_engine()
+            if self.service.workers is not None:
+                self.service.workers.warm_up()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -81,13 +85,26 @@ def create_server(
     settings: Settings | None = None,
     *,
     registry: FunctionRegistry | None = None,
+    registry_factory: Callable[[], FunctionRegistry] | None = None,
     check_fn: Callable[..., Report] = gc.check,
 ) -> tuple[GradcheckServer, int]:
-    """A configured, not yet started server and the port it is bound to (``port=0`` picks one)."""
+    """A configured, not yet started server and the port it is bound to (``port=0`` picks one).
+
+    The registry comes from ``settings.functions`` unless given. Worker processes build their own
+    from ``registry_factory`` (a picklable, module-level callable); a ``registry`` instance given
+    without one cannot be rebuilt there, so its checks all run in threads.
+    """
     settings = settings or Settings()
-    registry = registry or FunctionRegistry.default(
-        settings.functions, load_entry_points=settings.entry_points
-    )
+    if registry_factory is None and registry is None:
+        registry_factory = functools.partial(
+            FunctionRegistry.default, settings.functions, load_entry_points=settings.entry_points
+        )
+    if registry is None:
+        assert registry_factory is not None
+        registry = registry_factory()
+    workers = None
+    if registry_factory is not None and _needs_workers(settings, registry):
+        workers = WorkerPool(settings, registry_factory)
     message_limits = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -102,7 +119,7 @@ def create_server(
         # Calls beyond the worker threads are refused (RESOURCE_EXHAUSTED) rather than queued.
         maximum_concurrent_rpcs=settings.threads,
     )
-    service = GradcheckService(settings, registry, check_fn=check_fn)
+    service = GradcheckService(settings, registry, check_fn=check_fn, workers=workers)
     pb_grpc.add_GradcheckServiceServicer_to_server(service, grpc_server)
     # Health answers from its own small pool, so probes get through while every worker is busy.
     health_servicer = health.HealthServicer(
@@ -121,6 +138,12 @@ def create_server(
         reflection.enable_server_reflection(names, grpc_server)
     port = _bind(grpc_server, settings)
     return GradcheckServer(grpc_server, service, health_servicer), port
+
+
+def _needs_workers(settings: Settings, registry: FunctionRegistry) -> bool:
+    if settings.isolation == "thread":
+        return False
+    return settings.isolation == "process" or any(not registry.get(n).builtin for n in registry.names())
 
 
 def _bind(grpc_server: grpc.Server, settings: Settings) -> int:
@@ -150,15 +173,6 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
     )
 
 
-def _warm_up() -> None:
-    """Run one tiny check so the first client does not pay for torch's lazy imports."""
-    started = time.perf_counter()
-    square = compile_expression("x * x")
-    square.largest_intermediate({"x": torch.zeros(2)})  # the meta device's first use is slow too
-    gc.check(square, torch.tensor(3.0, dtype=torch.float64))
-    log.debug("engine warm-up took %.2f s", time.perf_counter() - started)
-
-
 def serve(settings: Settings | None = None) -> int:
     """Run until SIGTERM/SIGINT, then drain; return the exit status (0)."""
     settings = settings or Settings()
@@ -179,12 +193,14 @@ def serve(settings: Settings | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info(
-        "serving on %s:%d (device=%s, max_concurrent_checks=%d, %d registered functions, tls=%s, auth=%s)",
+        "serving on %s:%d (device=%s, max_concurrent_checks=%d, %d registered functions, "
+        "worker processes=%s, tls=%s, auth=%s)",
         settings.host,
         port,
         settings.device,
         settings.max_concurrent_checks,
         len(server.service.registry),
+        server.service.workers is not None,
         settings.tls,
         bool(settings.auth_tokens),
     )

@@ -55,6 +55,7 @@ class CheckPlan:
     points: list[PlannedPoint]
     options: dict[str, Any] = field(default_factory=dict)
     client_options: frozenset[str] = frozenset()  # the option names the client set
+    operator_code: bool = False  # a function the operator registered (not an expression or built-in)
 
     @property
     def device(self) -> str:
@@ -68,7 +69,15 @@ def plan_check(request: pb.CheckRequest, settings: Settings, registry: FunctionR
         _check_intermediates(expression, points, settings)
     options = _options(request.options, settings)
     client_options = frozenset(decode_options(request.options))
-    return CheckPlan(label=label, fn=fn, points=points, options=options, client_options=client_options)
+    operator_code = expression is None and not registry.get(request.function.registered.name).builtin
+    return CheckPlan(
+        label=label,
+        fn=fn,
+        points=points,
+        options=options,
+        client_options=client_options,
+        operator_code=operator_code,
+    )
 
 
 # ----------------------------------------------------------------------------- function

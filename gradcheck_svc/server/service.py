@@ -18,6 +18,7 @@ from grpc_status import rpc_status
 import gradcheck_svc as gc
 from gradcheck_svc.codec import DTYPES, encode_report
 from gradcheck_svc.report import Report
+from gradcheck_svc.server.isolation import WorkerPool
 from gradcheck_svc.server.limiter import CheckSlots
 from gradcheck_svc.server.plan import CheckPlan, plan_check
 from gradcheck_svc.server.runner import Deadline, run_plan
@@ -35,7 +36,12 @@ _DONE = object()
 
 class GradcheckService(pb_grpc.GradcheckServiceServicer):
     def __init__(
-        self, settings: Settings, registry: FunctionRegistry, *, check_fn: Callable[..., Report] = gc.check
+        self,
+        settings: Settings,
+        registry: FunctionRegistry,
+        *,
+        check_fn: Callable[..., Report] = gc.check,
+        workers: WorkerPool | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -43,12 +49,21 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         self.served_by = settings.served_by
         self.slots = CheckSlots(settings.max_concurrent_checks)
         self.draining = threading.Event()
+        self.workers = workers  # None: every check runs in the handler thread
         self._stream_pool = ThreadPoolExecutor(
             settings.max_concurrent_checks, thread_name_prefix="gradcheck-stream"
         )
 
     def close(self) -> None:
         self._stream_pool.shutdown(wait=False, cancel_futures=True)
+        if self.workers is not None:
+            self.workers.close()
+
+    def isolated(self, plan: CheckPlan) -> bool:
+        """Whether this check runs in a killable worker process."""
+        if self.workers is None or self.settings.isolation == "thread":
+            return False
+        return self.settings.isolation == "process" or plan.operator_code
 
     # ------------------------------------------------------------------------- Check
 
@@ -80,15 +95,30 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
     ) -> pb.CheckResponse:
         started = time.perf_counter()
         plan: CheckPlan | None = None
-        reports: list[Report] | None = None
+        reports: list[pb.Report] | None = None
         status = "OK"
         try:
-            plan = plan_check(request, self.settings, self.registry)
+            plan = plan_check(request, self.settings, self.registry)  # validated here, even if isolated
             deadline = Deadline.start(remaining, self.settings.max_check_seconds)
-            reports = run_plan(
-                plan, deadline=deadline, cancelled=cancelled, served_by=self.served_by, check_fn=self.check_fn
-            )
-            return pb.CheckResponse(reports=[encode_report(r) for r in reports], check_id=check_id)
+            if self.workers is not None and self.isolated(plan):
+                response = self.workers.run(
+                    request.SerializeToString(),
+                    deadline=deadline,
+                    cancelled=cancelled,
+                    check_id=check_id,
+                    served_by=self.served_by,
+                )
+            else:
+                done = run_plan(
+                    plan,
+                    deadline=deadline,
+                    cancelled=cancelled,
+                    served_by=self.served_by,
+                    check_fn=self.check_fn,
+                )
+                response = pb.CheckResponse(reports=[encode_report(r) for r in done], check_id=check_id)
+            reports = list(response.reports)
+            return response
         except Exception as exc:
             status = failure_for(exc, check_id).code.name
             raise
@@ -100,7 +130,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         check_id: str,
         request: pb.CheckRequest,
         plan: CheckPlan | None,
-        reports: list[Report] | None,
+        reports: list[pb.Report] | None,
         started: float,
         status: str,
     ) -> None:

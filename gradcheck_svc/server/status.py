@@ -24,18 +24,21 @@ from gradcheck_svc.errors import (
     UnknownFunctionError,
 )
 
-__all__ = ["Rejection", "RpcFailure", "failure_for"]
+__all__ = ["Rejection", "RpcFailure", "failure_for", "rejection_from_status"]
 
 log = logging.getLogger("gradcheck_svc.server")
 
 
 class Rejection(Exception):
-    """Raised by the server itself (busy, shutting down, deadline) with the code to send."""
+    """Raised by the server itself (busy, draining, deadline, a worker's answer) with the code to send."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, violations: list[tuple[str, str]] | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.violations = violations or []
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class RpcFailure:
 def failure_for(exc: BaseException, check_id: str = "") -> RpcFailure:
     """The status for an exception that ends a whole request."""
     if isinstance(exc, Rejection):
-        return RpcFailure(exc.code, exc.message)
+        return RpcFailure(exc.code, exc.message, exc.violations)
     if isinstance(exc, InvalidRequestError):
         return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, str(exc), [(exc.field, exc.description)])
     if isinstance(exc, UnknownFunctionError):
@@ -84,6 +87,17 @@ def failure_for(exc: BaseException, check_id: str = "") -> RpcFailure:
         return RpcFailure(grpc.StatusCode.CANCELLED, str(exc) or "check cancelled")
     log.error("check %s failed with an internal error", check_id, exc_info=exc)
     return RpcFailure(grpc.StatusCode.INTERNAL, f"internal error in check {check_id}: {type(exc).__name__}")
+
+
+def rejection_from_status(status: status_pb2.Status) -> Rejection:
+    """The inverse of ``RpcFailure.to_status``: a worker process's failure, re-raised in the server."""
+    code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
+    violations = []
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            violations += [(v.field, v.description) for v in bad.field_violations]
+    return Rejection(code, status.message, violations)
 
 
 # The numeric values of grpc.StatusCode and google.rpc.Code agree; keep an eye on one of them.

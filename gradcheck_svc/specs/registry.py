@@ -31,11 +31,16 @@ ENTRY_POINT_GROUP = "gradcheck_svc.functions"
 
 @dataclass(frozen=True)
 class RegisteredFunction:
-    """A function a client may name; ``params`` is None when any keyword its signature takes is accepted."""
+    """A function a client may name; ``params`` is None when any keyword its signature takes is accepted.
+
+    ``builtin`` marks the torch allowlist; everything else is operator code, which the server may
+    run in a worker process it can kill (see gradcheck_svc.server.isolation).
+    """
 
     name: str
     fn: Callable[..., Any]
     params: Mapping[str, ParamKind] | None = None
+    builtin: bool = False
 
     def bind(self, params: Mapping[str, Any] | None = None) -> Callable[..., Any]:
         """Validate ``params`` and return ``fn`` with them applied, named after this entry."""
@@ -81,7 +86,7 @@ class FunctionRegistry:
     @classmethod
     def default(cls, modules: Iterable[str] = (), *, load_entry_points: bool = True) -> FunctionRegistry:
         """Built-ins, then operator modules, then the ``gradcheck_svc.functions`` entry points."""
-        registry = cls(RegisteredFunction(n, f, p) for n, f, p in builtin_functions())
+        registry = cls(RegisteredFunction(n, f, p, builtin=True) for n, f, p in builtin_functions())
         for module in modules:
             registry.add_module(module)
         if load_entry_points:

@@ -1,46 +1,31 @@
-"""Real servers on loopback port 0: in-process (fast, shared) and ``gradcheck-svc serve`` subprocesses."""
+"""Real servers on loopback port 0: in-process (fast, shared) and ``gradcheck-svc serve`` subprocesses.
+
+The helpers live in ``service_servers`` (importable by worker processes and by tests/hardening);
+they are re-exported here for ``from conftest import ...``.
+"""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import service_test_ops
 import torch  # noqa: F401  (imported once, before any server thread needs it)
+from service_servers import (
+    HERE,
+    Running,
+    ServeProcess,
+    count_calls_in_this_process,
+    make_registry,
+    serve_command,
+    start_server,
+)
 
 from gradcheck_svc.client import Client
-from gradcheck_svc.server import GradcheckServer, create_server
-from gradcheck_svc.settings import Settings
-from gradcheck_svc.specs import FunctionRegistry
 
-HERE = Path(__file__).resolve().parent
+__all__ = ["Running", "ServeProcess", "make_registry", "serve_command", "start_server"]
 
-
-def make_registry() -> FunctionRegistry:
-    registry = FunctionRegistry.default(load_entry_points=False)
-    registry.add_module(service_test_ops)
-    return registry
-
-
-@dataclass
-class Running:
-    server: GradcheckServer
-    address: str
-
-
-def start_server(**settings: object) -> Running:
-    # device="cpu": reports are compared with in-process ones, which stay where the inputs are.
-    defaults: dict[str, object] = {"host": "127.0.0.1", "port": 0, "entry_points": False, "device": "cpu"}
-    server, port = create_server(Settings(**(defaults | settings)), registry=make_registry())
-    server.start(warm_up=False)
-    return Running(server, f"127.0.0.1:{port}")
+count_calls_in_this_process()
 
 
 @pytest.fixture(scope="session")
@@ -60,68 +45,6 @@ def address(server: Running) -> str:
 def client(address: str) -> Iterator[Client]:
     with Client(address, timeout=60) as c:
         yield c
-
-
-# ----------------------------------------------------------------------------- subprocess servers
-
-
-def serve_command() -> list[str]:
-    script = Path(sys.executable).parent / "gradcheck-svc"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "gradcheck_svc.cli"]
-
-
-class ServeProcess:
-    """``gradcheck-svc serve --port 0`` in a subprocess; ``address`` once it printed 'listening on'."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        full_env = os.environ | {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-        self.proc = subprocess.Popen(
-            [
-                *serve_command(),
-                "serve",
-                "--port",
-                "0",
-                "--device",
-                "cpu",  # reports are compared with in-process ones
-                "--functions",
-                "service_test_ops",
-                "--no-entry-points",
-                *args,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=full_env | (env or {}),
-        )
-        self.stderr_lines: list[str] = []
-        self._stderr = threading.Thread(target=self._drain_stderr, daemon=True)
-        self._stderr.start()
-        self._address: str | None = None
-
-    def _drain_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.stderr_lines.append(line)
-
-    @property
-    def address(self) -> str:
-        if self._address is None:
-            assert self.proc.stdout is not None
-            line = self.proc.stdout.readline()  # blocks until the server is ready (or died)
-            if not line.startswith("listening on "):
-                self.proc.kill()
-                raise RuntimeError(f"server did not start: {line!r}\n{''.join(self.stderr_lines)}")
-            self._address = line.removeprefix("listening on ").strip()
-        return self._address
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-    def log(self) -> str:
-        time.sleep(0.1)  # let the stderr reader catch up
-        return "".join(self.stderr_lines)
 
 
 # Subprocess servers take seconds to import torch and warm up; those the selected tests need are

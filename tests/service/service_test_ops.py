@@ -1,29 +1,72 @@
 """Functions the test servers expose with ``--functions service_test_ops`` (an operator's module).
 
-``calls`` counts evaluations of ``slow_square`` so tests can see that cancelled work stops.
+``calls`` counts evaluations of ``slow_square`` so tests can see that cancelled work stops. The
+count lives in a file named by $GRADCHECK_TEST_CALLS, so evaluations in a server's worker processes
+count too.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["BadBackward", "calls", "raises_when_negative", "reset", "returns_text", "slow_square"]
+__all__ = [
+    "BadBackward",
+    "calls",
+    "crashes",
+    "never_returns",
+    "raises_when_negative",
+    "reset",
+    "returns_text",
+    "slow_square",
+]
 
-calls = {"slow_square": 0}
+CALLS_ENV = "GRADCHECK_TEST_CALLS"
+
+
+class _Calls:
+    """``calls["slow_square"]``: evaluations so far, one byte each in the counter file."""
+
+    def __getitem__(self, name: str) -> int:
+        path = os.environ.get(CALLS_ENV)
+        return Path(path).stat().st_size if path and Path(path).exists() else 0
+
+
+calls = _Calls()
 
 
 def reset() -> None:
-    calls["slow_square"] = 0
+    if path := os.environ.get(CALLS_ENV):
+        Path(path).write_bytes(b"")
+
+
+def _count() -> None:
+    if path := os.environ.get(CALLS_ENV):
+        with open(path, "ab") as f:
+            f.write(b".")
 
 
 def slow_square(x: torch.Tensor, delay: float = 0.05) -> torch.Tensor:
     """x**2 that takes ``delay`` seconds per evaluation (checked with chunk_size=1: many chunks)."""
-    calls["slow_square"] += 1
+    _count()
     time.sleep(delay)
     return x * x
+
+
+def never_returns(x: torch.Tensor) -> torch.Tensor:
+    """A function stuck in a loop that no deadline check inside the engine can interrupt."""
+    while True:
+        _count()
+        time.sleep(0.05)
+
+
+def crashes(x: torch.Tensor) -> torch.Tensor:
+    """A function that takes its whole process down (a segfaulting kernel, say)."""
+    os._exit(3)
 
 
 def raises_when_negative(x: torch.Tensor) -> torch.Tensor:

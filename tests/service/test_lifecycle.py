@@ -7,8 +7,8 @@ import time
 
 import grpc
 import torch
-from conftest import ServeProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from service_servers import ServeProcess
 
 from gradcheck_svc.client import Registered, build_request
 from gradcheck_svc.codec import decode_report

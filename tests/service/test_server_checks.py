@@ -10,10 +10,10 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from conftest import Running, start_server
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from service_servers import Running, start_server
 
 import gradcheck_svc as gc
 from gradcheck_svc.client import CheckCall, Client, Registered

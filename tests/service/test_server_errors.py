@@ -11,9 +11,9 @@ import grpc
 import pytest
 import service_test_ops
 import torch
-from conftest import Running, start_server
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from service_servers import Running, start_server
 
 from gradcheck_svc.client import Client, Registered, build_request
 from gradcheck_svc.codec import encode_point
@@ -321,6 +321,9 @@ def test_client_deadline_is_honoured_and_frees_the_server(server: Running, addre
     assert info.value.code == "DEADLINE_EXCEEDED"
     assert time.monotonic() - started < 3
     assert calls_stop_growing()
+    deadline = time.monotonic() + 5
+    while server.server.service.slots.in_flight and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert server.server.service.slots.in_flight == 0
 
 

@@ -1,0 +1,89 @@
+"""The child side of a worker process: receive a request, run it, send back the answer.
+
+Only bytes cross the pipe: a small JSON header and the CheckRequest's protobuf encoding in, and
+``b"R" + CheckResponse`` or ``b"E" + google.rpc.Status`` out. Client data is never pickled; the
+only pickled objects are the server's own settings and registry factory, at process start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+import torch
+
+import gradcheck_svc as gc
+from gradcheck_svc.codec import encode_report
+from gradcheck_svc.server.plan import plan_check
+from gradcheck_svc.server.runner import Deadline, run_plan
+from gradcheck_svc.server.status import failure_for
+from gradcheck_svc.settings import Settings
+from gradcheck_svc.specs import FunctionRegistry, compile_expression
+from gradcheck_svc.v1 import gradcheck_pb2 as pb
+
+__all__ = ["READY", "RESPONSE", "STATUS", "warm_up_engine", "worker_main"]
+
+READY, RESPONSE, STATUS = b"ready", b"R", b"E"
+_PR_SET_PDEATHSIG = 1
+log = logging.getLogger("gradcheck_svc.server")
+
+
+def worker_main(
+    conn: Connection, settings: Settings, registry_factory: Callable[[], FunctionRegistry]
+) -> None:
+    """Serve checks from ``conn`` until it closes."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server; it decides
+    registry = registry_factory()
+    conn.send_bytes(READY)
+    while True:
+        try:
+            header = json.loads(conn.recv_bytes())
+            body = conn.recv_bytes()
+        except (EOFError, OSError):
+            return  # the server closed the pipe (or died)
+        conn.send_bytes(answer(header, body, settings, registry))
+
+
+def answer(header: dict, body: bytes, settings: Settings, registry: FunctionRegistry) -> bytes:
+    check_id = str(header.get("check_id", ""))
+    try:
+        request = pb.CheckRequest.FromString(body)
+        plan = plan_check(request, settings, registry)
+        deadline = Deadline(
+            at=time.monotonic() + float(header["remaining"]),
+            client_binds=bool(header["client_binds"]),
+            cap_seconds=settings.max_check_seconds,
+        )
+        reports = run_plan(
+            plan, deadline=deadline, cancelled=lambda: False, served_by=str(header["served_by"])
+        )
+        response = pb.CheckResponse(reports=[encode_report(r) for r in reports], check_id=check_id)
+        return RESPONSE + response.SerializeToString()
+    except Exception as exc:
+        return STATUS + failure_for(exc, check_id).to_status().SerializeToString()
+
+
+def warm_up_engine() -> None:
+    """Run one tiny check so the first client does not pay for torch's and the engine's lazy imports."""
+    started = time.perf_counter()
+    square = compile_expression("x * x")
+    square.largest_intermediate({"x": torch.zeros(2)})  # the meta device's first use is slow too
+    gc.check(square, torch.tensor(3.0, dtype=torch.float64))
+    log.debug("engine warm-up took %.2f s", time.perf_counter() - started)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when its parent (the fork server, which exits with the server) dies,
+    so a worker stuck in operator code never outlives a killed server."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
