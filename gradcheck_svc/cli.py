@@ -8,8 +8,9 @@
 ``--at NAME=VALUE`` binds one input (a number or a JSON list); repeating a name starts the next
 point (the k-th value of every name forms point k). Exit status of ``check``: 0 all ok,
 1 gradient mismatch, 2 usage error, server error, or a point where the function could not run.
-The client commands read GRADCHECK_TARGET (or GRADCHECK_SERVER) and GRADCHECK_TOKEN when the
-flags are absent; ``serve`` reads every GRADCHECK_* setting (see gradcheck_svc.settings).
+The client commands read GRADCHECK_TARGET (or GRADCHECK_SERVER), GRADCHECK_TOKEN and
+GRADCHECK_TLS_CA (GRADCHECK_TLS_CERT / _KEY for mutual TLS) when the flags are absent;
+``serve`` reads every GRADCHECK_* setting (see gradcheck_svc.settings).
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ def _client_flags(parser: argparse.ArgumentParser, *, target_required: bool) -> 
     parser.add_argument(
         "--token", default=os.environ.get("GRADCHECK_TOKEN"), help="bearer token (env GRADCHECK_TOKEN)"
     )
-    parser.add_argument("--tls-ca", default=None, metavar="PEM", help="connect with TLS, trusting this CA")
+    parser.add_argument(
+        "--tls-ca", default=None, metavar="PEM", help="connect with TLS trusting this CA (GRADCHECK_TLS_CA)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,19 +198,14 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    import grpc
-
     from gradcheck_svc.client import Client
 
     targets = [t.strip() for t in args.target.split(",") if t.strip()]
-    credentials = None
-    if args.tls_ca:
-        credentials = grpc.ssl_channel_credentials(root_certificates=Path(args.tls_ca).read_bytes())
     return Client(
         targets if len(targets) > 1 else targets[0],
         timeout=args.timeout,
         connect_timeout=args.connect_timeout,
-        credentials=credentials,
+        tls_ca=args.tls_ca,  # None: GRADCHECK_TLS_CA, as for every Client
         token=args.token,
     )
 
@@ -269,8 +267,9 @@ def cmd_health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     target = args.target.split(",")[0].strip()
-    if args.tls_ca:
-        credentials = grpc.ssl_channel_credentials(root_certificates=Path(args.tls_ca).read_bytes())
+    ca = args.tls_ca or os.environ.get("GRADCHECK_TLS_CA")
+    if ca:
+        credentials = grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes())
         channel = grpc.secure_channel(target, credentials)
     else:
         channel = grpc.insecure_channel(target)

@@ -12,6 +12,11 @@ resolves to), or a list of addresses (one channel each, used in turn; a call tha
 unavailable moves on to the next, which is safe because checks have no side effects).
 ``retry=True`` adds a gRPC retry policy (UNAVAILABLE, with backoff) to every channel.
 An unreachable server raises ``ServiceError(code="UNAVAILABLE")`` after ``connect_timeout``.
+
+Security from the environment, so the CLI and the pytest plugin get it for free: a ``token`` left
+unset is read from ``GRADCHECK_TOKEN`` (sent as ``authorization: Bearer``); TLS is used when
+``tls_ca`` (or ``GRADCHECK_TLS_CA``) names a CA file, with a client certificate for mutual TLS from
+``tls_cert`` / ``tls_key`` (``GRADCHECK_TLS_CERT`` / ``GRADCHECK_TLS_KEY``).
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -47,7 +54,15 @@ from gradcheck_svc.specs.sampling import SamplingSpec
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 from gradcheck_svc.v1 import gradcheck_pb2_grpc as pb_grpc
 
-__all__ = ["Capabilities", "CheckCall", "Client", "DeviceInfo", "Registered", "StreamResult"]
+__all__ = [
+    "Capabilities",
+    "CheckCall",
+    "Client",
+    "DeviceInfo",
+    "Registered",
+    "StreamResult",
+    "tls_credentials",
+]
 
 Options = Mapping[str, Any] | CheckOptions | None
 Point = Mapping[str, Any]
@@ -177,6 +192,24 @@ class _Channel:
         self.channel.close()
 
 
+def tls_credentials(
+    ca: str | Path | None = None, cert: str | Path | None = None, key: str | Path | None = None
+) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials from PEM files (arguments, else ``GRADCHECK_TLS_*``); None: plaintext."""
+    ca = ca or os.environ.get("GRADCHECK_TLS_CA") or None
+    cert = cert or os.environ.get("GRADCHECK_TLS_CERT") or None
+    key = key or os.environ.get("GRADCHECK_TLS_KEY") or None
+    if not (ca or cert):
+        return None
+    if bool(cert) != bool(key):
+        raise ValueError("a client certificate (GRADCHECK_TLS_CERT) and key (GRADCHECK_TLS_KEY) go together")
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes() if ca else None,
+        private_key=Path(key).read_bytes() if key else None,
+        certificate_chain=Path(cert).read_bytes() if cert else None,
+    )
+
+
 def _service_error(exc: grpc.RpcError, target: str) -> ServiceError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
@@ -214,6 +247,9 @@ class Client:
         max_message_bytes: int = 64 * 1024 * 1024,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
     ) -> None:
         targets = [target] if isinstance(target, str) else list(target)
         if not targets:
@@ -226,7 +262,10 @@ class Client:
             ("grpc.service_config", _service_config(retry)),
             ("grpc.enable_retries", 1 if retry else 0),
         ]
+        token = os.environ.get("GRADCHECK_TOKEN") if token is None else token
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        if credentials is None:
+            credentials = tls_credentials(tls_ca, tls_cert, tls_key)
         self._channels = [_Channel(t, options, credentials) for t in targets]
         self._turn = itertools.cycle(range(len(self._channels)))
         self._lock = threading.Lock()
