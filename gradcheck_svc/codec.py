@@ -78,13 +78,19 @@ def validate_shape(shape: Sequence[int], max_elements: int, field: str = "shape"
     """Return the element count of ``shape``; reject negative dims and counts above ``max_elements``.
 
     The product is built step by step and stops as soon as it passes the limit, so a shape whose
-    product would overflow int64 is refused like any other oversized one.
+    product would overflow int64 is refused like any other oversized one; so is any single dimension
+    above the limit, even when another dimension is zero.
     """
     if len(shape) > MAX_DIMS:
         raise InvalidRequestError(field, f"has {len(shape)} dimensions; at most {MAX_DIMS} are supported")
     for i, dim in enumerate(shape):
         if dim < 0:
             raise InvalidRequestError(f"{field}[{i}]", f"dimension {dim} is negative")
+        if dim > max_elements:
+            # Even next to a zero dim: torch cannot lay out strides for such a shape.
+            raise LimitExceededError(
+                f"{field}[{i}]: dimension {dim} is larger than max_tensor_elements={max_elements}"
+            )
     if any(dim == 0 for dim in shape):
         return 0
     numel = 1

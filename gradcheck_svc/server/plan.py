@@ -8,6 +8,7 @@ LimitExceededError, which server.status turns into gRPC codes.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -245,6 +246,10 @@ def _largest_intermediate(expression: Expression, signature: tuple[tuple[str, An
 
 def _options(msg: pb.Options, settings: Settings) -> dict[str, Any]:
     options = decode_options(msg)
+    for name, value in options.items():
+        # NaN and infinite tolerances or steps would turn every verdict into "ok" or into noise.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidRequestError(f"options.{name}", f"must be a finite number, got {value}")
     try:
         CheckOptions(**options)
     except ValidationError as exc:

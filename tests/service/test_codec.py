@@ -77,8 +77,10 @@ def test_oversized_shapes_are_refused_before_allocation(shape: list[int]) -> Non
         codec.decode_tensor(msg, max_elements=LIMIT)
 
 
-def test_zero_dim_short_circuits_huge_shapes() -> None:
-    assert codec.validate_shape([0, 2**63 - 1], LIMIT) == 0
+def test_zero_dim_does_not_excuse_huge_dims() -> None:
+    assert codec.validate_shape([0, LIMIT], LIMIT) == 0
+    with pytest.raises(LimitExceededError, match=r"shape\[1\]: dimension"):
+        codec.validate_shape([0, 2**62], LIMIT)  # torch cannot even lay out its strides
 
 
 def test_values() -> None:
