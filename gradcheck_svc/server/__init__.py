@@ -10,7 +10,8 @@
 
 Modules: ``app`` (build/start/stop, ``serve``), ``service`` (the servicer), ``plan`` (request
 validation), ``runner`` (engine calls per point), ``status`` (errors -> codes), ``limiter``
-(concurrency slots), ``auth`` (bearer tokens).
+(concurrency slots), ``auth`` (bearer tokens), ``isolation`` and ``worker`` (killable worker
+processes for operator functions).
 """
 
 from gradcheck_svc.server.app import GradcheckServer, create_server, serve
