@@ -33,9 +33,9 @@ def _timed(call: Callable[[], object], repeat: int = 1) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def _torch_verdict(fn, x, **kw) -> bool:
+def _torch_verdict(fn, x, check: Callable = torch.autograd.gradcheck, **kw) -> bool:
     try:
-        return bool(torch.autograd.gradcheck(fn, (x.clone().requires_grad_(),), **kw))
+        return bool(check(fn, (x.clone().requires_grad_(),), **kw))
     except Exception:
         return False
 
@@ -47,10 +47,19 @@ def sin_tanh(n: int):
     return (lambda x: torch.sin(torch.tanh(w @ x))), x
 
 
-def side_by_side(case: str, fn: Callable, x: torch.Tensor, repeat: int, **ours: object) -> dict:
-    """Time torch's gradcheck and ours on the same function and input, default options of both."""
-    torch_kw = {"fast_mode": True} if ours.get("mode") == "fast" else {}
-    t_torch, v_torch = _timed(lambda: _torch_verdict(fn, x, **torch_kw), repeat=repeat)
+def side_by_side(
+    case: str,
+    fn: Callable,
+    x: torch.Tensor,
+    repeat: int,
+    torch_check: Callable = torch.autograd.gradcheck,
+    torch_kw: dict | None = None,
+    **ours: object,
+) -> dict:
+    """Time torch's checker and ours on the same function and input, default options of both."""
+    if torch_kw is None:
+        torch_kw = {"fast_mode": True} if ours.get("mode") == "fast" else {}
+    t_torch, v_torch = _timed(lambda: _torch_verdict(fn, x, torch_check, **torch_kw), repeat=repeat)
     t_ours, report = _timed(lambda: gc.check(fn, x, **ours), repeat=repeat)
     return dict(case=case, torch_s=t_torch, ours_s=t_ours, same_verdict=v_torch == report.ok)
 
@@ -62,6 +71,23 @@ def full_and_fast(sizes: list[int]) -> list[dict]:
         rows.append(side_by_side(f"full, sin(tanh(Wx)), N={n}", fn, x, 1, mode="full"))
         rows.append(side_by_side(f"fast, sin(tanh(Wx)), N={n}", fn, x, 5, mode="fast"))
     return rows
+
+
+def higher_order(n: int) -> list[dict]:
+    """order=2 against gradgradcheck, forward_ad against gradcheck(check_forward_ad=True)."""
+    fn, x = sin_tanh(n)
+    return [
+        side_by_side(f"order 2 vs gradgradcheck, N={n}", fn, x, 1, torch.autograd.gradgradcheck, {}, order=2),
+        side_by_side(
+            f"forward_ad vs check_forward_ad, N={n}",
+            fn,
+            x,
+            1,
+            torch.autograd.gradcheck,
+            {"check_forward_ad": True},
+            forward_ad=True,
+        ),
+    ]
 
 
 SMALL_OPS: dict[str, Callable[[], tuple[Callable, torch.Tensor]]] = {
@@ -124,7 +150,10 @@ def elementwise_memory() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="N=1000 only")
+    parser.add_argument(
+        "--sections", default="full,small,higher,memory", help="comma-separated: full,small,higher,memory"
+    )
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -137,16 +166,26 @@ def main() -> None:
     gc.check(torch.sin, warm, mode="full")
     gc.check(torch.sin, warm, mode="fast")
     _torch_verdict(torch.sin, warm)
-    rows = full_and_fast([1000] if args.quick else [1000, 3000]) + small_inputs()
-    print(f"{'case':<36} {'torch s':>9} {'ours s':>9} {'speed-up':>9}  same verdict")
+    sections = set(args.sections.split(","))
+    rows: list[dict] = []
+    if "full" in sections:
+        rows += full_and_fast([1000] if args.quick else [1000, 3000])
+    if "higher" in sections:
+        rows += higher_order(1000)
+    if "small" in sections:
+        rows += small_inputs()
+    print(f"{'case':<40} {'torch s':>9} {'ours s':>9} {'speed-up':>9}  same verdict")
     for r in rows:
         speedup = r["torch_s"] / r["ours_s"]
         print(
-            f"{r['case']:<36} {r['torch_s']:>9.4f} {r['ours_s']:>9.4f} {speedup:>8.1f}x  {r['same_verdict']}"
+            f"{r['case']:<40} {r['torch_s']:>9.4f} {r['ours_s']:>9.4f} {speedup:>8.1f}x  {r['same_verdict']}"
         )
     small = [r["torch_s"] / r["ours_s"] for r in rows if r["case"].startswith("small")]
-    mean = statistics.geometric_mean(small)
-    print(f"small inputs: geometric-mean speed-up {mean:.2f}x, worst {min(small):.2f}x")
+    if small:
+        mean = statistics.geometric_mean(small)
+        print(f"small inputs: geometric-mean speed-up {mean:.2f}x, worst {min(small):.2f}x")
+    if "memory" not in sections:
+        return
     mem = elementwise_memory()
     print(
         f"full mode, tanh elementwise N=M=20000: {mem['checked']} entries, ok={mem['ok']}, "
