@@ -23,57 +23,56 @@ __all__ = ["DENSE_ENTRIES", "run_full"]
 
 DENSE_ENTRIES = 1 << 25  # analytic Jacobians up to this many entries are held densely (256 MiB)
 _ROW_BYTES = 128 * 2**20
-_NONDET_ROWS = 64  # rows per output re-run to detect nondeterministic backwards (all when small)
 
 Pair = tuple[int, int]  # (output block index, leaf index)
 
 
-def _dense_rows(ctx: Context, outputs: list[int], leaves: list[int]) -> dict[int, torch.Tensor]:
-    """Reverse-mode Jacobian of the selected outputs, per selected leaf, transposed: (n_i, M) each.
+def _row_chunks(ctx: Context, outputs: list[int], leaves: list[int]) -> list[torch.Tensor]:
+    """The selected outputs' rows, in batches sized to memory."""
+    problem = ctx.problem
+    m = problem.n_outputs
+    rows = torch.cat([torch.arange(problem.outputs[o].offset, problem.outputs[o].rows.stop) for o in outputs])
+    n_total = sum(problem.leaves[i].size for i in leaves)
+    per_chunk = max(1, min(rows.numel(), _ROW_BYTES // max(1, 8 * (n_total + m))))
+    return [rows[start : start + per_chunk].to(ctx.f0.device) for start in range(0, rows.numel(), per_chunk)]
+
+
+def _unit_cotangents(rows: torch.Tensor, m: int) -> torch.Tensor:
+    cotangents = torch.zeros(rows.numel(), m, dtype=torch.float64, device=rows.device)
+    cotangents[torch.arange(rows.numel(), device=rows.device), rows] = 1.0
+    return cotangents
+
+
+def _dense_rows(ctx: Context, chunks: list[torch.Tensor], leaves: list[int]) -> dict[int, torch.Tensor]:
+    """Reverse-mode Jacobian of the chunks' rows, per selected leaf, transposed: (n_i, M) each.
 
     Transposed so that a chunk of input columns is a contiguous (c, M) slice, the layout the
     numeric side produces.
     """
     problem = ctx.problem
     m = problem.n_outputs
-    rows = torch.cat([torch.arange(problem.outputs[o].offset, problem.outputs[o].rows.stop) for o in outputs])
-    n_total = sum(problem.leaves[i].size for i in leaves)
-    per_chunk = max(1, min(rows.numel(), _ROW_BYTES // max(1, 8 * (n_total + m))))
-    device = ctx.f0.device
-    jac = {i: torch.zeros(problem.leaves[i].size, m, dtype=torch.float64, device=device) for i in leaves}
-    for start in range(0, rows.numel(), per_chunk):
+    jac = {
+        i: torch.zeros(problem.leaves[i].size, m, dtype=torch.float64, device=ctx.f0.device) for i in leaves
+    }
+    for chunk in chunks:
         ctx.poll()
-        chunk = rows[start : start + per_chunk].to(device)
-        cotangents = torch.zeros(chunk.numel(), m, dtype=torch.float64, device=device)
-        cotangents[torch.arange(chunk.numel(), device=device), chunk] = 1.0
-        grads = ctx.analytic.rows(cotangents)
+        grads = ctx.analytic.rows(_unit_cotangents(chunk, m))
         for i in leaves:
             jac[i][:, chunk] = grads[i].T
     return jac
 
 
-def _nondeterminism(ctx: Context, jac: dict[int, torch.Tensor], outputs: list[int]) -> dict[Pair, float]:
-    """Run the backward again on some rows of each output and compare with the first run."""
-    problem = ctx.problem
-    m = problem.n_outputs
-    small = m <= 8 * _NONDET_ROWS
-    picked = []
-    for o in outputs:
-        block = problem.outputs[o]
-        count = block.size if small else min(block.size, _NONDET_ROWS)
-        picked.append(torch.arange(block.offset, block.offset + count))
-    rows = torch.cat(picked).to(ctx.f0.device)
-    cotangents = torch.zeros(rows.numel(), m, dtype=torch.float64, device=ctx.f0.device)
-    cotangents[torch.arange(rows.numel(), device=rows.device), rows] = 1.0
-    again = ctx.analytic.rows(cotangents)
-    result: dict[Pair, float] = {}
-    for o in outputs:
-        block = problem.outputs[o]
-        mask = (rows >= block.offset) & (rows < block.rows.stop)
-        for i, first in jac.items():
-            delta = (again[i][mask] - first[:, rows[mask]].T).abs()
-            delta = torch.nan_to_num(delta, nan=float("inf"))
-            result[(o, i)] = float(delta.max()) if delta.numel() else 0.0
+def _nondeterminism(ctx: Context, jac: dict[int, torch.Tensor], chunk: torch.Tensor) -> dict[int, float]:
+    """Run the first batch of the backward again, exactly as before, and compare per leaf.
+
+    The very same batch: a batch of another size may round differently (other GEMM blocking),
+    which is not nondeterminism.
+    """
+    again = ctx.analytic.rows(_unit_cotangents(chunk, ctx.problem.n_outputs))
+    result = {}
+    for i, first in jac.items():
+        delta = (again[i] - first[:, chunk].T).abs().nan_to_num(nan=float("inf"))
+        result[i] = float(delta.max()) if delta.numel() else 0.0
     return result
 
 
@@ -112,11 +111,14 @@ def run_full(
     jac: dict[int, torch.Tensor] = {}
     if dense:
         start = time.perf_counter()
-        jac = _dense_rows(ctx, outputs, leaves)
+        chunks = _row_chunks(ctx, outputs, leaves)
+        jac = _dense_rows(ctx, chunks, leaves)
         if options.check_nondeterminism:
-            for (o, i), delta in _nondeterminism(ctx, jac, outputs).items():
-                if (o, i) in selected:
-                    acc(Check.REVERSE, o, i).record_nondeterminism(delta, options.nondet_tol)
+            # The backward is shared by every output: its second run speaks for all pairs.
+            for i, delta in _nondeterminism(ctx, jac, chunks[0]).items():
+                for o in outputs:
+                    if (o, i) in selected:
+                        acc(Check.REVERSE, o, i).record_nondeterminism(delta, options.nondet_tol)
         ctx.timed("analytic_s", start)
 
     machine_eps = ctx.machine_eps
