@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_svc.errors import (
+    BackwardNotDifferentiableError,
     CheckCancelledError,
     CheckError,
     DeviceUnavailableError,
@@ -23,6 +24,7 @@ from gradcheck_svc.errors import (
     InvalidOptionError,
     InvalidRequestError,
     LimitExceededError,
+    NotCallableError,
     NothingToCheckError,
     OutputTypeError,
     ServiceError,
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackwardNotDifferentiableError",
     "Check",
     "CheckCancelledError",
     "CheckError",
@@ -50,6 +53,7 @@ __all__ = [
     "InvalidOptionError",
     "InvalidRequestError",
     "LimitExceededError",
+    "NotCallableError",
     "NothingToCheckError",
     "OutputTypeError",
     "PairReport",

@@ -3,9 +3,11 @@
     GradcheckError                         root: catch this to catch everything we raise
     ├── CheckError                         the check could not run as asked
     │   ├── InvalidOptionError             (also ValueError) an option has a wrong name or value
+    │   ├── NotCallableError               (also TypeError)  fn is not callable
     │   ├── NothingToCheckError            (also TypeError)  no differentiable input or output
     │   ├── OutputTypeError                (also TypeError)  fn returned something that is not a tensor
     │   ├── FunctionRaisedError            (also ValueError) fn (or its backward) raised at this point
+    │   ├── BackwardNotDifferentiableError (also TypeError)  the backward cannot itself be differentiated
     │   ├── DeviceUnavailableError         (also RuntimeError) e.g. device="cuda" without CUDA
     │   ├── CheckCancelledError            the caller cancelled the check between chunks
     │   └── LimitExceededError             (also ValueError) the check would exceed a configured limit
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from gradcheck_svc.report import Report
 
 __all__ = [
+    "BackwardNotDifferentiableError",
     "CheckCancelledError",
     "CheckError",
     "DeviceUnavailableError",
@@ -36,6 +39,7 @@ __all__ = [
     "InvalidOptionError",
     "InvalidRequestError",
     "LimitExceededError",
+    "NotCallableError",
     "NothingToCheckError",
     "OutputTypeError",
     "ServiceError",
@@ -56,6 +60,10 @@ class InvalidOptionError(CheckError, ValueError):
     """An option has an unknown name or a value out of range."""
 
 
+class NotCallableError(CheckError, TypeError):
+    """fn is not callable."""
+
+
 class NothingToCheckError(CheckError, TypeError):
     """No floating or complex input (or output) to differentiate."""
 
@@ -66,6 +74,10 @@ class OutputTypeError(CheckError, TypeError):
 
 class FunctionRaisedError(CheckError, ValueError):
     """The function (or its backward) raised while being checked."""
+
+
+class BackwardNotDifferentiableError(CheckError, TypeError):
+    """The backward cannot itself be differentiated (needed for streamed columns and order 2)."""
 
 
 class DeviceUnavailableError(CheckError, RuntimeError):

@@ -16,15 +16,11 @@ from torch.autograd import forward_ad
 
 from gradcheck_svc.engine.evaluate import describe as _describe
 from gradcheck_svc.engine.problem import Problem
-from gradcheck_svc.errors import CheckError, FunctionRaisedError
+from gradcheck_svc.errors import BackwardNotDifferentiableError, CheckError, FunctionRaisedError
 
-__all__ = ["Analytic", "BackwardNotDifferentiableError"]
+__all__ = ["Analytic"]
 
 _FEW_ROWS = 4
-
-
-class BackwardNotDifferentiableError(CheckError, TypeError):
-    """The backward cannot itself be differentiated (needed for columns and order 2)."""
 
 
 class Analytic:

@@ -15,7 +15,7 @@ from gradcheck_svc.engine.full import run_full
 from gradcheck_svc.engine.problem import build_problem
 from gradcheck_svc.engine.second_order import second_order_problem
 from gradcheck_svc.engine.taylor import run_taylor
-from gradcheck_svc.errors import GradientMismatch, InvalidOptionError
+from gradcheck_svc.errors import GradientMismatch, NotCallableError
 from gradcheck_svc.options import CheckOptions, resolve_options
 from gradcheck_svc.report import Report, Status
 
@@ -58,7 +58,9 @@ def check(
     started = time.perf_counter()
     opts: CheckOptions = resolve_options(**options)
     if not callable(fn):
-        raise InvalidOptionError(f"fn must be callable, got {type(fn).__name__}")
+        raise NotCallableError(
+            f"fn must be callable (a function, an nn.Module, ...), got {type(fn).__name__}"
+        )
     device = resolve_device(opts.device, inputs)
     problem, _ = build_problem(
         fn, inputs, dict(fn_kwargs or {}), input_names=input_names, device=device, upcast=opts.upcast

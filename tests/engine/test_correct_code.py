@@ -141,3 +141,10 @@ def test_large_elementwise_streams_without_dense_jacobian():
     finally:
         full.DENSE_ENTRIES = old
     assert report.ok and report.pairs[0].elements_checked == 3000 * 3000
+
+
+def test_a_non_callable_fn_is_a_type_error():
+    with pytest.raises(gc.NotCallableError, match="must be callable"):
+        gc.check(3, torch.tensor(1.0))
+    with pytest.raises(TypeError):
+        gc.check("x**2", torch.tensor(1.0))
