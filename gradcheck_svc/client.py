@@ -140,6 +140,9 @@ def _service_config(retry: bool | int) -> str:
     return json.dumps(config)
 
 
+_FAILOVER_CODES = ("UNAVAILABLE", "CANCELLED")
+
+
 class _Channel:
     """One gRPC channel, its stubs, and what we last learnt about reaching it.
 
@@ -283,7 +286,13 @@ class Client:
         return sorted(order, key=lambda c: c.failing)  # stable: otherwise the rotation is kept
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
-        """Call ``method`` on the next channel; on UNAVAILABLE try the other targets once each."""
+        """Call ``method`` on the next channel; when that replica is unavailable or went away
+        mid-call, try the other targets once each.
+
+        A blocking unary call cannot be cancelled by its caller, so CANCELLED here comes from the
+        server's side (a replica stopping with the call in flight): the check is stateless and
+        safe to send again.
+        """
         error: ServiceError | None = None
         for channel in self._candidates():
             try:
@@ -293,7 +302,7 @@ class Client:
                 error = exc
             except grpc.RpcError as exc:
                 error = _service_error(exc, channel.target)
-            if error.code != "UNAVAILABLE":
+            if error.code not in _FAILOVER_CODES:
                 break
             channel.mark_failed()
         assert error is not None
