@@ -91,7 +91,7 @@ def check(
     pairs.sort(key=lambda p: (p.check.value != "reverse", p.output, p.input))
 
     ctx.timings["total_s"] = time.perf_counter() - started
-    leaf_dtypes = sorted({str(leaf.dtype).removeprefix("torch.") for leaf in problem.leaves})
+    leaf_dtypes = sorted({leaf.dtype_name for leaf in problem.leaves})
     return Report(
         ok=all(p.ok for p in pairs),
         pairs=pairs,

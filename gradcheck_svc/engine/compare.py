@@ -18,7 +18,7 @@ from gradcheck_svc.engine.numeric import Differences
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, flat_index
 from gradcheck_svc.report import Check, ElementError, PairReport, Status
 
-__all__ = ["Judgement", "PairAccumulator", "Tolerance", "judge"]
+__all__ = ["Judgement", "PairAccumulator", "Tolerance", "judge", "pair_fields", "pair_status"]
 
 _KEEP_FULL = 4096  # pairs with at most this many entries keep their whole Jacobians
 _MAP_BINS = 128  # error maps are max-pooled to at most this many bins per side
@@ -110,6 +110,30 @@ def _judge_finite(analytic: torch.Tensor, diff: Differences, tol: Tolerance) -> 
     return Judgement(tolerance, error, ratio, failed, kink, torch.zeros_like(failed))
 
 
+def pair_status(*, nonfinite: bool, nondeterministic: bool, failed: bool, kinks: bool) -> Status:
+    """A pair's verdict from what its elements showed, the most serious first."""
+    if nonfinite:
+        return Status.NONFINITE
+    if nondeterministic:
+        return Status.NONDETERMINISTIC
+    if failed:
+        return Status.FAIL
+    if kinks:
+        return Status.KINK
+    return Status.PASS
+
+
+def pair_fields(output: OutputBlock, leaf: Leaf) -> dict[str, object]:
+    """The fields that name a pair in a PairReport."""
+    return {
+        "output": output.name,
+        "input": leaf.name,
+        "output_shape": list(output.shape),
+        "input_shape": list(leaf.shape),
+        "dtype": leaf.dtype_name,
+    }
+
+
 @dataclass
 class PairAccumulator:
     """Streams blocks of one (output, input) pair into a PairReport."""
@@ -118,7 +142,6 @@ class PairAccumulator:
     leaf: Leaf
     check: Check
     mode: str
-    dtype: str
     max_worst: int
     checked: int = 0
     failed: int = 0
@@ -234,15 +257,12 @@ class PairAccumulator:
 
     @property
     def status(self) -> Status:
-        if self.nonfinite:
-            return Status.NONFINITE
-        if self.nondeterministic:
-            return Status.NONDETERMINISTIC
-        if self.failed:
-            return Status.FAIL
-        if self.kinks:
-            return Status.KINK
-        return Status.PASS
+        return pair_status(
+            nonfinite=bool(self.nonfinite),
+            nondeterministic=self.nondeterministic,
+            failed=bool(self.failed),
+            kinks=bool(self.kinks),
+        )
 
     def report(self) -> PairReport:
         status = self.status
@@ -258,14 +278,10 @@ class PairAccumulator:
         else:
             worst = [el for _, el in self._worst[:1]]
         return PairReport(
-            output=self.output.name,
-            input=self.leaf.name,
+            **pair_fields(self.output, self.leaf),
             check=self.check,
             status=status,
             mode=self.mode,
-            output_shape=list(self.output.shape),
-            input_shape=list(self.leaf.shape),
-            dtype=self.dtype,
             max_abs_error=self.max_abs,
             max_rel_error=self.max_rel,
             max_error_ratio=self.max_ratio,

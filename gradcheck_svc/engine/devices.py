@@ -77,7 +77,7 @@ def compare_devices(
         mode="full",
         output_shape=[problem.n_outputs],
         input_shape=[problem.n_inputs],
-        dtype=str(leaf.dtype).removeprefix("torch."),
+        dtype=leaf.dtype_name,
         max_abs_error=worst,
         max_rel_error=worst / scale if scale else 0.0,
         max_error_ratio=worst / tolerance if tolerance else 0.0,

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from gradcheck_svc.engine.compare import judge
+from gradcheck_svc.engine.compare import judge, pair_fields, pair_status
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.full import DENSE_ENTRIES, run_full
 from gradcheck_svc.engine.numeric import Differences, differences, steps
@@ -100,28 +100,21 @@ def run_fast(ctx: Context) -> list[PairReport]:
             if again is not None and g.numel():
                 delta = again[i][o * count : (o + 1) * count] - g
                 nondet = float(delta.abs().nan_to_num(nan=float("inf")).max())
-            status = Status.PASS
-            if bool(verdict.nonfinite.any()):
-                status = Status.NONFINITE
-            elif nondet > options.nondet_tol:
-                status = Status.NONDETERMINISTIC
-            elif bool(verdict.failed.any()):
-                status = Status.FAIL
-            elif bool(verdict.kink.any()):
-                status = Status.KINK
+            status = pair_status(
+                nonfinite=bool(verdict.nonfinite.any()),
+                nondeterministic=nondet > options.nondet_tol,
+                failed=bool(verdict.failed.any()),
+                kinks=bool(verdict.kink.any()),
+            )
             error = (analytic - projected.value).abs()
             finite = torch.isfinite(error)
             rel = error / projected.value.abs().clamp(min=1e-300)
             reports.append(
                 PairReport(
-                    output=block.name,
-                    input=leaf.name,
+                    **pair_fields(block, leaf),
                     check=Check.REVERSE,
                     status=status,
                     mode="fast",
-                    output_shape=list(block.shape),
-                    input_shape=list(leaf.shape),
-                    dtype=str(leaf.dtype).removeprefix("torch."),
                     max_abs_error=float(error[finite].max()) if bool(finite.any()) else 0.0,
                     max_rel_error=float(rel[finite].max()) if bool(finite.any()) else 0.0,
                     max_error_ratio=float(verdict.ratio.max()),

@@ -102,9 +102,8 @@ def run_full(
     def acc(check: Check, o: int, i: int) -> PairAccumulator:
         key = (check, o, i)
         if key not in accumulators:
-            out, leaf = problem.outputs[o], problem.leaves[i]
             accumulators[key] = PairAccumulator(
-                out, leaf, check, mode_label, str(leaf.dtype).removeprefix("torch."), options.max_worst
+                problem.outputs[o], problem.leaves[i], check, mode_label, options.max_worst
             )
         return accumulators[key]
 

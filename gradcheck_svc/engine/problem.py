@@ -42,6 +42,10 @@ class Leaf:
         return self.dtype.is_complex
 
     @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
     def real_dtype(self) -> torch.dtype:
         return self.value.real.dtype if self.is_complex else self.dtype
 

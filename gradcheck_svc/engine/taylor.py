@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from gradcheck_svc.engine.compare import pair_fields
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.fast import _directions
 from gradcheck_svc.report import Check, PairReport, Status
@@ -94,14 +95,10 @@ def run_taylor(ctx: Context) -> list[PairReport]:
                 message = f"observed convergence rate {rate:.2f} (2 expected, 1 means a wrong gradient)"
             reports.append(
                 PairReport(
-                    output=block.name,
-                    input=leaf.name,
+                    **pair_fields(block, leaf),
                     check=Check.TAYLOR,
                     status=status,
                     mode="taylor",
-                    output_shape=list(block.shape),
-                    input_shape=list(leaf.shape),
-                    dtype=str(leaf.dtype).removeprefix("torch."),
                     taylor_rates=[round(r, 4) for r in shown],
                     elements_checked=len(hs) * _COMBOS,
                     message=message,
