@@ -32,7 +32,6 @@ class Analytic:
         self._paths = ["func", "batched", "loop"]
         self._vjp_fn: Callable[..., tuple[torch.Tensor, ...]] | None = None
         self._graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None
-        self.backward_calls = 0
         # fn's value from each forward the analytic side ran: a free second evaluation at the
         # point, compared with the first to detect a nondeterministic forward.
         self.forward_values: list[torch.Tensor] = []
@@ -92,7 +91,6 @@ class Analytic:
     # ------------------------------------------------------------------ rows
     def rows(self, cotangents: torch.Tensor) -> list[torch.Tensor]:
         """``J^T c`` for each row ``c`` of ``cotangents (R, M)``: one ``(R, n_i)`` float64 tensor per leaf."""
-        self.backward_calls += cotangents.shape[0]
 
         def func() -> list[torch.Tensor]:
             return list(torch.vmap(self._func_vjp())(cotangents))
@@ -116,7 +114,6 @@ class Analytic:
     # ------------------------------------------------------------------ columns (reverse over reverse)
     def columns(self, index: int, directions: torch.Tensor) -> torch.Tensor:
         """``J u`` for rows ``u`` of ``directions (C, n_index)``, from the backward (vjp of the vjp)."""
-        self.backward_calls += directions.shape[0]
         m = self.problem.n_outputs
         leaves = self.problem.leaves
 

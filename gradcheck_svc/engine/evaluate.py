@@ -31,7 +31,6 @@ class Evaluator:
         self.problem = problem
         self.use_vmap = True
         self._note = on_note
-        self.evaluations = 0
 
     def base(self) -> torch.Tensor:
         with torch.no_grad():
@@ -39,7 +38,6 @@ class Evaluator:
 
     def leaf_batch(self, index: int, batch: torch.Tensor) -> torch.Tensor:
         """Rows of ``batch`` are flat real values of leaf ``index``; returns (B, n_outputs)."""
-        self.evaluations += batch.shape[0]
         problem = self.problem
 
         def one(row: torch.Tensor) -> torch.Tensor:

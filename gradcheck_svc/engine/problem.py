@@ -10,7 +10,6 @@ differences lose nothing to the upcast).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,8 +109,6 @@ class Problem:
     _template: list[Any] = field(default_factory=list)
     _slots: list[int] = field(default_factory=list)
     _kwargs: dict[str, Any] = field(default_factory=dict)
-    _module_params: list[str] | None = None  # names of leaves that are module parameters/buffers
-    _output_spec: Any = None
     # (flat output, real leaves) of the first call, made with autograd on; None for derived problems.
     first_call: tuple[torch.Tensor, list[torch.Tensor]] | None = None
 
@@ -265,7 +262,3 @@ def build_problem(
         ]
         problem.first_call = (torch.cat(parts) if len(parts) > 1 else parts[0], reals)
     return problem, out
-
-
-def numel(shape: Sequence[int]) -> int:
-    return math.prod(shape) if shape else 1
