@@ -18,7 +18,7 @@ import torch
 from gradcheck_svc.engine.compare import judge, pair_fields, pair_status
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.full import DENSE_ENTRIES, run_full
-from gradcheck_svc.engine.numeric import Differences, differences, steps
+from gradcheck_svc.engine.numeric import NODES, Differences, differences, steps
 from gradcheck_svc.report import Check, PairReport, Status
 
 __all__ = ["run_fast"]
@@ -56,9 +56,8 @@ def run_fast(ctx: Context) -> list[PairReport]:
         u = _directions(leaf.real, count, generator)
         t = float(steps(torch.zeros(1), ctx.eps(leaf))[0])
         base = leaf.real.detach().to(torch.float64)
-        nodes = (-1.0, 1.0, 2.0)
-        batch = torch.cat([(base + node * t * u).to(leaf.real_dtype) for node in nodes])
-        offsets = torch.tensor(nodes, dtype=torch.float64, device=device).unsqueeze(1).expand(3, count) * t
+        batch = torch.cat([(base + node * t * u).to(leaf.real_dtype) for node in NODES])
+        offsets = torch.tensor(NODES, dtype=torch.float64, device=device).unsqueeze(1).expand(3, count) * t
         evaluated = ctx.evaluate(i, batch)
         directions.append(u)
         x_scale = torch.full((count,), 1.0, dtype=torch.float64, device=device)

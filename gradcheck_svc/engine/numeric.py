@@ -27,6 +27,7 @@ import torch
 
 __all__ = [
     "DTYPE_DEFAULTS",
+    "NODES",
     "DTypeDefaults",
     "Differences",
     "defaults_for",
