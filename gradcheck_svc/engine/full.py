@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
+from gradcheck_svc.engine.colouring import run_coloured
 from gradcheck_svc.engine.compare import PairAccumulator, judge
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.numeric import Differences, differences, perturb, steps
@@ -127,9 +128,20 @@ def run_full(
         h_all = steps(base, ctx.eps(leaf))
         size = ctx.chunk_size(leaf)
         leaf_outputs = [o for o in outputs if (o, i) in selected]
-        for start_col in range(0, leaf.size, size):
+        columns = torch.arange(leaf.size, device=base.device)
+        if dense and not options.forward_ad:
+            # Columns that share no output row are perturbed together; what is left goes one by one.
+            t0 = time.perf_counter()
+            blocks = [
+                (problem.outputs[o].rows, acc(Check.REVERSE, o, i), ctx.tolerance(problem.outputs[o], leaf))
+                for o in leaf_outputs
+            ]
+            left = run_coloured(ctx, i, jac[i], blocks)
+            columns = columns if left is None else left
+            ctx.timed("numeric_s", t0)
+        for start_col in range(0, columns.numel(), size):
             ctx.poll()
-            cols = torch.arange(start_col, min(start_col + size, leaf.size), device=base.device)
+            cols = columns[start_col : start_col + size]
             t0 = time.perf_counter()
             batch, offsets = perturb(base, cols, h_all[cols])
             evaluated = ctx.evaluate(i, batch)

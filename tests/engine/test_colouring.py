@@ -1,0 +1,151 @@
+"""Structure-aware finite differences: grouped columns, and what a wrong analytic pattern cannot hide."""
+
+from __future__ import annotations
+
+import torch
+
+import gradcheck_svc as gc
+from gradcheck_svc.engine.colouring import colour_by_stride
+
+
+class MissingNeighbour(torch.autograd.Function):
+    """y_i = x_i^2 + 0.5 x_{i-1}; the backward forgets the neighbour term (a diagonal Jacobian)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x + 0.5 * torch.roll(x, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class SpuriousNeighbour(torch.autograd.Function):
+    """y_i = x_i^2 (diagonal); the backward adds a term from the next row that is not there."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g + 0.25 * torch.roll(g, -1)
+
+
+class Counted(torch.autograd.Function):
+    """tanh with a correct backward; counts forward calls (``float()`` keeps vmap out)."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        Counted.calls += 1
+        float(x.sum())  # a host sync: no batching, so every evaluation is one call
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+def _failing_elements(report: gc.Report) -> set[tuple[int, int]]:
+    (pair,) = report.pairs
+    return {(e.output_index[0], e.input_index[0]) for e in pair.worst}
+
+
+def test_missing_off_diagonal_term_is_caught_and_located():
+    n = 100
+    report = gc.check(MissingNeighbour.apply, torch.randn(n, dtype=torch.float64), max_worst=n)
+    assert not report.ok
+    (pair,) = report.pairs
+    assert pair.elements_failed == n  # every sub-diagonal element, nothing else
+    assert pair.elements_checked == n * n
+    assert _failing_elements(report) == {(i, (i - 1) % n) for i in range(n)}
+    assert all(e.analytic == 0.0 and abs(e.numeric - 0.5) < 1e-6 for e in pair.worst)
+
+
+def test_spurious_off_diagonal_term_is_caught_and_located():
+    n = 100
+    report = gc.check(SpuriousNeighbour.apply, torch.randn(n, dtype=torch.float64), max_worst=n)
+    assert not report.ok
+    (pair,) = report.pairs
+    assert pair.elements_failed == n
+    assert _failing_elements(report) == {((i + 1) % n, i) for i in range(n)}
+    assert all(e.analytic == 0.25 and abs(e.numeric) < 1e-9 for e in pair.worst)
+
+
+def test_elementwise_function_costs_a_few_evaluations():
+    Counted.calls = 0
+    n = 500
+    report = gc.check(Counted.apply, torch.randn(n, dtype=torch.float64))
+    assert report.ok
+    assert report.pairs[0].elements_checked == n * n
+    # One group of all columns: three perturbed points, plus f(x) and the analytic side's forwards.
+    assert Counted.calls < 20
+
+
+def test_a_bug_in_one_element_is_reported_at_that_element_alone():
+    class OneWrong(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return torch.sin(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            grad = (g * torch.cos(x)).reshape(-1).clone()
+            grad[7] *= 1.01
+            return grad.reshape(x.shape)
+
+    report = gc.check(OneWrong.apply, torch.randn(50, 20, dtype=torch.float64))
+    (pair,) = report.pairs
+    assert pair.elements_failed == 1
+    (element,) = pair.worst
+    assert element.output_index == element.input_index == [0, 7]
+
+
+def test_row_wise_function_keeps_its_verdict_and_catches_a_dropped_term():
+    def softmax_rows(x):
+        return torch.softmax(x, dim=-1)
+
+    x = torch.randn(30, 40, dtype=torch.float64)
+    assert gc.check(softmax_rows, x).ok
+
+    class DiagonalOnly(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            y = torch.softmax(x, dim=-1)
+            ctx.save_for_backward(y)
+            return y
+
+        @staticmethod
+        def backward(ctx, g):
+            (y,) = ctx.saved_tensors
+            return g * y * (1 - y)  # the off-diagonal -y_i y_j dropped
+
+    report = gc.check(DiagonalOnly.apply, x)
+    assert not report.ok
+    (pair,) = report.pairs
+    # Every off-diagonal element of each row block fails, each on its own column.
+    assert pair.elements_failed == 30 * 40 * 39
+    assert all(e.output_index[0] == e.input_index[0] for e in pair.worst)
+    assert all(e.output_index[1] != e.input_index[1] for e in pair.worst)
+
+
+def test_stride_colouring_matches_the_layouts():
+    n = 12
+    diagonal = torch.arange(n)
+    assert colour_by_stride(diagonal, diagonal, n) == 1
+    # Rows of length 4: row r holds columns 4r..4r+3.
+    cols = torch.arange(n)
+    assert colour_by_stride(cols // 4, cols, n) == 4
+    # A dense row needs as many colours as columns: not worth colouring.
+    assert colour_by_stride(torch.zeros(n, dtype=torch.long), cols, n) is None
