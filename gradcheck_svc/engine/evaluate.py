@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from gradcheck_svc.engine.plain_forward import batched_plain_forward
 from gradcheck_svc.engine.problem import Problem
 from gradcheck_svc.errors import FunctionRaisedError
 
@@ -30,6 +31,9 @@ class Evaluator:
     def __init__(self, problem: Problem, on_note: Callable[[str], None]) -> None:
         self.problem = problem
         self.use_vmap = True
+        # None: untried; False once a batched direct-forward call was refused or disagreed.
+        self.use_plain_forward: bool | None = None
+        self._vmap_refusal = ""
         self._note = on_note
 
     def base(self) -> torch.Tensor:
@@ -49,8 +53,20 @@ class Evaluator:
                     return torch.vmap(one)(batch)
                 except Exception as exc:  # any vmap incompatibility: fall back, remember why
                     self.use_vmap = False
-                    self._note(f"fn does not support vmap ({describe(exc)}); evaluated in a loop")
+                    self._vmap_refusal = describe(exc)
+            if self.use_plain_forward is not False:
+                batched = batched_plain_forward(one, batch, self._machine_eps(index))
+                if batched is not None:
+                    if self.use_plain_forward is None:
+                        self._note("custom autograd.Function forwards batched with vmap, called directly")
+                    self.use_plain_forward = True
+                    return batched
+                self.use_plain_forward = False
+                self._note(f"fn does not support vmap ({self._vmap_refusal}); evaluated in a loop")
             return self._guarded(lambda: torch.stack([one(row) for row in batch]))
+
+    def _machine_eps(self, index: int) -> float:
+        return torch.finfo(self.problem.leaves[index].real_dtype).eps
 
     @staticmethod
     def _guarded(call: Callable[[], torch.Tensor]) -> torch.Tensor:
