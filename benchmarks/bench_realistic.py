@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.autograd.gradcheck import GradcheckError
 from bench_realistic_cases import CASES, Case
+from torch.autograd.gradcheck import GradcheckError
 
 import gradcheck_svc as gc
 

@@ -108,7 +108,7 @@ def run_coloured(
         return None
     h = steps(base, ctx.eps(leaf))
     generator = torch.Generator().manual_seed(ctx.options.seed)
-    pattern = (jac_t != 0) | ~torch.isfinite(jac_t)
+    pattern = jac_t != 0  # NaN and inf count as non-zeros
     planned = plan_groups(base, h, pattern, generator)
     if planned is None:
         return None
@@ -117,37 +117,85 @@ def run_coloured(
         return None
     k = plan.n_groups
     device = base.device
-
-    # One direction per group; node-major batch (3k, n) as full mode lays out its chunks.
-    direction = torch.zeros(k, leaf.size, dtype=torch.float64, device=device)
-    direction[plan.group, plan.columns] = plan.step
     x = base.detach().to(torch.float64)
-    batch = torch.cat([(x + node * direction).to(base.dtype) for node in NODES])
-    evaluated = ctx.evaluate(index, batch)
-    offsets = torch.tensor(NODES, dtype=torch.float64, device=device).unsqueeze(1).expand(3, k).contiguous()
+    group_of = torch.full((leaf.size,), -1, dtype=torch.long, device=device)
+    group_of[plan.columns] = plan.group
+    step_of = torch.zeros(leaf.size, dtype=torch.float64, device=device)
+    step_of[plan.columns] = plan.step
     # Derivatives are per unit of the group parameter; the floor's |x| scale per unit is
     # max(|x_j|, h_j) / step_j, the largest over each group's columns.
     scale = torch.maximum(x[plan.columns].abs(), h[plan.columns]) / plan.step
     x_scale = torch.zeros(k, dtype=torch.float64, device=device).scatter_reduce_(
         0, plan.group, scale, "amax", include_self=True
     )
+    # The pattern's entries in coloured columns, sorted by group so each chunk is one slice.
+    pc, pr = pattern.nonzero(as_tuple=True)
+    keep = group_of[pc] >= 0
+    pc, pr = pc[keep], pr[keep]
+    order = torch.argsort(group_of[pc], stable=True)
+    pc, pr = pc[order], pr[order]
+    bounds = torch.searchsorted(group_of[pc], torch.arange(k + 1, device=device))
+
+    per_call = ctx.chunk_size(leaf)  # groups per evaluation: the same memory as that many columns
+    failed_groups = torch.zeros(k, dtype=torch.bool, device=device)
+    for g0 in range(0, k, per_call):
+        ctx.poll()
+        g1 = min(k, g0 + per_call)
+        in_chunk = (plan.group >= g0) & (plan.group < g1)
+        lo, hi = int(bounds[g0]), int(bounds[g1])
+        _check_groups(
+            ctx,
+            index,
+            jac_t,
+            accumulators,
+            x,
+            plan.columns[in_chunk],
+            plan.group[in_chunk] - g0,
+            plan.step[in_chunk],
+            g1 - g0,
+            x_scale[g0:g1],
+            (pc[lo:hi], pr[lo:hi], group_of[pc[lo:hi]] - g0),
+            step_of,
+            failed_groups[g0:g1],
+        )
+    if bool(failed_groups.any()):
+        ctx.note("a column group disagreed with the analytic pattern; its columns were re-checked one by one")
+    remaining = torch.cat([left, plan.columns[failed_groups[plan.group]]])
+    return torch.sort(remaining).values
+
+
+def _check_groups(
+    ctx,
+    index: int,
+    jac_t: torch.Tensor,
+    accumulators: list[tuple[slice, PairAccumulator, Tolerance]],
+    x: torch.Tensor,
+    columns: torch.Tensor,
+    group: torch.Tensor,
+    step: torch.Tensor,
+    k: int,
+    x_scale: torch.Tensor,
+    entries: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    step_of: torch.Tensor,
+    failed_groups: torch.Tensor,
+) -> None:
+    """Evaluate, verify and record ``k`` groups; marks the groups that must go column by column."""
+    leaf = ctx.problem.leaves[index]
+    device = x.device
+    direction = torch.zeros(k, leaf.size, dtype=torch.float64, device=device)
+    direction[group, columns] = step
+    batch = torch.cat([(x + node * direction).to(leaf.real.dtype) for node in NODES])  # node-major
+    evaluated = ctx.evaluate(index, batch)
+    offsets = torch.tensor(NODES, dtype=torch.float64, device=device).unsqueeze(1).expand(3, k).contiguous()
     diff = differences(evaluated, ctx.f0, offsets, ctx.machine_eps, x_scale)  # (M, k)
     moved = (evaluated.reshape(3, k, -1) != ctx.f0).any(dim=0).T  # (M, k)
+    del evaluated, batch, direction
 
     # Which column each (row, group) reads, from the analytic pattern: -1 where none.
-    assigned = torch.full((problem.n_outputs, k), -1, dtype=torch.long, device=device)
-    coloured = torch.zeros(leaf.size, dtype=torch.bool, device=device)
-    coloured[plan.columns] = True
-    group_of = torch.full((leaf.size,), -1, dtype=torch.long, device=device)
-    group_of[plan.columns] = plan.group
-    step_of = torch.zeros(leaf.size, dtype=torch.float64, device=device)
-    step_of[plan.columns] = plan.step
-    pc, pr = pattern.nonzero(as_tuple=True)
-    keep = coloured[pc]
-    pc, pr = pc[keep], pr[keep]
-    assigned[pr, group_of[pc]] = pc
+    pc, pr, pg = entries
+    assigned = torch.full((ctx.problem.n_outputs, k), -1, dtype=torch.long, device=device)
+    assigned[pr, pg] = pc
 
-    failed_groups = torch.zeros(k, dtype=torch.bool, device=device)
     verdicts = []
     for rows, acc, tol in accumulators:
         a_block = assigned[rows]  # (m_o, k)
@@ -155,56 +203,30 @@ def run_coloured(
         j_known = a_block[r_known, g_known]
         r_abs = r_known + rows.start
         per_step = step_of[j_known]
-        element = Differences(
-            diff.value[r_abs, g_known] / per_step,
-            diff.bar[r_abs, g_known] / per_step,
-            diff.forward[r_abs, g_known] / per_step,
-            diff.backward[r_abs, g_known] / per_step,
-            diff.one_sided_bar[r_abs, g_known] / per_step,
-        )
+        element = Differences(*(t[r_abs, g_known] / per_step for t in _parts(diff)))
         analytic = jac_t[j_known, r_abs]
         verdict = _flat(judge(analytic.unsqueeze(0), _as_row(element), tol))
-        bad = verdict.failed | verdict.nonfinite
-        failed_groups[g_known[bad]] = True
-        verdicts.append((acc, r_known, j_known, analytic, element, verdict))
+        failed_groups[g_known[verdict.failed | verdict.nonfinite]] = True
+        verdicts.append((acc, r_known, j_known, g_known, analytic, element, verdict))
 
         # Rows the analytic side says no column of the group reaches, yet the group moved.
         r_free, g_free = ((a_block < 0) & moved[rows]).nonzero(as_tuple=True)
         if r_free.numel():
-            r_abs = r_free + rows.start
-            free = Differences(
-                *(
-                    t[r_abs, g_free]
-                    for t in (diff.value, diff.bar, diff.forward, diff.backward, diff.one_sided_bar)
-                )
-            )
-            v_free = judge(torch.zeros_like(free.value).unsqueeze(0), _as_row(free), tol)
-            unexplained = (v_free.failed | v_free.nonfinite | v_free.kink).squeeze(0)
-            failed_groups[g_free[unexplained]] = True
+            free = Differences(*(t[r_free + rows.start, g_free] for t in _parts(diff)))
+            v_free = _flat(judge(torch.zeros_like(free.value).unsqueeze(0), _as_row(free), tol))
+            failed_groups[g_free[v_free.failed | v_free.nonfinite | v_free.kink]] = True
 
-    passed_columns = ~failed_groups[plan.group]
-    n_passed = int(passed_columns.sum())
-    for acc, r_known, j_known, analytic, element, verdict in verdicts:
-        ok = ~failed_groups[group_of[j_known]]
-        kept = Differences(
-            *(
-                t[ok]
-                for t in (
-                    element.value,
-                    element.bar,
-                    element.forward,
-                    element.backward,
-                    element.one_sided_bar,
-                )
-            )
-        )
+    n_passed = int((~failed_groups[group]).sum())
+    for acc, r_known, j_known, g_known, analytic, element, verdict in verdicts:
+        ok = ~failed_groups[g_known]
+        kept = Differences(*(t[ok] for t in _parts(element)))
         add_entries(acc, r_known[ok], j_known[ok], analytic[ok], kept, _select(verdict, ok))
         # Entries the analytic side and the grouped differences both put at zero count as checked.
         acc.checked += acc.output.size * n_passed - int(ok.sum())
-    if bool(failed_groups.any()):
-        ctx.note("a column group disagreed with the analytic pattern; its columns were re-checked one by one")
-    remaining = torch.cat([left, plan.columns[~passed_columns]])
-    return torch.sort(remaining).values
+
+
+def _parts(d: Differences) -> tuple[torch.Tensor, ...]:
+    return (d.value, d.bar, d.forward, d.backward, d.one_sided_bar)
 
 
 def _flat(v: Judgement) -> Judgement:

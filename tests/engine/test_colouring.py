@@ -149,3 +149,11 @@ def test_stride_colouring_matches_the_layouts():
     assert colour_by_stride(cols // 4, cols, n) == 4
     # A dense row needs as many colours as columns: not worth colouring.
     assert colour_by_stride(torch.zeros(n, dtype=torch.long), cols, n) is None
+
+
+def test_groups_in_small_chunks_give_the_same_elements():
+    x = torch.randn(100, dtype=torch.float64)
+    whole = gc.check(SpuriousNeighbour.apply, x, max_worst=100)
+    chunked = gc.check(SpuriousNeighbour.apply, x, max_worst=100, chunk_size=1)
+    assert _failing_elements(whole) == _failing_elements(chunked)
+    assert chunked.pairs[0].elements_failed == 100
