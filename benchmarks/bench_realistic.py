@@ -110,11 +110,13 @@ def main() -> None:
     for case in CASES:
         if wanted and not any(w in case.name for w in wanted):
             continue
-        rows.append(run_case(case, buggy=False, repeat=repeat, float32=not args.quick))
+        measured = [run_case(case, buggy=False, repeat=repeat, float32=not args.quick)]
         if case.has_bug:
-            rows.append(run_case(case, buggy=True, repeat=1, float32=False))
+            measured.append(run_case(case, buggy=True, repeat=1, float32=False))
+        rows += measured
         if args.verbose:
-            print(rows[-1], flush=True)
+            for row in measured:
+                print(row, flush=True)
 
     header = (
         f"{'function':<34} {'kind':<18} {'elems':>6} {'torch s':>9} {'ours s':>9} {'speed-up':>9}  verdicts"

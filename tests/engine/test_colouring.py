@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import gradcheck_svc as gc
+from gradcheck_svc.engine import colouring
 from gradcheck_svc.engine.colouring import colour_by_stride
 
 
@@ -157,3 +159,25 @@ def test_groups_in_small_chunks_give_the_same_elements():
     chunked = gc.check(SpuriousNeighbour.apply, x, max_worst=100, chunk_size=1)
     assert _failing_elements(whole) == _failing_elements(chunked)
     assert chunked.pairs[0].elements_failed == 100
+
+
+@pytest.mark.parametrize(
+    "fn, x",
+    [
+        (torch.relu, torch.cat([torch.zeros(5), torch.linspace(-2, 2, 95)]).double()),
+        (torch.abs, torch.cat([torch.zeros(3), torch.linspace(-1, 1, 50)]).double()),
+        (lambda x: x.clamp(-0.5, 0.5), torch.tensor([0.5, -0.5, 0.1, 2.0] * 10).double()),
+        (lambda x: torch.softmax(x, -1), torch.linspace(-3, 3, 200).double().reshape(10, 20)),
+        (torch.tanh, torch.linspace(-3, 3, 300)),  # float32
+    ],
+)
+def test_same_verdict_kinks_and_counts_as_column_by_column(fn, x, monkeypatch):
+    grouped = gc.check(fn, x).pairs[0]
+    monkeypatch.setattr(colouring, "colour_by_stride", lambda *args: None)
+    single = gc.check(fn, x).pairs[0]
+    assert (grouped.status, grouped.kinks, grouped.elements_failed, grouped.elements_checked) == (
+        single.status,
+        single.kinks,
+        single.elements_failed,
+        single.elements_checked,
+    )
