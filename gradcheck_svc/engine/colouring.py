@@ -109,6 +109,8 @@ def run_coloured(
     h = steps(base, ctx.eps(leaf))
     generator = torch.Generator().manual_seed(ctx.options.seed)
     pattern = jac_t != 0  # NaN and inf count as non-zeros
+    if int(pattern.sum(dim=0).max()) > leaf.size // _MIN_GAIN:
+        return None  # a row needs more colours than would pay: dense, leave it to the column path
     planned = plan_groups(base, h, pattern, generator)
     if planned is None:
         return None
