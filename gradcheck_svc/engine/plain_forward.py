@@ -69,7 +69,8 @@ def batched_plain_forward(
     """
     try:
         with torch.no_grad(), plain_forward_calls():
-            batched = torch.vmap(one)(batch)
+            # A copy: a forward that writes into its input must not spoil the rows a fallback reads.
+            batched = torch.vmap(one)(batch.clone())
     except Exception:  # the forward itself does something vmap cannot batch
         return None
     picks = sorted({0, *range(max(0, batch.shape[0] - _PROBE_ROWS + 1), batch.shape[0])})

@@ -114,3 +114,27 @@ def test_other_threads_keep_torchs_own_behaviour():
     except RuntimeError:
         refused = True
     assert refused
+
+
+def test_a_forward_that_writes_into_its_input_keeps_its_verdict():
+    class DoubleInPlace(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.mark_dirty(x)
+            return x.mul_(2)
+
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * g
+
+    def fn(x):
+        return DoubleInPlace.apply(x.clone()) ** 2
+
+    x = torch.randn(30, dtype=torch.float64)
+    report = gc.check(fn, x)
+    assert report.ok
+
+    def writes_its_argument(x):
+        return DoubleInPlace.apply(x * 1.0) + x
+
+    assert gc.check(writes_its_argument, x).ok
