@@ -95,7 +95,7 @@ def run_coloured(
     jac_t: torch.Tensor,
     accumulators: list[tuple[slice, PairAccumulator, Tolerance]],
 ) -> torch.Tensor | None:
-    """Check leaf ``index`` by groups; return the columns still to be perturbed one by one.
+    """Check leaf ``index`` by groups; return the columns still to be perturbed by full mode.
 
     ``jac_t`` is the analytic Jacobian of the leaf, transposed ``(n, M)``; ``accumulators``
     gives, per output block checked against this leaf, its rows, accumulator and tolerance.
@@ -162,8 +162,33 @@ def run_coloured(
         )
     if bool(failed_groups.any()):
         ctx.note("a column group disagreed with the analytic pattern; its columns were re-checked one by one")
-    remaining = torch.cat([left, plan.columns[failed_groups[plan.group]]])
-    return torch.sort(remaining).values
+        # Each column of a failing group on its own: every row it moves reads that column's
+        # element, so what is recorded is exact, and rows the analytic side misses are named.
+        again = plan.columns[failed_groups[plan.group]]
+        position = torch.full((leaf.size,), -1, dtype=torch.long, device=device)
+        for c0 in range(0, again.numel(), per_call):
+            ctx.poll()
+            cols = again[c0 : c0 + per_call]
+            position[cols] = torch.arange(cols.numel(), device=device)
+            mine = position[pc] >= 0
+            _check_groups(
+                ctx,
+                index,
+                jac_t,
+                accumulators,
+                x,
+                cols,
+                torch.arange(cols.numel(), device=device),
+                step_of[cols],
+                cols.numel(),
+                torch.maximum(x[cols].abs(), h[cols]) / step_of[cols],
+                (pc[mine], pr[mine], position[pc[mine]]),
+                step_of,
+                torch.zeros(cols.numel(), dtype=torch.bool, device=device),
+                singletons=True,
+            )
+            position[cols] = -1
+    return left
 
 
 def _check_groups(
@@ -180,8 +205,14 @@ def _check_groups(
     entries: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     step_of: torch.Tensor,
     failed_groups: torch.Tensor,
+    *,
+    singletons: bool = False,
 ) -> None:
-    """Evaluate, verify and record ``k`` groups; marks the groups that must go column by column."""
+    """Evaluate, verify and record ``k`` groups; marks the groups that must go column by column.
+
+    With ``singletons`` every group is one column: nothing can hide, so every entry is recorded
+    as it is judged, including rows the analytic side says the column does not reach.
+    """
     leaf = ctx.problem.leaves[index]
     device = x.device
     direction = torch.zeros(k, leaf.size, dtype=torch.float64, device=device)
@@ -208,23 +239,34 @@ def _check_groups(
         element = Differences(*(t[r_abs, g_known] / per_step for t in _parts(diff)))
         analytic = jac_t[j_known, r_abs]
         verdict = _flat(judge(analytic.unsqueeze(0), _as_row(element), tol))
-        failed_groups[g_known[verdict.failed | verdict.nonfinite]] = True
+        if not singletons:
+            failed_groups[g_known[verdict.failed | verdict.nonfinite]] = True
         verdicts.append((acc, r_known, j_known, g_known, analytic, element, verdict))
 
         # Rows the analytic side says no column of the group reaches, yet the group moved.
         r_free, g_free = ((a_block < 0) & moved[rows]).nonzero(as_tuple=True)
         if r_free.numel():
             free = Differences(*(t[r_free + rows.start, g_free] for t in _parts(diff)))
+            if singletons:  # exact: the element (row, the group's one column), analytic zero
+                free = Differences(*(t / step[g_free] for t in _parts(free)))
             v_free = _flat(judge(torch.zeros_like(free.value).unsqueeze(0), _as_row(free), tol))
-            failed_groups[g_free[v_free.failed | v_free.nonfinite | v_free.kink]] = True
+            if singletons:
+                verdicts.append(
+                    (acc, r_free, columns[g_free], g_free, torch.zeros_like(free.value), free, v_free)
+                )
+            else:
+                failed_groups[g_free[v_free.failed | v_free.nonfinite | v_free.kink]] = True
 
     n_passed = int((~failed_groups[group]).sum())
+    recorded: dict[int, int] = {}
     for acc, r_known, j_known, g_known, analytic, element, verdict in verdicts:
         ok = ~failed_groups[g_known]
         kept = Differences(*(t[ok] for t in _parts(element)))
         add_entries(acc, r_known[ok], j_known[ok], analytic[ok], kept, _select(verdict, ok))
+        recorded[id(acc)] = recorded.get(id(acc), 0) + int(ok.sum())
+    for _, acc, _ in accumulators:
         # Entries the analytic side and the grouped differences both put at zero count as checked.
-        acc.checked += acc.output.size * n_passed - int(ok.sum())
+        acc.checked += acc.output.size * n_passed - recorded.get(id(acc), 0)
 
 
 def _parts(d: Differences) -> tuple[torch.Tensor, ...]:

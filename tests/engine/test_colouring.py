@@ -181,3 +181,18 @@ def test_same_verdict_kinks_and_counts_as_column_by_column(fn, x, monkeypatch):
         single.elements_failed,
         single.elements_checked,
     )
+
+
+@pytest.mark.parametrize("fn", [MissingNeighbour.apply, SpuriousNeighbour.apply])
+def test_same_failing_elements_as_column_by_column(fn, monkeypatch):
+    x = torch.randn(60, dtype=torch.float64)
+    grouped = gc.check(fn, x, max_worst=100).pairs[0]
+    monkeypatch.setattr(colouring, "colour_by_stride", lambda *args: None)
+    single = gc.check(fn, x, max_worst=100).pairs[0]
+    assert (grouped.status, grouped.elements_failed, grouped.elements_checked) == (
+        single.status,
+        single.elements_failed,
+        single.elements_checked,
+    )
+    located = {(tuple(e.output_index), tuple(e.input_index)) for e in grouped.worst}
+    assert located == {(tuple(e.output_index), tuple(e.input_index)) for e in single.worst}
