@@ -408,7 +408,7 @@ class Client:
             dtypes=[str(DTYPES[d]).removeprefix("torch.") for d in m.dtypes if d in DTYPES],
             expression_functions=list(m.expression_functions),
             registered_functions=list(m.registered_functions),
-            limits={f.name: v for f, v in m.limits.ListFields()},
+            limits=_limits(m.limits),
             served_by=m.served_by,
         )
 
@@ -437,6 +437,17 @@ def _code_tuple(number: int) -> tuple[int, str]:
         if code.value[0] == number:
             return code.value
     return grpc.StatusCode.UNKNOWN.value
+
+
+def _limits(msg: pb.Limits) -> dict[str, int | float]:
+    """Limits by name; durations as seconds (``max_check_duration`` -> ``max_check_seconds``)."""
+    out: dict[str, int | float] = {}
+    for descriptor, value in msg.ListFields():
+        if descriptor.message_type is not None:  # google.protobuf.Duration
+            out[descriptor.name.removesuffix("_duration") + "_seconds"] = value.ToNanoseconds() / 1e9
+        else:
+            out[descriptor.name] = value
+    return out
 
 
 def build_request(
