@@ -18,6 +18,7 @@ from grpc_status import rpc_status
 import gradcheck_svc as gc
 from gradcheck_svc.codec import DTYPES, encode_duration, encode_report
 from gradcheck_svc.report import Report
+from gradcheck_svc.server.external import check_external
 from gradcheck_svc.server.isolation import WorkerPool
 from gradcheck_svc.server.limiter import CheckSlots
 from gradcheck_svc.server.plan import CheckPlan, plan_check
@@ -218,6 +219,13 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         finally:
             window.release()
 
+    # ------------------------------------------------------------------------- CheckExternal
+
+    def CheckExternal(
+        self, request_iterator: Iterator[pb.CheckExternalRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.CheckExternalResponse]:
+        return check_external(self, request_iterator, context)
+
     # ------------------------------------------------------------------------- GetCapabilities
 
     def GetCapabilities(
@@ -250,6 +258,8 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                 max_check_duration=encode_duration(s.max_check_seconds),
                 max_concurrent_checks=s.max_concurrent_checks,
                 max_expression_length=s.max_expression_length,
+                max_external_batch_size=s.max_external_batch,
+                max_external_reply_duration=encode_duration(s.external_reply_seconds),
             ),
             served_by=self.served_by,
         )

@@ -1500,12 +1500,15 @@ class CheckExternalRequest(_message.Message):
     The server sends one request at a time and waits for its answer. Batches
     have a leading batch dimension (at most start.max_batch_size and
     Limits.max_external_batch_size points), so a client can evaluate them in one
-    vectorised call. Every answer is validated: a wrong sequence, name, shape or
-    dtype, a NaN where the function's value at the start point was finite, or a
-    second `start` ends the RPC with INVALID_ARGUMENT; an answer that does not
-    come within Limits.max_external_reply_duration ends it with
-    DEADLINE_EXCEEDED; the client's deadline, cancellation and server drain end
-    it as for Check. Either way the server's slot is freed at once.
+    vectorised call. Every answer is validated: a wrong kind, sequence, name,
+    shape or dtype, a NaN or infinite value (the function and its derivatives
+    must be finite near the checked point), or closing the client's side of the
+    stream before the report ends the RPC with INVALID_ARGUMENT (with a
+    google.rpc.BadRequest naming the field); an answer that does not come within
+    Limits.max_external_reply_duration ends it with DEADLINE_EXCEEDED. The
+    client's deadline and cancellation apply as for Check; a draining server
+    refuses new checks with UNAVAILABLE and lets running ones finish within its
+    grace period. Whatever the end, the server's slot is freed at once.
 
     Complex tensors follow PyTorch's convention: a vector-Jacobian product with
     cotangent c is the conjugate Wirtinger gradient of Re(<c, f(x)>), which for
