@@ -7,7 +7,8 @@ checked is exactly the one ``vjp`` returns. ``vectorized=True`` says the callabl
 leading batch dimension (``fn`` on inputs, ``vjp`` on cotangents, ``jvp`` on tangents), so a whole
 batch is one call; otherwise they are called once per batch item.
 
-Outputs: one array, a tuple/list of arrays (named "0", "1", ...) or a dict of arrays by name.
+Outputs: one array, a tuple/list of arrays (named "out0", "out1", ...) or a dict of arrays by name
+(identifiers). The cotangent ``vjp`` receives has the same form.
 Gradients: one array when there is one input, else a tuple with an entry per input (None for an
 input that is not differentiated).
 """
@@ -117,7 +118,7 @@ class CallableSource:
         if isinstance(value, Mapping):
             names, values = [str(k) for k in value], list(value.values())
         elif isinstance(value, tuple | list):
-            names, values = [str(k) for k in range(len(value))], list(value)
+            names, values = [f"out{k}" for k in range(len(value))], list(value)
         else:
             names, values = ["output"], [value]
         if self._names is None:
@@ -131,7 +132,7 @@ class CallableSource:
         names = self.output_names
         if names == ["output"]:
             return parts[0]
-        if names == [str(k) for k in range(len(names))]:
+        if names == [f"out{k}" for k in range(len(names))]:
             return tuple(parts)
         return dict(zip(names, parts, strict=True))
 

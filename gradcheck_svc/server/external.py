@@ -37,7 +37,7 @@ from gradcheck_svc.errors import (
 )
 from gradcheck_svc.options import CheckOptions
 from gradcheck_svc.report import Report
-from gradcheck_svc.server.external_source import ClientFailed, ExchangeEnded, StreamSource
+from gradcheck_svc.server.external_source import NAME, NAME_RULE, ClientFailed, ExchangeEnded, StreamSource
 from gradcheck_svc.server.runner import Deadline
 from gradcheck_svc.server.status import Rejection, failure_for
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
@@ -69,8 +69,11 @@ def check_external(
     label, outcome, exchanges = "-", "OK", 0
     acquired = False
     try:
-        first = next(requests, None)
-        if first is None or first.WhichOneof("kind") != "start":
+        inbox = Inbox(requests)
+        remaining = context.time_remaining()
+        wait = service.settings.external_reply_seconds
+        first = inbox.first(wait if remaining is None else min(wait, remaining))
+        if not isinstance(first, pb.CheckExternalRequest) or first.WhichOneof("kind") != "start":
             raise InvalidRequestError("start", "the first message of CheckExternal must be `start`")
         start = first.start
         label = start.function[:120] or "external"
@@ -83,7 +86,7 @@ def check_external(
                 f"server busy: {service.slots.size} checks already running (max_concurrent_checks)",
             )
         acquired = True
-        run = _Run(service, plan, start, requests, context)
+        run = _Run(service, plan, start, inbox, context)
         yield from run.messages()
         exchanges = run.source.requests
     except Exception as exc:
@@ -125,8 +128,8 @@ def _plan(start: pb.ExternalStart, service: GradcheckService) -> _Plan:
             raise LimitExceededError(
                 f"inputs have more than max_request_elements={settings.max_request_elements}"
             )
-        if not named.name or named.name in names:
-            raise InvalidRequestError(f"{where}.name", f"{named.name!r}: inputs need unique, non-empty names")
+        if not NAME.match(named.name) or named.name in names:
+            raise InvalidRequestError(f"{where}.name", f"{named.name[:80]!r}: {NAME_RULE}")
         names.append(named.name)
         tensors.append(
             decode_tensor(named.tensor, max_elements=settings.max_tensor_elements, field=f"{where}.tensor")
@@ -156,6 +159,40 @@ def _plan(start: pb.ExternalStart, service: GradcheckService) -> _Plan:
 
 
 _END = object()
+_MAX_AHEAD = 2  # a client answers only what it was asked: more unread messages than this is a flood
+
+
+class Inbox:
+    """The client's messages, read on a thread of their own so that waiting for one can time out.
+
+    At most a few are held: a client that sends what nobody asked for is told so (a string in
+    the queue, which the waiting side raises) and no longer read. None marks the end.
+    """
+
+    def __init__(self, requests: Iterator[pb.CheckExternalRequest]) -> None:
+        self.messages: queue.Queue[pb.CheckExternalRequest | str | None] = queue.Queue()
+        self._requests = requests
+        threading.Thread(target=self._read, name="gradcheck-external-reader", daemon=True).start()
+
+    def first(self, timeout: float) -> pb.CheckExternalRequest | str | None:
+        try:
+            return self.messages.get(timeout=timeout)
+        except queue.Empty:
+            raise Rejection(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"no `start` message within {timeout:g} s"
+            ) from None
+
+    def _read(self) -> None:
+        try:
+            for message in self._requests:
+                if self.messages.qsize() >= _MAX_AHEAD:
+                    self.messages.put("the client sent messages the server did not ask for")
+                    return
+                self.messages.put(message)
+        except Exception:  # the client went away; the waiting side sees the end below
+            log.debug("CheckExternal reader stopped", exc_info=True)
+        finally:
+            self.messages.put(None)
 
 
 class _Run:
@@ -166,14 +203,13 @@ class _Run:
         service: GradcheckService,
         plan: _Plan,
         start: pb.ExternalStart,
-        requests: Iterator[pb.CheckExternalRequest],
+        inbox: Inbox,
         context: grpc.ServicerContext,
     ) -> None:
         settings = service.settings
         self.plan = plan
         self.label = start.function[:200] or "external"
         self.outbox: queue.Queue[Any] = queue.Queue()
-        self.answers: queue.Queue[pb.CheckExternalRequest | None] = queue.Queue()
         self.cancel = threading.Event()
         context.add_callback(self.cancel.set)
         self.deadline = Deadline.start(context.time_remaining(), settings.max_check_seconds)
@@ -188,13 +224,11 @@ class _Run:
             deadline=self.deadline,
             cancelled=self.cancel.is_set,
             send=self.outbox.put,
-            answers=self.answers,
+            answers=inbox.messages,
         )
-        self._requests = requests
         self._served_by = service.served_by
 
     def messages(self) -> Iterator[pb.CheckExternalResponse]:
-        threading.Thread(target=self._read, name="gradcheck-external-reader", daemon=True).start()
         engine = threading.Thread(target=self._check, name="gradcheck-external", daemon=True)
         engine.start()
         try:
@@ -208,15 +242,6 @@ class _Run:
         finally:
             self.cancel.set()  # whatever ended the handler, the engine thread stops asking
             engine.join()
-
-    def _read(self) -> None:
-        try:
-            for message in self._requests:
-                self.answers.put(message)
-        except Exception:  # the client went away; the waiting side sees the end below
-            log.debug("CheckExternal reader stopped", exc_info=True)
-        finally:
-            self.answers.put(None)
 
     def _check(self) -> None:
         try:

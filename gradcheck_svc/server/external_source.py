@@ -10,6 +10,7 @@ fallbacks (another vmap path, a plain loop) cannot send more requests to a clien
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,12 +26,15 @@ from gradcheck_svc.server.runner import Deadline
 from gradcheck_svc.server.status import Rejection
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
-__all__ = ["ClientFailed", "ExchangeEnded", "StreamSource"]
+__all__ = ["NAME", "NAME_RULE", "ClientFailed", "ExchangeEnded", "StreamSource"]
 
 # Seconds between looks at cancellation and the deadline while waiting. A draining server lets
 # a running check finish within its grace period, as for every RPC; stopping cancels the rest.
 _POLL = 0.05
 _T = TypeVar("_T")
+# Input and output names end up in reports and logs: short identifiers only.
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+NAME_RULE = "names must be unique identifiers of at most 64 characters ([A-Za-z_][A-Za-z0-9_]*)"
 
 
 class ExchangeEnded(CheckError):
@@ -69,7 +73,7 @@ class StreamSource:
         deadline: Deadline,
         cancelled: Callable[[], bool],
         send: Callable[[pb.CheckExternalResponse], None],
-        answers: queue.Queue[pb.CheckExternalRequest | None],
+        answers: queue.Queue[pb.CheckExternalRequest | str | None],
     ) -> None:
         self._inputs = [_Slot(n, tuple(t.shape), t.dtype) for n, t in inputs]
         self._base = [t.detach() for _, t in inputs]
@@ -209,6 +213,8 @@ class StreamSource:
                 answer = self._answers.get(timeout=min(_POLL, give_up - now))
             except queue.Empty:
                 continue
+            if isinstance(answer, str):
+                raise InvalidRequestError("stream", answer)
             if answer is None:
                 raise InvalidRequestError(
                     "stream",
@@ -240,10 +246,8 @@ class StreamSource:
         slots, seen = [], set()
         for k, item in enumerate(named):
             where = f"values.outputs[{k}]"
-            if not item.name or item.name in seen:
-                raise InvalidRequestError(
-                    f"{where}.name", f"{item.name!r}: outputs need unique, non-empty names"
-                )
+            if not NAME.match(item.name) or item.name in seen:
+                raise InvalidRequestError(f"{where}.name", f"{item.name[:80]!r}: {NAME_RULE}")
             seen.add(item.name)
             shape = tuple(item.tensor.shape)
             dtype = decode_tensor(item.tensor, max_elements=self._max_elements, field=f"{where}.tensor").dtype

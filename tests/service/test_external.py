@@ -289,6 +289,37 @@ def test_half_close_and_protocol_errors(server: Running, client: Client) -> None
     _slot_is_free(client)
 
 
+def test_flood_silence_before_start_and_bad_names(server: Running, client: Client) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GradcheckServiceStub(channel)
+        # Twenty unsolicited messages right after start: the server stops reading and says why.
+        flood = [pb.CheckExternalRequest(values=pb.ExternalValues(sequence=k)) for k in range(20)]
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.CheckExternal(iter([_start(), *flood]), timeout=30))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+
+        # A stream that never sends `start` holds nothing for longer than the reply timeout.
+        silent: queue.Queue[pb.CheckExternalRequest | None] = queue.Queue()
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.CheckExternal(iter(silent.get, None), timeout=30))
+        silent.put(None)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+        assert "no `start`" in info.value.details()  # type: ignore[attr-defined]
+        assert time.monotonic() - started < 15
+
+    bad_name = pb.CheckExternalRequest(start=pb.ExternalStart(point=encode_point({"x y": torch.ones(2)})))
+    error, _ = _raw(server.address, _sine, first=bad_name)
+    assert error is not None and "start.point.tensors[0].name" in _violations(error)
+    _slot_is_free(client)
+
+
+def test_limits_apply(client: Client) -> None:
+    with pytest.raises(ServiceError, match="RESOURCE_EXHAUSTED"):
+        client.check_external(layer, layer_vjp, {"x": X, "w": W}, options={"max_jacobian_entries": 10})
+    _slot_is_free(client)
+
+
 def test_client_deadline_and_cancellation(server: Running, client: Client) -> None:
     error, _ = _raw(server.address, lambda r: None, timeout=0.7)
     assert error is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
