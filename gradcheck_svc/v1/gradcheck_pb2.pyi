@@ -1852,11 +1852,11 @@ class ErrorDetails(_message.Message):
     """----------------------------------------------------------------------------- errors
 
     The google.rpc detail messages a status of this service may carry in its
-    `details` (each packed in a google.protobuf.Any): BadRequest on
-    INVALID_ARGUMENT, QuotaFailure on RESOURCE_EXHAUSTED, RetryInfo when
-    retrying later may help, ErrorInfo (reason, domain "gradcheck-svc") on every
-    error. Never sent itself: it names the types so that code generators and
-    reflection clients can resolve every detail.
+    `details` (each packed in a google.protobuf.Any): BadRequest (the fields that
+    were wrong, on INVALID_ARGUMENT), QuotaFailure (the limit, on
+    RESOURCE_EXHAUSTED), RetryInfo (when retrying may help), ErrorInfo (a
+    machine-readable reason). Never sent itself: it names the types so that code
+    generators and reflection clients can resolve every detail.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
