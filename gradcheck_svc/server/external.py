@@ -58,6 +58,7 @@ _REQUEST_LEVEL = (
 _UNSUPPORTED = {
     "compare_devices": "compares torch's CUDA and CPU results; the client's function runs where it runs",
     "order": "order 2 differentiates the vector-Jacobian product, which the client only evaluates",
+    "upcast": "the client's function runs in the dtypes it declared",
 }
 
 

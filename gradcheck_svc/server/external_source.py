@@ -109,7 +109,7 @@ class StreamSource:
             msg = pb.CheckExternalResponse()
             msg.evaluate.batch_size = size
             msg.evaluate.inputs.extend(
-                pb.NamedTensor(name=s.name, tensor=encode_tensor(x.to(s.dtype)))
+                pb.NamedTensor(name=s.name, tensor=encode_tensor(x))
                 for s, x in zip(self._inputs, part, strict=True)
             )
             answer = self._exchange(msg, msg.evaluate, "values")
@@ -161,6 +161,13 @@ class StreamSource:
         return [torch.cat([p[i] for p in parts]) for i in range(len(outputs))]
 
     def evaluate(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        for given, slot in zip(inputs, self._inputs, strict=True):
+            if given.dtype != slot.dtype:
+                # Not sent: values computed in the client's dtype would pass for a more precise
+                # reference. The engine may try other dtypes and fall back; nothing ends here.
+                raise TypeError(
+                    f"the client's function takes {slot.name!r} as {slot.dtype}, not {given.dtype}"
+                )
         return self._ending(lambda: self._evaluate(inputs))
 
     def vjp(

@@ -1588,8 +1588,8 @@ class ExternalStart(_message.Message):
     @_builtins.property
     def options(self) -> Global___Options:
         """Options of the check, as in Check. Not supported here: order 2,
-        compare_devices, device CUDA (the client's function runs where it runs;
-        the server's arithmetic runs on its CPU).
+        compare_devices, upcast and device CUDA (the client's function runs where
+        and in the dtypes it runs; the server's arithmetic runs on its CPU).
         """
 
     def __init__(

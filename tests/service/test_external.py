@@ -381,3 +381,26 @@ def test_drain_finishes_the_running_check_and_refuses_new_ones() -> None:
     assert late is not None and late.code() == grpc.StatusCode.UNAVAILABLE
     error, seen = result[0]  # type: ignore[misc]
     assert error is None and seen[-1] == "report"
+
+
+def test_float32_function_is_checked_in_float32(client: Client) -> None:
+    x = RNG.normal(size=(6,)).astype(np.float32)
+
+    def scaled_tanh(x: np.ndarray) -> np.ndarray:
+        assert x.dtype == np.float32  # the server never sends other dtypes than the client's
+        return np.tanh(x) * np.float32(3)
+
+    def vjp(c: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return c * 3 * (1 - np.tanh(x) ** 2)
+
+    def vjp_bug(c: np.ndarray, x: np.ndarray) -> np.ndarray:
+        g = vjp(c, x).copy()
+        g[..., 2] *= 1.003
+        return g
+
+    good = client.check_external(scaled_tanh, vjp, {"x": x})
+    assert good.ok and good.dtype == "float32", str(good)
+    bad = client.check_external(scaled_tanh, vjp_bug, {"x": x})
+    assert [e.location(p.output, p.input) for p in bad.failures for e in p.worst] == ["output[2] / x[2]"]
+    with pytest.raises(ServiceError, match="upcast"):
+        client.check_external(scaled_tanh, vjp, {"x": x}, options={"upcast": True})
