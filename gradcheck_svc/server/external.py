@@ -138,7 +138,8 @@ def _plan(start: pb.ExternalStart, service: GradcheckService) -> _Plan:
     options = decode_options(start.options)
     client = set(options)
     for name, why in _UNSUPPORTED.items():
-        if options.get(name) not in (None, False, 1):
+        value = options.get(name)
+        if value is not None and value is not False and not (name == "order" and value == 1):
             raise InvalidRequestError(f"start.options.{name}", f"not supported for external functions: {why}")
     if options.get("device") == "cuda":
         raise InvalidRequestError("start.options.device", "external checks run on the server's CPU")

@@ -395,7 +395,7 @@ def test_float32_function_is_checked_in_float32(client: Client) -> None:
 
     def vjp_bug(c: np.ndarray, x: np.ndarray) -> np.ndarray:
         g = vjp(c, x).copy()
-        g[..., 2] *= 1.003
+        g[..., 2] *= 1.03  # float32 finite differences resolve a few per mille, not less
         return g
 
     good = client.check_external(scaled_tanh, vjp, {"x": x})
