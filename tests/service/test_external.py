@@ -404,3 +404,15 @@ def test_float32_function_is_checked_in_float32(client: Client) -> None:
     assert [e.location(p.output, p.input) for p in bad.failures for e in p.worst] == ["output[2] / x[2]"]
     with pytest.raises(ServiceError, match="upcast"):
         client.check_external(scaled_tanh, vjp, {"x": x}, options={"upcast": True})
+
+
+def test_nondeterministic_gradient_is_flagged(client: Client) -> None:
+    noise = np.random.default_rng(3)
+
+    def jittery_vjp(c: np.ndarray, x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        gx, gw = layer_vjp(c, x, w)
+        return gx + 1e-9 * noise.normal(size=gx.shape), gw  # a race in a hand-written reduction
+
+    report = client.check_external(layer, jittery_vjp, {"x": X, "w": W})
+    statuses = {p.input: p.status.value for p in report.pairs}
+    assert not report.ok and statuses == {"x": "nondeterministic", "w": "pass"}, str(report)
