@@ -67,8 +67,8 @@ def check_external(
 ) -> Iterator[pb.CheckExternalResponse]:
     check_id = uuid.uuid4().hex[:12]
     started = time.perf_counter()
-    label, outcome, exchanges = "-", "OK", 0
-    acquired = False
+    label, outcome = "-", "OK"
+    run: _Run | None = None
     try:
         inbox = Inbox(requests)
         remaining = context.time_remaining()
@@ -86,24 +86,28 @@ def check_external(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"server busy: {service.slots.size} checks already running (max_concurrent_checks)",
             )
-        acquired = True
-        run = _Run(service, plan, start, inbox, context)
+        try:
+            run = _Run(service, plan, start, inbox, context)
+        except BaseException:
+            service.slots.release()
+            raise
         yield from run.messages()
-        exchanges = run.source.requests
     except Exception as exc:
         outcome = failure_for(exc, check_id).code.name
         context.abort_with_status(rpc_status.to_status(failure_for(exc, check_id).to_status()))
     finally:
-        if acquired:
+        # Here, not after `yield from`: a client may close the stream on the report, and then
+        # no code after the last yield runs.
+        if run is not None:
             service.slots.release()
         log.info(
             "check-external id=%s function=%r requests=%d status=%s duration=%.3fs%s",
             check_id,
             label,
-            exchanges,
+            run.source.requests if run else 0,
             outcome,
             time.perf_counter() - started,
-            f" log_tag={start.log_tag[:64]}" if acquired and start.log_tag else "",
+            f" log_tag={run.log_tag}" if run and run.log_tag else "",
         )
 
 
@@ -211,6 +215,7 @@ class _Run:
         settings = service.settings
         self.plan = plan
         self.label = start.function[:200] or "external"
+        self.log_tag = start.log_tag[:64]
         self.outbox: queue.Queue[Any] = queue.Queue()
         self.cancel = threading.Event()
         context.add_callback(self.cancel.set)
