@@ -11,11 +11,13 @@ slot is released on every path.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -111,14 +113,14 @@ def check_external(
         )
 
 
+@dataclass(frozen=True)
 class _Plan:
-    def __init__(
-        self, names: list[str], tensors: list[torch.Tensor], options: dict[str, Any], client: set[str]
-    ):
-        self.names = names
-        self.tensors = tensors
-        self.options = options
-        self.client_options = client
+    """A validated start: the inputs by name, the engine's options, the ones the client set."""
+
+    names: list[str]
+    tensors: list[torch.Tensor]
+    options: dict[str, Any]
+    client_options: set[str]
 
 
 def _plan(start: pb.ExternalStart, service: GradcheckService) -> _Plan:
@@ -141,6 +143,10 @@ def _plan(start: pb.ExternalStart, service: GradcheckService) -> _Plan:
         )
     options = decode_options(start.options)
     client = set(options)
+    for name, value in options.items():
+        # NaN or infinite tolerances or steps would turn every verdict into "ok" or into noise.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidRequestError(f"start.options.{name}", f"must be a finite number, got {value}")
     for name, why in _UNSUPPORTED.items():
         value = options.get(name)
         if value is not None and value is not False and not (name == "order" and value == 1):

@@ -137,6 +137,8 @@ def test_function_that_raises_is_reported_not_an_rpc_error(client: Client) -> No
 def test_unsupported_options_are_refused(client: Client) -> None:
     with pytest.raises(ServiceError, match=r"INVALID_ARGUMENT.*order"):
         client.check_external(layer, layer_vjp, {"x": X, "w": W}, options={"order": 2})
+    with pytest.raises(ServiceError, match=r"INVALID_ARGUMENT.*finite"):
+        client.check_external(layer, layer_vjp_bug, {"x": X, "w": W}, options={"atol": float("inf")})
     with pytest.raises(ServiceError, match=r"INVALID_ARGUMENT.*has_jvp"):
         client.check_external(layer, layer_vjp, {"x": X, "w": W}, options={"forward_ad": True})
 
