@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     kill_after_seconds: float = Field(
         2.0, gt=0, description="a worker process still busy this long after its check's deadline is killed"
     )
+    max_external_batch: int = Field(
+        256, ge=1, description="most points, cotangents or tangents per request of CheckExternal"
+    )
+    external_reply_seconds: float = Field(
+        30.0, gt=0, description="longest wait for each answer of a CheckExternal client"
+    )
     max_expression_length: int = Field(
         2000, ge=1, le=100_000, description="longest expression, in characters"
     )

@@ -16,8 +16,9 @@ import torch
 from grpc_status import rpc_status
 
 import gradcheck_svc as gc
-from gradcheck_svc.codec import DTYPES, encode_report
+from gradcheck_svc.codec import DTYPES, encode_duration, encode_report
 from gradcheck_svc.report import Report
+from gradcheck_svc.server.external import check_external
 from gradcheck_svc.server.isolation import WorkerPool
 from gradcheck_svc.server.limiter import CheckSlots
 from gradcheck_svc.server.plan import CheckPlan, plan_check
@@ -136,9 +137,9 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
     ) -> None:
         function = plan.label if plan else _function_label(request)
         points = len(plan.points) if plan else _point_count(request)
-        device = reports[0].device if reports else (plan.device if plan else "-")
+        device = reports[0].device_name if reports else (plan.device if plan else "-")
         ok = "-" if reports is None else str(all(r.ok for r in reports)).lower()
-        extra = f" request_id={request.request_id[:64]}" if request.request_id else ""
+        extra = f" log_tag={request.log_tag[:64]}" if request.log_tag else ""
         log.info(
             "check id=%s function=%r points=%d device=%s ok=%s status=%s duration=%.3fs%s",
             check_id,
@@ -218,6 +219,13 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         finally:
             window.release()
 
+    # ------------------------------------------------------------------------- CheckExternal
+
+    def CheckExternal(
+        self, request_iterator: Iterator[pb.CheckExternalRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.CheckExternalResponse]:
+        return check_external(self, request_iterator, context)
+
     # ------------------------------------------------------------------------- GetCapabilities
 
     def GetCapabilities(
@@ -247,9 +255,11 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                 max_points=s.max_points,
                 max_jacobian_entries=s.max_jacobian_entries,
                 max_evaluations=s.max_evaluations,
-                max_check_seconds=s.max_check_seconds,
+                max_check_duration=encode_duration(s.max_check_seconds),
                 max_concurrent_checks=s.max_concurrent_checks,
                 max_expression_length=s.max_expression_length,
+                max_external_batch_size=s.max_external_batch,
+                max_external_reply_duration=encode_duration(s.external_reply_seconds),
             ),
             served_by=self.served_by,
         )
@@ -268,5 +278,5 @@ def _point_count(request: pb.CheckRequest) -> int:
     if request.WhichOneof("points") == "explicit_points":
         return len(request.explicit_points.points)
     if request.WhichOneof("points") == "sampling":
-        return request.sampling.count or 1
+        return request.sampling.point_count or 1
     return 0
