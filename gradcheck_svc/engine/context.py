@@ -13,6 +13,7 @@ from gradcheck_svc.engine.compare import Tolerance
 from gradcheck_svc.engine.evaluate import Evaluator
 from gradcheck_svc.engine.numeric import defaults_for
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, Problem
+from gradcheck_svc.engine.reference import Reference
 from gradcheck_svc.errors import CheckCancelledError, LimitExceededError
 from gradcheck_svc.options import CheckOptions
 
@@ -23,39 +24,58 @@ _CHUNK_BYTES = 192 * 2**20  # memory for one batch of perturbed inputs and their
 
 @dataclass
 class Context:
+    """``problem`` is what the analytic side differentiates, in the user's dtype; the numeric
+    side differentiates ``reference.problem`` (the same, or a float64 copy: see reference.py)."""
+
     problem: Problem
     options: CheckOptions
+    reference: Reference | None = None
     deadline: float | None = None
     cancelled: Callable[[], bool] | None = None
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     evaluator: Evaluator = field(init=False)
     analytic: Analytic = field(init=False)
-    f0: torch.Tensor = field(init=False)
-    _base_rechecked: bool = field(default=False, init=False)
+    f0: torch.Tensor = field(init=False)  # f(x) in the user's dtype (as float64 values)
+    numeric_f0: torch.Tensor = field(init=False)  # f(x) of the numeric side
+    # A second evaluation of f(x) by the numeric side, to detect a nondeterministic forward.
+    numeric_repeats: list[torch.Tensor] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
-        self.evaluator = Evaluator(self.problem, self.note)
         self.analytic = Analytic(self.problem, self.note)
         first = self.problem.first_call
         if first is None:
-            self.f0 = self.evaluator.base()
+            self.f0 = Evaluator(self.problem, self.note).base()
         else:
             self.f0 = first[0].detach()
             self.analytic.adopt_graph(*first)
+        if self.reference is None:
+            self.reference = Reference(self.problem, "", "")
+        numeric = self.reference.problem
+        self.evaluator = Evaluator(numeric, self.note)
+        if numeric is self.problem:
+            self.numeric_f0 = self.f0
+        elif numeric.first_call is not None:
+            self.numeric_f0 = numeric.first_call[0].detach()
+        else:
+            self.numeric_f0 = self.evaluator.base()
+
+    @property
+    def numeric_problem(self) -> Problem:
+        assert self.reference is not None
+        return self.reference.problem
 
     def evaluate(self, index: int, batch: torch.Tensor) -> torch.Tensor:
-        """Evaluate a batch of perturbed copies of leaf ``index``.
+        """Evaluate a batch of perturbed copies of leaf ``index`` of the numeric problem.
 
         The first batch of a check also carries the unperturbed point: a second evaluation of
         f(x), nearly free inside the batch, compared with the first to catch a nondeterministic fn.
         """
-        if self._base_rechecked:
+        if self.numeric_repeats:
             return self.evaluator.leaf_batch(index, batch)
-        self._base_rechecked = True
-        base = self.problem.leaves[index].real.detach().to(batch.dtype).unsqueeze(0)
+        base = self.numeric_problem.leaves[index].real.detach().to(batch.dtype).unsqueeze(0)
         evaluated = self.evaluator.leaf_batch(index, torch.cat([batch, base]))
-        self.analytic.forward_values.append(evaluated[-1])
+        self.numeric_repeats.append(evaluated[-1])
         return evaluated[:-1]
 
     def note(self, text: str) -> None:
@@ -73,11 +93,18 @@ class Context:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
 
     def eps(self, leaf: Leaf) -> float:
+        """The relative step for ``leaf`` (a leaf of the numeric problem: its dtype sets the step)."""
         return self.options.eps if self.options.eps is not None else defaults_for(leaf.dtype).eps
 
     @property
     def machine_eps(self) -> float:
+        """Unit roundoff of the user's outputs: the precision the analytic side works in."""
         return defaults_for(*(o.dtype for o in self.problem.outputs)).machine_eps
+
+    @property
+    def numeric_machine_eps(self) -> float:
+        """Unit roundoff of the numeric side's outputs."""
+        return defaults_for(*(o.dtype for o in self.numeric_problem.outputs)).machine_eps
 
     def tolerance(self, output: OutputBlock, leaf: Leaf) -> Tolerance:
         d = defaults_for(output.dtype, leaf.dtype)
