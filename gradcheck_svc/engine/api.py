@@ -79,8 +79,8 @@ def check(
         problem = second_order_problem(problem, seed=opts.seed)
         reference = Reference(problem, reference.name, reference.reason)
     ctx = Context(problem, opts, reference, deadline=deadline, cancelled=cancelled)
-    if reference.name != "float64" or reference.reason != "the inputs are float64":
-        ctx.note(f"numeric reference: {reference.name} ({reference.reason})")
+    if reference.name != "float64" and reference.reason:
+        ctx.note(f"finite differences in {reference.name}: {reference.reason}")
 
     if not bool(torch.isfinite(ctx.f0).all()):
         ctx.note("fn's value is NaN or infinite at this point: affected elements cannot be checked")
