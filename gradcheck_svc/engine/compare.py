@@ -18,7 +18,7 @@ from gradcheck_svc.engine.numeric import Differences
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, flat_index
 from gradcheck_svc.report import Check, ElementError, PairReport, Status
 
-__all__ = ["Judgement", "PairAccumulator", "Tolerance", "judge", "pair_fields", "pair_status"]
+__all__ = ["Judgement", "PairAccumulator", "Tolerance", "judge", "merge_wide", "pair_fields", "pair_status"]
 
 _KEEP_FULL = 4096  # pairs with at most this many entries keep their whole Jacobians
 _MAP_BINS = 128  # error maps are max-pooled to at most this many bins per side
@@ -53,10 +53,14 @@ def _all_finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t.sum())) for t in tensors if t.numel())
 
 
-def judge(analytic: torch.Tensor, diff: Differences, tol: Tolerance) -> Judgement:
+def judge(
+    analytic: torch.Tensor, diff: Differences, tol: Tolerance, scale: torch.Tensor | None = None
+) -> Judgement:
+    """Judge each element; ``scale`` (per element) replaces the block's largest |numeric| as
+    the magnitude the relative atol applies to."""
     numeric = diff.value
     if _all_finite(analytic, numeric, diff.bar, diff.one_sided_bar):
-        return _judge_finite(analytic, diff, tol)
+        return _judge_finite(analytic, diff, tol, scale)
     finite_a = torch.isfinite(analytic)
     finite_n = torch.isfinite(numeric)
     both_finite = finite_a & finite_n
@@ -70,22 +74,29 @@ def judge(analytic: torch.Tensor, diff: Differences, tol: Tolerance) -> Judgemen
             for t in (numeric, diff.bar, diff.forward, diff.backward, diff.one_sided_bar)
         )
     )
-    verdict = _judge_finite(torch.where(both_finite, analytic, zero), clean, tol)
+    if scale is not None:
+        scale = torch.where(both_finite, scale.nan_to_num(nan=0.0, posinf=0.0), zero)
+    verdict = _judge_finite(torch.where(both_finite, analytic, zero), clean, tol, scale)
     verdict.ratio = torch.where(nonfinite, float("inf"), verdict.ratio)
     verdict.failed |= nonfinite
     verdict.nonfinite = nonfinite
     return verdict
 
 
-def _judge_finite(analytic: torch.Tensor, diff: Differences, tol: Tolerance) -> Judgement:
+def _judge_finite(
+    analytic: torch.Tensor, diff: Differences, tol: Tolerance, scale: torch.Tensor | None
+) -> Judgement:
     """The verdict where every value is finite; in-place ops keep the passes over memory few."""
     numeric = diff.value
-    if tol.atol is None:
-        scale = torch.linalg.vector_norm(numeric, ord=float("inf")) if numeric.numel() else 0.0
-        atol = float(tol.atol_factor * scale)
-    else:
+    atol: float | torch.Tensor
+    if tol.atol is not None:
         atol = tol.atol
-    atol += tol.slack
+    elif scale is not None:
+        atol = tol.atol_factor * scale
+    else:
+        block = torch.linalg.vector_norm(numeric, ord=float("inf")) if numeric.numel() else 0.0
+        atol = float(tol.atol_factor * block)
+    atol = atol + tol.slack
     tolerance = numeric.abs().mul_(tol.rtol).add_(diff.bar, alpha=tol.bars).add_(atol)
     error = torch.sub(analytic, numeric).abs_()
     # A zero tolerance (a block that is exactly zero, with no error bar) accepts only zero error:
@@ -105,7 +116,8 @@ def _judge_finite(analytic: torch.Tensor, diff: Differences, tol: Tolerance) -> 
     kink = torch.zeros_like(failed)
     if candidates[0].numel():
         fwd, bwd, a = diff.forward[candidates], diff.backward[candidates], analytic[candidates]
-        margin = diff.one_sided_bar[candidates] * kink_bars + atol
+        margin = diff.one_sided_bar[candidates] * kink_bars
+        margin += atol[candidates] if isinstance(atol, torch.Tensor) else atol
         inside = (a >= torch.minimum(fwd, bwd) - margin) & (a <= torch.maximum(fwd, bwd) + margin)
         kink[candidates] = inside
         if not tol.kinks_fail:
@@ -113,6 +125,31 @@ def _judge_finite(analytic: torch.Tensor, diff: Differences, tol: Tolerance) -> 
         else:
             failed[candidates] |= inside
     return Judgement(tolerance, error, ratio, failed, kink, torch.zeros_like(failed))
+
+
+def merge_wide(
+    analytic: torch.Tensor, low: Judgement, wide_analytic: torch.Tensor, wide: Judgement
+) -> tuple[torch.Tensor, Judgement, torch.Tensor]:
+    """One verdict from the user's backward and its float64 run, both against float64 differences.
+
+    An element fails when either fails. Where only the float64 run fails, that run's value and
+    tolerance are the ones shown (the user's dtype rounded the error away). Returns the analytic
+    values to show, the verdict, and the mask of elements only the float64 run failed.
+    """
+    only_wide = wide.failed & ~low.failed
+    if not bool(only_wide.any()):
+        low.failed |= wide.failed
+        low.nonfinite |= wide.nonfinite
+        return analytic, low, only_wide
+    merged = Judgement(
+        tolerance=torch.where(only_wide, wide.tolerance, low.tolerance),
+        error=torch.where(only_wide, wide.error, low.error),
+        ratio=torch.where(only_wide, wide.ratio, low.ratio),
+        failed=low.failed | wide.failed,
+        kink=low.kink | wide.kink,
+        nonfinite=low.nonfinite | wide.nonfinite,
+    )
+    return torch.where(only_wide, wide_analytic, analytic), merged, only_wide
 
 
 def pair_status(*, nonfinite: bool, nondeterministic: bool, failed: bool, kinks: bool) -> Status:
@@ -157,6 +194,7 @@ class PairAccumulator:
     max_ratio: float = 0.0
     nondeterminism: float | None = None
     nondeterministic: bool = False
+    wide_only: int = 0  # elements that failed only in the float64 run of the backward
     message: str = ""
     _worst: list[tuple[int, float, ElementError]] = field(default_factory=list)
     _full: dict[str, torch.Tensor] | None = None
@@ -320,5 +358,14 @@ class PairAccumulator:
             error_bars=full["b"].reshape(-1).tolist() if full is not None else None,
             nondeterminism=self.nondeterminism,
             error_map=error_map,
-            message=self.message,
+            message=self.message or self.wide_only_message(self.wide_only),
+        )
+
+    def wide_only_message(self, count: int) -> str:
+        """Why a failing element's analytic value is not the one the user's dtype computed."""
+        if not count:
+            return ""
+        return (
+            f"{count} element(s) fail only in the float64 run of this backward (values shown): "
+            f"{self.leaf.dtype_name} rounding hides the error there, it does not remove it"
         )

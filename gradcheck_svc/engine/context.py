@@ -20,6 +20,10 @@ from gradcheck_svc.options import CheckOptions
 __all__ = ["Context"]
 
 _CHUNK_BYTES = 192 * 2**20  # memory for one batch of perturbed inputs and their outputs
+# A low-precision backward against float64 differences: units of its machine epsilon allowed,
+# relative to the element and to the block's largest value.
+_ROUNDING_RTOL = 16.0
+_ROUNDING_ATOL = 32.0
 
 
 @dataclass
@@ -36,6 +40,8 @@ class Context:
     timings: dict[str, float] = field(default_factory=dict)
     evaluator: Evaluator = field(init=False)
     analytic: Analytic = field(init=False)
+    # The user's backward run on the float64 copy, when the numeric side is one (reference.py).
+    wide_analytic: Analytic | None = field(init=False)
     f0: torch.Tensor = field(init=False)  # f(x) in the user's dtype (as float64 values)
     numeric_f0: torch.Tensor = field(init=False)  # f(x) of the numeric side
     # A second evaluation of f(x) by the numeric side, to detect a nondeterministic forward.
@@ -53,12 +59,16 @@ class Context:
             self.reference = Reference(self.problem, "", "")
         numeric = self.reference.problem
         self.evaluator = Evaluator(numeric, self.note)
+        self.wide_analytic = None
         if numeric is self.problem:
             self.numeric_f0 = self.f0
-        elif numeric.first_call is not None:
-            self.numeric_f0 = numeric.first_call[0].detach()
         else:
-            self.numeric_f0 = self.evaluator.base()
+            self.wide_analytic = Analytic(numeric, self.note)
+            if numeric.first_call is not None:
+                self.numeric_f0 = numeric.first_call[0].detach()
+                self.wide_analytic.adopt_graph(*numeric.first_call)
+            else:
+                self.numeric_f0 = self.evaluator.base()
 
     @property
     def numeric_problem(self) -> Problem:
@@ -107,7 +117,53 @@ class Context:
         return defaults_for(*(o.dtype for o in self.numeric_problem.outputs)).machine_eps
 
     def tolerance(self, output: OutputBlock, leaf: Leaf) -> Tolerance:
+        """The tolerance of the user's analytic values against the numeric side.
+
+        Against float64 differences, a low-precision backward may differ from the exact
+        derivative by several units of its dtype, of the element and of the block it sums
+        from (an ulp of the terms, not of the result, where they cancel): at least
+        ``_ROUNDING_RTOL`` and ``_ROUNDING_ATOL`` units. Small bugs below that are the float64
+        run's to catch (``wide_tolerance``).
+        """
         d = defaults_for(output.dtype, leaf.dtype)
+        o = self.options
+        rtol, atol_factor = d.rtol, d.atol
+        if self.wide_analytic is not None:
+            rtol = max(rtol, _ROUNDING_RTOL * d.machine_eps)
+            atol_factor = max(atol_factor, _ROUNDING_ATOL * d.machine_eps)
+        return Tolerance(
+            atol=o.atol,
+            atol_factor=atol_factor,
+            rtol=o.rtol if o.rtol is not None else rtol,
+            bars=o.error_bars,
+            kinks_fail=o.kinks == "fail",
+            slack=o.nondet_tol,
+        )
+
+    def wide_tolerance(self, output: OutputBlock, leaf: Leaf) -> Tolerance:
+        """The tolerance of the float64 run of the user's backward against float64 differences:
+        the unit roundoff of the user's dtype (half its machine epsilon), relative and of the
+        block's scale. Code exact to the precision it is written for passes; a bug that the
+        dtype's rounding hides on the other comparison does not."""
+        unit = defaults_for(output.dtype, leaf.dtype).machine_eps / 2
+        o = self.options
+        return Tolerance(
+            atol=o.atol,
+            atol_factor=unit,
+            rtol=o.rtol if o.rtol is not None else unit,
+            bars=o.error_bars,
+            kinks_fail=o.kinks == "fail",
+            slack=o.nondet_tol,
+        )
+
+    def screen_tolerance(self) -> Tolerance:
+        """Fast mode's tolerance for the float64 run of the backward: that of a float64 check.
+
+        A projection dilutes an error of a few elements among all the others, so the screen is
+        as strict as float64 allows; a pair it fails is re-checked element by element, with the
+        tolerances of the user's dtype, and that verdict stands.
+        """
+        d = defaults_for(torch.float64)
         o = self.options
         return Tolerance(
             atol=o.atol,

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from gradcheck_svc.engine.compare import judge, pair_fields, pair_status
+from gradcheck_svc.engine.compare import judge, merge_wide, pair_fields, pair_status
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.full import DENSE_ENTRIES, run_full
 from gradcheck_svc.engine.numeric import NODES, Differences, differences, steps
@@ -56,6 +56,7 @@ def run_fast(ctx: Context) -> list[PairReport]:
     t0 = time.perf_counter()
     cotangents = random_cotangents(problem.outputs, count, generator, device)
     grads = ctx.analytic.rows(cotangents)
+    wide_grads = ctx.wide_analytic.rows(cotangents) if ctx.wide_analytic is not None else None
     # The backward runs a second time, on the very same batch, to detect nondeterminism.
     again = ctx.analytic.rows(cotangents) if options.check_nondeterminism else None
     ctx.timed("analytic_s", t0)
@@ -76,7 +77,16 @@ def run_fast(ctx: Context) -> list[PairReport]:
                 backward=(v * d.backward.T).sum(dim=1).unsqueeze(0),
                 one_sided_bar=(v.abs() * d.one_sided_bar.T).sum(dim=1).unsqueeze(0),
             )
-            verdict = judge(analytic, projected, ctx.tolerance(block, leaf))
+            # The user's dtype rounds each term v_i J_ij u_j: the scale of its rounding is that of
+            # the terms summed, from both sides, not of the (possibly cancelling) projection.
+            terms = (g * u).abs().sum(dim=1) + (v.abs() * d.value.T.abs()).sum(dim=1)
+            verdict = judge(analytic, projected, ctx.tolerance(block, leaf), scale=terms.unsqueeze(0))
+            wide_only = 0
+            if wide_grads is not None:
+                wide = (wide_grads[i][o * count : (o + 1) * count] * u).sum(dim=1).unsqueeze(0)
+                wide_verdict = judge(wide, projected, ctx.screen_tolerance(), scale=terms.unsqueeze(0))
+                analytic, verdict, only_wide = merge_wide(analytic, verdict, wide, wide_verdict)
+                wide_only = int(only_wide.sum())
             nondet = 0.0
             if again is not None and g.numel():
                 delta = again[i][o * count : (o + 1) * count] - g
@@ -103,7 +113,8 @@ def run_fast(ctx: Context) -> list[PairReport]:
                     elements_failed=int(verdict.failed.sum()),
                     kinks=int(verdict.kink.sum()),
                     nondeterminism=nondet if options.check_nondeterminism else None,
-                    message=f"{count} random projections v^T J u",
+                    message=f"{count} random projections v^T J u"
+                    + (f"; {wide_only} fail only in the float64 run of the backward" if wide_only else ""),
                 )
             )
             if status in (Status.FAIL, Status.NONFINITE):

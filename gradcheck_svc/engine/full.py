@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gradcheck_svc.engine.compare import PairAccumulator, judge
+from gradcheck_svc.engine.analytic import Analytic
+from gradcheck_svc.engine.compare import PairAccumulator, judge, merge_wide
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.numeric import Differences, differences, perturb, steps
 from gradcheck_svc.engine.probes import onehot
@@ -82,18 +83,31 @@ def run_full(
     ctx.check_limits(problem.n_outputs * n_sel, 3 * n_sel)
     accumulators = _Accumulators(ctx)
     jac: dict[int, torch.Tensor] | None = None
+    wide_jac: dict[int, torch.Tensor] | None = None
     if problem.n_outputs * n_sel <= DENSE_ENTRIES:
         start = time.perf_counter()
         chunks = _row_chunks(ctx, selection)
-        jac = _dense_rows(ctx, chunks, selection.leaves)
+        jac = _dense_rows(ctx, ctx.analytic, chunks, selection.leaves)
         if ctx.options.check_nondeterminism and chunks:
             _rerun_dense(ctx, jac, chunks[0], selection, accumulators)
+        if ctx.wide_analytic is not None:
+            wide_jac = _dense_rows(ctx, ctx.wide_analytic, chunks, selection.leaves)
         ctx.timed("analytic_s", start)
     for i in selection.leaves:
         for cols in _column_chunks(ctx, i):
-            analytic_t, forward_t = _analytic_columns(ctx, i, cols, jac, selection, accumulators)
-            _judge_columns(ctx, i, cols, analytic_t, forward_t, selection, accumulators)
+            columns = _analytic_columns(ctx, i, cols, jac, wide_jac, selection, accumulators)
+            _judge_columns(ctx, i, cols, columns, selection, accumulators)
     return dict(accumulators)
+
+
+@dataclass
+class _Columns:
+    """Analytic Jacobian columns of one chunk, as (c, M): reverse mode, and optionally forward
+    mode and the float64 run of the backward."""
+
+    reverse: torch.Tensor
+    forward: torch.Tensor | None
+    wide: torch.Tensor | None
 
 
 # ---------------------------------------------------------------------- analytic side
@@ -109,7 +123,9 @@ def _row_chunks(ctx: Context, selection: _Selection) -> list[torch.Tensor]:
     return [rows[start : start + per_chunk].to(ctx.f0.device) for start in range(0, rows.numel(), per_chunk)]
 
 
-def _dense_rows(ctx: Context, chunks: list[torch.Tensor], leaves: list[int]) -> dict[int, torch.Tensor]:
+def _dense_rows(
+    ctx: Context, analytic: Analytic, chunks: list[torch.Tensor], leaves: list[int]
+) -> dict[int, torch.Tensor]:
     """Reverse-mode Jacobian of the chunks' rows, per selected leaf, transposed: (n_i, M) each.
 
     Transposed so that a chunk of input columns is a contiguous (c, M) slice, the layout the
@@ -122,7 +138,7 @@ def _dense_rows(ctx: Context, chunks: list[torch.Tensor], leaves: list[int]) -> 
     }
     for chunk in chunks:
         ctx.poll()
-        grads = ctx.analytic.rows(onehot(chunk, m))
+        grads = analytic.rows(onehot(chunk, m))
         for i in leaves:
             jac[i][:, chunk] = grads[i].T
     return jac
@@ -160,26 +176,32 @@ def _analytic_columns(
     i: int,
     cols: torch.Tensor,
     jac: dict[int, torch.Tensor] | None,
+    wide_jac: dict[int, torch.Tensor] | None,
     selection: _Selection,
     accumulators: _Accumulators,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reverse-mode (and forward-mode when asked) Jacobian columns ``cols`` of leaf ``i``, as (c, M)."""
+) -> _Columns:
+    """The analytic Jacobian columns ``cols`` of leaf ``i``: from the dense rows when they were
+    taken, else from the backward itself (vjp of the vjp), with the nondeterminism re-run."""
     start = time.perf_counter()
     leaf = ctx.problem.leaves[i]
+    wide: torch.Tensor | None = None
     if jac is not None:
-        analytic_t = jac[i][cols]
+        reverse = jac[i][cols]
+        wide = wide_jac[i][cols] if wide_jac is not None else None
     else:
         directions = onehot(cols, leaf.size)
-        analytic_t = ctx.analytic.columns(i, directions)
+        reverse = ctx.analytic.columns(i, directions)
+        if ctx.wide_analytic is not None:
+            wide = ctx.wide_analytic.columns(i, directions)
         if ctx.options.check_nondeterminism and int(cols[0]) == 0:
             again = ctx.analytic.columns(i, directions)
             for o in selection.outputs_of(i):
                 rows = ctx.problem.outputs[o].rows
-                delta = _largest_change(analytic_t[:, rows], again[:, rows])
+                delta = _largest_change(reverse[:, rows], again[:, rows])
                 accumulators.of(Check.REVERSE, o, i).record_nondeterminism(delta, ctx.options.nondet_tol)
-    forward_t = ctx.analytic.jvp_columns(i, onehot(cols, leaf.size)) if ctx.options.forward_ad else None
+    forward = ctx.analytic.jvp_columns(i, onehot(cols, leaf.size)) if ctx.options.forward_ad else None
     ctx.timed("analytic_s", start)
-    return analytic_t, forward_t
+    return _Columns(reverse, forward, wide)
 
 
 # ---------------------------------------------------------------------- numeric side and verdict
@@ -195,8 +217,7 @@ def _judge_columns(
     ctx: Context,
     i: int,
     cols: torch.Tensor,
-    analytic_t: torch.Tensor,
-    forward_t: torch.Tensor | None,
+    columns: _Columns,
     selection: _Selection,
     accumulators: _Accumulators,
 ) -> None:
@@ -215,9 +236,10 @@ def _judge_columns(
     # functions that is a tiny fraction of the block.
     t0 = time.perf_counter()
     f0 = ctx.numeric_f0
-    active = (evaluated != f0).any(dim=0) | (analytic_t != 0).any(dim=0) | ~torch.isfinite(f0)
-    if forward_t is not None:
-        active |= (forward_t != 0).any(dim=0)
+    active = (evaluated != f0).any(dim=0) | (columns.reverse != 0).any(dim=0) | ~torch.isfinite(f0)
+    for extra in (columns.forward, columns.wide):
+        if extra is not None:
+            active |= (extra != 0).any(dim=0)
     active_rows = active.nonzero().squeeze(1)
     all_active = active_rows.numel() == problem.n_outputs
 
@@ -231,8 +253,9 @@ def _judge_columns(
         ctx.numeric_machine_eps,
         torch.maximum(base[cols].detach().abs().to(torch.float64), h),
     )
-    analytic = active_part(analytic_t).T
-    forward = active_part(forward_t).T if forward_t is not None else None
+    analytic = active_part(columns.reverse).T
+    forward = active_part(columns.forward).T if columns.forward is not None else None
+    wide = active_part(columns.wide).T if columns.wide is not None else None
     leaf = problem.leaves[i]
     for o in selection.outputs_of(i):
         block = problem.outputs[o]
@@ -245,7 +268,15 @@ def _judge_columns(
         a_o = analytic[lo:hi]
         skipped = (block.size - (hi - lo)) * cols.numel()
         reverse = accumulators.of(Check.REVERSE, o, i)
-        reverse.add(cols, a_o, d_o, judge(a_o, d_o, tol), rows=rows_in_block)
+        verdict = judge(a_o, d_o, tol)
+        if wide is not None:
+            w_o = wide[lo:hi]
+            wide_verdict = judge(w_o, d_o, ctx.wide_tolerance(block, leaf))
+            shown, verdict, only_wide = merge_wide(a_o, verdict, w_o, wide_verdict)
+            reverse.wide_only += int(only_wide.sum())
+        else:
+            shown = a_o
+        reverse.add(cols, shown, d_o, verdict, rows=rows_in_block)
         reverse.checked += skipped
         if forward is not None:
             f_o = forward[lo:hi]
