@@ -54,13 +54,18 @@ def _all_finite(*tensors: torch.Tensor) -> bool:
 
 
 def judge(
-    analytic: torch.Tensor, diff: Differences, tol: Tolerance, scale: torch.Tensor | None = None
+    analytic: torch.Tensor,
+    diff: Differences,
+    tol: Tolerance,
+    scale: torch.Tensor | None = None,
+    extra: torch.Tensor | None = None,
 ) -> Judgement:
     """Judge each element; ``scale`` (per element) replaces the block's largest |numeric| as
-    the magnitude the relative atol applies to."""
+    the magnitude the relative atol applies to; ``extra`` (per element) adds to the tolerance."""
     numeric = diff.value
+    atol_extra = extra.nan_to_num(nan=0.0, posinf=0.0) if extra is not None else None
     if _all_finite(analytic, numeric, diff.bar, diff.one_sided_bar):
-        return _judge_finite(analytic, diff, tol, scale)
+        return _judge_finite(analytic, diff, tol, scale, atol_extra)
     finite_a = torch.isfinite(analytic)
     finite_n = torch.isfinite(numeric)
     both_finite = finite_a & finite_n
@@ -76,7 +81,9 @@ def judge(
     )
     if scale is not None:
         scale = torch.where(both_finite, scale.nan_to_num(nan=0.0, posinf=0.0), zero)
-    verdict = _judge_finite(torch.where(both_finite, analytic, zero), clean, tol, scale)
+    if atol_extra is not None:
+        atol_extra = torch.where(both_finite, atol_extra, zero)
+    verdict = _judge_finite(torch.where(both_finite, analytic, zero), clean, tol, scale, atol_extra)
     verdict.ratio = torch.where(nonfinite, float("inf"), verdict.ratio)
     verdict.failed |= nonfinite
     verdict.nonfinite = nonfinite
@@ -84,7 +91,11 @@ def judge(
 
 
 def _judge_finite(
-    analytic: torch.Tensor, diff: Differences, tol: Tolerance, scale: torch.Tensor | None
+    analytic: torch.Tensor,
+    diff: Differences,
+    tol: Tolerance,
+    scale: torch.Tensor | None,
+    extra: torch.Tensor | None,
 ) -> Judgement:
     """The verdict where every value is finite; in-place ops keep the passes over memory few."""
     numeric = diff.value
@@ -98,6 +109,8 @@ def _judge_finite(
         atol = float(tol.atol_factor * block)
     atol = atol + tol.slack
     tolerance = numeric.abs().mul_(tol.rtol).add_(diff.bar, alpha=tol.bars).add_(atol)
+    if extra is not None:
+        tolerance.add_(extra)
     error = torch.sub(analytic, numeric).abs_()
     # A zero tolerance (a block that is exactly zero, with no error bar) accepts only zero error:
     # err/tol is then 0 or infinite, never an artefact of dividing by the smallest float.

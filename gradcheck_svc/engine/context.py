@@ -24,6 +24,12 @@ _CHUNK_BYTES = 192 * 2**20  # memory for one batch of perturbed inputs and their
 # relative to the element and to the block's largest value.
 _ROUNDING_RTOL = 16.0
 _ROUNDING_ATOL = 32.0
+_FORWARD_ROUNDING = 4.0  # times the forward's relative rounding, per output element
+
+
+def _relative_gap(low: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
+    gap = (low - wide).abs() / wide.abs()
+    return torch.where(low == wide, 0.0, gap).nan_to_num(nan=1.0, posinf=1.0).clamp(max=1.0)
 
 
 @dataclass
@@ -42,6 +48,10 @@ class Context:
     analytic: Analytic = field(init=False)
     # The user's backward run on the float64 copy, when the numeric side is one (reference.py).
     wide_analytic: Analytic | None = field(init=False)
+    # Per output element, how far the user's forward strays from the float64 one, relative
+    # (at most 1): where rounding spoils f, it spoils the backward built on the same
+    # intermediates as much, whatever the size of the derivative.
+    forward_rounding: torch.Tensor | None = field(init=False)
     f0: torch.Tensor = field(init=False)  # f(x) in the user's dtype (as float64 values)
     numeric_f0: torch.Tensor = field(init=False)  # f(x) of the numeric side
     # A second evaluation of f(x) by the numeric side, to detect a nondeterministic forward.
@@ -60,6 +70,7 @@ class Context:
         numeric = self.reference.problem
         self.evaluator = Evaluator(numeric, self.note)
         self.wide_analytic = None
+        self.forward_rounding = None
         if numeric is self.problem:
             self.numeric_f0 = self.f0
         else:
@@ -69,6 +80,7 @@ class Context:
                 self.wide_analytic.adopt_graph(*numeric.first_call)
             else:
                 self.numeric_f0 = self.evaluator.base()
+            self.forward_rounding = _relative_gap(self.f0, self.numeric_f0)
 
     @property
     def numeric_problem(self) -> Problem:
@@ -139,6 +151,13 @@ class Context:
             kinks_fail=o.kinks == "fail",
             slack=o.nondet_tol,
         )
+
+    def rounding_allowance(self, rows: torch.Tensor | slice, numeric: torch.Tensor) -> torch.Tensor | None:
+        """Extra tolerance of the user's analytic values in output ``rows`` (numeric block
+        ``(m, c)``) for the rounding of the forward they share: None without a float64 reference."""
+        if self.forward_rounding is None:
+            return None
+        return _FORWARD_ROUNDING * self.forward_rounding[rows].unsqueeze(1) * numeric.abs()
 
     def wide_tolerance(self, output: OutputBlock, leaf: Leaf) -> Tolerance:
         """The tolerance of the float64 run of the user's backward against float64 differences:

@@ -80,7 +80,12 @@ def run_fast(ctx: Context) -> list[PairReport]:
             # The user's dtype rounds each term v_i J_ij u_j: the scale of its rounding is that of
             # the terms summed, from both sides, not of the (possibly cancelling) projection.
             terms = (g * u).abs().sum(dim=1) + (v.abs() * d.value.T.abs()).sum(dim=1)
-            verdict = judge(analytic, projected, ctx.tolerance(block, leaf), scale=terms.unsqueeze(0))
+            allowance = ctx.rounding_allowance(block.rows, d.value)  # (m_o, P) or None
+            if allowance is not None:
+                allowance = (v.abs() * allowance.T).sum(dim=1).unsqueeze(0)
+            verdict = judge(
+                analytic, projected, ctx.tolerance(block, leaf), scale=terms.unsqueeze(0), extra=allowance
+            )
             wide_only = 0
             if wide_grads is not None:
                 wide = (wide_grads[i][o * count : (o + 1) * count] * u).sum(dim=1).unsqueeze(0)

@@ -268,7 +268,8 @@ def _judge_columns(
         a_o = analytic[lo:hi]
         skipped = (block.size - (hi - lo)) * cols.numel()
         reverse = accumulators.of(Check.REVERSE, o, i)
-        verdict = judge(a_o, d_o, tol)
+        allowance = ctx.rounding_allowance(active_rows[lo:hi], d_o.value)
+        verdict = judge(a_o, d_o, tol, extra=allowance)
         if wide is not None:
             w_o = wide[lo:hi]
             wide_verdict = judge(w_o, d_o, ctx.wide_tolerance(block, leaf))
