@@ -78,7 +78,7 @@ def check(
     if opts.order == 2:
         problem = second_order_problem(problem, seed=opts.seed)
         reference = Reference(problem, reference.name, reference.reason)
-    ctx = Context(problem, opts, reference, deadline=deadline, cancelled=cancelled)
+    ctx = Context(problem, opts, deadline=deadline, cancelled=cancelled, reference=reference)
     if reference.name != "float64" and reference.reason:
         ctx.note(f"finite differences in {reference.name}: {reference.reason}")
 

@@ -39,9 +39,9 @@ class Context:
 
     problem: Problem
     options: CheckOptions
-    reference: Reference | None = None
     deadline: float | None = None
     cancelled: Callable[[], bool] | None = None
+    reference: Reference | None = None  # None: the numeric side differentiates ``problem``
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     evaluator: Evaluator = field(init=False)
