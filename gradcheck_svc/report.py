@@ -179,6 +179,13 @@ def _err(value: float) -> str:
     return f"{value:.1e}"
 
 
+def _rel(pair: PairReport) -> str:
+    # Errors only where the numeric value is exactly 0 have no relative size: say so.
+    if pair.max_rel_error == 0 and pair.max_abs_error > 0:
+        return "n/a (numeric 0)"
+    return _err(pair.max_rel_error)
+
+
 _SMALL_VALUES = 8  # pairs with at most this many Jacobian entries show every value
 
 
@@ -196,7 +203,7 @@ def _render_pair(pair: PairReport) -> list[str]:
             lines.append(f"      analytic {_short(a):>10}   numeric {_short(n):>10} ± {_err(b)}")
     if pair.elements_checked:
         lines.append(
-            f"      max abs err {_err(pair.max_abs_error)}  max rel err {_err(pair.max_rel_error)}  "
+            f"      max abs err {_err(pair.max_abs_error)}  max rel err {_rel(pair)}  "
             f"err/tol {pair.max_error_ratio:.2g}  failed {pair.elements_failed}/{pair.elements_checked}"
             + (f"  kinks {pair.kinks}" if pair.kinks else "")
         )
@@ -223,7 +230,9 @@ def render(report: Report) -> str:
         verdict = "ERROR"
     total = report.timings.get("total_s")
     took = f", {total:.3g} s" if total is not None else ""
-    where = f"{report.dtype}, {report.device}, {report.mode} mode, {report.scheme}"
+    reference = report.options.get("reference")
+    dtype = report.dtype + (f" vs {reference} differences" if reference and reference != report.dtype else "")
+    where = f"{dtype}, {report.device}, {report.mode} mode, {report.scheme}"
     eps = report.options.get("eps")
     if isinstance(eps, float):
         where += f", h = {eps:.2g}·max(|x|, 1)"

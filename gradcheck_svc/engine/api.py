@@ -13,6 +13,7 @@ from gradcheck_svc.engine.devices import compare_devices, resolve_device
 from gradcheck_svc.engine.fast import run_fast
 from gradcheck_svc.engine.full import run_full
 from gradcheck_svc.engine.problem import build_problem
+from gradcheck_svc.engine.reference import Reference, choose_reference
 from gradcheck_svc.engine.second_order import second_order_problem
 from gradcheck_svc.engine.taylor import run_taylor
 from gradcheck_svc.errors import GradientMismatch, NotCallableError
@@ -62,18 +63,29 @@ def check(
             f"fn must be callable (a function, an nn.Module, ...), got {type(fn).__name__}"
         )
     device = resolve_device(opts.device, inputs)
-    problem, _ = build_problem(
-        fn, inputs, dict(fn_kwargs or {}), input_names=input_names, device=device, upcast=opts.upcast
+    kwargs = dict(fn_kwargs or {})
+    problem, _ = build_problem(fn, inputs, kwargs, input_names=input_names, device=device, upcast=opts.upcast)
+    # The Taylor test and order 2 keep their numeric side in the user's dtype (see reference.py).
+    reference = choose_reference(
+        problem,
+        fn,
+        inputs,
+        kwargs,
+        input_names=input_names,
+        device=device,
+        enabled=opts.scheme == "central" and opts.order == 1,
     )
     if opts.order == 2:
         problem = second_order_problem(problem, seed=opts.seed)
-    ctx = Context(problem, opts, deadline=deadline, cancelled=cancelled)
+        reference = Reference(problem, reference.name, reference.reason)
+    ctx = Context(problem, opts, deadline=deadline, cancelled=cancelled, reference=reference)
+    if reference.name != "float64" and reference.reason:
+        ctx.note(f"finite differences in {reference.name}: {reference.reason}")
 
     if not bool(torch.isfinite(ctx.f0).all()):
         ctx.note("fn's value is NaN or infinite at this point: affected elements cannot be checked")
 
-    entries = problem.n_outputs * problem.n_inputs
-    mode = opts.mode if opts.mode != "auto" else ("full" if entries <= opts.fast_threshold else "fast")
+    mode = _mode(ctx, opts)
     if opts.scheme == "taylor":
         pairs = run_taylor(ctx)
         mode = "taylor"
@@ -107,28 +119,46 @@ def check(
     )
 
 
+def _mode(ctx: Context, opts: CheckOptions) -> str:
+    """The mode asked for; under "auto", full up to ``fast_threshold`` Jacobian entries, else fast."""
+    if opts.mode != "auto":
+        return opts.mode
+    entries = ctx.problem.n_outputs * ctx.problem.n_inputs
+    if entries <= opts.fast_threshold:
+        return "full"
+    ctx.note(
+        f"mode='auto' chose fast mode (random projections): the Jacobian has {entries} entries, over "
+        f"fast_threshold={opts.fast_threshold}; mode='full' checks every element"
+    )
+    return "fast"
+
+
 def _resolved_options(opts: CheckOptions, ctx: Context) -> dict[str, object]:
-    """The options set, plus the relative finite-difference step each leaf used."""
+    """The options set, the relative finite-difference step each leaf used, and the reference."""
     resolved: dict[str, object] = opts.model_dump(exclude_defaults=True)
-    steps = [ctx.eps(leaf) for leaf in ctx.problem.leaves]
+    steps = [ctx.eps(leaf) for leaf in ctx.numeric_problem.leaves]
     resolved["eps"] = steps[0] if len(set(steps)) == 1 else steps
+    resolved["reference"] = ctx.reference.name if ctx.reference is not None else ""
     return resolved
 
 
-def _forward_is_nondeterministic(ctx: Context) -> bool:
-    """Compare f(x) from the first evaluation with the analytic side's own forward passes."""
-    values = ctx.analytic.forward_values or [ctx.evaluator.base()]
-    f0 = ctx.f0
+def _same_values(first: torch.Tensor, again: torch.Tensor, unit: float) -> bool:
     # With autograd on, a library may pick another kernel and round differently: a few ulps
     # are not nondeterminism (and smaller noise shows up in the error bars anyway).
-    scale = f0.abs().nan_to_num(nan=0.0, posinf=0.0)
-    allowed = 64 * ctx.machine_eps * (scale + (scale.max() if scale.numel() else 0.0))
-    for again in values:
-        same = ((again - f0).abs() <= allowed) | (again == f0) | (again.isnan() & f0.isnan())
-        if not bool(same.all()):
-            ctx.note("fn is not deterministic: two calls at the same point returned different values")
-            return True
-    return False
+    scale = first.abs().nan_to_num(nan=0.0, posinf=0.0)
+    allowed = 64 * unit * (scale + (scale.max() if scale.numel() else 0.0))
+    same = ((again - first).abs() <= allowed) | (again == first) | (again.isnan() & first.isnan())
+    return bool(same.all())
+
+
+def _forward_is_nondeterministic(ctx: Context) -> bool:
+    """Compare f(x) from the first evaluation with later evaluations at the same point."""
+    repeats = ctx.numeric_repeats or [ctx.evaluator.base()]
+    unstable = not all(_same_values(ctx.numeric_f0, again, ctx.numeric_machine_eps) for again in repeats)
+    unstable |= not all(_same_values(ctx.f0, again, ctx.machine_eps) for again in ctx.analytic.forward_values)
+    if unstable:
+        ctx.note("fn is not deterministic: two calls at the same point returned different values")
+    return unstable
 
 
 def assert_grads(fn: Callable[..., Any], *inputs: Any, **options: Any) -> Report:

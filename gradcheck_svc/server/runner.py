@@ -84,8 +84,10 @@ def run_plan(
         report = _run_point(plan, point, deadline, cancelled, check_fn)
         # Options the server imposed (limits, its default device) stay out of the report, so a
         # report from the service equals the one the same call gives in-process; the step the
-        # engine resolved ("eps") is a figure of the check and stays.
-        kept = {k: v for k, v in report.options.items() if k in plan.client_options or k == "eps"}
+        # engine resolved ("eps", the numeric "reference") are figures of the check and stay.
+        kept = {
+            k: v for k, v in report.options.items() if k in plan.client_options or k in ("eps", "reference")
+        }
         update: dict[str, Any] = {
             "point": index,
             "served_by": served_by,
