@@ -29,6 +29,7 @@ import gradcheck_svc as gc
 from gradcheck_svc.report import Report
 from gradcheck_svc.server.auth import TokenAuthInterceptor
 from gradcheck_svc.server.isolation import WorkerPool
+from gradcheck_svc.server.plan import runs_in_worker
 from gradcheck_svc.server.service import GradcheckService
 from gradcheck_svc.server.worker import warm_up_engine
 from gradcheck_svc.settings import Settings
@@ -141,9 +142,8 @@ def create_server(
 
 
 def _needs_workers(settings: Settings, registry: FunctionRegistry) -> bool:
-    if settings.isolation == "thread":
-        return False
-    return settings.isolation == "process" or any(not registry.get(n).builtin for n in registry.names())
+    operator_code = any(not registry.get(n).builtin for n in registry.names())
+    return runs_in_worker(settings.isolation, operator_code)
 
 
 def _bind(grpc_server: grpc.Server, settings: Settings) -> int:

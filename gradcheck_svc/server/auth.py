@@ -19,8 +19,8 @@ _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):
     def __init__(self, tokens: Sequence[str]) -> None:
-        if not tokens:
-            raise ValueError("TokenAuthInterceptor needs at least one token")
+        if not tokens or any(not t for t in tokens):
+            raise ValueError("TokenAuthInterceptor needs at least one token, and no empty one")
         self._tokens = [t.encode() for t in tokens]
 
     def _authorized(self, metadata: Sequence[tuple[str, Any]] | None) -> bool:
@@ -31,6 +31,8 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         if scheme.lower() != "bearer":
             return False
         given = token.strip().encode()
+        if not given:  # "Bearer" with nothing after it
+            return False
         matches = [hmac.compare_digest(given, t) for t in self._tokens]  # all compared, always
         return any(matches)
 

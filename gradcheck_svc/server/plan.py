@@ -36,7 +36,7 @@ from gradcheck_svc.specs import (
 )
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
-__all__ = ["CheckPlan", "PlannedPoint", "plan_check"]
+__all__ = ["CheckPlan", "PlannedPoint", "plan_check", "runs_in_worker"]
 
 _INPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\[\]']{0,63}\Z")
 
@@ -61,6 +61,15 @@ class CheckPlan:
     @property
     def device(self) -> str:
         return str(self.options.get("device") or "auto")
+
+
+def runs_in_worker(isolation: str, operator_code: bool) -> bool:
+    """The one rule for what runs in a killable worker process: everything under
+    ``isolation=process``, operator functions under ``auto``, nothing under ``thread``.
+    Expressions and built-ins stay in threads: the CheckGuard bounds them at every torch op."""
+    if isolation == "thread":
+        return False
+    return isolation == "process" or operator_code
 
 
 def plan_check(request: pb.CheckRequest, settings: Settings, registry: FunctionRegistry) -> CheckPlan:

@@ -20,9 +20,8 @@ from multiprocessing.connection import Connection
 import torch
 
 import gradcheck_svc as gc
-from gradcheck_svc.codec import encode_report
 from gradcheck_svc.server.plan import plan_check
-from gradcheck_svc.server.runner import Deadline, run_plan
+from gradcheck_svc.server.runner import Deadline, execute
 from gradcheck_svc.server.status import failure_for
 from gradcheck_svc.settings import Settings
 from gradcheck_svc.specs import FunctionRegistry, compile_expression
@@ -62,10 +61,14 @@ def answer(header: dict, body: bytes, settings: Settings, registry: FunctionRegi
             client_binds=bool(header["client_binds"]),
             cap_seconds=settings.max_check_seconds,
         )
-        reports = run_plan(
-            plan, deadline=deadline, cancelled=lambda: False, served_by=str(header["served_by"])
+        response = execute(
+            plan,
+            deadline=deadline,
+            cancelled=lambda: False,
+            served_by=str(header["served_by"]),
+            check_id=check_id,
+            max_bytes=settings.max_check_bytes,
         )
-        response = pb.CheckResponse(reports=[encode_report(r) for r in reports], check_id=check_id)
         return RESPONSE + response.SerializeToString()
     except Exception as exc:
         return STATUS + failure_for(exc, check_id).to_status().SerializeToString()
