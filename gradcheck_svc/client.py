@@ -34,7 +34,7 @@ from typing import Any
 
 import grpc
 import torch
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from pydantic import BaseModel
@@ -231,7 +231,20 @@ def _service_error(exc: grpc.RpcError, target: str) -> ServiceError:
     if extra:
         message += " (" + "; ".join(extra) + ")"
     name = code.name if code else None
-    return ServiceError(f"{name or 'ERROR'} from {target}: {message}", code=name)
+    reason, metadata = _error_info(status)
+    return ServiceError(
+        f"{name or 'ERROR'} from {target}: {message}", code=name, reason=reason, metadata=metadata
+    )
+
+
+def _error_info(status: status_pb2.Status | None) -> tuple[str | None, dict[str, str]]:
+    """The google.rpc.ErrorInfo reason and metadata of a status (AIP-193), if it carries one."""
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason or None, dict(info.metadata)
+    return None, {}
 
 
 # ----------------------------------------------------------------------------- the client
@@ -387,7 +400,9 @@ class Client:
                 if answer.HasField("error"):
                     code = grpc.StatusCode(_code_tuple(answer.error.code))
                     message = f"{code.name} from {channel.target}: {answer.error.message}"
-                    yield StreamResult(answer.id, None, ServiceError(message, code=code.name))
+                    reason, metadata = _error_info(answer.error)
+                    error = ServiceError(message, code=code.name, reason=reason, metadata=metadata)
+                    yield StreamResult(answer.id, None, error)
                 else:
                     yield StreamResult(answer.id, [decode_report(r) for r in answer.response.reports])
         except grpc.RpcError as exc:

@@ -11,7 +11,7 @@ import torch
 from gradcheck_svc.engine.analytic import Analytic
 from gradcheck_svc.engine.compare import Tolerance
 from gradcheck_svc.engine.evaluate import Evaluator
-from gradcheck_svc.engine.guard import batch_bytes, peak_bytes
+from gradcheck_svc.engine.guard import batch_bytes, batch_rows, peak_bytes
 from gradcheck_svc.engine.numeric import defaults_for
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, Problem
 from gradcheck_svc.errors import CheckCancelledError, LimitExceededError
@@ -35,6 +35,7 @@ class Context:
     f0: torch.Tensor = field(init=False)
     _base_rechecked: bool = field(default=False, init=False)
     _eval_bytes: int | None = field(default=None, init=False)
+    _eval_seconds: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
         self.evaluator = Evaluator(self.problem, self.note)
@@ -65,12 +66,14 @@ class Context:
         """Peak bytes of one evaluation of fn, measured once: every perturbed copy in a batch
         carries its own intermediates, which input and output sizes alone do not show."""
         if self._eval_bytes is None:
+            started = time.perf_counter()
             self._eval_bytes = peak_bytes(self.evaluator.base)[1]
+            self._eval_seconds = time.perf_counter() - started
         return self._eval_bytes
 
     def _leaf_batch(self, index: int, batch: torch.Tensor) -> torch.Tensor:
         """Evaluate in slices whose copies, intermediates included, fit the batch memory."""
-        rows = max(1, batch_bytes(_CHUNK_BYTES) // max(1, self.eval_bytes))
+        rows = batch_rows(self.eval_bytes, self._eval_seconds, _CHUNK_BYTES)
         if batch.shape[0] <= rows:
             return self.evaluator.leaf_batch(index, batch)
         return torch.cat([self.evaluator.leaf_batch(index, part) for part in batch.split(rows)])

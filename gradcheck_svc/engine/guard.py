@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradcheck_svc.errors import CheckCancelledError, LimitExceededError
 
-__all__ = ["ByteMeter", "CheckGuard", "batch_bytes", "peak_bytes"]
+__all__ = ["ByteMeter", "CheckGuard", "batch_bytes", "batch_rows", "largest_output", "peak_bytes"]
 
 _active = threading.local()  # the CheckGuard running on this thread, if any
 
@@ -140,6 +140,16 @@ def peak_bytes(call: Callable[[], Any]) -> tuple[Any, int]:
     return result, meter.peak
 
 
+def batch_rows(one_bytes: int, one_seconds: float, default_bytes: int, op_seconds: float = 0.25) -> int:
+    """How many copies one batched evaluation may carry: within the batch memory (``batch_bytes``)
+    and, under a CheckGuard, short enough that one batched op cannot outlast the deadline by much
+    (the guard looks at the clock between ops, never inside one)."""
+    rows = batch_bytes(default_bytes) // max(1, one_bytes)
+    if getattr(_active, "guard", None) is not None and one_seconds > 0:
+        rows = min(rows, int(op_seconds / one_seconds))
+    return max(1, rows)
+
+
 def batch_bytes(default: int) -> int:
     """Memory one batch of perturbed evaluations may use: ``default``, or a quarter of the budget of
     the CheckGuard on this thread when that is smaller."""
@@ -147,3 +157,25 @@ def batch_bytes(default: int) -> int:
     if guard is None:
         return default
     return max(1, min(default, guard.max_bytes // 4))
+
+
+class _LargestOutput(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def largest_output(fn: Callable[..., Any], inputs: list[torch.Tensor]) -> int:
+    """Elements of the largest tensor ``fn`` creates at these inputs' shapes and dtypes, found on
+    the meta device (no data, no time): a size check before anything is allocated."""
+    meta = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in inputs]
+    with _LargestOutput() as mode:
+        fn(*meta)
+    return max([mode.largest, *(t.numel() for t in meta)])

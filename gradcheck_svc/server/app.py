@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import sys
 import threading
@@ -28,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 import gradcheck_svc as gc
 from gradcheck_svc.report import Report
 from gradcheck_svc.server.auth import TokenAuthInterceptor
+from gradcheck_svc.server.decoding import DecodeErrorInterceptor
 from gradcheck_svc.server.isolation import WorkerPool
 from gradcheck_svc.server.plan import runs_in_worker
 from gradcheck_svc.server.service import GradcheckService
@@ -70,7 +72,7 @@ class GradcheckServer:
         if self._stopped.is_set():
             return
         self.health.enter_graceful_shutdown()
-        self.service.draining.set()
+        self.service.start_draining()
         deadline = time.monotonic() + (grace or 0.0)
         while self.service.slots.in_flight and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -110,9 +112,10 @@ def create_server(
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
-    interceptors = []
+    interceptors: list[grpc.ServerInterceptor] = []
     if settings.auth_tokens:
         interceptors.append(TokenAuthInterceptor([t.get_secret_value() for t in settings.auth_tokens]))
+    interceptors.append(DecodeErrorInterceptor())
     grpc_server = grpc.server(
         ThreadPoolExecutor(settings.threads, thread_name_prefix="gradcheck-rpc"),
         interceptors=interceptors,
@@ -173,8 +176,9 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
     )
 
 
-def serve(settings: Settings | None = None) -> int:
-    """Run until SIGTERM/SIGINT, then drain; return the exit status (0)."""
+def serve(settings: Settings | None = None, *, exit_process: bool = True) -> int:
+    """Run until SIGTERM/SIGINT, then drain and end the process with status 0 (within the grace
+    period and half a second); with ``exit_process=False``, return 0 instead (for embedding)."""
     settings = settings or Settings()
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -205,7 +209,7 @@ def serve(settings: Settings | None = None) -> int:
         bool(settings.auth_tokens),
     )
     print(f"listening on {_host(settings.host)}:{port}", flush=True)
-    while not stop.wait(0.5):
+    while not stop.wait(0.1):
         pass
     log.info(
         "%s received: draining %d in-flight checks (grace %.3g s)",
@@ -215,4 +219,23 @@ def serve(settings: Settings | None = None) -> int:
     )
     server.stop(settings.grace_seconds)
     log.info("stopped")
+    if exit_process:
+        _exit_now(server)
     return 0
+
+
+def _exit_now(server: GradcheckServer, wait: float = 0.5) -> None:
+    """End the process within ``wait`` seconds of the drain. A thread still inside user code or one
+    long torch op, and the interpreter's own teardown (it joins every pool thread, unloads torch),
+    would otherwise stretch the exit seconds past the grace period. Workers are already gone."""
+    deadline = time.monotonic() + wait
+    while server.service.slots.in_flight and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if server.service.slots.in_flight:
+        log.warning(
+            "%d checks still busy after the drain; exiting without them", server.service.slots.in_flight
+        )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

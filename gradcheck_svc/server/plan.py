@@ -18,6 +18,7 @@ import torch
 from pydantic import ValidationError
 
 from gradcheck_svc.codec import decode_options, decode_sampling, decode_tensor, decode_value, validate_shape
+from gradcheck_svc.engine.guard import largest_output
 from gradcheck_svc.errors import (
     DeviceUnavailableError,
     InvalidRequestError,
@@ -75,11 +76,13 @@ def runs_in_worker(isolation: str, operator_code: bool) -> bool:
 def plan_check(request: pb.CheckRequest, settings: Settings, registry: FunctionRegistry) -> CheckPlan:
     label, fn, expression = _function(request.function, settings, registry)
     points = _points(request, settings, expression)
+    operator_code = expression is None and not registry.get(request.function.registered.name).builtin
     if expression is not None:
         _check_intermediates(expression, points, settings)
+    elif not operator_code:
+        _check_builtin_sizes(fn, points, settings)
     options = _options(request.options, settings)
     client_options = frozenset(decode_options(request.options))
-    operator_code = expression is None and not registry.get(request.function.registered.name).builtin
     return CheckPlan(
         label=label,
         fn=fn,
@@ -189,8 +192,12 @@ def _sampled(msg: pb.SamplingSpec, settings: Settings) -> list[list[tuple[str, t
             f"sampling: {spec.count} points of {per_point} elements exceed "
             f"max_request_elements={settings.max_request_elements}"
         )
+    seen: set[str] = set()
     for k, i in enumerate(spec.inputs):
         _check_name(i.name, f"sampling.inputs[{k}].name")
+        if i.name in seen:  # sampled points are keyed by name: a second one would silently win
+            raise InvalidRequestError(f"sampling.inputs[{k}].name", f"{i.name!r} is given twice")
+        seen.add(i.name)
     return [list(point.items()) for point in sample_points(spec)]
 
 
@@ -230,6 +237,22 @@ def _check_intermediates(expression: Expression, points: list[PlannedPoint], set
         if largest > settings.max_tensor_elements:
             raise LimitExceededError(
                 f"function.expression: evaluation would create a tensor of {largest} elements "
+                f"(max_tensor_elements={settings.max_tensor_elements})"
+            )
+
+
+def _check_builtin_sizes(fn: Callable[..., Any], points: list[PlannedPoint], settings: Settings) -> None:
+    """Built-in torch ops get the same size check as expressions: conv1d with a huge padding or
+    outer of two long vectors is refused before it allocates."""
+    shapes = {tuple((tuple(t.shape), t.dtype) for t in p.tensors): p for p in points}
+    for point in shapes.values():  # one meta run per distinct set of shapes
+        try:
+            largest = largest_output(fn, point.tensors)
+        except Exception:  # a shape error shows up in the point's report when the check runs
+            continue
+        if largest > settings.max_tensor_elements:
+            raise LimitExceededError(
+                f"function.registered: evaluation would create a tensor of {largest} elements "
                 f"(max_tensor_elements={settings.max_tensor_elements})"
             )
 

@@ -54,9 +54,14 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             settings.max_concurrent_checks, thread_name_prefix="gradcheck-stream"
         )
 
-    def close(self) -> None:
-        # Items still queued are cancelled; their done-callbacks answer them UNAVAILABLE.
+    def start_draining(self) -> None:
+        """From now on nothing new starts: new calls and stream items get UNAVAILABLE, and stream
+        items still queued are cancelled (their done-callbacks answer them UNAVAILABLE)."""
+        self.draining.set()
         self._stream_pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        self.start_draining()
         if self.workers is not None:
             self.workers.close()
 

@@ -27,7 +27,7 @@ from gradcheck_svc.settings import Settings
 from gradcheck_svc.specs import FunctionRegistry, compile_expression
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
-__all__ = ["READY", "RESPONSE", "STATUS", "warm_up_engine", "worker_main"]
+__all__ = ["READY", "RESPONSE", "STATUS", "die_with_parent", "warm_up_engine", "worker_main"]
 
 READY, RESPONSE, STATUS = b"ready", b"R", b"E"
 _PR_SET_PDEATHSIG = 1
@@ -38,7 +38,7 @@ def worker_main(
     conn: Connection, settings: Settings, registry_factory: Callable[[], FunctionRegistry]
 ) -> None:
     """Serve checks from ``conn`` until it closes."""
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server; it decides
     registry = registry_factory()
     conn.send_bytes(READY)
@@ -83,9 +83,9 @@ def warm_up_engine() -> None:
     log.debug("engine warm-up took %.2f s", time.perf_counter() - started)
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this worker when its parent (the fork server, which exits with the server) dies,
-    so a worker stuck in operator code never outlives a killed server."""
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies (the fork server's parent is the server, a
+    worker's is the fork server), so a process stuck in operator code never outlives the server."""
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError, AttributeError):
