@@ -118,6 +118,8 @@ class Settings(BaseSettings):
     def _no_empty_token(cls, value: Any) -> Any:
         # "--auth-tokens ''" (or a stray comma) must not turn authentication into a formality.
         items = _split(value)
+        if isinstance(value, str) and not value.strip().startswith("["):
+            items = value.split(",")  # unfiltered: "a," has an empty second token
         # The default empty list means "no authentication"; an empty string given means a mistake.
         empty = isinstance(items, list) and (not items or any(not _secret(t).strip() for t in items))
         if empty and (items or isinstance(value, str)):

@@ -34,7 +34,7 @@ def _row_chunks(ctx: Context, outputs: list[int], leaves: list[int]) -> list[tor
     m = problem.n_outputs
     rows = torch.cat([torch.arange(problem.outputs[o].offset, problem.outputs[o].rows.stop) for o in outputs])
     n_total = sum(problem.leaves[i].size for i in leaves)
-    per_row = max(8 * (n_total + m), 3 * ctx.eval_bytes)  # a backward holds about 3 forward peaks
+    per_row = max(1, 8 * (n_total + m), 3 * ctx.eval_bytes)  # a backward holds about 3 forward peaks
     per_chunk = max(1, min(rows.numel(), batch_bytes(_ROW_BYTES) // per_row))
     return [rows[start : start + per_chunk].to(ctx.f0.device) for start in range(0, rows.numel(), per_chunk)]
 
