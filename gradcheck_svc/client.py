@@ -434,7 +434,7 @@ class Client:
             response = channel.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as exc:
             raise _service_error(exc, channel.target) from None
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     def close(self) -> None:
         for channel in self._channels:
@@ -450,8 +450,8 @@ class Client:
 def _code_tuple(number: int) -> tuple[int, str]:
     for code in grpc.StatusCode:
         if code.value[0] == number:
-            return code.value
-    return grpc.StatusCode.UNKNOWN.value
+            return (int(code.value[0]), str(code.value[1]))
+    return (2, "unknown")
 
 
 def build_request(

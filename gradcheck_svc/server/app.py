@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -112,7 +113,7 @@ def create_server(
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
-    interceptors: list[grpc.ServerInterceptor] = []
+    interceptors: list[Any] = []
     if settings.auth_tokens:
         interceptors.append(TokenAuthInterceptor([t.get_secret_value() for t in settings.auth_tokens]))
     interceptors.append(DecodeErrorInterceptor())

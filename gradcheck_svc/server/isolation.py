@@ -58,7 +58,7 @@ class _ForkServerKeeper:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name="gradcheck-forkserver", daemon=True)
                 self._thread.start()
-        done, errors = threading.Event(), []
+        done, errors = threading.Event(), list[BaseException]()
         self._requests.put((done, errors))
         done.wait()
         if errors:

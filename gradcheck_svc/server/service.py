@@ -304,7 +304,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             devices=devices,
             cuda_available=cuda,
             default_device=s.device,
-            dtypes=list(DTYPES),
+            dtypes=[pb.DType.ValueType(d) for d in DTYPES],
             expression_functions=sorted(EXPRESSION_FUNCTIONS),
             registered_functions=self.registry.names(),
             limits=pb.Limits(

@@ -208,7 +208,7 @@ def reason_of(status: status_pb2.Status) -> str:
     for detail in status.details:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
-            return info.reason
+            return str(info.reason)
     return ""
 
 

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ def worker_main(
         conn.send_bytes(answer(header, body, settings, registry))
 
 
-def answer(header: dict, body: bytes, settings: Settings, registry: FunctionRegistry) -> bytes:
+def answer(header: dict[str, Any], body: bytes, settings: Settings, registry: FunctionRegistry) -> bytes:
     check_id = str(header.get("check_id", ""))
     try:
         request = pb.CheckRequest.FromString(body)
@@ -69,9 +70,9 @@ def answer(header: dict, body: bytes, settings: Settings, registry: FunctionRegi
             check_id=check_id,
             max_bytes=settings.max_check_bytes,
         )
-        return RESPONSE + response.SerializeToString()
+        return bytes(RESPONSE + response.SerializeToString())
     except Exception as exc:
-        return STATUS + failure_for(exc, check_id).to_status().SerializeToString()
+        return bytes(STATUS + failure_for(exc, check_id).to_status().SerializeToString())
 
 
 def warm_up_engine() -> None:
