@@ -27,7 +27,7 @@ F64 = torch.float64
 MiB = 2**20
 BUDGET = 256 * MiB
 CAP = 3.0  # max_check_seconds of the attacked server
-SLACK = 3.0  # seconds: the op running when the cap passes, and a loaded CI machine
+SLACK = 6.0  # seconds: the op running when the cap passes, on a loaded CI machine (unguarded: minutes)
 
 
 def peak_rss(pid: int) -> int:
