@@ -121,16 +121,23 @@ def _function(
             raise InvalidRequestError("function.expression", "has no variables: nothing to differentiate")
         return expression.text, expression, expression
     if kind == "registered":
-        name = spec.registered.name
-        entry = registry.get(name)  # UnknownFunctionError -> NOT_FOUND
-        try:
-            params = {k: decode_value(v) for k, v in spec.registered.params.items()}
-            return entry.name, entry.bind(params), None
-        except (SpecError, InvalidRequestError) as exc:
-            if isinstance(exc, UnknownFunctionError):
-                raise
-            raise InvalidRequestError("function.registered.params", str(exc)) from None
+        label, fn = bind_registered(spec.registered, registry)
+        return label, fn, None
     raise InvalidRequestError("function", "set either expression or registered")
+
+
+def bind_registered(
+    spec: pb.RegisteredFunction, registry: FunctionRegistry
+) -> tuple[str, Callable[..., Any]]:
+    """The binding step on its own: a registered name and its parameters -> (label, callable)."""
+    entry = registry.get(spec.name)  # UnknownFunctionError -> NOT_FOUND
+    try:
+        params = {k: decode_value(v) for k, v in spec.params.items()}
+        return entry.name, entry.bind(params)
+    except (SpecError, InvalidRequestError) as exc:
+        if isinstance(exc, UnknownFunctionError):
+            raise
+        raise InvalidRequestError("function.registered.params", str(exc)) from None
 
 
 # ----------------------------------------------------------------------------- points
