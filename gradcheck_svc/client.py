@@ -34,7 +34,7 @@ from typing import Any
 
 import grpc
 import torch
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from pydantic import BaseModel
@@ -233,7 +233,20 @@ def _service_error(exc: grpc.RpcError, target: str) -> ServiceError:
     if extra:
         message += " (" + "; ".join(extra) + ")"
     name = code.name if code else None
-    return ServiceError(f"{name or 'ERROR'} from {target}: {message}", code=name)
+    reason, metadata = _error_info(status)
+    return ServiceError(
+        f"{name or 'ERROR'} from {target}: {message}", code=name, reason=reason, metadata=metadata
+    )
+
+
+def _error_info(status: status_pb2.Status | None) -> tuple[str | None, dict[str, str]]:
+    """The google.rpc.ErrorInfo reason and metadata of a status (AIP-193), if it carries one."""
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason or None, dict(info.metadata)
+    return None, {}
 
 
 # ----------------------------------------------------------------------------- the client
@@ -432,7 +445,9 @@ class Client:
                 if answer.HasField("error"):
                     code = grpc.StatusCode(_code_tuple(answer.error.code))
                     message = f"{code.name} from {channel.target}: {answer.error.message}"
-                    yield StreamResult(answer.id, None, ServiceError(message, code=code.name))
+                    reason, metadata = _error_info(answer.error)
+                    error = ServiceError(message, code=code.name, reason=reason, metadata=metadata)
+                    yield StreamResult(answer.id, None, error)
                 else:
                     yield StreamResult(answer.id, [decode_report(r) for r in answer.response.reports])
         except grpc.RpcError as exc:
@@ -464,7 +479,7 @@ class Client:
             response = channel.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as exc:
             raise _service_error(exc, channel.target) from None
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     def close(self) -> None:
         for channel in self._channels:
@@ -480,8 +495,8 @@ class Client:
 def _code_tuple(number: int) -> tuple[int, str]:
     for code in grpc.StatusCode:
         if code.value[0] == number:
-            return code.value
-    return grpc.StatusCode.UNKNOWN.value
+            return (int(code.value[0]), str(code.value[1]))
+    return (2, "unknown")
 
 
 def _limits(msg: pb.Limits) -> dict[str, int | float]:

@@ -143,7 +143,10 @@ def encode_tensor(tensor: torch.Tensor) -> pb.Tensor:
         flat = _byteswap(flat)
     data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
     return pb.Tensor(
-        dtype=dtype_enum, shape=list(tensor.shape), data=data, requires_grad=tensor.requires_grad
+        dtype=pb.DType.ValueType(dtype_enum),
+        shape=list(tensor.shape),
+        data=data,
+        requires_grad=tensor.requires_grad,
     )
 
 
@@ -178,7 +181,7 @@ def encode_sampling(spec: SamplingSpec) -> pb.SamplingSpec:
             pb.SampledInput(
                 name=i.name,
                 shape=list(i.shape),
-                dtype=_DTYPE_ENUMS[i.dtype],
+                dtype=pb.DType.ValueType(_DTYPE_ENUMS[i.dtype]),
                 distribution=dist,
                 requires_grad=i.requires_grad,
             )
@@ -307,7 +310,7 @@ def decode_options(msg: pb.Options) -> dict[str, Any]:
                 raise InvalidRequestError(f"options.{name}", f"unknown value {number}")
             out[name] = enum.Name(number).removeprefix(prefix).lower()
     for name in _SCALAR_OPTIONS:
-        if msg.HasField(name):
+        if msg.HasField(name):  # type: ignore[arg-type]  # names from the message's own descriptor
             out[name] = getattr(msg, name)
     return out
 
@@ -410,7 +413,7 @@ def _encode_pair(p: PairReport) -> pb.PairReport:
 
 def _decode_pair(m: pb.PairReport) -> PairReport:
     def doubles(name: str) -> list[float] | None:
-        return list(getattr(m, name).values) if m.HasField(name) else None
+        return list(getattr(m, name).values) if m.HasField(name) else None  # type: ignore[arg-type]
 
     return PairReport(
         output=m.output,

@@ -11,6 +11,7 @@ import torch
 from gradcheck_svc.engine.analytic import Analytic
 from gradcheck_svc.engine.compare import Tolerance
 from gradcheck_svc.engine.evaluate import Evaluator
+from gradcheck_svc.engine.guard import batch_bytes, batch_rows, peak_bytes
 from gradcheck_svc.engine.numeric import defaults_for
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, Problem
 from gradcheck_svc.engine.reference import Reference
@@ -56,6 +57,8 @@ class Context:
     numeric_f0: torch.Tensor = field(init=False)  # f(x) of the numeric side
     # A second evaluation of f(x) by the numeric side, to detect a nondeterministic forward.
     numeric_repeats: list[torch.Tensor] = field(default_factory=list, init=False)
+    _eval_bytes: int | None = field(default=None, init=False)
+    _eval_seconds: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
         self.analytic = Analytic(self.problem, self.note)
@@ -94,11 +97,28 @@ class Context:
         f(x), nearly free inside the batch, compared with the first to catch a nondeterministic fn.
         """
         if self.numeric_repeats:
-            return self.evaluator.leaf_batch(index, batch)
+            return self._leaf_batch(index, batch)
         base = self.numeric_problem.leaves[index].real.detach().to(batch.dtype).unsqueeze(0)
-        evaluated = self.evaluator.leaf_batch(index, torch.cat([batch, base]))
+        evaluated = self._leaf_batch(index, torch.cat([batch, base]))
         self.numeric_repeats.append(evaluated[-1])
         return evaluated[:-1]
+
+    @property
+    def eval_bytes(self) -> int:
+        """Peak bytes of one evaluation of fn, measured once: every perturbed copy in a batch
+        carries its own intermediates, which input and output sizes alone do not show."""
+        if self._eval_bytes is None:
+            started = time.perf_counter()
+            self._eval_bytes = peak_bytes(self.evaluator.base)[1]
+            self._eval_seconds = time.perf_counter() - started
+        return self._eval_bytes
+
+    def _leaf_batch(self, index: int, batch: torch.Tensor) -> torch.Tensor:
+        """Evaluate in slices whose copies, intermediates included, fit the batch memory."""
+        rows = batch_rows(self.eval_bytes, self._eval_seconds, _CHUNK_BYTES)
+        if batch.shape[0] <= rows:
+            return self.evaluator.leaf_batch(index, batch)
+        return torch.cat([self.evaluator.leaf_batch(index, part) for part in batch.split(rows)])
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -196,8 +216,8 @@ class Context:
     def chunk_size(self, leaf: Leaf) -> int:
         if self.options.chunk_size is not None:
             return min(self.options.chunk_size, leaf.size)
-        per_column = 3 * (leaf.size + self.problem.n_outputs) * 8 * 2  # inputs, outputs, intermediates
-        return max(1, min(leaf.size, _CHUNK_BYTES // per_column))
+        per_column = max(3 * (leaf.size + self.problem.n_outputs) * 8 * 2, self.eval_bytes)
+        return max(1, min(leaf.size, batch_bytes(_CHUNK_BYTES) // per_column))
 
     def check_limits(self, jacobian_entries: int, evaluations: int) -> None:
         o = self.options

@@ -18,6 +18,7 @@ import torch
 from gradcheck_svc.engine.analytic import Analytic
 from gradcheck_svc.engine.compare import PairAccumulator, judge, merge_wide
 from gradcheck_svc.engine.context import Context
+from gradcheck_svc.engine.guard import batch_bytes
 from gradcheck_svc.engine.numeric import Differences, differences, perturb, steps
 from gradcheck_svc.engine.probes import onehot
 from gradcheck_svc.report import Check
@@ -119,7 +120,8 @@ def _row_chunks(ctx: Context, selection: _Selection) -> list[torch.Tensor]:
         [torch.arange(problem.outputs[o].offset, problem.outputs[o].rows.stop) for o in selection.outputs]
     )
     n_total = sum(problem.leaves[i].size for i in selection.leaves)
-    per_chunk = max(1, min(rows.numel(), _ROW_BYTES // max(1, 8 * (n_total + m))))
+    per_row = max(1, 8 * (n_total + m), 3 * ctx.eval_bytes)  # a backward holds about 3 forward peaks
+    per_chunk = max(1, min(rows.numel(), batch_bytes(_ROW_BYTES) // per_row))
     return [rows[start : start + per_chunk].to(ctx.f0.device) for start in range(0, rows.numel(), per_chunk)]
 
 
