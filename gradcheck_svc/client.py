@@ -377,7 +377,7 @@ class Client:
         tensors = [v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for v in inputs.values()]
         source = CallableSource(fn, vjp, list(inputs.values()), jvp=jvp, vectorized=vectorized)
         start = pb.ExternalStart(
-            function=name or getattr(fn, "__name__", "external"),
+            function=name or str(getattr(fn, "__name__", "external")),
             point=encode_point(dict(zip(names, tensors, strict=True))),
             options=encode_options(options),
             has_jvp=jvp is not None,

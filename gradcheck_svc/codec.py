@@ -143,7 +143,7 @@ def encode_tensor(tensor: torch.Tensor) -> pb.Tensor:
         flat = _byteswap(flat)
     data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
     return pb.Tensor(
-        dtype=pb.DType.ValueType(dtype_enum),
+        dtype=pb.Dtype.ValueType(dtype_enum),
         shape=list(tensor.shape),
         data=data,
         requires_grad=tensor.requires_grad,
@@ -181,7 +181,7 @@ def encode_sampling(spec: SamplingSpec) -> pb.SamplingSpec:
             pb.SampledInput(
                 name=i.name,
                 shape=list(i.shape),
-                dtype=pb.DType.ValueType(_DTYPE_ENUMS[i.dtype]),
+                dtype=pb.Dtype.ValueType(_DTYPE_ENUMS[i.dtype]),
                 distribution=dist,
                 requires_grad=i.requires_grad,
             )
@@ -328,14 +328,14 @@ _PARTS = {"": pb.COMPLEX_PART_UNSPECIFIED, "re": pb.COMPLEX_PART_REAL, "im": pb.
 _PART_NAMES = {v: k for k, v in _PARTS.items()}
 
 
-def _dtype_enum(name: str) -> int:
-    return _DTYPE_ENUMS[dtype_from_name(name)] if name else pb.DTYPE_UNSPECIFIED
+def _dtype_enum(name: str) -> pb.Dtype.ValueType:
+    return pb.Dtype.ValueType(_DTYPE_ENUMS[dtype_from_name(name)]) if name else pb.DTYPE_UNSPECIFIED
 
 
 def _mode_name(mode: int, scheme: int) -> str:
     if mode == pb.MODE_UNSPECIFIED:
         return "taylor" if scheme == pb.SCHEME_TAYLOR else "full"
-    return pb.Mode.Name(mode).removeprefix("MODE_").lower()
+    return pb.Mode.Name(pb.Mode.ValueType(mode)).removeprefix("MODE_").lower()
 
 
 def _pair_mode(m: pb.PairReport) -> str:

@@ -40,7 +40,7 @@ from gradcheck_svc.errors import (
 from gradcheck_svc.options import CheckOptions
 from gradcheck_svc.report import Report
 from gradcheck_svc.server.external_source import NAME, NAME_RULE, ClientFailed, ExchangeEnded, StreamSource
-from gradcheck_svc.server.runner import Deadline
+from gradcheck_svc.server.runner import Deadline, reported_options
 from gradcheck_svc.server.status import Rejection, failure_for
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
@@ -288,7 +288,7 @@ class _Run:
             if isinstance(exc, CheckError) and not isinstance(exc, _REQUEST_LEVEL):
                 return self._error_report(str(exc))  # as run_plan: the function's problem, not the RPC's
             raise
-        kept = {k: v for k, v in report.options.items() if k in self.plan.client_options or k == "eps"}
+        kept = reported_options(report, self.plan.client_options)
         return report.model_copy(update={"point": 0, "served_by": self._served_by, "options": kept})
 
     def _error_report(self, message: str) -> Report:

@@ -102,7 +102,7 @@ class StreamSource:
 
     def _evaluate(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         batch = inputs[0].shape[0]
-        outs: list[torch.Tensor] = []
+        outs: list[list[torch.Tensor]] = []
         for start in range(0, batch, self._max_batch):
             part = [x[start : start + self._max_batch] for x in inputs]
             size = part[0].shape[0]
@@ -230,7 +230,7 @@ class StreamSource:
             return answer
 
     def _check_answer(
-        self, answer: pb.CheckExternalRequest, expected: str, asked: str
+        self, answer: pb.CheckExternalRequest, expected: str, asked: str | None
     ) -> pb.CheckExternalRequest:
         kind = answer.WhichOneof("kind")
         if kind == "failure":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +77,17 @@ class Deadline:
         )
 
 
+# Figures of the check the engine resolved itself (the step, the numeric reference): they stay in
+# a report beside the options the client set.
+_RESOLVED_OPTIONS = ("eps", "reference")
+
+
+def reported_options(report: Report, client_options: Collection[str]) -> dict[str, Any]:
+    """The report's options without those the server imposed (limits, its default device), so a
+    report from the service equals the one the same call gives in-process."""
+    return {k: v for k, v in report.options.items() if k in client_options or k in _RESOLVED_OPTIONS}
+
+
 def execute(
     plan: CheckPlan,
     *,
@@ -118,9 +129,7 @@ def run_plan(
         # Options the server imposed (limits, its default device) stay out of the report, so a
         # report from the service equals the one the same call gives in-process; the step the
         # engine resolved ("eps", the numeric "reference") are figures of the check and stay.
-        kept = {
-            k: v for k, v in report.options.items() if k in plan.client_options or k in ("eps", "reference")
-        }
+        kept = reported_options(report, plan.client_options)
         update: dict[str, Any] = {
             "point": index,
             "served_by": served_by,

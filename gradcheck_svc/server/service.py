@@ -312,7 +312,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             devices=devices,
             cuda_available=cuda,
             default_device=s.device,
-            dtypes=[pb.DType.ValueType(d) for d in DTYPES],
+            dtypes=[pb.Dtype.ValueType(d) for d in DTYPES],
             expression_functions=sorted(EXPRESSION_FUNCTIONS),
             registered_functions=self.registry.names(),
             limits=pb.Limits(

@@ -154,7 +154,7 @@ def test_duplicate_sampled_names_are_refused(running: Running) -> None:
     request = pb.CheckRequest(
         function=pb.FunctionSpec(expression="x * x"),
         sampling=pb.SamplingSpec(
-            inputs=[pb.SampledInput(name="x", shape=[2]), pb.SampledInput(name="x", shape=[3])], count=1
+            inputs=[pb.SampledInput(name="x", shape=[2]), pb.SampledInput(name="x", shape=[3])], point_count=1
         ),
     )
     error = call(running.address, request)
