@@ -10,6 +10,7 @@ import torch
 
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.devices import compare_devices, resolve_device
+from gradcheck_svc.engine.edge_inputs import empty_pairs, mark_nonfinite_inputs, note_skipped_outputs
 from gradcheck_svc.engine.fast import run_fast
 from gradcheck_svc.engine.full import run_full
 from gradcheck_svc.engine.problem import build_problem
@@ -71,16 +72,20 @@ def check(
 
     if not bool(torch.isfinite(ctx.f0).all()):
         ctx.note("fn's value is NaN or infinite at this point: affected elements cannot be checked")
+    note_skipped_outputs(problem, ctx.note)
 
     entries = problem.n_outputs * problem.n_inputs
     mode = opts.mode if opts.mode != "auto" else ("full" if entries <= opts.fast_threshold else "fast")
-    if opts.scheme == "taylor":
+    if entries == 0:
+        pairs = empty_pairs(problem, mode)
+    elif opts.scheme == "taylor":
         pairs = run_taylor(ctx)
         mode = "taylor"
     elif mode == "full":
         pairs = [a.report() for a in run_full(ctx).values()]
     else:
         pairs = run_fast(ctx)
+    mark_nonfinite_inputs(problem, pairs, ctx.note)
     forward_nondeterministic = _forward_is_nondeterministic(ctx)
     if opts.compare_devices:
         pairs.append(compare_devices(fn, inputs, dict(fn_kwargs or {}), input_names, opts))

@@ -71,7 +71,9 @@ def _nondeterminism(ctx: Context, jac: dict[int, torch.Tensor], chunk: torch.Ten
     again = ctx.analytic.rows(_unit_cotangents(chunk, ctx.problem.n_outputs))
     result = {}
     for i, first in jac.items():
-        delta = (again[i] - first[:, chunk].T).abs().nan_to_num(nan=float("inf"))
+        before = first[:, chunk].T
+        same = (again[i] == before) | (again[i].isnan() & before.isnan())  # NaN twice is no change
+        delta = (again[i] - before).abs().nan_to_num(nan=float("inf")).masked_fill_(same, 0.0)
         result[i] = float(delta.max()) if delta.numel() else 0.0
     return result
 
@@ -112,7 +114,7 @@ def run_full(
         start = time.perf_counter()
         chunks = _row_chunks(ctx, outputs, leaves)
         jac = _dense_rows(ctx, chunks, leaves)
-        if options.check_nondeterminism:
+        if options.check_nondeterminism and chunks:
             # The backward is shared by every output: its second run speaks for all pairs.
             for i, delta in _nondeterminism(ctx, jac, chunks[0]).items():
                 for o in outputs:
@@ -127,9 +129,10 @@ def run_full(
         h_all = steps(base, ctx.eps(leaf))
         size = ctx.chunk_size(leaf)
         leaf_outputs = [o for o in outputs if (o, i) in selected]
-        for start_col in range(0, leaf.size, size):
+        positions = leaf.finite_positions()  # +-inf and NaN elements have no finite step
+        for start_col in range(0, positions.numel(), size):
             ctx.poll()
-            cols = torch.arange(start_col, min(start_col + size, leaf.size), device=base.device)
+            cols = positions[start_col : start_col + size]
             t0 = time.perf_counter()
             batch, offsets = perturb(base, cols, h_all[cols])
             evaluated = ctx.evaluate(i, batch)

@@ -21,9 +21,23 @@ from gradcheck_svc.errors import FunctionRaisedError, NothingToCheckError, Outpu
 
 __all__ = ["Leaf", "OutputBlock", "Problem", "build_problem", "flat_index"]
 
+_LISTED = 3  # elements named one by one in notes about an input
+
 
 def _differentiable(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+def _flat_real(t: torch.Tensor) -> torch.Tensor:
+    """An output as a flat float64 vector; a complex output as (re, im) pairs.
+
+    ``stack`` rather than ``view_as_real``: the latter refuses conjugate views (``fft.ifft``),
+    and its backward views our cotangent as complex, which fails when the cotangent row sits
+    at an odd storage offset (a complex output after an odd-sized real one).
+    """
+    if t.is_complex():
+        t = torch.stack((t.real, t.imag), dim=-1)
+    return t.reshape(-1).to(torch.float64)
 
 
 @dataclass
@@ -58,6 +72,22 @@ class Leaf:
     @property
     def size(self) -> int:
         return self.value.numel() * (2 if self.is_complex else 1)
+
+    def finite_positions(self) -> torch.Tensor:
+        """Positions of ``real`` that can be perturbed: +-inf and NaN have no finite step."""
+        finite = torch.isfinite(self.real)
+        if bool(finite.all()):
+            return torch.arange(self.size, device=self.value.device)
+        return finite.nonzero().squeeze(1)
+
+    def nonfinite_elements(self) -> tuple[list[tuple[list[int], str, float]], int]:
+        """Up to a few non-finite elements as (index, part, value), and how many there are."""
+        bad = (~torch.isfinite(self.real)).nonzero().squeeze(1)
+        shown = []
+        for position in bad[:_LISTED].tolist():
+            index, part = flat_index(position, self.shape, self.is_complex)
+            shown.append((index, part, float(self.real[position])))
+        return shown, bad.numel()
 
     def from_real(self, flat: torch.Tensor) -> torch.Tensor:
         """Inverse of ``real``; differentiable and vmap-friendly."""
@@ -111,6 +141,10 @@ class Problem:
     _kwargs: dict[str, Any] = field(default_factory=dict)
     # (flat output, real leaves) of the first call, made with autograd on; None for derived problems.
     first_call: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+    # Per floating/complex output tensor, whether it is checked: outputs autograd marks
+    # non-differentiable are not (None: all are). Names of the skipped ones, for the report.
+    kept_outputs: list[bool] | None = None
+    skipped_outputs: list[str] = field(default_factory=list)
 
     @property
     def n_inputs(self) -> int:
@@ -133,12 +167,14 @@ class Problem:
     def flat(self, *reals: torch.Tensor) -> torch.Tensor:
         """F(r_0, ..., r_{L-1}) -> concatenated real view of the outputs, float64."""
         values = [leaf.from_real(r) for leaf, r in zip(self.leaves, reals, strict=True)]
-        out = self.call(values)
+        return self.flatten_output(self.call(values))
+
+    def flatten_output(self, out: Any) -> torch.Tensor:
+        """The checked output tensors of one call as one flat float64 vector."""
         tensors = [t for t in pytree.tree_leaves(out) if _differentiable(t)]
-        parts = []
-        for t in tensors:
-            real = torch.view_as_real(t) if t.is_complex() else t
-            parts.append(real.reshape(-1).to(torch.float64))
+        if self.kept_outputs is not None:
+            tensors = [t for t, kept in zip(tensors, self.kept_outputs, strict=True) if kept]
+        parts = [_flat_real(t) for t in tensors]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def flat_replace(self, index: int, value: torch.Tensor) -> torch.Tensor:
@@ -151,15 +187,38 @@ class Problem:
         return [leaf.real for leaf in self.leaves]
 
 
-def _output_blocks(out: Any) -> list[OutputBlock]:
+def _output_name(out: Any, path: Any) -> str:
+    return "output" if isinstance(out, torch.Tensor) else "output" + pytree.keystr(path)
+
+
+def _select_outputs(problem: Problem, out: Any) -> None:
+    """Skip outputs autograd marks non-differentiable, as torch.autograd.gradcheck does.
+
+    ``native_layer_norm``'s mean and rstd, ``ctx.mark_non_differentiable`` outputs: they carry no
+    gradient by design. Only when some output does require grad: if none does, every output is
+    kept and its (zero) autograd Jacobian is compared, which catches a forgotten graph.
+    """
+    paths = [(p, t) for p, t in pytree.tree_flatten_with_path(out)[0] if _differentiable(t)]
+    kept = [t.requires_grad for _, t in paths]
+    if any(kept) and not all(kept):
+        problem.kept_outputs = kept
+        problem.skipped_outputs = [
+            _output_name(out, p) for (p, _), k in zip(paths, kept, strict=True) if not k
+        ]
+
+
+def _output_blocks(out: Any, kept: list[bool] | None) -> list[OutputBlock]:
     paths, _ = pytree.tree_flatten_with_path(out)
     blocks: list[OutputBlock] = []
     offset = 0
-    single = isinstance(out, torch.Tensor)
+    position = -1
     for path, t in paths:
         if not _differentiable(t):
             continue
-        name = "output" if single else "output" + pytree.keystr(path)
+        position += 1
+        if kept is not None and not kept[position]:
+            continue
+        name = _output_name(out, path)
         size = t.numel() * (2 if t.is_complex() else 1)
         blocks.append(OutputBlock(name, tuple(t.shape), t.dtype, offset, size))
         offset += size
@@ -191,6 +250,8 @@ def build_problem(
         t = t.detach()
         if device is not None:
             t = t.to(device)
+        # A lazily conjugated or negated view is resolved: view_as_real refuses it.
+        t = t.resolve_conj().resolve_neg()
         if upcast and t.is_floating_point():
             t = t.to(torch.float64)
         elif upcast and t.is_complex():
@@ -254,11 +315,7 @@ def build_problem(
             ) from exc
         if not isinstance(out, torch.Tensor) and not pytree.tree_leaves(out):
             raise OutputTypeError(f"fn returned {type(out).__name__}, not a tensor")
-        problem.outputs = _output_blocks(out)
-        parts = [
-            (torch.view_as_real(t) if t.is_complex() else t).reshape(-1).to(torch.float64)
-            for t in pytree.tree_leaves(out)
-            if _differentiable(t)
-        ]
-        problem.first_call = (torch.cat(parts) if len(parts) > 1 else parts[0], reals)
+        _select_outputs(problem, out)
+        problem.outputs = _output_blocks(out, problem.kept_outputs)
+        problem.first_call = (problem.flatten_output(out), reals)
     return problem, out
