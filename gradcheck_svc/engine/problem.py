@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from gradcheck_svc.errors import FunctionRaisedError, NothingToCheckError, OutputTypeError
+from gradcheck_svc.errors import FunctionRaisedError, InvalidOptionError, NothingToCheckError, OutputTypeError
 
 __all__ = ["Leaf", "OutputBlock", "Problem", "build_problem", "flat_index"]
 
@@ -231,6 +231,48 @@ def _output_blocks(out: Any, kept: list[bool] | None) -> list[OutputBlock]:
     return blocks
 
 
+ALL_PARAMETERS = "parameters"  # a ``wrt`` entry naming every parameter of an nn.Module
+
+
+class _Selection:
+    """``wrt``: names or paths of the tensors to check. A name selects that tensor and every
+    tensor below it (``inputs[1]`` selects ``inputs[1]['scale']``, ``layer`` selects
+    ``layer.weight``); an int is a positional input; ``"parameters"`` is every module parameter."""
+
+    def __init__(self, wrt: Sequence[str | int], heads: Sequence[str]) -> None:
+        self.entries: list[str] = []
+        for entry in wrt:
+            if isinstance(entry, int):
+                if not -len(heads) <= entry < len(heads):
+                    raise InvalidOptionError(f"wrt={entry}: there are only {len(heads)} positional inputs")
+                entry = heads[entry]
+            self.entries.append(entry.replace('"', "'").replace(" ", ""))
+        self.used: set[str] = set()
+
+    def __call__(self, name: str, is_param: bool) -> bool:
+        compact = name.replace(" ", "")
+        hit = False
+        for entry in self.entries:
+            if (
+                compact == entry
+                or compact.startswith((entry + "[", entry + "."))
+                or (is_param and entry == ALL_PARAMETERS)
+            ):
+                self.used.add(entry)
+                hit = True
+        return hit
+
+    def check_all_used(self, differentiable: list[str], other: list[str]) -> None:
+        for entry in self.entries:
+            if entry in self.used:
+                continue
+            if any(n == entry or n.startswith((entry + "[", entry + ".")) for n in other):
+                raise InvalidOptionError(f"wrt={entry!r} is not a floating-point or complex tensor")
+            raise InvalidOptionError(
+                f"wrt={entry!r} names no input or parameter; differentiable ones: {', '.join(differentiable)}"
+            )
+
+
 def build_problem(
     fn: Callable[..., Any],
     inputs: Sequence[Any],
@@ -239,10 +281,15 @@ def build_problem(
     input_names: Sequence[str] | None,
     device: torch.device | None,
     upcast: bool,
+    wrt: Sequence[str | int] | None = None,
 ) -> tuple[Problem, Any]:
     """Select the leaves to check, move/cast them, and evaluate fn once. Returns (problem, output)."""
     if input_names is not None and len(input_names) != len(inputs):
         raise NothingToCheckError(f"{len(input_names)} input_names given for {len(inputs)} inputs")
+    heads = list(input_names) if input_names is not None else [f"inputs[{i}]" for i in range(len(inputs))]
+    selection = _Selection(wrt, heads) if wrt is not None else None
+    differentiable: list[str] = []
+    other: list[str] = []
 
     def convert(t: Any) -> Any:
         if not isinstance(t, torch.Tensor):
@@ -260,9 +307,11 @@ def build_problem(
 
     params: dict[str, torch.Tensor] = {}
     trainable: set[str] = set()
+    parameters: set[str] = set()  # parameters, not buffers
     if isinstance(fn, torch.nn.Module):
         for name, p in fn.named_parameters():
             params[name] = p
+            parameters.add(name)
             if p.requires_grad and _differentiable(p):
                 trainable.add(name)
         for name, b in fn.named_buffers():
@@ -287,12 +336,16 @@ def build_problem(
             selected = name in trainable
         else:
             position = path[1].idx  # type: ignore[union-attr]
-            head = input_names[position] if input_names is not None else f"inputs[{position}]"
-            name = head + pytree.keystr(path[2:])
+            name = heads[position] + pytree.keystr(path[2:])
             selected = _differentiable(t) and (t.requires_grad or not any_requires_grad)
+        (differentiable if _differentiable(t) else other).append(str(name))
+        if selection is not None:
+            selected = _differentiable(t) and selection(str(name), is_param and name in parameters)
         if selected:
             slots.append(slot)
             leaves.append(Leaf(str(name), tuple(value.shape), value.dtype, value))
+    if selection is not None:
+        selection.check_all_used(differentiable, other)
     if not leaves:
         raise NothingToCheckError(
             "nothing to differentiate: pass at least one floating-point or complex tensor "
