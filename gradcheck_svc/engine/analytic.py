@@ -15,6 +15,7 @@ import torch
 from torch.autograd import forward_ad
 
 from gradcheck_svc.engine.evaluate import describe as _describe
+from gradcheck_svc.engine.evaluate import why_not_batched
 from gradcheck_svc.engine.problem import Problem
 from gradcheck_svc.errors import BackwardNotDifferentiableError, CheckError, FunctionRaisedError
 
@@ -85,7 +86,8 @@ class Analytic:
                 last = exc
                 if path != "loop":
                     self._paths.remove(path)
-                    self._note(f"{name}: '{path}' path unavailable ({_describe(exc)}); using a slower one")
+                    how = "torch.func" if path == "func" else "batched autograd.grad"
+                    self._note(f"{name} computed without {how}, which cannot run fn ({why_not_batched(exc)})")
         raise FunctionRaisedError(f"backward raised while computing {name}: {_describe(last)}") from last
 
     # ------------------------------------------------------------------ rows

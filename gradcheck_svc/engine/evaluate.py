@@ -15,13 +15,31 @@ import torch
 from gradcheck_svc.engine.problem import Problem
 from gradcheck_svc.errors import FunctionRaisedError
 
-__all__ = ["Evaluator", "describe"]
+__all__ = ["Evaluator", "describe", "why_not_batched"]
+
+# Reasons torch.vmap gives often, in a few words: (text in the message, what to say).
+_KNOWN_REASONS = (
+    ("setup_context", "an autograd.Function without setup_context"),
+    (".item()", "fn calls .item()"),
+    ("data-dependent control flow", "data-dependent control flow"),
+    ("Batching rule not implemented", "an op without a batching rule"),
+)
 
 
 def describe(exc: BaseException) -> str:
     """One short line for a user's exception: its type and first sentence."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text.split('. ')[0][:160]}"
+
+
+def why_not_batched(exc: BaseException) -> str:
+    """A few words on why torch.vmap could not run fn: the note is information, not an error."""
+    text = str(exc).strip()
+    for marker, reason in _KNOWN_REASONS:
+        if marker in text:
+            return reason
+    first = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+    return first if len(first) <= 60 else first[:57] + "..."
 
 
 class Evaluator:
@@ -49,7 +67,8 @@ class Evaluator:
                     return torch.vmap(one)(batch)
                 except Exception as exc:  # any vmap incompatibility: fall back, remember why
                     self.use_vmap = False
-                    self._note(f"fn does not support vmap ({describe(exc)}); evaluated in a loop")
+                    why = why_not_batched(exc)
+                    self._note(f"perturbations evaluated one at a time: torch.vmap cannot batch fn ({why})")
             return self._guarded(lambda: torch.stack([one(row) for row in batch]))
 
     @staticmethod
