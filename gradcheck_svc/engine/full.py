@@ -149,7 +149,9 @@ def run_full(
                     again = ctx.analytic.columns(i, onehot)
                     for o in leaf_outputs:
                         rows = problem.outputs[o].rows
-                        delta = (again[:, rows] - analytic_t[:, rows]).abs().nan_to_num(nan=float("inf"))
+                        second, first = again[:, rows], analytic_t[:, rows]
+                        delta = (second - first).abs().nan_to_num(nan=float("inf"))
+                        delta.masked_fill_((second == first) | (second.isnan() & first.isnan()), 0.0)
                         worst = float(delta.max()) if delta.numel() else 0.0
                         acc(Check.REVERSE, o, i).record_nondeterminism(worst, options.nondet_tol)
             forward_t = (
