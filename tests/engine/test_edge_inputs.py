@@ -201,3 +201,11 @@ def test_nan_input_is_nonfinite_not_nondeterministic(mode):
     assert report.pairs[0].status == Status.NONFINITE
     assert "NaN" in report.pairs[0].message
     assert any("inputs[0][1] = nan" in note for note in report.notes)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_value_twice_is_not_nondeterminism(mode):
+    # sqrt of a negative element: NaN in both backward runs, the same result each time.
+    report = gc.check(torch.sqrt, torch.tensor([-1.5, 2.0, 3.0], dtype=D), mode=mode)
+    assert all(p.status != Status.NONDETERMINISTIC for p in report.pairs), str(report)
+    assert any("NaN" in note for note in report.notes)
