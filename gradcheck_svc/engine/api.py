@@ -100,7 +100,7 @@ def check(
         pairs = [a.report() for a in run_full(ctx).values()]
     else:
         pairs = run_fast(ctx)
-    mark_nonfinite_inputs(problem, pairs, ctx.note)
+    mark_nonfinite_inputs(problem, ctx.f0, pairs, ctx.note)
     forward_nondeterministic = _forward_is_nondeterministic(ctx)
     if opts.compare_devices:
         pairs.append(compare_devices(fn, inputs, dict(fn_kwargs or {}), input_names, opts))

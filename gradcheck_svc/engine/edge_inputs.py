@@ -3,15 +3,18 @@
 * A zero-size input or output has a Jacobian with no entries: the check is trivially ok,
   nothing to compare, and the report says so.
 * An input element that is +-inf or NaN has no finite step: its column is never perturbed
-  (a step scaled by |x| would be inf and the difference NaN). It is listed in a note; a NaN
-  input also makes the pairs of that input NONFINITE, since no gradient is defined there,
-  while +-inf (masks in attention, ``-inf`` padding) is a legitimate value that is left out.
+  (a step scaled by |x| would be inf and the difference NaN). It is listed in a note. A NaN
+  input that makes an output NaN fails the pairs of that input and output as NONFINITE: no
+  gradient is defined there. A NaN that ``nansum`` ignores, or +-inf (attention masks,
+  ``-inf`` padding), is a legitimate value that is simply left out.
 * Outputs autograd marks non-differentiable are skipped (see ``problem``), listed in a note.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+import torch
 
 from gradcheck_svc.engine.compare import pair_fields
 from gradcheck_svc.engine.problem import Leaf, Problem
@@ -45,8 +48,11 @@ def _where(leaf: Leaf) -> str:
     return ", ".join(parts) + more
 
 
-def mark_nonfinite_inputs(problem: Problem, pairs: list[PairReport], note: Callable[[str], None]) -> None:
-    """Name the input elements that were not perturbed; a NaN input fails its pairs as NONFINITE."""
+def mark_nonfinite_inputs(
+    problem: Problem, f0: torch.Tensor, pairs: list[PairReport], note: Callable[[str], None]
+) -> None:
+    """Name the input elements that were not perturbed; a NaN input that reaches an output fails."""
+    nan_outputs = {block.name for block in problem.outputs if bool(f0[block.rows].isnan().any())}
     for leaf in problem.leaves:
         real = leaf.real
         if bool(real.isfinite().all()):
@@ -56,7 +62,7 @@ def mark_nonfinite_inputs(problem: Problem, pairs: list[PairReport], note: Calla
         if not bool(real.isnan().any()):
             continue
         for pair in pairs:
-            if pair.input == leaf.name and pair.check != Check.DEVICES:
+            if pair.input == leaf.name and pair.output in nan_outputs and pair.check != Check.DEVICES:
                 pair.status = Status.NONFINITE
                 pair.message = f"{leaf.name} holds NaN: no gradient is defined there"
 

@@ -209,3 +209,40 @@ def test_nan_value_twice_is_not_nondeterminism(mode):
     report = gc.check(torch.sqrt, torch.tensor([-1.5, 2.0, 3.0], dtype=D), mode=mode)
     assert all(p.status != Status.NONDETERMINISTIC for p in report.pairs), str(report)
     assert any("NaN" in note for note in report.notes)
+
+
+@pytest.mark.parametrize("fn", [torch.nansum, lambda x: torch.nanmean(x, dim=0)], ids=["nansum", "nanmean"])
+def test_nan_a_reduction_ignores_is_left_out_not_failed(fn):
+    x = torch.tensor([[1.0, float("nan")], [2.0, 3.0]], dtype=D)
+    report = gc.check(fn, x)
+    assert report.ok, str(report)
+    assert any("inputs[0][0, 1] = nan" in note for note in report.notes)
+
+
+def test_batched_backward_that_disagrees_with_the_eager_one_is_not_judged():
+    # torch.vmap's batching rule for cdist's p=1 backward differs from the eager backward,
+    # which finite differences confirm: the check judges the backward training runs.
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 5, 2, generator=g, dtype=D) * 5
+    b = torch.randn(5, 6, 2, generator=g, dtype=D) * 5
+    report = gc.check(lambda a, b: torch.cdist(a, b, p=1.0), a, b)
+    assert report.ok, str(report)
+
+
+def test_a_wrong_backward_is_still_caught_when_batching_is_verified():
+    class WrongCube(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x**3
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return grad * 3 * x
+
+    report = gc.check(lambda x: WrongCube.apply(x) @ torch.ones(4, 3, dtype=D), torch.randn(6, 4, dtype=D))
+    assert not report.ok
