@@ -49,6 +49,7 @@ class Evaluator:
         self.problem = problem
         self.use_vmap = True
         self._note = on_note
+        self._vmap_verified = False
 
     def base(self) -> torch.Tensor:
         with torch.no_grad():
@@ -64,12 +65,40 @@ class Evaluator:
         with torch.no_grad():
             if self.use_vmap:
                 try:
-                    return torch.vmap(one)(batch)
+                    result = torch.vmap(one)(batch)
+                    if self._vmap_verified or self._same_unbatched(one, batch, result):
+                        return result
+                    self.use_vmap = False
+                    self._note(
+                        "torch.vmap evaluates fn differently from a plain call here (a torch "
+                        "batching rule); perturbations evaluated one at a time"
+                    )
                 except Exception as exc:  # any vmap incompatibility: fall back, remember why
                     self.use_vmap = False
                     why = why_not_batched(exc)
                     self._note(f"perturbations evaluated one at a time: torch.vmap cannot batch fn ({why})")
             return self._guarded(lambda: torch.stack([one(row) for row in batch]))
+
+    def _same_unbatched(
+        self, one: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, result: torch.Tensor
+    ) -> bool:
+        """Once per check: the last row of the first batch, evaluated by a plain call, must match.
+
+        torch has had wrong batching rules (``roll`` of a 0-d tensor mixes the batch). A random
+        fn differs from itself too: that is nondeterminism, reported elsewhere, not vmap's fault.
+        """
+        self._vmap_verified = True
+        eps = max(torch.finfo(leaf.real_dtype).eps for leaf in self.problem.leaves)
+
+        def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+            scale = torch.maximum(a.abs(), b.abs()).nan_to_num(nan=0.0, posinf=0.0)
+            allowed = 64 * eps * (scale + (scale.max() if scale.numel() else 0.0))
+            return bool((((a - b).abs() <= allowed) | (a == b) | (a.isnan() & b.isnan())).all())
+
+        plain = self._guarded(lambda: one(batch[-1]))
+        if same(plain, result[-1]):
+            return True
+        return not same(plain, self._guarded(lambda: one(batch[-1])))
 
     @staticmethod
     def _guarded(call: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -246,3 +246,16 @@ def test_a_wrong_backward_is_still_caught_when_batching_is_verified():
 
     report = gc.check(lambda x: WrongCube.apply(x) @ torch.ones(4, 3, dtype=D), torch.randn(6, 4, dtype=D))
     assert not report.ok
+
+
+def test_batched_forward_that_disagrees_with_a_plain_call_is_not_used():
+    # torch.vmap's roll of a 0-d tensor mixes the batch: not nondeterminism of fn.
+    report = gc.check(lambda x: torch.roll(x, 10), torch.tensor(-4.8, dtype=D))
+    assert report.ok, str(report)
+    assert report.pairs[0].status == Status.PASS
+
+
+def test_a_random_fn_is_still_nondeterministic():
+    report = gc.check(lambda x: x + torch.rand(()).to(x.dtype), torch.randn(3, dtype=D))
+    assert not report.ok
+    assert any(p.status == Status.NONDETERMINISTIC for p in report.pairs)
