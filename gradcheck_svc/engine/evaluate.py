@@ -77,7 +77,9 @@ class Evaluator:
                     self.use_vmap = False
                     why = why_not_batched(exc)
                     self._note(f"perturbations evaluated one at a time: torch.vmap cannot batch fn ({why})")
-            return self._guarded(lambda: torch.stack([one(row) for row in batch]))
+            # A fresh tensor per call, as the user's own input was: a row view of the batch would
+            # let storage-level ops (as_strided) read a neighbouring row.
+            return self._guarded(lambda: torch.stack([one(row.clone()) for row in batch]))
 
     def _same_unbatched(
         self, one: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, result: torch.Tensor
@@ -95,10 +97,10 @@ class Evaluator:
             allowed = 64 * eps * (scale + (scale.max() if scale.numel() else 0.0))
             return bool((((a - b).abs() <= allowed) | (a == b) | (a.isnan() & b.isnan())).all())
 
-        plain = self._guarded(lambda: one(batch[-1]))
+        plain = self._guarded(lambda: one(batch[-1].clone()))
         if same(plain, result[-1]):
             return True
-        return not same(plain, self._guarded(lambda: one(batch[-1])))
+        return not same(plain, self._guarded(lambda: one(batch[-1].clone())))
 
     @staticmethod
     def _guarded(call: Callable[[], torch.Tensor]) -> torch.Tensor:
