@@ -1,7 +1,7 @@
 """torch's own operator database (OpInfo) as a peer test suite, side by side with torch.autograd.gradcheck.
 
     python benchmarks/bench_opinfo.py                       # first sample of every op, float64 and float32
-    python benchmarks/bench_opinfo.py --samples all         # every sample (tens of minutes on 2 cores)
+    python benchmarks/bench_opinfo.py --samples all         # every sample (~40 min per dtype on 2 cores)
     python benchmarks/bench_opinfo.py --ops linalg fft      # ops whose name contains any of these
     python benchmarks/bench_opinfo.py --dtype float64 -v    # one dtype, every sample's verdict printed
 
