@@ -140,6 +140,11 @@ class Report(BaseModel):
     def kinks(self) -> int:
         return sum(p.kinks for p in self.pairs)
 
+    @property
+    def expected_mismatch(self) -> bool:
+        """ok with failing pairs: the mismatch was asked for (``expect="mismatch"``) and found."""
+        return self.ok and bool(self.failures)
+
     def plot(self, path: str | Path, *, all_pairs: bool = False) -> Path:
         """Write a PNG heatmap of |analytic - numeric| / tolerance per failing pair."""
         from gradcheck_svc.plot import plot_report
@@ -226,6 +231,10 @@ def _render_pair(pair: PairReport) -> list[str]:
 
 def render(report: Report) -> str:
     verdict = "ok" if report.ok else "GRADIENT MISMATCH"
+    if report.expected_mismatch:
+        verdict = "ok, mismatch as expected"
+    elif not report.ok and not report.failures:
+        verdict = "NO MISMATCH, ONE WAS EXPECTED"
     if report.error:
         verdict = "ERROR"
     total = report.timings.get("total_s")

@@ -94,8 +94,9 @@ def run_fast(ctx: Context) -> list[PairReport]:
                 wide_only = int(only_wide.sum())
             nondet = 0.0
             if again is not None and g.numel():
-                delta = again[i][o * count : (o + 1) * count] - g
-                nondet = float(delta.abs().nan_to_num(nan=float("inf")).max())
+                second = again[i][o * count : (o + 1) * count]
+                delta = (second - g).abs().nan_to_num(nan=float("inf"))
+                nondet = float(delta.masked_fill_((second == g) | (second.isnan() & g.isnan()), 0.0).max())
             status = pair_status(
                 nonfinite=bool(verdict.nonfinite.any()),
                 nondeterministic=nondet > options.nondet_tol,

@@ -95,8 +95,8 @@ def run_full(
             wide_jac = _dense_rows(ctx, ctx.wide_analytic, chunks, selection.leaves)
         ctx.timed("analytic_s", start)
     for i in selection.leaves:
-        for cols in _column_chunks(ctx, i):
-            columns = _analytic_columns(ctx, i, cols, jac, wide_jac, selection, accumulators)
+        for chunk, cols in enumerate(_column_chunks(ctx, i)):
+            columns = _analytic_columns(ctx, i, cols, jac, wide_jac, selection, accumulators, chunk == 0)
             _judge_columns(ctx, i, cols, columns, selection, accumulators)
     return dict(accumulators)
 
@@ -181,6 +181,7 @@ def _analytic_columns(
     wide_jac: dict[int, torch.Tensor] | None,
     selection: _Selection,
     accumulators: _Accumulators,
+    first_chunk: bool,
 ) -> _Columns:
     """The analytic Jacobian columns ``cols`` of leaf ``i``: from the dense rows when they were
     taken, else from the backward itself (vjp of the vjp), with the nondeterminism re-run."""
@@ -195,7 +196,7 @@ def _analytic_columns(
         reverse = ctx.analytic.columns(i, directions)
         if ctx.wide_analytic is not None:
             wide = ctx.wide_analytic.columns(i, directions)
-        if ctx.options.check_nondeterminism and int(cols[0]) == 0:
+        if ctx.options.check_nondeterminism and first_chunk:
             again = ctx.analytic.columns(i, directions)
             for o in selection.outputs_of(i):
                 rows = ctx.problem.outputs[o].rows
@@ -210,9 +211,10 @@ def _analytic_columns(
 def _column_chunks(ctx: Context, i: int) -> Iterator[torch.Tensor]:
     leaf = ctx.numeric_problem.leaves[i]
     size = ctx.chunk_size(leaf)
-    for start in range(0, leaf.size, size):
+    positions = leaf.finite_positions()  # +-inf and NaN elements have no finite step
+    for start in range(0, positions.numel(), size):
         ctx.poll()
-        yield torch.arange(start, min(start + size, leaf.size), device=leaf.value.device)
+        yield positions[start : start + size]
 
 
 def _judge_columns(

@@ -33,6 +33,7 @@ def random_directions(base: torch.Tensor, count: int, generator: torch.Generator
     level = _LEVELS[torch.randint(0, 3, (count, n), generator=generator)]
     sign = torch.randint(0, 2, (count, n), generator=generator).to(torch.float64) * 2 - 1
     scale = torch.exp2(torch.round(torch.log2(base.detach().to("cpu", torch.float64).abs().clamp(min=1.0))))
+    scale = torch.where(scale.isfinite(), scale, 0.0)  # +-inf and NaN elements are not moved
     return (level * sign * scale).to(base.device)
 
 

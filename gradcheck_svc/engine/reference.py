@@ -57,6 +57,7 @@ def choose_reference(
     input_names: Sequence[str] | None,
     device: torch.device | None,
     enabled: bool,
+    wrt: Any = None,
 ) -> Reference:
     """A float64 copy of ``problem`` when it is low precision and fn runs in float64, else itself."""
     own = _dtype_label(problem)
@@ -65,7 +66,9 @@ def choose_reference(
     if not enabled:
         return Reference(problem, own, "the float64 reference is not used for this kind of check")
     try:
-        wide, _ = build_problem(fn, inputs, kwargs, input_names=input_names, device=device, upcast=True)
+        wide, _ = build_problem(
+            fn, inputs, kwargs, input_names=input_names, device=device, upcast=True, wrt=wrt
+        )
     except CheckError as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return Reference(
