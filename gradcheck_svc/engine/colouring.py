@@ -22,10 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gradcheck_svc.engine.compare import _FAILED_KEY, _KINK_KEY, Judgement, PairAccumulator, Tolerance, judge
+from gradcheck_svc.engine.compare import Judgement, PairAccumulator, Tolerance, judge
 from gradcheck_svc.engine.numeric import NODES, Differences, differences, steps
-from gradcheck_svc.engine.problem import flat_index
-from gradcheck_svc.report import ElementError
 
 __all__ = ["ColouredLeaf", "colour_by_stride", "plan_groups", "run_coloured"]
 
@@ -101,10 +99,10 @@ def run_coloured(
     gives, per output block checked against this leaf, its rows, accumulator and tolerance.
     ``None`` means nothing was done (no useful colouring): every column is left.
     """
-    problem = ctx.problem
+    problem = ctx.numeric_problem
     leaf = problem.leaves[index]
     base = leaf.real
-    if not bool(torch.isfinite(ctx.f0).all()):
+    if not bool(torch.isfinite(ctx.numeric_f0).all()):
         return None
     h = steps(base, ctx.eps(leaf))
     generator = torch.Generator().manual_seed(ctx.options.seed)
@@ -213,15 +211,16 @@ def _check_groups(
     With ``singletons`` every group is one column: nothing can hide, so every entry is recorded
     as it is judged, including rows the analytic side says the column does not reach.
     """
-    leaf = ctx.problem.leaves[index]
+    leaf = ctx.numeric_problem.leaves[index]
     device = x.device
     direction = torch.zeros(k, leaf.size, dtype=torch.float64, device=device)
     direction[group, columns] = step
     batch = torch.cat([(x + node * direction).to(leaf.real.dtype) for node in NODES])  # node-major
     evaluated = ctx.evaluate(index, batch)
     offsets = torch.tensor(NODES, dtype=torch.float64, device=device).unsqueeze(1).expand(3, k).contiguous()
-    diff = differences(evaluated, ctx.f0, offsets, ctx.machine_eps, x_scale)  # (M, k)
-    moved = (evaluated.reshape(3, k, -1) != ctx.f0).any(dim=0).T  # (M, k)
+    f0 = ctx.numeric_f0
+    diff = differences(evaluated, f0, offsets, ctx.numeric_machine_eps, x_scale)  # (M, k)
+    moved = (evaluated.reshape(3, k, -1) != f0).any(dim=0).T  # (M, k)
     del evaluated, batch, direction
 
     # Which column each (row, group) reads, from the analytic pattern: -1 where none.
@@ -262,7 +261,7 @@ def _check_groups(
     for acc, r_known, j_known, g_known, analytic, element, verdict in verdicts:
         ok = ~failed_groups[g_known]
         kept = Differences(*(t[ok] for t in _parts(element)))
-        add_entries(acc, r_known[ok], j_known[ok], analytic[ok], kept, _select(verdict, ok))
+        acc.add_entries(r_known[ok], j_known[ok], analytic[ok], kept, _select(verdict, ok))
         recorded[id(acc)] = recorded.get(id(acc), 0) + int(ok.sum())
     for _, acc, _ in accumulators:
         # Entries the analytic side and the grouped differences both put at zero count as checked.
@@ -283,82 +282,3 @@ def _select(v: Judgement, keep: torch.Tensor) -> Judgement:
 
 def _as_row(d: Differences) -> Differences:
     return Differences(*(t.unsqueeze(0) for t in (d.value, d.bar, d.forward, d.backward, d.one_sided_bar)))
-
-
-def add_entries(
-    acc: PairAccumulator,
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    analytic: torch.Tensor,
-    element: Differences,
-    verdict: Judgement,
-) -> None:
-    """Feed scattered entries ``(rows[k], cols[k])`` (1-D everything) to a pair's accumulator.
-
-    ``PairAccumulator.add`` takes grids; a coloured group gives one element per row, which
-    is no grid. This does what ``add`` does, for a list of entries.
-    """
-    numeric, error, ratio, failed, kink = (
-        element.value,
-        verdict.error,
-        verdict.ratio,
-        verdict.failed,
-        verdict.kink,
-    )
-    acc.checked += numeric.numel()
-    n_failed = int(failed.sum())
-    acc.failed += n_failed
-    acc.kinks += int(kink.sum())
-    acc.nonfinite += int(verdict.nonfinite.sum())
-    if not numeric.numel():
-        return
-    acc.max_abs = max(acc.max_abs, float(error.max()))
-    rel = error / numeric.abs().clamp(min=torch.finfo(numeric.dtype).tiny)
-    acc.max_rel = max(acc.max_rel, float(rel.masked_fill(error == 0, 0.0).max()))
-    acc.max_ratio = max(acc.max_ratio, float(ratio.max()))
-    full = acc._full
-    if full is not None:
-        r, c = rows.cpu(), cols.cpu()
-        full["a"][r, c] = analytic.detach().to("cpu", torch.float64)
-        full["n"][r, c] = numeric.detach().to("cpu", torch.float64)
-        full["b"][r, c] = element.bar.detach().to("cpu", torch.float64)
-    if n_failed and acc._map is not None:
-        bins_r, bins_c = acc._map.shape
-        index = (rows * bins_r // acc.output.size * bins_c + cols * bins_c // acc.leaf.size).cpu()
-        acc._map.view(-1).scatter_reduce_(0, index, ratio.clamp(max=1e300).to("cpu", torch.float64), "amax")
-    key = ratio.clamp(max=1e100) + failed.to(ratio.dtype) * _FAILED_KEY + kink.to(ratio.dtype) * _KINK_KEY
-    top = torch.topk(key, min(acc.max_worst, key.numel())).indices
-    picked = {
-        name: t[top].tolist()
-        for name, t in (
-            ("a", analytic),
-            ("n", numeric),
-            ("b", element.bar),
-            ("t", verdict.tolerance),
-            ("k", kink),
-            ("key", key),
-            ("r", rows),
-            ("c", cols),
-        )
-    }
-    for j in range(top.numel()):
-        out_index, out_part = flat_index(picked["r"][j], acc.output.shape, acc.output.is_complex)
-        in_index, in_part = flat_index(picked["c"][j], acc.leaf.shape, acc.leaf.is_complex)
-        acc._worst.append(
-            (
-                picked["key"][j],
-                ElementError(
-                    output_index=out_index,
-                    input_index=in_index,
-                    output_part=out_part,
-                    input_part=in_part,
-                    analytic=picked["a"][j],
-                    numeric=picked["n"][j],
-                    error_bar=picked["b"][j],
-                    tolerance=picked["t"][j],
-                    kink=bool(picked["k"][j]),
-                ),
-            )
-        )
-    acc._worst.sort(key=lambda item: -item[0])
-    del acc._worst[acc.max_worst :]

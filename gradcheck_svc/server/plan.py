@@ -18,6 +18,7 @@ import torch
 from pydantic import ValidationError
 
 from gradcheck_svc.codec import decode_options, decode_sampling, decode_tensor, decode_value, validate_shape
+from gradcheck_svc.engine.guard import largest_output
 from gradcheck_svc.errors import (
     DeviceUnavailableError,
     InvalidRequestError,
@@ -36,7 +37,14 @@ from gradcheck_svc.specs import (
 )
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
-__all__ = ["CheckPlan", "PlannedPoint", "plan_check"]
+__all__ = ["LIGHT_ELEMENTS", "LIGHT_INPUTS", "CheckPlan", "PlannedPoint", "plan_check", "runs_in_worker"]
+
+# A check sized up front whose inputs and every intermediate are this small cannot reach the memory
+# budget (the engine's batches are sized from a measured evaluation) nor run long between the
+# engine's own deadline polls, so it runs without the per-op guard and its cost (a Python call per
+# torch op, several times a tiny check's own time). Everything else runs under the guard.
+LIGHT_INPUTS = 4096
+LIGHT_ELEMENTS = 65536
 
 _INPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\[\]']{0,63}\Z")
 
@@ -57,20 +65,35 @@ class CheckPlan:
     options: dict[str, Any] = field(default_factory=dict)
     client_options: frozenset[str] = frozenset()  # the option names the client set
     operator_code: bool = False  # a function the operator registered (not an expression or built-in)
+    light: bool = False  # sized up front and small everywhere: see LIGHT_ELEMENTS
 
     @property
     def device(self) -> str:
         return str(self.options.get("device") or "auto")
 
 
+def runs_in_worker(isolation: str, operator_code: bool) -> bool:
+    """The one rule for what runs in a killable worker process: everything under
+    ``isolation=process``, operator functions under ``auto``, nothing under ``thread``.
+    Expressions and built-ins stay in threads: the CheckGuard bounds them at every torch op."""
+    if isolation == "thread":
+        return False
+    return isolation == "process" or operator_code
+
+
 def plan_check(request: pb.CheckRequest, settings: Settings, registry: FunctionRegistry) -> CheckPlan:
     label, fn, expression = _function(request.function, settings, registry)
     points = _points(request, settings, expression)
+    operator_code = expression is None and not registry.get(request.function.registered.name).builtin
+    largest: int | None = None  # elements of the largest tensor one evaluation creates, if known
     if expression is not None:
-        _check_intermediates(expression, points, settings)
+        largest = _check_intermediates(expression, points, settings)
+    elif not operator_code:
+        largest = _check_builtin_sizes(fn, points, settings)
+    inputs = max((sum(t.numel() for t in p.tensors) for p in points), default=0)
+    light = largest is not None and largest <= LIGHT_ELEMENTS and inputs <= LIGHT_INPUTS
     options = _options(request.options, settings)
     client_options = frozenset(decode_options(request.options))
-    operator_code = expression is None and not registry.get(request.function.registered.name).builtin
     return CheckPlan(
         label=label,
         fn=fn,
@@ -78,6 +101,7 @@ def plan_check(request: pb.CheckRequest, settings: Settings, registry: FunctionR
         options=options,
         client_options=client_options,
         operator_code=operator_code,
+        light=light,
     )
 
 
@@ -97,16 +121,23 @@ def _function(
             raise InvalidRequestError("function.expression", "has no variables: nothing to differentiate")
         return expression.text, expression, expression
     if kind == "registered":
-        name = spec.registered.name
-        entry = registry.get(name)  # UnknownFunctionError -> NOT_FOUND
-        try:
-            params = {k: decode_value(v) for k, v in spec.registered.params.items()}
-            return entry.name, entry.bind(params), None
-        except (SpecError, InvalidRequestError) as exc:
-            if isinstance(exc, UnknownFunctionError):
-                raise
-            raise InvalidRequestError("function.registered.params", str(exc)) from None
+        label, fn = bind_registered(spec.registered, registry)
+        return label, fn, None
     raise InvalidRequestError("function", "set either expression or registered")
+
+
+def bind_registered(
+    spec: pb.RegisteredFunction, registry: FunctionRegistry
+) -> tuple[str, Callable[..., Any]]:
+    """The binding step on its own: a registered name and its parameters -> (label, callable)."""
+    entry = registry.get(spec.name)  # UnknownFunctionError -> NOT_FOUND
+    try:
+        params = {k: decode_value(v) for k, v in spec.params.items()}
+        return entry.name, entry.bind(params)
+    except (SpecError, InvalidRequestError) as exc:
+        if isinstance(exc, UnknownFunctionError):
+            raise
+        raise InvalidRequestError("function.registered.params", str(exc)) from None
 
 
 # ----------------------------------------------------------------------------- points
@@ -180,8 +211,12 @@ def _sampled(msg: pb.SamplingSpec, settings: Settings) -> list[list[tuple[str, t
             f"sampling: {spec.count} points of {per_point} elements exceed "
             f"max_request_elements={settings.max_request_elements}"
         )
+    seen: set[str] = set()
     for k, i in enumerate(spec.inputs):
         _check_name(i.name, f"sampling.inputs[{k}].name")
+        if i.name in seen:  # sampled points are keyed by name: a second one would silently win
+            raise InvalidRequestError(f"sampling.inputs[{k}].name", f"{i.name!r} is given twice")
+        seen.add(i.name)
     return [list(point.items()) for point in sample_points(spec)]
 
 
@@ -211,18 +246,45 @@ def _bind(
     return PlannedPoint(list(variables), [values[v] for v in variables])
 
 
-def _check_intermediates(expression: Expression, points: list[PlannedPoint], settings: Settings) -> None:
+def _check_intermediates(
+    expression: Expression, points: list[PlannedPoint], settings: Settings
+) -> int | None:
     """Refuse expressions that would build an oversized tensor (e.g. outer(x, x)), before running them."""
     signatures = {
         tuple(zip(p.names, ((tuple(t.shape), t.dtype) for t in p.tensors), strict=True)) for p in points
     }
+    found: int | None = 0
     for signature in signatures:
         largest = _largest_intermediate(expression, signature)
+        found = None if largest < 0 or found is None else max(found, largest)
         if largest > settings.max_tensor_elements:
             raise LimitExceededError(
                 f"function.expression: evaluation would create a tensor of {largest} elements "
                 f"(max_tensor_elements={settings.max_tensor_elements})"
             )
+    return found
+
+
+def _check_builtin_sizes(
+    fn: Callable[..., Any], points: list[PlannedPoint], settings: Settings
+) -> int | None:
+    """Built-in torch ops get the same size check as expressions: conv1d with a huge padding or
+    outer of two long vectors is refused before it allocates."""
+    shapes = {tuple((tuple(t.shape), t.dtype) for t in p.tensors): p for p in points}
+    found: int | None = 0
+    for point in shapes.values():  # one meta run per distinct set of shapes
+        try:
+            largest = largest_output(fn, point.tensors)
+        except Exception:  # a shape error shows up in the point's report when the check runs
+            found = None
+            continue
+        found = None if found is None else max(found, largest)
+        if largest > settings.max_tensor_elements:
+            raise LimitExceededError(
+                f"function.registered: evaluation would create a tensor of {largest} elements "
+                f"(max_tensor_elements={settings.max_tensor_elements})"
+            )
+    return found
 
 
 # CI jobs send the same expressions at the same shapes over and over: parse and size them once.
@@ -238,7 +300,7 @@ def _largest_intermediate(expression: Expression, signature: tuple[tuple[str, An
     try:
         return expression.largest_intermediate(inputs)
     except Exception:  # a shape error shows up in the point's report when the check runs
-        return 0
+        return -1  # unknown
 
 
 # ----------------------------------------------------------------------------- options

@@ -76,6 +76,13 @@ def _no_names(target: Target, resolved: Resolved) -> None:
     __tracebackhide__ = True
     if resolved.input_names is not None and target.kind == "expression":
         raise TypeError("input_names is for callables: an expression's inputs are named by its variables")
+    if target.kind == "callable" and resolved.params is not None:
+        raise TypeError(
+            "params= is for a registered function named by a string; "
+            "a callable's keyword arguments go in fn_kwargs={...}"
+        )
+    if target.kind != "callable" and "fn_kwargs" in resolved.arguments:
+        raise TypeError("fn_kwargs is for callables: a registered function takes params={...}")
 
 
 def _local(target: Target, inputs: Sequence[Any], resolved: Resolved) -> Report:
@@ -84,7 +91,7 @@ def _local(target: Target, inputs: Sequence[Any], resolved: Resolved) -> Report:
 
     if target.kind == "callable":
         names = {} if resolved.input_names is None else {"input_names": resolved.input_names}
-        report = gc.check(target.fn, *inputs, **names, **resolved.options)
+        report = gc.check(target.fn, *inputs, **names, **resolved.arguments, **resolved.options)
         if renamed(target.fn):
             report = report.model_copy(update={"function": target.label})
         return report
@@ -94,18 +101,30 @@ def _local(target: Target, inputs: Sequence[Any], resolved: Resolved) -> Report:
         expression = compile_expression(target.text)  # callable with inputs in variable order
         names = list(expression.variables)
         named = bind_names(names, inputs, f"expression {target.text!r}")
-        report = gc.check(expression, *named.values(), input_names=names, **resolved.options)
+        report = gc.check(
+            expression, *named.values(), input_names=names, **resolved.arguments, **resolved.options
+        )
     else:
         fn = _local_registry().bind(target.text, resolved.params)
         positional, named = _split(inputs, resolved.input_names)
         if named:
-            report = gc.check(fn, *named.values(), input_names=list(named), **resolved.options)
+            report = gc.check(
+                fn, *named.values(), input_names=list(named), **resolved.arguments, **resolved.options
+            )
         else:
-            report = gc.check(fn, *positional, **resolved.options)
+            report = gc.check(fn, *positional, **resolved.arguments, **resolved.options)
     return report.model_copy(update={"function": target.text})
 
 
 def _on_server(server: RemoteServer, target: Target, inputs: Sequence[Any], resolved: Resolved) -> Report:
+    __tracebackhide__ = True
+    from gradcheck_svc.engine.expectation import apply_expectation
+
+    report = _server_report(server, target, inputs, resolved)
+    return apply_expectation(report, resolved.arguments.get("expect", "match"))
+
+
+def _server_report(server: RemoteServer, target: Target, inputs: Sequence[Any], resolved: Resolved) -> Report:
     __tracebackhide__ = True
     options = resolved.options
     if target.kind == "expression":
@@ -135,6 +154,13 @@ def run(target: Target, inputs: Sequence[Any], resolved: Resolved, server: Remot
     remote = _remote(server, resolved)
     if remote is None:
         return Outcome(_local(target, inputs, resolved), LOCAL)
+    if "wrt" in resolved.arguments:  # the server checks every input
+        why = "wrt= is applied in-process"
+        if resolved.remote == "require":
+            pytest.fail(f"gradcheck: {target.label}: {why} and remote='require' forbids running it locally")
+        report = _local(target, inputs, resolved)
+        report.notes.append(f"ran locally: {why}")
+        return Outcome(report, LOCAL, fallback=why)
     if target.kind == "callable":
         assert target.fn is not None
         why = why_not_remote(target.fn) or _not_sendable(inputs)

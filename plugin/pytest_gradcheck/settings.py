@@ -78,8 +78,12 @@ SETTINGS: tuple[Setting, ...] = (
 ENGINE_SETTINGS: tuple[str, ...] = ("atol", "rtol", "mode", "kinks", "device")
 # Keywords the fixture and the marker take besides the engine's options; the call also takes
 # input_names (names of a callable's positional inputs in the report).
-PLUGIN_KEYWORDS: frozenset[str] = frozenset({"remote", "params"})
-CALL_KEYWORDS: frozenset[str] = PLUGIN_KEYWORDS | {"input_names"}
+# expect= ("match" | "mismatch") may come from the marker too; fn_kwargs and wrt only from the call.
+PLUGIN_KEYWORDS: frozenset[str] = frozenset({"remote", "params", "expect"})
+CALL_KEYWORDS: frozenset[str] = PLUGIN_KEYWORDS | {"input_names", "fn_kwargs", "wrt"}
+# Keywords of gradcheck_svc.check that are not engine options: kept apart from the options
+# (which travel to a server as they are).
+CHECK_ARGUMENTS: tuple[str, ...] = ("fn_kwargs", "wrt", "expect")
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -155,6 +159,7 @@ class Resolved:
     remote: RemotePolicy
     params: dict[str, Any] | None = None  # parameters of a registered function
     input_names: list[str] | None = None  # names of a callable's positional inputs
+    arguments: dict[str, Any] = field(default_factory=dict)  # fn_kwargs, wrt, expect when given
 
 
 def _check_keywords(
@@ -199,4 +204,5 @@ def resolve(
         remote = "never"
     params = merged.pop("params", None)
     names = merged.pop("input_names", None)
-    return Resolved(merged, remote, params, list(names) if names is not None else None)
+    arguments = {k: merged.pop(k) for k in CHECK_ARGUMENTS if k in merged}
+    return Resolved(merged, remote, params, list(names) if names is not None else None, arguments)

@@ -30,6 +30,7 @@ class CheckRecord:
     fallback: str = ""  # why a check meant for the server ran locally
     error: str = ""  # why the check could not run at all (exception type and message)
     unreachable: bool = False  # the server could not be reached
+    expected_mismatch: bool = False  # expect="mismatch" and the mismatch was found: passed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +71,9 @@ def summary_lines(records: list[CheckRecord]) -> list[str]:
     head = f"{_plural(len(records), 'check')} run, {len(failed)} failed"
     if errors:
         head += f" ({errors} could not run)"
+    expected = sum(1 for r in records if r.expected_mismatch)
+    if expected:
+        head += f", {expected} expected mismatch{'' if expected == 1 else 'es'}"
     head += f", {_plural(kinks, 'kink')} seen"
     if kinks:
         head += f" (in {_plural(sum(1 for r in records if r.kinks), 'check')})"

@@ -7,7 +7,7 @@ import threading
 import torch
 
 import gradcheck_svc as gc
-from gradcheck_svc.engine.plain_forward import batched_plain_forward, plain_forward_calls
+from gradcheck_svc.engine.plain_forward import _TORCH_ASKS, batched_plain_forward, plain_forward_calls
 
 BATCHED_NOTE = "custom autograd.Function forwards batched with vmap, called directly"
 
@@ -71,7 +71,7 @@ def test_check_batches_an_old_style_function_and_says_so():
     report = gc.check(OldCube.apply, torch.randn(40, dtype=torch.float64))
     assert report.ok
     assert BATCHED_NOTE in report.notes
-    assert not any("evaluated in a loop" in note for note in report.notes)
+    assert not any("evaluated one at a time" in note for note in report.notes)
 
 
 def test_check_names_the_loop_when_batching_cannot_be_trusted():
@@ -88,7 +88,7 @@ def test_check_names_the_loop_when_batching_cannot_be_trusted():
 
     report = gc.check(Branchy.apply, torch.randn(30, dtype=torch.float64))
     assert report.ok
-    assert any("evaluated in a loop" in note for note in report.notes)
+    assert any("evaluated one at a time" in note for note in report.notes)
     assert BATCHED_NOTE not in report.notes
 
 
@@ -138,3 +138,54 @@ def test_a_forward_that_writes_into_its_input_keeps_its_verdict():
         return DoubleInPlace.apply(x * 1.0) + x
 
     assert gc.check(writes_its_argument, x).ok
+
+
+def test_concurrent_checks_under_the_guard_leave_other_threads_alone():
+    """Threads checking Functions under the per-op guard (as server workers do) batch their
+    forwards, while threads vmapping the same Function outside a check are refused by torch
+    as always, and every verdict is right, whatever the interleaving."""
+    from gradcheck_svc.engine.guard import CheckGuard
+
+    rounds = 6
+    start = threading.Barrier(6)
+    errors: list[BaseException] = []
+    outcomes: dict[str, list[object]] = {"check": [], "plain": []}
+
+    def checker(seed: int) -> None:
+        try:
+            start.wait()
+            for k in range(rounds):
+                x = torch.randn(40, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + k))
+                with CheckGuard(max_bytes=2**30):
+                    report = gc.check(OldCube.apply, x)
+                outcomes["check"].append((report.ok, BATCHED_NOTE in report.notes))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def bystander() -> None:
+        try:
+            start.wait()
+            x = torch.randn(4, dtype=torch.float64)
+            for _ in range(rounds * 20):
+                # torch's own refusal, with its own reason, and a functorch transform that works.
+                try:
+                    torch.vmap(OldCube.apply)(torch.randn(3, 4, dtype=torch.float64))
+                    outcomes["plain"].append("batched")
+                except RuntimeError as exc:
+                    outcomes["plain"].append("refused" if "setup_context" in str(exc) else str(exc)[:80])
+                grad = torch.func.grad(lambda t: NewCube.apply(t).sum())(x)
+                outcomes["plain"].append("grad" if torch.allclose(grad, 3 * x * x) else "wrong grad")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=checker, args=(100 * n,)) for n in range(4)]
+    threads += [threading.Thread(target=bystander) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert outcomes["check"] == [(True, True)] * (4 * rounds)
+    assert sorted(set(outcomes["plain"])) == ["grad", "refused"]
+    assert len(outcomes["plain"]) == 2 * 2 * rounds * 20
+    assert torch._C._are_functorch_transforms_active is _TORCH_ASKS
