@@ -231,6 +231,36 @@ class PairAccumulator:
 
         Reductions run where the block lives; only scalars and the few worst elements move.
         """
+        device = diff.value.device
+        rows = torch.arange(self.output.size, device=device) if rows is None else rows.to(device)
+        self._add(rows, columns.to(device), analytic, diff, verdict, scattered=False)
+
+    def add_entries(
+        self,
+        rows: torch.Tensor,
+        columns: torch.Tensor,
+        analytic: torch.Tensor,
+        diff: Differences,
+        verdict: Judgement,
+    ) -> None:
+        """Add scattered elements ``(rows[k], columns[k])``: every tensor is 1-D, one value per element.
+
+        Column groups give one element per output row, which is no grid; the verdicts, counts and
+        worst-element order are those of ``add``.
+        """
+        device = diff.value.device
+        self._add(rows.to(device), columns.to(device), analytic, diff, verdict, scattered=True)
+
+    def _add(
+        self,
+        rows: torch.Tensor,
+        columns: torch.Tensor,
+        analytic: torch.Tensor,
+        diff: Differences,
+        verdict: Judgement,
+        *,
+        scattered: bool,
+    ) -> None:
         numeric, error, ratio, failed, kink = (
             diff.value,
             verdict.error,
@@ -238,9 +268,6 @@ class PairAccumulator:
             verdict.failed,
             verdict.kink,
         )
-        device = numeric.device
-        rows = torch.arange(self.output.size, device=device) if rows is None else rows.to(device)
-        columns = columns.to(device)
 
         self.checked += numeric.numel()
         n_failed = int(failed.sum())
@@ -256,7 +283,11 @@ class PairAccumulator:
         self.max_ratio = max(self.max_ratio, float(ratio.max()))
 
         if self._full is not None:
-            grid = (rows.cpu().unsqueeze(1), columns.cpu().unsqueeze(0))
+            grid = (
+                (rows.cpu(), columns.cpu())
+                if scattered
+                else (rows.cpu().unsqueeze(1), columns.cpu().unsqueeze(0))
+            )
             self._full["a"][grid] = analytic.detach().to("cpu", torch.float64)
             self._full["n"][grid] = numeric.detach().to("cpu", torch.float64)
             self._full["b"][grid] = diff.bar.detach().to("cpu", torch.float64)
@@ -266,7 +297,11 @@ class PairAccumulator:
             bins_r, bins_c = self._map.shape
             rb = rows * bins_r // self.output.size
             cb = columns * bins_c // self.leaf.size
-            index = (rb.unsqueeze(1) * bins_c + cb.unsqueeze(0)).reshape(-1).cpu()
+            index = (
+                (rb * bins_c + cb if scattered else rb.unsqueeze(1) * bins_c + cb.unsqueeze(0))
+                .reshape(-1)
+                .cpu()
+            )
             pooled = ratio.reshape(-1).clamp(max=1e300).to("cpu", torch.float64)
             self._map.view(-1).scatter_reduce_(0, index, pooled, "amax")
 
@@ -282,25 +317,31 @@ class PairAccumulator:
                 key, count = torch.where(chosen, ratio, -1.0).reshape(-1), int(chosen.sum())
             if count:
                 top = torch.topk(key, min(self.max_worst, count)).indices
-                self._keep(level, top, rows, columns, analytic, diff, verdict)
+                if scattered:
+                    at: tuple[torch.Tensor, ...] = (top,)
+                    out_rows, in_cols = rows[top], columns[top]
+                else:
+                    width = diff.value.shape[1]
+                    at = (top // width, top % width)
+                    out_rows, in_cols = rows[at[0]], columns[at[1]]
+                self._keep(level, at, out_rows, in_cols, analytic, diff, verdict)
         self._worst.sort(key=lambda item: (-item[0], -item[1]))
         del self._worst[self.max_worst :]
 
     def _keep(
         self,
         rank: int,
-        top: torch.Tensor,
-        rows: torch.Tensor,
-        columns: torch.Tensor,
+        at: tuple[torch.Tensor, ...],
+        out_rows: torch.Tensor,
+        in_cols: torch.Tensor,
         analytic: torch.Tensor,
         diff: Differences,
         verdict: Judgement,
     ) -> None:
-        """Add the elements at flat positions ``top`` of a block to the worst-element list."""
-        width = diff.value.shape[1]
-        r_idx, c_idx = top // width, top % width
+        """Add the elements at index ``at`` of a block (output rows ``out_rows``, leaf positions
+        ``in_cols``) to the worst-element list."""
         picked = {
-            name: t[r_idx, c_idx].tolist()
+            name: t[at].tolist()
             for name, t in (
                 ("a", analytic),
                 ("n", diff.value),
@@ -310,8 +351,8 @@ class PairAccumulator:
                 ("r", verdict.ratio),
             )
         }
-        rows_list, cols_list = rows[r_idx].tolist(), columns[c_idx].tolist()
-        for j in range(top.numel()):
+        rows_list, cols_list = out_rows.tolist(), in_cols.tolist()
+        for j in range(len(rows_list)):
             out_index, out_part = flat_index(rows_list[j], self.output.shape, self.output.is_complex)
             in_index, in_part = flat_index(cols_list[j], self.leaf.shape, self.leaf.is_complex)
             element = ElementError(

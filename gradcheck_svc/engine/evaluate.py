@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from gradcheck_svc.engine.plain_forward import batched_plain_forward
 from gradcheck_svc.engine.problem import Problem
 from gradcheck_svc.errors import FunctionRaisedError
 
@@ -48,6 +49,9 @@ class Evaluator:
     def __init__(self, problem: Problem, on_note: Callable[[str], None]) -> None:
         self.problem = problem
         self.use_vmap = True
+        # None: untried; False once a batched direct-forward call was refused or disagreed.
+        self.use_plain_forward: bool | None = None
+        self._vmap_refusal = ""
         self._note = on_note
         self._vmap_verified = False
 
@@ -75,8 +79,17 @@ class Evaluator:
                     )
                 except Exception as exc:  # any vmap incompatibility: fall back, remember why
                     self.use_vmap = False
-                    why = why_not_batched(exc)
-                    self._note(f"perturbations evaluated one at a time: torch.vmap cannot batch fn ({why})")
+                    self._vmap_refusal = why_not_batched(exc)
+            if self.use_plain_forward is not False and self._vmap_refusal:
+                batched = batched_plain_forward(one, batch, self._machine_eps(index))
+                if batched is not None:
+                    if self.use_plain_forward is None:
+                        self._note("custom autograd.Function forwards batched with vmap, called directly")
+                    self.use_plain_forward = True
+                    return batched
+                self.use_plain_forward = False
+                why = self._vmap_refusal
+                self._note(f"perturbations evaluated one at a time: torch.vmap cannot batch fn ({why})")
             # A fresh tensor per call, as the user's own input was: a row view of the batch would
             # let storage-level ops (as_strided) read a neighbouring row.
             return self._guarded(lambda: torch.stack([one(row.clone()) for row in batch]))
@@ -101,6 +114,9 @@ class Evaluator:
         if same(plain, result[-1]):
             return True
         return not same(plain, self._guarded(lambda: one(batch[-1].clone())))
+
+    def _machine_eps(self, index: int) -> float:
+        return torch.finfo(self.problem.leaves[index].real_dtype).eps
 
     @staticmethod
     def _guarded(call: Callable[[], torch.Tensor]) -> torch.Tensor:

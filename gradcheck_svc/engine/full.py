@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from gradcheck_svc.engine.analytic import Analytic
+from gradcheck_svc.engine.colouring import run_coloured
 from gradcheck_svc.engine.compare import PairAccumulator, judge, merge_wide
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.guard import batch_bytes
@@ -95,7 +96,22 @@ def run_full(
             wide_jac = _dense_rows(ctx, ctx.wide_analytic, chunks, selection.leaves)
         ctx.timed("analytic_s", start)
     for i in selection.leaves:
-        for chunk, cols in enumerate(_column_chunks(ctx, i)):
+        positions = ctx.numeric_problem.leaves[i].finite_positions()  # +-inf and NaN have no step
+        if jac is not None and _colourable(ctx, i, positions):
+            # Columns that share no output row are perturbed together; what is left goes one by one.
+            start = time.perf_counter()
+            blocks = [
+                (
+                    problem.outputs[o].rows,
+                    accumulators.of(Check.REVERSE, o, i),
+                    ctx.tolerance(problem.outputs[o], problem.leaves[i]),
+                )
+                for o in selection.outputs_of(i)
+            ]
+            left = run_coloured(ctx, i, jac[i], blocks)
+            positions = positions if left is None else left
+            ctx.timed("numeric_s", start)
+        for chunk, cols in enumerate(_column_chunks(ctx, i, positions)):
             columns = _analytic_columns(ctx, i, cols, jac, wide_jac, selection, accumulators, chunk == 0)
             _judge_columns(ctx, i, cols, columns, selection, accumulators)
     return dict(accumulators)
@@ -208,10 +224,24 @@ def _analytic_columns(
 
 
 # ---------------------------------------------------------------------- numeric side and verdict
-def _column_chunks(ctx: Context, i: int) -> Iterator[torch.Tensor]:
+def _colourable(ctx: Context, i: int, positions: torch.Tensor) -> bool:
+    """Whether leaf ``i`` may be checked by column groups, with verdicts equal to the column path's.
+
+    Groups judge the user's backward alone, with no float64 reference (no rounding allowance, no
+    float64 run of the backward) and no forward mode; and every element of the leaf gets a step.
+    Anything else goes column by column.
+    """
+    return (
+        ctx.wide_analytic is None
+        and not ctx.options.forward_ad
+        and positions.numel() == ctx.numeric_problem.leaves[i].size
+        and positions.numel() > 0
+    )
+
+
+def _column_chunks(ctx: Context, i: int, positions: torch.Tensor) -> Iterator[torch.Tensor]:
     leaf = ctx.numeric_problem.leaves[i]
     size = ctx.chunk_size(leaf)
-    positions = leaf.finite_positions()  # +-inf and NaN elements have no finite step
     for start in range(0, positions.numel(), size):
         ctx.poll()
         yield positions[start : start + size]

@@ -51,10 +51,14 @@ def _count() -> None:
 
 
 def slow_square(x: torch.Tensor, delay: float = 0.05) -> torch.Tensor:
-    """x**2 that takes ``delay`` seconds per evaluation (checked with chunk_size=1: many chunks)."""
+    """x**2 plus a small coupling term, taking ``delay`` seconds per evaluation.
+
+    The coupling makes the Jacobian dense, so full mode perturbs it column by column (with
+    chunk_size=1: one slow evaluation per column) instead of grouping an elementwise function.
+    """
     _count()
     time.sleep(delay)
-    return x * x
+    return x * x + 1e-3 * (x.sum() - x)
 
 
 def never_returns(x: torch.Tensor) -> torch.Tensor:

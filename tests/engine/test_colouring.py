@@ -1,0 +1,279 @@
+"""Structure-aware finite differences: grouped columns, and what a wrong analytic pattern cannot hide."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradcheck_svc as gc
+from gradcheck_svc.engine import colouring
+from gradcheck_svc.engine.colouring import colour_by_stride
+
+
+class MissingNeighbour(torch.autograd.Function):
+    """y_i = x_i^2 + 0.5 x_{i-1}; the backward forgets the neighbour term (a diagonal Jacobian)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x + 0.5 * torch.roll(x, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class SpuriousNeighbour(torch.autograd.Function):
+    """y_i = x_i^2 (diagonal); the backward adds a term from the next row that is not there."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g + 0.25 * torch.roll(g, -1)
+
+
+class Counted(torch.autograd.Function):
+    """tanh with a correct backward; counts forward calls (``float()`` keeps vmap out)."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        Counted.calls += 1
+        float(x.sum())  # a host sync: no batching, so every evaluation is one call
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+def _failing_elements(report: gc.Report) -> set[tuple[int, int]]:
+    (pair,) = report.pairs
+    return {(e.output_index[0], e.input_index[0]) for e in pair.worst}
+
+
+def test_missing_off_diagonal_term_is_caught_and_located():
+    n = 100
+    report = gc.check(MissingNeighbour.apply, torch.randn(n, dtype=torch.float64), max_worst=n)
+    assert not report.ok
+    (pair,) = report.pairs
+    assert pair.elements_failed == n  # every sub-diagonal element, nothing else
+    assert pair.elements_checked == n * n
+    assert _failing_elements(report) == {(i, (i - 1) % n) for i in range(n)}
+    assert all(e.analytic == 0.0 and abs(e.numeric - 0.5) < 1e-6 for e in pair.worst)
+
+
+def test_spurious_off_diagonal_term_is_caught_and_located():
+    n = 100
+    report = gc.check(SpuriousNeighbour.apply, torch.randn(n, dtype=torch.float64), max_worst=n)
+    assert not report.ok
+    (pair,) = report.pairs
+    assert pair.elements_failed == n
+    assert _failing_elements(report) == {((i + 1) % n, i) for i in range(n)}
+    assert all(e.analytic == 0.25 and abs(e.numeric) < 1e-9 for e in pair.worst)
+
+
+def test_elementwise_function_costs_a_few_evaluations():
+    Counted.calls = 0
+    n = 500
+    report = gc.check(Counted.apply, torch.randn(n, dtype=torch.float64))
+    assert report.ok
+    assert report.pairs[0].elements_checked == n * n
+    # One group of all columns: three perturbed points, plus f(x) and the analytic side's forwards.
+    assert Counted.calls < 20
+
+
+def test_a_bug_in_one_element_is_reported_at_that_element_alone():
+    class OneWrong(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return torch.sin(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            grad = (g * torch.cos(x)).reshape(-1).clone()
+            grad[7] *= 1.01
+            return grad.reshape(x.shape)
+
+    report = gc.check(OneWrong.apply, torch.randn(50, 20, dtype=torch.float64))
+    (pair,) = report.pairs
+    assert pair.elements_failed == 1
+    (element,) = pair.worst
+    assert element.output_index == element.input_index == [0, 7]
+
+
+def test_row_wise_function_keeps_its_verdict_and_catches_a_dropped_term():
+    def softmax_rows(x):
+        return torch.softmax(x, dim=-1)
+
+    x = torch.randn(30, 40, dtype=torch.float64)
+    assert gc.check(softmax_rows, x).ok
+
+    class DiagonalOnly(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            y = torch.softmax(x, dim=-1)
+            ctx.save_for_backward(y)
+            return y
+
+        @staticmethod
+        def backward(ctx, g):
+            (y,) = ctx.saved_tensors
+            return g * y * (1 - y)  # the off-diagonal -y_i y_j dropped
+
+    report = gc.check(DiagonalOnly.apply, x)
+    assert not report.ok
+    (pair,) = report.pairs
+    # Every off-diagonal element of each row block fails, each on its own column.
+    assert pair.elements_failed == 30 * 40 * 39
+    assert all(e.output_index[0] == e.input_index[0] for e in pair.worst)
+    assert all(e.output_index[1] != e.input_index[1] for e in pair.worst)
+
+
+def test_stride_colouring_matches_the_layouts():
+    n = 12
+    diagonal = torch.arange(n)
+    assert colour_by_stride(diagonal, diagonal, n) == 1
+    # Rows of length 4: row r holds columns 4r..4r+3.
+    cols = torch.arange(n)
+    assert colour_by_stride(cols // 4, cols, n) == 4
+    # A dense row needs as many colours as columns: not worth colouring.
+    assert colour_by_stride(torch.zeros(n, dtype=torch.long), cols, n) is None
+
+
+def test_groups_in_small_chunks_give_the_same_elements():
+    x = torch.randn(100, dtype=torch.float64)
+    whole = gc.check(SpuriousNeighbour.apply, x, max_worst=100)
+    chunked = gc.check(SpuriousNeighbour.apply, x, max_worst=100, chunk_size=1)
+    assert _failing_elements(whole) == _failing_elements(chunked)
+    assert chunked.pairs[0].elements_failed == 100
+
+
+@pytest.mark.parametrize(
+    "fn, x",
+    [
+        (torch.relu, torch.cat([torch.zeros(5), torch.linspace(-2, 2, 95)]).double()),
+        (torch.abs, torch.cat([torch.zeros(3), torch.linspace(-1, 1, 50)]).double()),
+        (lambda x: x.clamp(-0.5, 0.5), torch.tensor([0.5, -0.5, 0.1, 2.0] * 10).double()),
+        (lambda x: torch.softmax(x, -1), torch.linspace(-3, 3, 200).double().reshape(10, 20)),
+        (torch.tanh, torch.linspace(-3, 3, 300)),  # float32
+    ],
+)
+def test_same_verdict_kinks_and_counts_as_column_by_column(fn, x, monkeypatch):
+    # max_worst holds every kink: within a rank the order is by err/tol, and a group's error
+    # floor may differ a little from a column's, so a truncated list may pick other ties.
+    grouped = gc.check(fn, x, max_worst=100).pairs[0]
+    monkeypatch.setattr(colouring, "colour_by_stride", lambda *args: None)
+    single = gc.check(fn, x, max_worst=100).pairs[0]
+    assert (grouped.status, grouped.kinks, grouped.elements_failed, grouped.elements_checked) == (
+        single.status,
+        single.kinks,
+        single.elements_failed,
+        single.elements_checked,
+    )
+    if single.status != gc.Status.PASS:  # the kinks shown, as the column path shows them
+        located = {(tuple(e.output_index), tuple(e.input_index)) for e in grouped.worst}
+        assert located == {(tuple(e.output_index), tuple(e.input_index)) for e in single.worst}
+
+
+@pytest.mark.parametrize("fn", [MissingNeighbour.apply, SpuriousNeighbour.apply])
+def test_same_failing_elements_as_column_by_column(fn, monkeypatch):
+    x = torch.randn(60, dtype=torch.float64)
+    grouped = gc.check(fn, x, max_worst=100).pairs[0]
+    monkeypatch.setattr(colouring, "colour_by_stride", lambda *args: None)
+    single = gc.check(fn, x, max_worst=100).pairs[0]
+    assert (grouped.status, grouped.elements_failed, grouped.elements_checked) == (
+        single.status,
+        single.elements_failed,
+        single.elements_checked,
+    )
+    located = {(tuple(e.output_index), tuple(e.input_index)) for e in grouped.worst}
+    assert located == {(tuple(e.output_index), tuple(e.input_index)) for e in single.worst}
+
+
+class SlightlyOff(torch.autograd.Function):
+    """sin with a backward 1e-5 off at element 3: below float32 rounding, caught by its float64 run."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sin(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        grad = g * torch.cos(x)
+        bump = torch.zeros_like(grad)
+        bump[3] = 1e-5 * grad[3]
+        return grad + bump
+
+
+def _count_coloured(monkeypatch) -> list[int]:
+    from gradcheck_svc.engine import full
+
+    calls: list[int] = []
+    real = full.run_coloured
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(full, "run_coloured", counted)
+    return calls
+
+
+def test_low_precision_checks_keep_the_column_path_and_its_float64_verdict(monkeypatch):
+    calls = _count_coloured(monkeypatch)
+    x = torch.linspace(-2, 2, 64)  # float32: judged against the float64 reference
+    report = gc.check(SlightlyOff.apply, x)
+    assert not calls
+    assert not report.ok
+    (pair,) = report.pairs
+    assert pair.elements_failed == 1
+    assert pair.worst[0].input_index == [3]
+    # The float64 case of the same function does go by groups.
+    assert gc.check(torch.sin, x.double()).ok and calls
+
+
+def test_non_finite_input_elements_are_never_perturbed_by_groups(monkeypatch):
+    calls = _count_coloured(monkeypatch)
+    x = torch.linspace(-2, 2, 40, dtype=torch.float64)
+    x[5] = float("inf")
+    x[9] = float("nan")
+    report = gc.check(torch.tanh, x)
+    assert not calls
+    monkeypatch.setattr(colouring, "colour_by_stride", lambda *args: None)
+    single = gc.check(torch.tanh, x)
+    assert (report.ok, report.pairs[0].elements_checked) == (single.ok, single.pairs[0].elements_checked)
+
+
+def test_failures_come_before_kinks_in_the_worst_elements():
+    class ReluOneWrong(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return torch.relu(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            grad = (g * (x > 0)).clone()
+            grad[-1] *= 1.5
+            return grad
+
+    x = torch.cat([torch.zeros(4), torch.linspace(0.5, 2, 60)]).double()
+    (pair,) = gc.check(ReluOneWrong.apply, x, max_worst=3).pairs
+    assert pair.status == gc.Status.FAIL
+    assert [e.input_index for e in pair.worst] == [[63]]

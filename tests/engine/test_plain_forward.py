@@ -1,0 +1,191 @@
+"""Batched forwards of custom autograd.Functions that vmap refuses, with a looped fallback."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+import gradcheck_svc as gc
+from gradcheck_svc.engine.plain_forward import _TORCH_ASKS, batched_plain_forward, plain_forward_calls
+
+BATCHED_NOTE = "custom autograd.Function forwards batched with vmap, called directly"
+
+
+class OldCube(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * g
+
+
+class NewCube(torch.autograd.Function):
+    @staticmethod
+    def forward(x):
+        return x**3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * g
+
+
+class CallDependent(torch.autograd.Function):
+    """A forward whose value depends on how often it was called: batching changes it."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        CallDependent.calls += 1
+        return x * CallDependent.calls
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * CallDependent.calls
+
+
+def test_old_and_new_style_forwards_batch_and_match_a_loop():
+    batch = torch.randn(6, 10, dtype=torch.float64)
+    for fn in (OldCube.apply, NewCube.apply):
+        out = batched_plain_forward(fn, batch, 2.0**-52)
+        assert out is not None
+        assert torch.equal(out, batch**3)
+
+
+def test_a_forward_that_batches_differently_falls_back():
+    batch = torch.randn(6, 10, dtype=torch.float64)
+    assert batched_plain_forward(CallDependent.apply, batch, 2.0**-52) is None
+
+
+def test_check_batches_an_old_style_function_and_says_so():
+    report = gc.check(OldCube.apply, torch.randn(40, dtype=torch.float64))
+    assert report.ok
+    assert BATCHED_NOTE in report.notes
+    assert not any("evaluated one at a time" in note for note in report.notes)
+
+
+def test_check_names_the_loop_when_batching_cannot_be_trusted():
+    class Branchy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x if float(x.sum()) > -1e9 else x  # a host read: vmap cannot batch it
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 2 * x * g
+
+    report = gc.check(Branchy.apply, torch.randn(30, dtype=torch.float64))
+    assert report.ok
+    assert any("evaluated one at a time" in note for note in report.notes)
+    assert BATCHED_NOTE not in report.notes
+
+
+def test_other_threads_keep_torchs_own_behaviour():
+    seen: list[str] = []
+
+    def other() -> None:
+        try:
+            torch.vmap(OldCube.apply)(torch.randn(3, 4, dtype=torch.float64))
+            seen.append("batched")
+        except RuntimeError:
+            seen.append("refused")
+
+    with plain_forward_calls():
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert seen == ["refused"]
+    # And once the block is left, this thread too.
+    try:
+        torch.vmap(OldCube.apply)(torch.randn(3, 4, dtype=torch.float64))
+        refused = False
+    except RuntimeError:
+        refused = True
+    assert refused
+
+
+def test_a_forward_that_writes_into_its_input_keeps_its_verdict():
+    class DoubleInPlace(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.mark_dirty(x)
+            return x.mul_(2)
+
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * g
+
+    def fn(x):
+        return DoubleInPlace.apply(x.clone()) ** 2
+
+    x = torch.randn(30, dtype=torch.float64)
+    report = gc.check(fn, x)
+    assert report.ok
+
+    def writes_its_argument(x):
+        return DoubleInPlace.apply(x * 1.0) + x
+
+    assert gc.check(writes_its_argument, x).ok
+
+
+def test_concurrent_checks_under_the_guard_leave_other_threads_alone():
+    """Threads checking Functions under the per-op guard (as server workers do) batch their
+    forwards, while threads vmapping the same Function outside a check are refused by torch
+    as always, and every verdict is right, whatever the interleaving."""
+    from gradcheck_svc.engine.guard import CheckGuard
+
+    rounds = 6
+    start = threading.Barrier(6)
+    errors: list[BaseException] = []
+    outcomes: dict[str, list[object]] = {"check": [], "plain": []}
+
+    def checker(seed: int) -> None:
+        try:
+            start.wait()
+            for k in range(rounds):
+                x = torch.randn(40, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + k))
+                with CheckGuard(max_bytes=2**30):
+                    report = gc.check(OldCube.apply, x)
+                outcomes["check"].append((report.ok, BATCHED_NOTE in report.notes))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def bystander() -> None:
+        try:
+            start.wait()
+            x = torch.randn(4, dtype=torch.float64)
+            for _ in range(rounds * 20):
+                # torch's own refusal, with its own reason, and a functorch transform that works.
+                try:
+                    torch.vmap(OldCube.apply)(torch.randn(3, 4, dtype=torch.float64))
+                    outcomes["plain"].append("batched")
+                except RuntimeError as exc:
+                    outcomes["plain"].append("refused" if "setup_context" in str(exc) else str(exc)[:80])
+                grad = torch.func.grad(lambda t: NewCube.apply(t).sum())(x)
+                outcomes["plain"].append("grad" if torch.allclose(grad, 3 * x * x) else "wrong grad")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=checker, args=(100 * n,)) for n in range(4)]
+    threads += [threading.Thread(target=bystander) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert outcomes["check"] == [(True, True)] * (4 * rounds)
+    assert sorted(set(outcomes["plain"])) == ["grad", "refused"]
+    assert len(outcomes["plain"]) == 2 * 2 * rounds * 20
+    assert torch._C._are_functorch_transforms_active is _TORCH_ASKS
