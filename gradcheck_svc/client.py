@@ -42,6 +42,8 @@ from pydantic import BaseModel
 from gradcheck_svc.codec import (
     DTYPES,
     decode_report,
+    encode_arguments,
+    encode_module,
     encode_options,
     encode_point,
     encode_sampling,
@@ -71,10 +73,23 @@ _SERVICE = "gradcheck_svc.v1.GradcheckService"
 
 @dataclass(frozen=True)
 class Registered:
-    """A registered function by name, with its parameters (``Registered("torch.softmax", {"dim": 0})``)."""
+    """A registered function by name, with its parameters (``Registered("torch.softmax", {"dim": 0})``).
+
+    ``arguments``: the positional call, each a ``binding.Input`` (a tensor of the point) or a
+    constant; ``init`` and ``state``: a registered module's constructor arguments (``InitArgs``)
+    and its parameters and buffers. ``Registered.of(binding.portable(...))`` fills them.
+    """
 
     name: str
     params: Mapping[str, Any] = field(default_factory=dict)
+    arguments: Sequence[Any] = ()
+    init: Any = None
+    state: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, call: Any) -> Registered:
+        """From a ``binding.Portable``: the point to send is ``call.tensors``."""
+        return cls(call.name, call.params, call.arguments, call.init, call.state)
 
 
 @dataclass(frozen=True)
@@ -452,9 +467,13 @@ def build_request(
     if isinstance(function, Registered):
         spec = pb.FunctionSpec(
             registered=pb.RegisteredFunction(
-                name=function.name, params={k: encode_value(v) for k, v in function.params.items()}
+                name=function.name,
+                params={k: encode_value(v) for k, v in function.params.items()},
+                arguments=encode_arguments(function.arguments),
             )
         )
+        if function.init is not None:
+            spec.registered.module.CopyFrom(encode_module(function.init, function.state))
     elif isinstance(function, str):
         spec = pb.FunctionSpec(expression=function)
     else:

@@ -13,6 +13,7 @@ from gradcheck_svc.engine.devices import compare_devices, resolve_device
 from gradcheck_svc.engine.fast import run_fast
 from gradcheck_svc.engine.full import run_full
 from gradcheck_svc.engine.problem import build_problem
+from gradcheck_svc.engine.progress import Progress, ProgressFn
 from gradcheck_svc.engine.second_order import second_order_problem
 from gradcheck_svc.engine.taylor import run_taylor
 from gradcheck_svc.errors import GradientMismatch, NotCallableError
@@ -46,14 +47,16 @@ def check(
     input_names: Sequence[str] | None = None,
     deadline: float | None = None,
     cancelled: Callable[[], bool] | None = None,
+    progress: ProgressFn | None = None,
     **options: Any,
 ) -> Report:
     """Compare the autograd gradients of ``fn`` at ``inputs`` with error-bounded finite differences.
 
     Returns a ``Report``; a mismatch does not raise (see ``assert_grads``). ``fn_kwargs`` reach
     ``fn`` unchanged; ``input_names`` names the positional inputs in the report. ``deadline``
-    (a ``time.monotonic()`` value) and ``cancelled`` are polled between chunks. Every other
-    keyword is an option of ``CheckOptions``.
+    (a ``time.monotonic()`` value) and ``cancelled`` are polled between chunks; ``progress(done,
+    total)`` hears of finite-difference columns done between chunks. Every other keyword is an
+    option of ``CheckOptions``.
     """
     started = time.perf_counter()
     opts: CheckOptions = resolve_options(**options)
@@ -74,6 +77,10 @@ def check(
 
     entries = problem.n_outputs * problem.n_inputs
     mode = opts.mode if opts.mode != "auto" else ("full" if entries <= opts.fast_threshold else "fast")
+    if progress is not None:
+        columns = sum(leaf.size for leaf in problem.leaves)
+        total = columns if mode == "full" else opts.projections * len(problem.leaves)
+        ctx.progress = Progress(progress, 0 if opts.scheme == "taylor" else total)
     if opts.scheme == "taylor":
         pairs = run_taylor(ctx)
         mode = "taylor"
@@ -90,6 +97,8 @@ def check(
             pair.message = "fn returned different values for the same input"
     pairs.sort(key=lambda p: (p.check.value != "reverse", p.output, p.input))
 
+    if ctx.progress is not None:
+        ctx.progress.finish()
     ctx.timings["total_s"] = time.perf_counter() - started
     leaf_dtypes = sorted({leaf.dtype_name for leaf in problem.leaves})
     return Report(

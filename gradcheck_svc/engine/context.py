@@ -11,8 +11,9 @@ import torch
 from gradcheck_svc.engine.analytic import Analytic
 from gradcheck_svc.engine.compare import Tolerance
 from gradcheck_svc.engine.evaluate import Evaluator
-from gradcheck_svc.engine.numeric import defaults_for
+from gradcheck_svc.engine.numeric import NODES, defaults_for
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, Problem
+from gradcheck_svc.engine.progress import Progress
 from gradcheck_svc.errors import CheckCancelledError, LimitExceededError
 from gradcheck_svc.options import CheckOptions
 
@@ -27,6 +28,7 @@ class Context:
     options: CheckOptions
     deadline: float | None = None
     cancelled: Callable[[], bool] | None = None
+    progress: Progress | None = None  # advanced by every batch of perturbed columns
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     evaluator: Evaluator = field(init=False)
@@ -50,6 +52,8 @@ class Context:
         The first batch of a check also carries the unperturbed point: a second evaluation of
         f(x), nearly free inside the batch, compared with the first to catch a nondeterministic fn.
         """
+        if self.progress is not None:
+            self.progress.advance(batch.shape[0] // len(NODES))
         if self._base_rechecked:
             return self.evaluator.leaf_batch(index, batch)
         self._base_rechecked = True

@@ -17,8 +17,18 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from gradcheck_svc.codec import decode_options, decode_sampling, decode_tensor, decode_value, validate_shape
+from gradcheck_svc.binding import build_module, fill_arguments
+from gradcheck_svc.codec import (
+    decode_arguments,
+    decode_module,
+    decode_options,
+    decode_sampling,
+    decode_tensor,
+    decode_value,
+    validate_shape,
+)
 from gradcheck_svc.errors import (
+    BindingError,
     DeviceUnavailableError,
     InvalidRequestError,
     LimitExceededError,
@@ -31,6 +41,7 @@ from gradcheck_svc.specs import (
     Expression,
     ExpressionLimits,
     FunctionRegistry,
+    RegisteredFunction,
     parse_expression,
     sample_points,
 )
@@ -44,7 +55,7 @@ _INPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\[\]']{0,63}\Z")
 @dataclass(frozen=True)
 class PlannedPoint:
     names: list[str]
-    tensors: list[torch.Tensor]
+    tensors: list[Any]  # the positional arguments: tensors, and constants where the client sent some
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,7 @@ class CheckPlan:
     options: dict[str, Any] = field(default_factory=dict)
     client_options: frozenset[str] = frozenset()  # the option names the client set
     operator_code: bool = False  # a function the operator registered (not an expression or built-in)
+    fn_kwargs: dict[str, Any] = field(default_factory=dict)  # a registered module's forward keywords
 
     @property
     def device(self) -> str:
@@ -65,7 +77,7 @@ class CheckPlan:
 
 def plan_check(request: pb.CheckRequest, settings: Settings, registry: FunctionRegistry) -> CheckPlan:
     label, fn, expression = _function(request.function, settings, registry)
-    points = _points(request, settings, expression)
+    points = _fill(request.function, _points(request, settings, expression))
     if expression is not None:
         _check_intermediates(expression, points, settings)
     options = _options(request.options, settings)
@@ -78,6 +90,7 @@ def plan_check(request: pb.CheckRequest, settings: Settings, registry: FunctionR
         options=options,
         client_options=client_options,
         operator_code=operator_code,
+        fn_kwargs=_module_params(request.function, fn),
     )
 
 
@@ -101,12 +114,53 @@ def _function(
         entry = registry.get(name)  # UnknownFunctionError -> NOT_FOUND
         try:
             params = {k: decode_value(v) for k, v in spec.registered.params.items()}
+            if entry.module_class:
+                entry.check_params(params)  # the forward's keywords, passed by the plan's fn_kwargs
+                return entry.name, _module(entry, spec.registered, settings), None
             return entry.name, entry.bind(params), None
         except (SpecError, InvalidRequestError) as exc:
             if isinstance(exc, UnknownFunctionError):
                 raise
             raise InvalidRequestError("function.registered.params", str(exc)) from None
     raise InvalidRequestError("function", "set either expression or registered")
+
+
+def _module(entry: RegisteredFunction, msg: pb.RegisteredFunction, settings: Settings) -> torch.nn.Module:
+    """The operator's module class, built from the plain values and tensors the client sent."""
+    init, state = decode_module(
+        msg.module, max_elements=settings.max_tensor_elements, field="function.registered.module"
+    )
+    if sum(t.numel() for t in state.values()) > settings.max_request_elements:
+        raise LimitExceededError(
+            f"function.registered.module: parameters and buffers exceed max_request_elements="
+            f"{settings.max_request_elements}"
+        )
+    try:
+        return build_module(entry, init, state if msg.HasField("module") else None)
+    except BindingError as exc:
+        raise InvalidRequestError("function.registered.module", str(exc)) from None
+
+
+def _module_params(spec: pb.FunctionSpec, fn: Any) -> dict[str, Any]:
+    """A module's forward keywords (a function has them bound already)."""
+    if not isinstance(fn, torch.nn.Module) or spec.WhichOneof("kind") != "registered":
+        return {}
+    return {k: decode_value(v) for k, v in spec.registered.params.items()}
+
+
+def _fill(spec: pb.FunctionSpec, points: list[PlannedPoint]) -> list[PlannedPoint]:
+    """Points of a registered call with constant positional arguments: the full argument list each."""
+    if spec.WhichOneof("kind") != "registered" or not spec.registered.arguments:
+        return points
+    arguments = decode_arguments(spec.registered.arguments, "function.registered.arguments")
+    filled = []
+    for i, point in enumerate(points):
+        try:
+            values, names = fill_arguments(arguments, dict(zip(point.names, point.tensors, strict=True)), "")
+        except BindingError as exc:
+            raise InvalidRequestError(f"function.registered.arguments (point {i})", str(exc)) from None
+        filled.append(PlannedPoint(names, values))
+    return filled
 
 
 # ----------------------------------------------------------------------------- points

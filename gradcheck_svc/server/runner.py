@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import torch
 
 import gradcheck_svc as gc
 from gradcheck_svc.errors import (
@@ -104,6 +105,7 @@ def _run_point(
             plan.fn,
             *point.tensors,
             input_names=point.names,
+            fn_kwargs=plan.fn_kwargs or None,
             deadline=deadline.at,
             cancelled=cancelled,
             **plan.options,
@@ -123,7 +125,8 @@ def _run_point(
 
 
 def _error_report(plan: CheckPlan, point: PlannedPoint, message: str) -> Report:
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in point.tensors if t.is_floating_point()})
+    floats = [t for t in point.tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in floats})
     return Report(
         ok=False,
         error=message,

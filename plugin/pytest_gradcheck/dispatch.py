@@ -1,12 +1,13 @@
 """Where a check runs (in-process or on the server) and running it there.
 
-Frames that can raise set ``__tracebackhide__``, so a failure points at the user's ``assert_grads`` line.
+Binding (function + arguments -> call) is ``gradcheck_svc.binding``'s; this module only decides
+where the call runs. Frames that can raise set ``__tracebackhide__``, so a failure points at the
+user's ``assert_grads`` line.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -15,20 +16,14 @@ import pytest
 from pytest_gradcheck.remote import RemoteServer
 from pytest_gradcheck.settings import Resolved
 from pytest_gradcheck.summary import LOCAL
-from pytest_gradcheck.targets import (
-    Target,
-    bind_names,
-    classify,
-    registered_name,
-    renamed,
-    why_not_remote,
-)
 
 if TYPE_CHECKING:
+    from gradcheck_svc.binding import Portable
     from gradcheck_svc.report import Report
-    from gradcheck_svc.specs import FunctionRegistry
 
-__all__ = ["Outcome", "run", "target_for"]
+__all__ = ["Outcome", "label_for", "run"]
+
+ProgressFn = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -36,118 +31,107 @@ class Outcome:
     report: Report
     where: str  # LOCAL or the server address
     fallback: str = ""  # why a check meant for the server ran locally
+    label: str = ""
 
 
 def _remote(server: RemoteServer | None, resolved: Resolved) -> RemoteServer | None:
     return server if server is not None and resolved.remote != "never" else None
 
 
-def target_for(fn: Any, server: RemoteServer | None, resolved: Resolved) -> Target:
-    """Classify ``fn``; a string is looked up in the server's registry when one is used."""
+def label_for(fn: Any) -> str:
+    """The label of a check before it is bound (for the summary when binding itself fails)."""
+    from gradcheck_svc.binding import label_of
+
+    return fn.strip() if isinstance(fn, str) else label_of(fn) if callable(fn) else repr(fn)
+
+
+def _local(fn: Any, inputs: Sequence[Any], resolved: Resolved, progress: ProgressFn | None) -> Outcome:
     __tracebackhide__ = True
-    remote = _remote(server, resolved)
-    if isinstance(fn, str) and remote is not None:
-        return classify(fn, remote.registered)
-    if isinstance(fn, str):
-        return classify(fn, _local_registry())
-    return classify(fn)
+    from gradcheck_svc.binding import bind
+
+    call = bind(fn, inputs, names=resolved.input_names, kwargs=resolved.params)
+    return Outcome(call.check(progress=progress, **resolved.options), LOCAL, label=call.label)
 
 
-@functools.cache
-def _local_registry() -> FunctionRegistry:
-    """The registry a server started here would have: built-ins plus installed entry points."""
-    from gradcheck_svc.specs import FunctionRegistry
-
-    return FunctionRegistry.default()
-
-
-def _split(inputs: Sequence[Any], names: list[str] | None) -> tuple[Sequence[Any], dict[str, Any]]:
-    """A registered function takes tensors positionally, or named: by ``input_names`` or as one
-    dict whose keys name them (the names label the report; the order is the call's)."""
+def _refuse(remote: RemoteServer, label: str, why: str) -> None:
     __tracebackhide__ = True
-    if names is not None:
-        return (), bind_names(names, inputs, f"input_names={names!r}")
-    if len(inputs) == 1 and isinstance(inputs[0], Mapping):
-        return (), dict(inputs[0])
-    return inputs, {}
+    pytest.fail(
+        f"gradcheck: {label} cannot run on server {remote.address} ({why}) "
+        "and remote='require' forbids running it locally"
+    )
 
 
-def _no_names(target: Target, resolved: Resolved) -> None:
+def _fallback(
+    remote: RemoteServer,
+    fn: Any,
+    inputs: Sequence[Any],
+    resolved: Resolved,
+    progress: ProgressFn | None,
+    why: str,
+) -> Outcome:
     __tracebackhide__ = True
-    if resolved.input_names is not None and target.kind == "expression":
-        raise TypeError("input_names is for callables: an expression's inputs are named by its variables")
+    label = label_for(fn)
+    if resolved.remote == "require":
+        _refuse(remote, label, why)
+    outcome = _local(fn, inputs, resolved, progress)
+    outcome.report.notes.append(f"ran locally: server {remote.address} cannot run it ({why})")
+    return Outcome(outcome.report, LOCAL, fallback=why, label=outcome.label)
 
 
-def _local(target: Target, inputs: Sequence[Any], resolved: Resolved) -> Report:
+def _send(remote: RemoteServer, travelling: Portable, label: str, resolved: Resolved) -> Outcome:
+    """Send a registered call as it travels; the report names it as the server registered it."""
     __tracebackhide__ = True
-    import gradcheck_svc as gc
+    from gradcheck_svc.client import Registered
 
-    if target.kind == "callable":
-        names = {} if resolved.input_names is None else {"input_names": resolved.input_names}
-        report = gc.check(target.fn, *inputs, **names, **resolved.options)
-        if renamed(target.fn):
-            report = report.model_copy(update={"function": target.label})
-        return report
-    if target.kind == "expression":
-        from gradcheck_svc.specs import compile_expression
-
-        expression = compile_expression(target.text)  # callable with inputs in variable order
-        names = list(expression.variables)
-        named = bind_names(names, inputs, f"expression {target.text!r}")
-        report = gc.check(expression, *named.values(), input_names=names, **resolved.options)
-    else:
-        fn = _local_registry().bind(target.text, resolved.params)
-        positional, named = _split(inputs, resolved.input_names)
-        if named:
-            report = gc.check(fn, *named.values(), input_names=list(named), **resolved.options)
-        else:
-            report = gc.check(fn, *positional, **resolved.options)
-    return report.model_copy(update={"function": target.text})
+    point = [travelling.tensors]
+    reports = remote.call("check_points", Registered.of(travelling), point, options=resolved.options)
+    return Outcome(reports[0], remote.address, label=label)
 
 
-def _on_server(server: RemoteServer, target: Target, inputs: Sequence[Any], resolved: Resolved) -> Report:
+def run(
+    fn: Any,
+    inputs: Sequence[Any],
+    resolved: Resolved,
+    server: RemoteServer | None,
+    progress: ProgressFn | None = None,
+) -> Outcome:
+    """Run the check where the policy says; what the server cannot run falls back or fails."""
     __tracebackhide__ = True
-    options = resolved.options
-    if target.kind == "expression":
-        from gradcheck_svc.specs import parse_expression
-
-        names = list(parse_expression(target.text).variables)
-        named = bind_names(names, inputs, f"expression {target.text!r}")
-        return server.call("check", target.text, options=options, **named)
-    positional, named = _split(inputs, resolved.input_names)
-    params = resolved.params or {}
-    return server.call("check_registered", target.text, *positional, params=params, options=options, **named)
-
-
-def _not_sendable(inputs: Sequence[Any]) -> str:
-    """Why these inputs cannot travel to a server ("" when they can): only plain tensors do."""
-    import torch
-
-    if all(isinstance(x, torch.Tensor) for x in inputs):
-        return ""
-    return "inputs other than plain tensors"
-
-
-def run(target: Target, inputs: Sequence[Any], resolved: Resolved, server: RemoteServer | None) -> Outcome:
-    """Run the check where the policy says; a callable the server cannot run falls back or fails."""
-    __tracebackhide__ = True
-    _no_names(target, resolved)
     remote = _remote(server, resolved)
     if remote is None:
-        return Outcome(_local(target, inputs, resolved), LOCAL)
-    if target.kind == "callable":
-        assert target.fn is not None
-        why = why_not_remote(target.fn) or _not_sendable(inputs)
-        name = None if why else registered_name(target.fn, remote.registered)
-        if name is None:
-            why = why or "not registered on the server"
-            if resolved.remote == "require":
-                pytest.fail(
-                    f"gradcheck: {target.label} cannot run on server {remote.address} ({why}) "
-                    "and remote='require' forbids running it locally"
+        return _local(fn, inputs, resolved, progress)
+    from gradcheck_svc.binding import (
+        Call,
+        bind_callable,
+        is_registered_name,
+        portable,
+        portable_named,
+        why_not_remote,
+    )
+
+    if isinstance(fn, str):
+        text = fn.strip()
+        if not is_registered_name(text, remote.registered):  # an expression: it travels as text
+            from gradcheck_svc.binding import BindingError, bind_names
+            from gradcheck_svc.specs import parse_expression
+
+            if resolved.input_names is not None:
+                raise BindingError(
+                    "input_names is for callables: an expression's inputs are named by its variables"
                 )
-            report = _local(target, inputs, resolved)
-            report.notes.append(f"ran locally: server {remote.address} cannot run it ({why})")
-            return Outcome(report, LOCAL, fallback=why)
-        target = Target("registered", target.label, fn=target.fn, text=name)
-    return Outcome(_on_server(remote, target, inputs, resolved), remote.address)
+            names = list(parse_expression(text).variables)
+            named = bind_names(names, inputs, f"expression {text!r}")
+            report = remote.call("check", text, options=resolved.options, **named)
+            return Outcome(report, remote.address, label=text)
+        if text not in remote.registered:
+            return _fallback(remote, fn, inputs, resolved, progress, "not registered on the server")
+        travelling = portable_named(text, inputs, names=resolved.input_names, params=resolved.params)
+        label = text
+    else:
+        call: Call = bind_callable(fn, inputs, names=resolved.input_names, kwargs=resolved.params)
+        never = why_not_remote(fn)  # decided here, without asking an unreachable server
+        travelling = never or portable(call, remote.registered)
+        label = call.label
+    if isinstance(travelling, str):
+        return _fallback(remote, fn, inputs, resolved, progress, travelling)
+    return _send(remote, travelling, label, resolved)

@@ -77,9 +77,10 @@ SETTINGS: tuple[Setting, ...] = (
 )
 ENGINE_SETTINGS: tuple[str, ...] = ("atol", "rtol", "mode", "kinks", "device")
 # Keywords the fixture and the marker take besides the engine's options; the call also takes
-# input_names (names of a callable's positional inputs in the report).
+# input_names (names of a callable's positional inputs in the report) and fn_kwargs (another
+# name for params: constant keyword arguments of the function).
 PLUGIN_KEYWORDS: frozenset[str] = frozenset({"remote", "params"})
-CALL_KEYWORDS: frozenset[str] = PLUGIN_KEYWORDS | {"input_names"}
+CALL_KEYWORDS: frozenset[str] = PLUGIN_KEYWORDS | {"input_names", "fn_kwargs"}
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -153,7 +154,7 @@ class Resolved:
 
     options: dict[str, Any]  # engine options
     remote: RemotePolicy
-    params: dict[str, Any] | None = None  # parameters of a registered function
+    params: dict[str, Any] | None = None  # constant keyword arguments of the function
     input_names: list[str] | None = None  # names of a callable's positional inputs
 
 
@@ -198,5 +199,10 @@ def resolve(
             raise ValueError(f"remote='require' needs a server: --gradcheck-server ADDR or ${SERVER_ENV}")
         remote = "never"
     params = merged.pop("params", None)
+    fn_kwargs = merged.pop("fn_kwargs", None)
+    if fn_kwargs is not None:
+        if "params" in call:
+            raise TypeError("give the function's keyword arguments once: params= or fn_kwargs=, not both")
+        params = fn_kwargs
     names = merged.pop("input_names", None)
     return Resolved(merged, remote, params, list(names) if names is not None else None)
