@@ -17,6 +17,7 @@ from gradcheck_svc.binding.call import (
     bind_expression,
     bind_names,
     bind_registered,
+    bind_variables,
     label_of,
     named_object,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "bind_expression",
     "bind_names",
     "bind_registered",
+    "bind_variables",
     "build_module",
     "fill_arguments",
     "init_args",

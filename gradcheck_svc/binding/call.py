@@ -19,7 +19,16 @@ if TYPE_CHECKING:
     from gradcheck_svc.report import Report
     from gradcheck_svc.specs import FunctionRegistry
 
-__all__ = ["Call", "bind", "bind_callable", "bind_expression", "bind_names", "bind_registered", "label_of"]
+__all__ = [
+    "Call",
+    "bind",
+    "bind_callable",
+    "bind_expression",
+    "bind_names",
+    "bind_registered",
+    "bind_variables",
+    "label_of",
+]
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,26 @@ def bind_names(names: Sequence[str], inputs: Sequence[Any], what: str) -> dict[s
             f"pass them in that order or as one dict keyed by name"
         )
     return dict(zip(names, inputs, strict=True))
+
+
+def bind_variables(
+    names: Sequence[str], args: Sequence[Any], kwargs: Mapping[str, Any], what: str
+) -> dict[str, Any]:
+    """Values for ``names`` from positional ``args`` (in order) and keyword ``kwargs``, each once."""
+    __tracebackhide__ = True
+    if len(args) > len(names):
+        raise BindingError(f"{what} takes {len(names)} inputs, got {len(args)}")
+    env = dict(zip(names, args, strict=False))
+    for name, value in kwargs.items():
+        if name not in names:
+            raise BindingError(f"{what} has no variable {name!r} (variables: {', '.join(names)})")
+        if name in env:
+            raise BindingError(f"{what} got two values for {name!r}")
+        env[name] = value
+    missing = [n for n in names if n not in env]
+    if missing:
+        raise BindingError(f"{what} is missing a value for {', '.join(missing)}")
+    return env
 
 
 def _positional(
