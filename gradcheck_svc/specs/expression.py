@@ -180,9 +180,6 @@ class Expression:
         self.tree.evaluate(env, watch)
         return largest
 
-    def _names(self) -> str:
-        return ", ".join(self.variables) or "none"
-
     def __repr__(self) -> str:
         return f"Expression({self.text!r})"
 

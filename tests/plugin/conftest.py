@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch  # noqa: F401  (see module docstring)
+import torch._dynamo  # noqa: F401  (checks of modules load it; it registers operator libraries, once only)
 
 import gradcheck_svc  # noqa: F401
 
