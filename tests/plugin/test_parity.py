@@ -149,7 +149,8 @@ def test_prefer_runs_what_cannot_travel_locally_and_says_why(
     result.stdout.fnmatch_lines(
         [
             "ran locally, the server cannot run them: 2 checks",
-            "  *::test_dtype_argument (cast_sine: argument inputs[[]1[]] is a torch.dtype, which cannot travel)",
+            "  *::test_dtype_argument (cast_sine: argument inputs[[]1[]] is a torch.dtype, "
+            "which cannot travel)",
             "  *::test_lambda (*<lambda>: lambda)",
         ]
     )
