@@ -1,0 +1,79 @@
+"""progress= on the library, and the CLI's bar."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import gradcheck_svc as gc
+from gradcheck_svc.cli import main
+from gradcheck_svc.progress_bar import ProgressBar
+
+X = torch.randn(40, dtype=torch.float64)
+
+
+def test_full_mode_reports_every_chunk_up_to_the_total() -> None:
+    seen: list[tuple[int, int]] = []
+    report = gc.check(torch.sin, X, mode="full", chunk_size=16, progress=lambda d, t: seen.append((d, t)))
+    assert report.ok
+    assert seen == [(16, 40), (32, 40), (40, 40)]
+
+
+def test_fast_mode_counts_projections() -> None:
+    seen: list[tuple[int, int]] = []
+    gc.check(torch.sin, X, mode="fast", projections=4, progress=lambda d, t: seen.append((d, t)))
+    assert seen and seen[-1] == (4, 4)
+    assert all(0 < d <= t for d, t in seen)
+
+
+def test_a_failing_callback_stops_the_check() -> None:
+    def stop(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        gc.check(torch.sin, X, mode="full", chunk_size=8, progress=stop)
+
+
+def test_bar_is_silent_at_first_then_draws_lines() -> None:
+    out = io.StringIO()
+    quiet = ProgressBar("f", out, after=3600.0)
+    quiet(5, 10)
+    assert out.getvalue() == ""
+    bar = ProgressBar("f", out, after=0.0, every=0.0, width=10)
+    bar(5, 10)
+    bar(10, 10)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("f [#####.....] 5/10 columns, ")
+    assert lines[1].startswith("f [##########] 10/10 columns, ")
+
+
+def test_cli_shows_progress_on_a_long_check(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(ProgressBar, "__init__", _eager_init)
+    code = main(
+        [
+            "check",
+            "--function",
+            "torch.sin",
+            "--sample",
+            "x=50",
+            "--option",
+            "mode=full",
+            "--option",
+            "chunk_size=25",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "torch.sin [" in captured.err and "50/50 columns" in captured.err
+
+
+_real_init = ProgressBar.__init__
+
+
+def _eager_init(self: ProgressBar, label: str, stream: object = None, **kwargs: object) -> None:
+    _real_init(self, label, stream, after=0.0, every=0.0)  # type: ignore[arg-type]
