@@ -216,10 +216,19 @@ def _check_remote(args: argparse.Namespace, points: list[dict[str, Any]]) -> lis
     function: Any = (
         args.expr if args.expr is not None else Registered(args.function, dict(_pairs(args.param, "param")))
     )
+    from gradcheck_svc.progress_bar import ProgressBar
+
     with _client(args) as client:
         if args.sample:
             return client.check_sampled(function, _sampling(args), options=_options(args))
-        return client.check_points(function, points, options=_options(args))
+        label = args.expr if args.expr is not None else args.function
+        bar = ProgressBar(label)
+        try:  # the server streams how far each point got; the bar shows it after two seconds
+            return client.check_with_progress(
+                function, points, lambda _point, done, total: bar(done, total), options=_options(args)
+            )
+        finally:
+            bar.close()
 
 
 def _check_local(args: argparse.Namespace, points: list[dict[str, Any]]) -> list[Any]:

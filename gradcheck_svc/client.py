@@ -27,7 +27,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -352,6 +352,31 @@ class Client:
     ) -> list[Report]:
         """Check a function (expression text or ``Registered``) at several points; one Report each."""
         return self._check(build_request(function, points=points, options=options), timeout)
+
+    def check_with_progress(
+        self,
+        function: str | Registered,
+        points: Sequence[Point],
+        progress: Callable[[int, int, int], None],
+        *,
+        options: Options = None,
+        timeout: float | None = None,
+    ) -> list[Report]:
+        """``check_points``, calling ``progress(point, done, total)`` as the server reports columns done."""
+        request = build_request(function, points=points, options=options)
+        channel = self._next()
+        channel.ensure_ready(self.connect_timeout)
+        try:
+            for answer in channel.stub.CheckWithProgress(
+                request, timeout=self._timeout(timeout), metadata=self._metadata
+            ):
+                if answer.HasField("progress"):
+                    progress(answer.progress.point, answer.progress.done, answer.progress.total)
+                elif answer.HasField("response"):
+                    return [decode_report(r) for r in answer.response.reports]
+        except grpc.RpcError as exc:
+            raise _service_error(exc, channel.target) from None
+        raise ServiceError(f"the stream from {channel.target} ended without an answer", code="UNKNOWN")
 
     def check_registered(
         self,

@@ -7,6 +7,7 @@ about the request as a whole (options, limits, device, deadline, cancellation) p
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -32,11 +33,12 @@ from gradcheck_svc.report import Report
 from gradcheck_svc.server.plan import CheckPlan, PlannedPoint
 from gradcheck_svc.server.status import Rejection
 
-__all__ = ["Deadline", "run_plan"]
+__all__ = ["Deadline", "PointProgress", "run_plan"]
 
 log = logging.getLogger("gradcheck_svc.server")
 
 CheckFn = Callable[..., Report]
+PointProgress = Callable[[int, int, int], None]  # (point, columns done, columns in all)
 # Errors about the request as a whole; everything else the function does is that point's business.
 _REQUEST_LEVEL = (InvalidOptionError, DeviceUnavailableError, CheckCancelledError, NothingToCheckError)
 
@@ -75,6 +77,7 @@ def run_plan(
     cancelled: Callable[[], bool],
     served_by: str,
     check_fn: CheckFn = gc.check,
+    progress: PointProgress | None = None,
 ) -> list[Report]:
     reports = []
     for index, point in enumerate(plan.points):
@@ -82,7 +85,8 @@ def run_plan(
             raise CheckCancelledError("the client cancelled the check")
         if deadline.passed():
             raise deadline.rejection()
-        report = _run_point(plan, point, deadline, cancelled, check_fn)
+        extra = {} if progress is None else {"progress": functools.partial(progress, index)}
+        report = _run_point(plan, point, deadline, cancelled, check_fn, extra)
         # Options the server imposed (limits, its default device) stay out of the report, so a
         # report from the service equals the one the same call gives in-process; the step the
         # engine resolved ("eps") is a figure of the check and stays.
@@ -98,7 +102,12 @@ def run_plan(
 
 
 def _run_point(
-    plan: CheckPlan, point: PlannedPoint, deadline: Deadline, cancelled: Callable[[], bool], check_fn: CheckFn
+    plan: CheckPlan,
+    point: PlannedPoint,
+    deadline: Deadline,
+    cancelled: Callable[[], bool],
+    check_fn: CheckFn,
+    extra: dict[str, Any],
 ) -> Report:
     try:
         return check_fn(
@@ -108,6 +117,7 @@ def _run_point(
             fn_kwargs=plan.fn_kwargs or None,
             deadline=deadline.at,
             cancelled=cancelled,
+            **extra,
             **plan.options,
         )
     except LimitExceededError:

@@ -21,7 +21,7 @@ from gradcheck_svc.report import Report
 from gradcheck_svc.server.isolation import WorkerPool
 from gradcheck_svc.server.limiter import CheckSlots
 from gradcheck_svc.server.plan import CheckPlan, plan_check
-from gradcheck_svc.server.runner import Deadline, run_plan
+from gradcheck_svc.server.runner import Deadline, PointProgress, run_plan
 from gradcheck_svc.server.status import Rejection, failure_for
 from gradcheck_svc.settings import Settings
 from gradcheck_svc.specs import EXPRESSION_FUNCTIONS, FunctionRegistry
@@ -32,6 +32,7 @@ __all__ = ["GradcheckService"]
 
 log = logging.getLogger("gradcheck_svc.server")
 _DONE = object()
+_PROGRESS_EVERY = 0.5  # seconds between progress messages of one check
 
 
 class GradcheckService(pb_grpc.GradcheckServiceServicer):
@@ -70,13 +71,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
     def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
         check_id = uuid.uuid4().hex[:12]
         try:
-            if self.draining.is_set():
-                raise Rejection(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-            if not self.slots.try_acquire():
-                raise Rejection(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"server busy: {self.slots.size} checks already running (max_concurrent_checks)",
-                )
+            self._admit()
         except Rejection as exc:
             self._log(check_id, request, None, None, time.perf_counter(), exc.code.name)
             context.abort(exc.code, exc.message)
@@ -90,8 +85,23 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         finally:
             self.slots.release()
 
+    def _admit(self) -> None:
+        """Take a check slot, or refuse: draining, or every slot busy."""
+        if self.draining.is_set():
+            raise Rejection(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        if not self.slots.try_acquire():
+            raise Rejection(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server busy: {self.slots.size} checks already running (max_concurrent_checks)",
+            )
+
     def _run(
-        self, check_id: str, request: pb.CheckRequest, remaining: float | None, cancelled: Callable[[], bool]
+        self,
+        check_id: str,
+        request: pb.CheckRequest,
+        remaining: float | None,
+        cancelled: Callable[[], bool],
+        progress: PointProgress | None = None,
     ) -> pb.CheckResponse:
         started = time.perf_counter()
         plan: CheckPlan | None = None
@@ -107,6 +117,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                     cancelled=cancelled,
                     check_id=check_id,
                     served_by=self.served_by,
+                    progress=progress,
                 )
             else:
                 done = run_plan(
@@ -115,6 +126,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                     cancelled=cancelled,
                     served_by=self.served_by,
                     check_fn=self.check_fn,
+                    progress=progress,
                 )
                 response = pb.CheckResponse(reports=[encode_report(r) for r in done], check_id=check_id)
             reports = list(response.reports)
@@ -150,6 +162,51 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             time.perf_counter() - started,
             extra,
         )
+
+    # ------------------------------------------------------------------------- CheckWithProgress
+
+    def CheckWithProgress(
+        self, request: pb.CheckRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.CheckWithProgressResponse]:
+        """Check, run in a helper thread while this one streams its progress (at most every
+        ``_PROGRESS_EVERY`` seconds, and the last step of each point), then the response."""
+        check_id = uuid.uuid4().hex[:12]
+        try:
+            self._admit()
+        except Rejection as exc:
+            self._log(check_id, request, None, None, time.perf_counter(), exc.code.name)
+            context.abort(exc.code, exc.message)
+        events: queue.Queue[Any] = queue.Queue()
+        cancel = threading.Event()
+        context.add_callback(cancel.set)
+        remaining = context.time_remaining()
+        last = [0.0]
+
+        def progress(point: int, done: int, total: int) -> None:
+            now = time.monotonic()
+            if done < total and now - last[0] < _PROGRESS_EVERY:
+                return
+            last[0] = now
+            events.put(pb.CheckProgress(point=point, done=done, total=total))
+
+        def work() -> None:
+            try:
+                events.put(self._run(check_id, request, remaining, cancel.is_set, progress))
+            except Exception as exc:  # answered below, in the handler's thread
+                events.put(exc)
+            finally:
+                self.slots.release()
+
+        threading.Thread(target=work, name="gradcheck-progress", daemon=True).start()
+        while True:
+            event = events.get()
+            if isinstance(event, pb.CheckProgress):
+                yield pb.CheckWithProgressResponse(progress=event)
+            elif isinstance(event, Exception):
+                context.abort_with_status(rpc_status.to_status(failure_for(event, check_id).to_status()))
+            else:
+                yield pb.CheckWithProgressResponse(response=event)
+                return
 
     # ------------------------------------------------------------------------- CheckStream
 

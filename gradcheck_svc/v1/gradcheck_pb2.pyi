@@ -1695,3 +1695,68 @@ class ModuleState(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModuleState: _TypeAlias = ModuleState  # noqa: Y015
+
+@_typing.final
+class CheckProgress(_message.Message):
+    """----------------------------------------------------------------------------- progress
+
+    How far a running check got, in finite-difference columns.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POINT_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    point: _builtins.int
+    """The evaluation point being checked (0-based)."""
+    done: _builtins.int
+    """Columns done at this point."""
+    total: _builtins.int
+    """Columns in all at this point."""
+    def __init__(
+        self,
+        *,
+        point: _builtins.int = ...,
+        done: _builtins.int = ...,
+        total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "point", b"point", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckProgress: _TypeAlias = CheckProgress  # noqa: Y015
+
+@_typing.final
+class CheckWithProgressResponse(_message.Message):
+    """One message of CheckWithProgress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> Global___CheckProgress:
+        """Progress of the running check."""
+
+    @_builtins.property
+    def response(self) -> Global___CheckResponse:
+        """The check's answer, as Check gives it."""
+
+    def __init__(
+        self,
+        *,
+        progress: Global___CheckProgress | None = ...,
+        response: Global___CheckResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "progress", b"progress", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "progress", b"progress", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["progress", "response"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___CheckWithProgressResponse: _TypeAlias = CheckWithProgressResponse  # noqa: Y015

@@ -78,14 +78,36 @@ def _fallback(
     return Outcome(outcome.report, LOCAL, fallback=why, label=outcome.label)
 
 
-def _send(remote: RemoteServer, travelling: Portable, label: str, resolved: Resolved) -> Outcome:
+def _on_server(
+    remote: RemoteServer,
+    function: Any,
+    point: dict[str, Any],
+    resolved: Resolved,
+    progress: ProgressFn | None,
+) -> Report:
+    """One point checked on the server, streaming its progress when someone listens."""
+    __tracebackhide__ = True
+    if progress is None:
+        return remote.call("check_points", function, [point], options=resolved.options)[0]
+    reports = remote.call(
+        "check_with_progress",
+        function,
+        [point],
+        lambda _point, done, total: progress(done, total),
+        options=resolved.options,
+    )
+    return reports[0]
+
+
+def _send(
+    remote: RemoteServer, travelling: Portable, label: str, resolved: Resolved, progress: ProgressFn | None
+) -> Outcome:
     """Send a registered call as it travels; the report names it as the server registered it."""
     __tracebackhide__ = True
     from gradcheck_svc.client import Registered
 
-    point = [travelling.tensors]
-    reports = remote.call("check_points", Registered.of(travelling), point, options=resolved.options)
-    return Outcome(reports[0], remote.address, label=label)
+    report = _on_server(remote, Registered.of(travelling), travelling.tensors, resolved, progress)
+    return Outcome(report, remote.address, label=label)
 
 
 def run(
@@ -121,7 +143,7 @@ def run(
                 )
             names = list(parse_expression(text).variables)
             named = bind_names(names, inputs, f"expression {text!r}")
-            report = remote.call("check", text, options=resolved.options, **named)
+            report = _on_server(remote, text, named, resolved, progress)
             return Outcome(report, remote.address, label=text)
         if text not in remote.registered:
             return _fallback(remote, fn, inputs, resolved, progress, "not registered on the server")
@@ -134,4 +156,4 @@ def run(
         label = call.label
     if isinstance(travelling, str):
         return _fallback(remote, fn, inputs, resolved, progress, travelling)
-    return _send(remote, travelling, label, resolved)
+    return _send(remote, travelling, label, resolved, progress)

@@ -102,3 +102,26 @@ def test_a_single_check_is_labelled_as_warm_up(pytester: pytest.Pytester) -> Non
     result.stdout.fnmatch_lines(
         ["slowest (first check, includes warm-up): * s *::test_only (torch.sin, local)"]
     )
+
+
+def test_remote_checks_stream_their_progress(pytester: pytest.Pytester, server_address: str) -> None:
+    pytester.makeconftest(
+        NO_DELAY
+        + """
+import gradcheck_svc.server.service as service
+
+
+@pytest.fixture(autouse=True)
+def _every_step(monkeypatch):
+    monkeypatch.setattr(service, "_PROGRESS_EVERY", 0.0)
+"""
+    )
+    pytester.makepyfile(test_wide=CHECKS)
+    result = pytester.runpytest("-v", f"--gradcheck-server={server_address}", "--gradcheck-remote=require")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "gradcheck: test_wide.py::test_wide torch.sin [[]#####...............[]] 16/64 columns, * s",
+            "gradcheck: test_wide.py::test_wide torch.sin [[]####################[]] 64/64 columns, * s",
+        ]
+    )

@@ -77,3 +77,26 @@ _real_init = ProgressBar.__init__
 
 def _eager_init(self: ProgressBar, label: str, stream: object = None, **kwargs: object) -> None:
     _real_init(self, label, stream, after=0.0, every=0.0)  # type: ignore[arg-type]
+
+
+def test_cli_shows_the_servers_progress(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import gradcheck_svc.server.service as service
+    from gradcheck_svc.server import create_server
+    from gradcheck_svc.settings import Settings
+
+    monkeypatch.setattr(ProgressBar, "__init__", _eager_init)
+    monkeypatch.setattr(service, "_PROGRESS_EVERY", 0.0)
+    server, port = create_server(Settings(host="127.0.0.1", port=0, device="cpu"))
+    server.start()
+    try:
+        at = "--at=x=" + str([0.1 * i for i in range(30)])
+        code = main(
+            ["check", "--target", f"127.0.0.1:{port}", "--expr", "sin(x)", at, "--option", "chunk_size=10"]
+        )
+    finally:
+        server.stop(grace=1)
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "sin(x) [" in captured.err and "10/30 columns" in captured.err and "30/30 columns" in captured.err
