@@ -388,7 +388,18 @@ class Client:
         timeout: float | None = None,
         **named_inputs: Any,
     ) -> Report:
-        """Check a registered function; tensors reach it positionally, in the order given."""
+        """Check a registered function; tensors reach it positionally, in the order given, and so do
+        plain constants among them (``c.check_registered("mypkg:softmax", x, -1)``)."""
+        if not all(isinstance(t, torch.Tensor) for t in inputs):
+            from gradcheck_svc.binding import portable_named
+
+            if named_inputs:
+                raise TypeError("check_registered() takes constants with positional tensors only")
+            travelling = portable_named(name, inputs, params=params)
+            if isinstance(travelling, str):
+                raise TypeError(f"check_registered({name!r}): {travelling}")
+            call = Registered.of(travelling)
+            return self.check_points(call, [travelling.tensors], options=options, timeout=timeout)[0]
         point = {f"inputs[{i}]": t for i, t in enumerate(inputs)} | named_inputs
         if not point:
             raise TypeError("check_registered() needs at least one input tensor")

@@ -64,12 +64,9 @@ class RegisteredFunction:
             signature = inspect.signature(self.fn.forward if self.module_class else self.fn)
         except (TypeError, ValueError):
             return dict.fromkeys(params, ANY)
-        kinds = {
-            p.name: ANY
-            for p in signature.parameters.values()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        }
-        if any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
+        parameters = list(signature.parameters.values())[1 if self.module_class else 0 :]  # forward's self
+        kinds = {p.name: ANY for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if any(p.kind == p.VAR_KEYWORD for p in parameters):
             kinds.update(dict.fromkeys(params, ANY))
         return kinds
 

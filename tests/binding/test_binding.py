@@ -226,5 +226,8 @@ def test_build_module_refuses_what_does_not_fit(registry: FunctionRegistry) -> N
     ]:
         with pytest.raises(BindingError, match=message):
             build_module(entry, init, state)
+    assert entry.check_params({"x": 1}) == {"x": 1}  # forward's parameters, not its self
+    with pytest.raises(SpecError, match="has no parameter 'self'"):
+        entry.check_params({"self": 1})
     with pytest.raises(BindingError, match="not a module class"):
         build_module(registry.get("binding_ops:power"), InitArgs(), {})

@@ -85,3 +85,11 @@ def test_bad_calls_are_invalid_argument(
         client.check_points(registered, [point])
     if isinstance(caught.value, ServiceError):
         assert caught.value.code == "INVALID_ARGUMENT"
+
+
+def test_check_registered_sends_constants_in_order(client: Client) -> None:
+    report = client.check_registered("binding_ops:Softmax", X, 0)
+    local = bind(binding_ops.Softmax.apply, [X, 0]).check()
+    assert report.ok and report.pairs[0].analytic == local.pairs[0].analytic
+    with pytest.raises(TypeError, match=r"argument inputs\[1\] is a torch\.dtype"):
+        client.check_registered("binding_ops:power", X, torch.float64)
