@@ -43,10 +43,12 @@ class AssertGrads:
     """``assert_grads(fn, *inputs, **options)``: check the gradients of ``fn`` at ``inputs``.
 
     ``fn`` is a callable, an expression string (inputs positional in the order the variables first
-    appear, or one dict keyed by variable name) or a registered function name. ``options`` are the
-    engine's (atol, rtol, mode, kinks, device, ...) plus ``remote=`` ("prefer" | "require" | "never")
-    and ``params=`` for a registered function. Returns the ``gradcheck_svc.Report``; raises
-    ``gradcheck_svc.GradientMismatch`` (an AssertionError) with the readable report on a mismatch.
+    appear, or one dict keyed by variable name) or a registered function name (``"pkg.mod:fn"``
+    resolves without a server too). ``inputs`` are the positional arguments in call order: tensors
+    and plain constants such as ``dim``. ``options`` are the engine's (atol, rtol, mode, kinks,
+    device, ...) plus ``remote=`` ("prefer" | "require" | "never"), ``params=`` (or ``fn_kwargs=``:
+    constant keyword arguments of ``fn``) and ``input_names=``. Returns the ``gradcheck_svc.Report``;
+    raises ``gradcheck_svc.GradientMismatch`` (an AssertionError) with the readable report on a mismatch.
     """
 
     def __init__(self, state: PluginState, item: pytest.Item) -> None:
