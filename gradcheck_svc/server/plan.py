@@ -45,6 +45,7 @@ from gradcheck_svc.specs import (
     parse_expression,
     sample_points,
 )
+from gradcheck_svc.specs.params import check_scalar_value
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
 __all__ = ["CheckPlan", "PlannedPoint", "plan_check"]
@@ -69,6 +70,9 @@ class CheckPlan:
     client_options: frozenset[str] = frozenset()  # the option names the client set
     operator_code: bool = False  # a function the operator registered (not an expression or built-in)
     fn_kwargs: dict[str, Any] = field(default_factory=dict)  # a registered module's forward keywords
+    # Builds the module ``fn`` stands for (its class): run where the check runs, so the operator's
+    # constructor runs in the worker process like the rest of its code.
+    build_fn: Callable[[], Any] | None = None
 
     @property
     def device(self) -> str:
@@ -90,7 +94,8 @@ def plan_check(request: pb.CheckRequest, settings: Settings, registry: FunctionR
         options=options,
         client_options=client_options,
         operator_code=operator_code,
-        fn_kwargs=_module_params(request.function, fn),
+        fn_kwargs=_module_params(request.function, registry),
+        build_fn=_module_builder(request.function, registry, settings),
     )
 
 
@@ -114,9 +119,8 @@ def _function(
         entry = registry.get(name)  # UnknownFunctionError -> NOT_FOUND
         try:
             params = {k: decode_value(v) for k, v in spec.registered.params.items()}
-            if entry.module_class:
-                entry.check_params(params)  # the forward's keywords, passed by the plan's fn_kwargs
-                return entry.name, _module(entry, spec.registered, settings), None
+            if entry.module_class:  # built by the plan's build_fn, called with its fn_kwargs
+                return entry.name, entry.fn, None
             return entry.name, entry.bind(params), None
         except (SpecError, InvalidRequestError) as exc:
             if isinstance(exc, UnknownFunctionError):
@@ -125,27 +129,52 @@ def _function(
     raise InvalidRequestError("function", "set either expression or registered")
 
 
-def _module(entry: RegisteredFunction, msg: pb.RegisteredFunction, settings: Settings) -> torch.nn.Module:
-    """The operator's module class, built from the plain values and tensors the client sent."""
-    init, state = decode_module(
-        msg.module, max_elements=settings.max_tensor_elements, field="function.registered.module"
-    )
+def _module_entry(spec: pb.FunctionSpec, registry: FunctionRegistry) -> RegisteredFunction | None:
+    if spec.WhichOneof("kind") != "registered":
+        return None
+    entry = registry.get(spec.registered.name)
+    return entry if entry.module_class else None
+
+
+def _module_builder(
+    spec: pb.FunctionSpec, registry: FunctionRegistry, settings: Settings
+) -> Callable[[], Any] | None:
+    """For a registered module class: its constructor arguments and state, checked now; built later."""
+    entry = _module_entry(spec, registry)
+    if entry is None:
+        return None
+    msg = spec.registered
+    where = "function.registered.module"
+    init, state = decode_module(msg.module, max_elements=settings.max_tensor_elements, field=where)
     if sum(t.numel() for t in state.values()) > settings.max_request_elements:
         raise LimitExceededError(
-            f"function.registered.module: parameters and buffers exceed max_request_elements="
-            f"{settings.max_request_elements}"
+            f"{where}: parameters and buffers exceed max_request_elements={settings.max_request_elements}"
         )
     try:
-        return build_module(entry, init, state if msg.HasField("module") else None)
-    except BindingError as exc:
-        raise InvalidRequestError("function.registered.module", str(exc)) from None
+        for i, value in enumerate([*init.args, *init.kwargs.values()]):
+            check_scalar_value(f"init[{i}]", value)
+    except SpecError as exc:
+        raise InvalidRequestError(where, str(exc)) from None
+
+    def build() -> Any:
+        try:
+            return build_module(entry, init, state if msg.HasField("module") else None)
+        except BindingError as exc:
+            raise InvalidRequestError(where, str(exc)) from None
+
+    return build
 
 
-def _module_params(spec: pb.FunctionSpec, fn: Any) -> dict[str, Any]:
-    """A module's forward keywords (a function has them bound already)."""
-    if not isinstance(fn, torch.nn.Module) or spec.WhichOneof("kind") != "registered":
+def _module_params(spec: pb.FunctionSpec, registry: FunctionRegistry) -> dict[str, Any]:
+    """A module's forward keywords, checked (a function has its keywords bound already)."""
+    entry = _module_entry(spec, registry)
+    if entry is None:
         return {}
-    return {k: decode_value(v) for k, v in spec.registered.params.items()}
+    params = {k: decode_value(v) for k, v in spec.registered.params.items()}
+    try:
+        return entry.check_params(params)
+    except SpecError as exc:
+        raise InvalidRequestError("function.registered.params", str(exc)) from None
 
 
 def _fill(spec: pb.FunctionSpec, points: list[PlannedPoint]) -> list[PlannedPoint]:

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -80,6 +80,8 @@ def run_plan(
     progress: PointProgress | None = None,
 ) -> list[Report]:
     reports = []
+    if plan.build_fn is not None:  # a registered module, built here (in the worker when isolated)
+        plan = replace(plan, fn=plan.build_fn(), build_fn=None)
     for index, point in enumerate(plan.points):
         if cancelled():
             raise CheckCancelledError("the client cancelled the check")
