@@ -150,10 +150,10 @@ def bind_callable(
         raise BindingError(
             f"a check needs a callable, an expression string or a registered name, got {type(fn).__name__}"
         )
-    args, arg_names = (tuple(inputs), tuple(names)) if names is not None else (tuple(inputs), None)
-    if arg_names is not None and len(arg_names) != len(args):
-        raise BindingError(f"{len(arg_names)} input_names given for {len(args)} inputs")
-    return Call(label_of(fn), fn, args, arg_names, dict(kwargs or {}))
+    if names is not None and len(names) != len(inputs):
+        raise BindingError(f"{len(names)} input_names given for {len(inputs)} inputs")
+    arg_names = tuple(names) if names is not None else None
+    return Call(label_of(fn), fn, tuple(inputs), arg_names, dict(kwargs or {}))
 
 
 def bind_expression(text: str, inputs: Sequence[Any], *, max_length: int | None = None) -> Call:
@@ -164,6 +164,11 @@ def bind_expression(text: str, inputs: Sequence[Any], *, max_length: int | None 
     limits = ExpressionLimits(max_length=max_length) if max_length is not None else ExpressionLimits()
     expression = compile_expression(text, limits)
     variables = list(expression.variables)
+    if len(inputs) == 1 and isinstance(inputs[0], Mapping) and set(inputs[0]) != set(variables):
+        raise BindingError(
+            f"the inputs name {', '.join(map(str, inputs[0])) or 'nothing'}; "
+            f"the variables of expression {expression.text!r} are {', '.join(variables)}"
+        )
     named = bind_names(variables, inputs, f"expression {expression.text!r}")
     args = tuple(named.values())
     return Call(expression.text, expression, args, tuple(variables), expression=expression.text)

@@ -77,6 +77,7 @@ def test_registered_name_validates_params(registry: FunctionRegistry) -> None:
     [
         ("u * v", [X], {}, r"expression 'u \* v' takes 2 input\(s\) \(u, v\), got 1"),
         ("x * 2", [X], {"names": ["x"]}, "input_names is for callables"),
+        ("x * 2", [{"y": X}], {}, "the inputs name y; the variables of expression 'x \\* 2' are x"),
         ("x * 2", [X], {"kwargs": {"dim": 1}}, "params are for registered functions"),
         (torch.sin, [X], {"names": ["a", "b"]}, "2 input_names given for 1 inputs"),
         (3, [X], {}, "needs a callable, an expression string or a registered name, got int"),
