@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
-__all__ = ["Affine", "NoArgs", "Softmax", "power"]
+from gradcheck_svc.specs import FunctionRegistry
+
+__all__ = ["Affine", "NoArgs", "Softmax", "Stuck", "power"]
 
 
 def power(x: torch.Tensor, p: int = 2, *, scale: float = 1.0) -> torch.Tensor:
@@ -48,3 +52,22 @@ class NoArgs(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.exp()
+
+
+class Stuck(torch.nn.Module):
+    """A constructor that never returns: the server must build modules where it can kill them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        while True:
+            time.sleep(0.01)
+
+    def gradcheck_init_args(self):  # type: ignore[no-untyped-def]
+        return ()
+
+
+def registry() -> FunctionRegistry:
+    """What ``serve --functions binding_ops`` exposes (module-level: worker processes build it too)."""
+    registry = FunctionRegistry.default(load_entry_points=False)
+    registry.add_module("binding_ops")
+    return registry

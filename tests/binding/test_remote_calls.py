@@ -93,3 +93,19 @@ def test_check_registered_sends_constants_in_order(client: Client) -> None:
     assert report.ok and report.pairs[0].analytic == local.pairs[0].analytic
     with pytest.raises(TypeError, match=r"argument inputs\[1\] is a torch\.dtype"):
         client.check_registered("binding_ops:power", X, torch.float64)
+
+
+def test_a_stuck_constructor_runs_in_a_worker_the_server_can_kill() -> None:
+    settings = Settings(host="127.0.0.1", port=0, device="cpu", max_check_seconds=2.0, kill_after_seconds=0.5)
+    server, port = create_server(settings, registry_factory=binding_ops.registry)
+    assert server.service.workers is not None
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}") as stuck:
+            call = Registered("binding_ops:Stuck", init=InitArgs(), state={})
+            with pytest.raises(ServiceError, match="worker process was killed") as caught:
+                stuck.check_points(call, [{"x": X}])
+            assert caught.value.code == "RESOURCE_EXHAUSTED"
+            assert stuck.check("x * 2", x=X).ok  # and the server carries on
+    finally:
+        server.stop(grace=1)
