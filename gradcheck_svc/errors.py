@@ -135,4 +135,11 @@ class InvalidRequestError(GradcheckError, ValueError):
 
 class BindingError(GradcheckError, TypeError):
     """A function and the arguments given for it do not make one call: wrong count, unknown name,
-    an input missing or given twice, a module that cannot be rebuilt."""
+    an input missing or given twice, a module that cannot be rebuilt.
+
+    ``position`` is the index of the offending named input, when one input is at fault.
+    """
+
+    def __init__(self, message: str, position: int | None = None) -> None:
+        super().__init__(message)
+        self.position = position

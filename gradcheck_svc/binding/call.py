@@ -25,6 +25,7 @@ __all__ = [
     "bind_callable",
     "bind_expression",
     "bind_names",
+    "bind_point",
     "bind_registered",
     "bind_variables",
     "label_of",
@@ -121,6 +122,30 @@ def bind_variables(
     if missing:
         raise BindingError(f"{what} is missing a value for {', '.join(missing)}")
     return env
+
+
+def bind_point(
+    named: Sequence[tuple[str, Any]], variables: Sequence[str] | None = None
+) -> tuple[list[str], list[Any]]:
+    """A point's named inputs as positional arguments with their names: in ``variables`` order for
+    an expression, as given otherwise. Each name once; an expression needs exactly its variables."""
+    names = [n for n, _ in named]
+    seen: set[str] = set()
+    for j, name in enumerate(names):
+        if name in seen:
+            raise BindingError(f"{name!r} is given twice", position=j)
+        seen.add(name)
+    if variables is None:
+        return names, [v for _, v in named]
+    for j, name in enumerate(names):
+        if name not in variables:
+            listed = ", ".join(variables)
+            raise BindingError(f"{name!r} is not a variable of the expression (variables: {listed})", j)
+    missing = [v for v in variables if v not in seen]
+    if missing:
+        raise BindingError(f"no value for the variable(s) {', '.join(missing)}")
+    values = dict(named)
+    return list(variables), [values[v] for v in variables]
 
 
 def _positional(

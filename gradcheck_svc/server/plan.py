@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from gradcheck_svc.binding import build_module, fill_arguments
+from gradcheck_svc.binding import bind_point, build_module, fill_arguments
 from gradcheck_svc.codec import (
     decode_arguments,
     decode_module,
@@ -272,26 +272,12 @@ def _bind(
     index: int, point: Sequence[tuple[str, torch.Tensor]], expression: Expression | None, kind: str
 ) -> PlannedPoint:
     where = f"explicit_points.points[{index}]" if kind == "explicit_points" else "sampling.inputs"
-    names = [n for n, _ in point]
-    seen: set[str] = set()
-    for j, name in enumerate(names):
-        if name in seen:
-            raise InvalidRequestError(f"{where}.tensors[{j}].name", f"{name!r} is given twice")
-        seen.add(name)
-    if expression is None:
-        return PlannedPoint(names, [t for _, t in point])
-    variables = expression.variables
-    for j, name in enumerate(names):
-        if name not in variables:
-            raise InvalidRequestError(
-                f"{where}.tensors[{j}].name",
-                f"{name!r} is not a variable of the expression (variables: {', '.join(variables)})",
-            )
-    missing = [v for v in variables if v not in seen]
-    if missing:
-        raise InvalidRequestError(where, f"no value for the variable(s) {', '.join(missing)}")
-    values = dict(point)
-    return PlannedPoint(list(variables), [values[v] for v in variables])
+    try:
+        names, values = bind_point(point, expression.variables if expression is not None else None)
+    except BindingError as exc:
+        field = where if exc.position is None else f"{where}.tensors[{exc.position}].name"
+        raise InvalidRequestError(field, str(exc)) from None
+    return PlannedPoint(names, values)
 
 
 def _check_intermediates(expression: Expression, points: list[PlannedPoint], settings: Settings) -> None:

@@ -232,3 +232,18 @@ def test_build_module_refuses_what_does_not_fit(registry: FunctionRegistry) -> N
         entry.check_params({"self": 1})
     with pytest.raises(BindingError, match="not a module class"):
         build_module(registry.get("binding_ops:power"), InitArgs(), {})
+
+
+def test_bind_point_orders_by_variables_and_names_the_culprit() -> None:
+    from gradcheck_svc.binding import bind_point
+
+    assert bind_point([("v", 2), ("u", 1)], ("u", "v")) == (["u", "v"], [1, 2])
+    assert bind_point([("b", 2), ("a", 1)]) == (["b", "a"], [2, 1])  # no expression: as given
+    for named, variables, message, position in [
+        ([("u", 1), ("u", 2)], None, "'u' is given twice", 1),
+        ([("u", 1), ("w", 2)], ("u",), "'w' is not a variable of the expression", 1),
+        ([("u", 1)], ("u", "v"), r"no value for the variable\(s\) v", None),
+    ]:
+        with pytest.raises(BindingError, match=message) as caught:
+            bind_point(named, variables)
+        assert caught.value.position == position
