@@ -368,7 +368,9 @@ class Client:
         channel.ensure_ready(self.connect_timeout)
         try:
             for answer in channel.stub.CheckWithProgress(
-                request, timeout=self._timeout(timeout), metadata=self._metadata
+                pb.CheckWithProgressRequest(request=request),
+                timeout=self._timeout(timeout),
+                metadata=self._metadata,
             ):
                 if answer.HasField("progress"):
                     progress(answer.progress.point, answer.progress.done, answer.progress.total)

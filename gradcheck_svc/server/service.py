@@ -166,10 +166,11 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
     # ------------------------------------------------------------------------- CheckWithProgress
 
     def CheckWithProgress(
-        self, request: pb.CheckRequest, context: grpc.ServicerContext
+        self, wrapped: pb.CheckWithProgressRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.CheckWithProgressResponse]:
         """Check, run in a helper thread while this one streams its progress (at most every
         ``_PROGRESS_EVERY`` seconds, and the last step of each point), then the response."""
+        request = wrapped.request
         check_id = uuid.uuid4().hex[:12]
         try:
             self._admit()

@@ -1697,11 +1697,35 @@ class ModuleState(_message.Message):
 Global___ModuleState: _TypeAlias = ModuleState  # noqa: Y015
 
 @_typing.final
-class CheckProgress(_message.Message):
+class CheckWithProgressRequest(_message.Message):
     """----------------------------------------------------------------------------- progress
 
-    How far a running check got, in finite-difference columns.
+    A check whose progress is streamed back.
     """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def request(self) -> Global___CheckRequest:
+        """The check, as Check takes it."""
+
+    def __init__(
+        self,
+        *,
+        request: Global___CheckRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckWithProgressRequest: _TypeAlias = CheckWithProgressRequest  # noqa: Y015
+
+@_typing.final
+class CheckProgress(_message.Message):
+    """How far a running check got, in finite-difference columns."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

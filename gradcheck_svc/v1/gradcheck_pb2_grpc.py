@@ -52,7 +52,7 @@ class GradcheckServiceStub:
                 _registered_method=True)
         self.CheckWithProgress = channel.unary_stream(
                 '/gradcheck_svc.v1.GradcheckService/CheckWithProgress',
-                request_serializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckRequest.SerializeToString,
+                request_serializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckWithProgressRequest.SerializeToString,
                 response_deserializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckWithProgressResponse.FromString,
                 _registered_method=True)
 
@@ -113,7 +113,7 @@ def add_GradcheckServiceServicer_to_server(servicer, server):
             ),
             'CheckWithProgress': grpc.unary_stream_rpc_method_handler(
                     servicer.CheckWithProgress,
-                    request_deserializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckRequest.FromString,
+                    request_deserializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckWithProgressRequest.FromString,
                     response_serializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckWithProgressResponse.SerializeToString,
             ),
     }
@@ -224,7 +224,7 @@ class GradcheckService:
             request,
             target,
             '/gradcheck_svc.v1.GradcheckService/CheckWithProgress',
-            gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckRequest.SerializeToString,
+            gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckWithProgressRequest.SerializeToString,
             gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckWithProgressResponse.FromString,
             options,
             channel_credentials,

@@ -60,7 +60,7 @@ class GradcheckServiceStub:
     """
     GetCapabilities: _grpc.UnaryUnaryMultiCallable[_gradcheck_pb2.GetCapabilitiesRequest, _gradcheck_pb2.GetCapabilitiesResponse]
     """Describes the server: versions, devices, functions and limits."""
-    CheckWithProgress: _grpc.UnaryStreamMultiCallable[_gradcheck_pb2.CheckRequest, _gradcheck_pb2.CheckWithProgressResponse]
+    CheckWithProgress: _grpc.UnaryStreamMultiCallable[_gradcheck_pb2.CheckWithProgressRequest, _gradcheck_pb2.CheckWithProgressResponse]
     """Check, telling how far it got: CheckProgress messages while the check runs,
     then one message with the CheckResponse. Errors end the stream with a status,
     as Check's do.
@@ -80,7 +80,7 @@ class GradcheckServiceAsyncStub(GradcheckServiceStub):
     """
     GetCapabilities: _aio.UnaryUnaryMultiCallable[_gradcheck_pb2.GetCapabilitiesRequest, _gradcheck_pb2.GetCapabilitiesResponse]  # type: ignore[assignment]
     """Describes the server: versions, devices, functions and limits."""
-    CheckWithProgress: _aio.UnaryStreamMultiCallable[_gradcheck_pb2.CheckRequest, _gradcheck_pb2.CheckWithProgressResponse]  # type: ignore[assignment]
+    CheckWithProgress: _aio.UnaryStreamMultiCallable[_gradcheck_pb2.CheckWithProgressRequest, _gradcheck_pb2.CheckWithProgressResponse]  # type: ignore[assignment]
     """Check, telling how far it got: CheckProgress messages while the check runs,
     then one message with the CheckResponse. Errors end the stream with a status,
     as Check's do.
@@ -119,7 +119,7 @@ class GradcheckServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def CheckWithProgress(
         self,
-        request: _gradcheck_pb2.CheckRequest,
+        request: _gradcheck_pb2.CheckWithProgressRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_gradcheck_pb2.CheckWithProgressResponse], _abc.AsyncIterator[_gradcheck_pb2.CheckWithProgressResponse]]:
         """Check, telling how far it got: CheckProgress messages while the check runs,
