@@ -362,7 +362,9 @@ class Client:
         options: Options = None,
         timeout: float | None = None,
     ) -> list[Report]:
-        """``check_points``, calling ``progress(point, done, total)`` as the server reports columns done."""
+        """``check_points``, calling ``progress(point, done, total)`` as the server reports columns done.
+
+        A server without CheckWithProgress (an older one) answers the plain Check, with no progress."""
         request = build_request(function, points=points, options=options)
         channel = self._next()
         channel.ensure_ready(self.connect_timeout)
@@ -377,7 +379,10 @@ class Client:
                 elif answer.HasField("response"):
                     return [decode_report(r) for r in answer.response.reports]
         except grpc.RpcError as exc:
-            raise _service_error(exc, channel.target) from None
+            error = _service_error(exc, channel.target)
+            if error.code != "UNIMPLEMENTED":
+                raise error from None
+            return self._check(request, timeout)
         raise ServiceError(f"the stream from {channel.target} ended without an answer", code="UNKNOWN")
 
     def check_registered(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grpc
 import pytest
 import torch
 
@@ -39,3 +40,23 @@ def test_errors_end_the_stream_with_a_status(client: Client) -> None:
     with pytest.raises(ServiceError, match=r"function\.expression") as caught:
         client.check_with_progress("sin(", [{"x": torch.ones(2)}], lambda *step: None)
     assert caught.value.code == "INVALID_ARGUMENT"
+
+
+def test_a_server_without_the_rpc_answers_the_plain_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradcheck_svc.server import create_server
+    from gradcheck_svc.settings import Settings
+
+    def unimplemented(self, request, context):  # type: ignore[no-untyped-def]
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
+    # An older server: its handlers are bound when it is created, so patch first.
+    monkeypatch.setattr(service.GradcheckService, "CheckWithProgress", unimplemented)
+    server, port = create_server(Settings(host="127.0.0.1", port=0, device="cpu"))
+    server.start()
+    seen: list[tuple[int, int, int]] = []
+    try:
+        with Client(f"127.0.0.1:{port}") as old:
+            reports = old.check_with_progress("x * x", [{"x": torch.tensor(9.0)}], lambda *s: seen.append(s))
+    finally:
+        server.stop(grace=1)
+    assert reports[0].pairs[0].analytic == [18.0] and seen == []
