@@ -89,9 +89,12 @@ LABEL io.gradcheck-svc.stage=runtime \
       org.opencontainers.image.description="Gradient checker (finite differences vs autograd) as a gRPC service" \
       org.opencontainers.image.licenses=Apache-2.0
 # Settings of `gradcheck-svc serve` (gradcheck_svc/settings.py); flags on the command line win.
+# The container listens on every interface of its own network namespace; the host publishes the
+# port (compose: 127.0.0.1 only). Set GRADCHECK_AUTH_TOKENS or TLS to protect a wider exposure.
 ENV GRADCHECK_HOST=0.0.0.0 \
     GRADCHECK_PORT=50051 \
-    GRADCHECK_DEVICE=auto
+    GRADCHECK_DEVICE=auto \
+    GRADCHECK_INSECURE=true
 COPY --from=builder /dist /dist
 RUN pip install --no-deps --no-index /dist/*.whl && rm -rf /dist \
     && gradcheck-svc --help >/dev/null

@@ -186,7 +186,11 @@ def _sampling(args: argparse.Namespace) -> Any:
             raise UsageError(
                 f"--sample expects NAME=SHAPE like x=3,4 (or x= for a scalar), got {item!r}"
             ) from None
+        if any(d < 0 for d in shape):
+            raise UsageError(f"--sample {item!r}: a dimension cannot be negative")
         inputs.append(SampledInput(name=name.strip(), shape=shape, dtype=dtype_from_name(args.dtype)))
+    if args.count < 1:
+        raise UsageError(f"--count must be at least 1, got {args.count}")
     return SamplingSpec(inputs=tuple(inputs), count=args.count, seed=args.seed)
 
 
@@ -344,6 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command[args.command](args)
     except (UsageError, GradcheckError, ValueError, TypeError, OSError) as exc:
         print(f"gradcheck-svc {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # a bug of ours, still said in one line rather than a traceback
+        print(f"gradcheck-svc {args.command}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -34,11 +34,12 @@ from typing import Any
 
 import grpc
 import torch
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from pydantic import BaseModel
 
+from gradcheck_svc.callables import CallableSource
 from gradcheck_svc.codec import (
     DTYPES,
     decode_report,
@@ -50,6 +51,7 @@ from gradcheck_svc.codec import (
     encode_value,
 )
 from gradcheck_svc.errors import ServiceError
+from gradcheck_svc.external_client import answer_stream
 from gradcheck_svc.options import CheckOptions
 from gradcheck_svc.report import Report
 from gradcheck_svc.specs.sampling import SamplingSpec
@@ -246,7 +248,20 @@ def _service_error(exc: grpc.RpcError, target: str) -> ServiceError:
     if extra:
         message += " (" + "; ".join(extra) + ")"
     name = code.name if code else None
-    return ServiceError(f"{name or 'ERROR'} from {target}: {message}", code=name)
+    reason, metadata = _error_info(status)
+    return ServiceError(
+        f"{name or 'ERROR'} from {target}: {message}", code=name, reason=reason, metadata=metadata
+    )
+
+
+def _error_info(status: status_pb2.Status | None) -> tuple[str | None, dict[str, str]]:
+    """The google.rpc.ErrorInfo reason and metadata of a status (AIP-193), if it carries one."""
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason or None, dict(info.metadata)
+    return None, {}
 
 
 # ----------------------------------------------------------------------------- the client
@@ -375,7 +390,7 @@ class Client:
                 metadata=self._metadata,
             ):
                 if answer.HasField("progress"):
-                    progress(answer.progress.point, answer.progress.done, answer.progress.total)
+                    progress(answer.progress.point, answer.progress.done_count, answer.progress.total_count)
                 elif answer.HasField("response"):
                     return [decode_report(r) for r in answer.response.reports]
         except grpc.RpcError as exc:
@@ -384,6 +399,49 @@ class Client:
                 raise error from None
             return self._check(request, timeout)
         raise ServiceError(f"the stream from {channel.target} ended without an answer", code="UNKNOWN")
+
+    def check_external(
+        self,
+        fn: Callable[..., Any],
+        vjp: Callable[..., Any],
+        inputs: Mapping[str, Any],
+        *,
+        jvp: Callable[..., Any] | None = None,
+        vectorized: bool = False,
+        name: str | None = None,
+        max_batch_size: int = 0,
+        options: Options = None,
+        timeout: float | None = None,
+    ) -> Report:
+        """Check ``vjp``, a hand-written gradient of ``fn``, both evaluated here (CheckExternal).
+
+        ``inputs`` name the point (NumPy arrays or torch tensors; a tensor with requires_grad
+        selects the checked ones, as in ``check``). The server drives the check and asks for values
+        of ``fn(*inputs)`` and products ``vjp(cotangent, *inputs)`` (see gradcheck_svc.callables);
+        no torch autograd is involved and no code leaves this process.
+        """
+        names = list(inputs)
+        tensors = [v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for v in inputs.values()]
+        source = CallableSource(fn, vjp, list(inputs.values()), jvp=jvp, vectorized=vectorized)
+        start = pb.ExternalStart(
+            function=name or str(getattr(fn, "__name__", "external")),
+            point=encode_point(dict(zip(names, tensors, strict=True))),
+            options=encode_options(options),
+            has_jvp=jvp is not None,
+            max_batch_size=max_batch_size,
+        )
+        channel = self._next()
+        channel.ensure_ready(self.connect_timeout)
+        stub, deadline, metadata = channel.stub, self._timeout(timeout), self._metadata
+        try:
+            return answer_stream(
+                lambda requests: stub.CheckExternal(requests, timeout=deadline, metadata=metadata),
+                start,
+                source,
+                tensors,
+            )
+        except grpc.RpcError as exc:
+            raise _service_error(exc, channel.target) from None
 
     def check_registered(
         self,
@@ -445,7 +503,9 @@ class Client:
                 if answer.HasField("error"):
                     code = grpc.StatusCode(_code_tuple(answer.error.code))
                     message = f"{code.name} from {channel.target}: {answer.error.message}"
-                    yield StreamResult(answer.id, None, ServiceError(message, code=code.name))
+                    reason, metadata = _error_info(answer.error)
+                    error = ServiceError(message, code=code.name, reason=reason, metadata=metadata)
+                    yield StreamResult(answer.id, None, error)
                 else:
                     yield StreamResult(answer.id, [decode_report(r) for r in answer.response.reports])
         except grpc.RpcError as exc:
@@ -466,7 +526,7 @@ class Client:
             dtypes=[str(DTYPES[d]).removeprefix("torch.") for d in m.dtypes if d in DTYPES],
             expression_functions=list(m.expression_functions),
             registered_functions=list(m.registered_functions),
-            limits={f.name: v for f, v in m.limits.ListFields()},
+            limits=_limits(m.limits),
             served_by=m.served_by,
         )
 
@@ -477,7 +537,7 @@ class Client:
             response = channel.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as exc:
             raise _service_error(exc, channel.target) from None
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     def close(self) -> None:
         for channel in self._channels:
@@ -493,8 +553,19 @@ class Client:
 def _code_tuple(number: int) -> tuple[int, str]:
     for code in grpc.StatusCode:
         if code.value[0] == number:
-            return code.value
-    return grpc.StatusCode.UNKNOWN.value
+            return (int(code.value[0]), str(code.value[1]))
+    return (2, "unknown")
+
+
+def _limits(msg: pb.Limits) -> dict[str, int | float]:
+    """Limits by name; durations as seconds (``max_check_duration`` -> ``max_check_seconds``)."""
+    out: dict[str, int | float] = {}
+    for descriptor, value in msg.ListFields():
+        if descriptor.message_type is not None:  # google.protobuf.Duration
+            out[descriptor.name.removesuffix("_duration") + "_seconds"] = value.ToNanoseconds() / 1e9
+        else:
+            out[descriptor.name] = value
+    return out
 
 
 def build_request(

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from google.protobuf import duration_pb2
 
 from gradcheck_svc.errors import InvalidRequestError, LimitExceededError
 from gradcheck_svc.options import CheckOptions
@@ -32,6 +33,7 @@ __all__ = [
     "decode_tensor",
     "decode_value",
     "dtype_from_name",
+    "encode_duration",
     "encode_options",
     "encode_point",
     "encode_report",
@@ -141,7 +143,10 @@ def encode_tensor(tensor: torch.Tensor) -> pb.Tensor:
         flat = _byteswap(flat)
     data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
     return pb.Tensor(
-        dtype=dtype_enum, shape=list(tensor.shape), data=data, requires_grad=tensor.requires_grad
+        dtype=pb.Dtype.ValueType(dtype_enum),
+        shape=list(tensor.shape),
+        data=data,
+        requires_grad=tensor.requires_grad,
     )
 
 
@@ -176,18 +181,22 @@ def encode_sampling(spec: SamplingSpec) -> pb.SamplingSpec:
             pb.SampledInput(
                 name=i.name,
                 shape=list(i.shape),
-                dtype=_DTYPE_ENUMS[i.dtype],
+                dtype=pb.Dtype.ValueType(_DTYPE_ENUMS[i.dtype]),
                 distribution=dist,
                 requires_grad=i.requires_grad,
             )
         )
-    return pb.SamplingSpec(inputs=inputs, count=spec.count, seed=spec.seed)
+    # int64 on the wire, 64 unsigned bits for the generator: seeds from 2**63 up travel negative.
+    seed = spec.seed - 2**64 if spec.seed >= 2**63 else spec.seed
+    return pb.SamplingSpec(inputs=inputs, point_count=spec.count, seed=seed)
 
 
 def decode_sampling(msg: pb.SamplingSpec, *, max_elements: int, field: str = "sampling") -> SamplingSpec:
     """Validated SamplingSpec (shapes within the limit, floating dtypes, finite parameters)."""
     if not msg.inputs:
         raise InvalidRequestError(f"{field}.inputs", "needs at least one input")
+    if msg.point_count < 0:
+        raise InvalidRequestError(f"{field}.point_count", "must not be negative")
     inputs = []
     for k, i in enumerate(msg.inputs):
         where = f"{field}.inputs[{k}]"
@@ -211,7 +220,7 @@ def decode_sampling(msg: pb.SamplingSpec, *, max_elements: int, field: str = "sa
                 name=i.name, shape=tuple(i.shape), dtype=dtype, requires_grad=i.requires_grad, **params
             )
         )
-    return SamplingSpec(inputs=tuple(inputs), count=msg.count or 1, seed=msg.seed)
+    return SamplingSpec(inputs=tuple(inputs), count=msg.point_count or 1, seed=msg.seed % 2**64)
 
 
 def _finite(field: str, *values: float) -> None:
@@ -220,6 +229,12 @@ def _finite(field: str, *values: float) -> None:
 
 
 # ----------------------------------------------------------------------------- values
+
+
+def encode_duration(seconds: float) -> duration_pb2.Duration:
+    msg = duration_pb2.Duration()
+    msg.FromNanoseconds(round(seconds * 1e9))
+    return msg
 
 
 def encode_value(value: Any) -> pb.Value:
@@ -295,7 +310,7 @@ def decode_options(msg: pb.Options) -> dict[str, Any]:
                 raise InvalidRequestError(f"options.{name}", f"unknown value {number}")
             out[name] = enum.Name(number).removeprefix(prefix).lower()
     for name in _SCALAR_OPTIONS:
-        if msg.HasField(name):
+        if msg.HasField(name):  # type: ignore[arg-type]  # names from the message's own descriptor
             out[name] = getattr(msg, name)
     return out
 
@@ -307,6 +322,32 @@ def _option_names() -> list[str]:
 # ----------------------------------------------------------------------------- reports
 
 
+# Report strings <-> the enums the request uses. Mode "taylor" (no Jacobian compared) travels unset.
+_MODES = {"full": pb.MODE_FULL, "fast": pb.MODE_FAST}
+_PARTS = {"": pb.COMPLEX_PART_UNSPECIFIED, "re": pb.COMPLEX_PART_REAL, "im": pb.COMPLEX_PART_IMAGINARY}
+_PART_NAMES = {v: k for k, v in _PARTS.items()}
+
+
+def _dtype_enum(name: str) -> pb.Dtype.ValueType:
+    return pb.Dtype.ValueType(_DTYPE_ENUMS[dtype_from_name(name)]) if name else pb.DTYPE_UNSPECIFIED
+
+
+def _mode_name(mode: int, scheme: int) -> str:
+    if mode == pb.MODE_UNSPECIFIED:
+        return "taylor" if scheme == pb.SCHEME_TAYLOR else "full"
+    return pb.Mode.Name(pb.Mode.ValueType(mode)).removeprefix("MODE_").lower()
+
+
+def _pair_mode(m: pb.PairReport) -> str:
+    if m.mode == pb.MODE_UNSPECIFIED and m.check == pb.CHECK_KIND_TAYLOR:
+        return "taylor"
+    return _mode_name(m.mode, pb.SCHEME_UNSPECIFIED)
+
+
+def _report_mode(m: pb.Report) -> str:
+    return _mode_name(m.mode, m.scheme)
+
+
 def _doubles(values: Sequence[float] | None) -> pb.DoubleList | None:
     return None if values is None else pb.DoubleList(values=values)
 
@@ -315,8 +356,8 @@ def _encode_element(e: ElementError) -> pb.ElementError:
     return pb.ElementError(
         output_index=e.output_index,
         input_index=e.input_index,
-        output_part=e.output_part,
-        input_part=e.input_part,
+        output_part=_PARTS[e.output_part],
+        input_part=_PARTS[e.input_part],
         analytic=e.analytic,
         numeric=e.numeric,
         error_bar=e.error_bar,
@@ -329,8 +370,8 @@ def _decode_element(m: pb.ElementError) -> ElementError:
     return ElementError(
         output_index=list(m.output_index),
         input_index=list(m.input_index),
-        output_part=m.output_part,
-        input_part=m.input_part,
+        output_part=_PART_NAMES.get(m.output_part, ""),
+        input_part=_PART_NAMES.get(m.input_part, ""),
         analytic=m.analytic,
         numeric=m.numeric,
         error_bar=m.error_bar,
@@ -345,16 +386,16 @@ def _encode_pair(p: PairReport) -> pb.PairReport:
         input=p.input,
         check=pb.CheckKind.Value("CHECK_KIND_" + p.check.name),
         status=pb.Status.Value("STATUS_" + p.status.name),
-        mode=p.mode,
+        mode=_MODES.get(p.mode, pb.MODE_UNSPECIFIED),
         output_shape=p.output_shape,
         input_shape=p.input_shape,
-        dtype=p.dtype,
+        dtype=_dtype_enum(p.dtype),
         max_abs_error=p.max_abs_error,
         max_rel_error=p.max_rel_error,
         max_error_ratio=p.max_error_ratio,
-        elements_checked=p.elements_checked,
-        elements_failed=p.elements_failed,
-        kinks=p.kinks,
+        checked_count=p.elements_checked,
+        failed_count=p.elements_failed,
+        kink_count=p.kinks,
         worst=[_encode_element(e) for e in p.worst],
         analytic=_doubles(p.analytic),
         numeric=_doubles(p.numeric),
@@ -372,23 +413,23 @@ def _encode_pair(p: PairReport) -> pb.PairReport:
 
 def _decode_pair(m: pb.PairReport) -> PairReport:
     def doubles(name: str) -> list[float] | None:
-        return list(getattr(m, name).values) if m.HasField(name) else None
+        return list(getattr(m, name).values) if m.HasField(name) else None  # type: ignore[arg-type]
 
     return PairReport(
         output=m.output,
         input=m.input,
         check=Check[pb.CheckKind.Name(m.check).removeprefix("CHECK_KIND_")],
         status=Status[pb.Status.Name(m.status).removeprefix("STATUS_")],
-        mode=m.mode,
+        mode=_pair_mode(m),
         output_shape=list(m.output_shape),
         input_shape=list(m.input_shape),
-        dtype=m.dtype,
+        dtype=_dtype_name(DTYPES[m.dtype]) if m.dtype in DTYPES else "",
         max_abs_error=m.max_abs_error,
         max_rel_error=m.max_rel_error,
         max_error_ratio=m.max_error_ratio,
-        elements_checked=m.elements_checked,
-        elements_failed=m.elements_failed,
-        kinks=m.kinks,
+        elements_checked=m.checked_count,
+        elements_failed=m.failed_count,
+        kinks=m.kink_count,
         worst=[_decode_element(e) for e in m.worst],
         analytic=doubles("analytic"),
         numeric=doubles("numeric"),
@@ -404,16 +445,18 @@ def encode_report(r: Report) -> pb.Report:
     msg = pb.Report(
         ok=r.ok,
         pairs=[_encode_pair(p) for p in r.pairs],
-        dtype=r.dtype,
-        device=r.device,
-        mode=r.mode,
-        scheme=r.scheme,
+        dtypes=sorted({_dtype_enum(d) for d in r.dtype.split(",") if d}),
+        device=pb.DEVICE_CUDA if r.device.startswith("cuda") else pb.DEVICE_CPU,
+        device_name=r.device,
+        mode=_MODES.get(r.mode, pb.MODE_UNSPECIFIED),
+        scheme=pb.Scheme.Value("SCHEME_" + r.scheme.upper()),
         order=r.order,
         function=r.function,
         notes=r.notes,
-        timings=r.timings,
         served_by=r.served_by,
     )
+    for phase, seconds in r.timings.items():
+        msg.timings[phase.removesuffix("_s")].CopyFrom(encode_duration(seconds))
     if r.point is not None:
         msg.point = r.point
     if r.error is not None:
@@ -437,17 +480,17 @@ def decode_report(m: pb.Report) -> Report:
     return Report(
         ok=m.ok,
         pairs=[_decode_pair(p) for p in m.pairs],
-        dtype=m.dtype,
-        device=m.device,
-        mode=m.mode,
-        scheme=m.scheme,
+        dtype=",".join(sorted(_dtype_name(DTYPES[d]) for d in m.dtypes if d in DTYPES)),
+        device=m.device_name or pb.Device.Name(m.device).removeprefix("DEVICE_").lower(),
+        mode=_report_mode(m),
+        scheme=pb.Scheme.Name(m.scheme).removeprefix("SCHEME_").lower() if m.scheme else "central",
         order=m.order,
         function=m.function,
         point=m.point if m.HasField("point") else None,
         error=m.error if m.HasField("error") else None,
         notes=list(m.notes),
         options={k: decode_value(v) for k, v in m.options.items()},
-        timings=dict(m.timings),
+        timings={f"{phase}_s": d.ToNanoseconds() / 1e9 for phase, d in m.timings.items()},
         served_by=m.served_by,
     )
 

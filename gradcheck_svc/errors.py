@@ -105,12 +105,22 @@ class UnknownFunctionError(SpecError, LookupError):
 class ServiceError(GradcheckError):
     """A remote check failed: transport error or an error status from the server.
 
-    ``code`` is the gRPC status code name (e.g. ``"INVALID_ARGUMENT"``) when known.
+    ``code`` is the gRPC status code name (e.g. ``"INVALID_ARGUMENT"``) when known; ``reason`` the
+    server's stable google.rpc.ErrorInfo reason (e.g. ``"LIMIT_EXCEEDED"``, ``"SERVER_BUSY"``), or
+    None when the status carried none; ``metadata`` its ErrorInfo metadata (the limit and its value).
     """
 
-    def __init__(self, message: str, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        code: str | None = None,
+        reason: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason
+        self.metadata = metadata or {}
 
 
 class GradientMismatch(GradcheckError, AssertionError):

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gradcheck_svc.errors import InvalidOptionError
 
-__all__ = ["CheckOptions", "resolve_options"]
+__all__ = ["EXPECTATIONS", "CallArguments", "CheckOptions", "call_arguments", "resolve_options"]
+
+# What the caller expects of the gradients: "match" (the default) or "mismatch", for gradients
+# that are deliberately not the true derivative (straight-through estimators, gradient reversal).
+EXPECTATIONS = ("match", "mismatch")
 
 
 class CheckOptions(BaseModel):
@@ -53,6 +59,11 @@ class CheckOptions(BaseModel):
 
 def resolve_options(base: CheckOptions | None = None, /, **overrides: Any) -> CheckOptions:
     """Validate keyword options into a ``CheckOptions``; unknown names raise InvalidOptionError."""
+    if "params" in overrides:
+        raise InvalidOptionError(
+            "params= is for a registered function named by a string; a callable's keyword "
+            "arguments go in fn_kwargs={...}"
+        )
     try:
         if base is None:
             return CheckOptions(**overrides)
@@ -66,3 +77,66 @@ def resolve_options(base: CheckOptions | None = None, /, **overrides: Any) -> Ch
             f"{'.'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}" for err in exc.errors()
         )
         raise InvalidOptionError(f"invalid check option(s): {problems}") from None
+
+
+@dataclass(frozen=True)
+class CallArguments:
+    """The keyword arguments of ``check`` that are not options: what to call and how to judge it."""
+
+    fn_kwargs: dict[str, Any]
+    input_names: tuple[str, ...] | None
+    # Names or paths of the inputs / parameters to check (an int is a positional input);
+    # None: the default selection (inputs that require grad, else all, plus a module's parameters).
+    wrt: tuple[str | int, ...] | None
+    expect: Literal["match", "mismatch"]
+    deadline: float | None
+    cancelled: Callable[[], bool] | None
+
+
+def _names(value: object, what: str, allow_int: bool) -> tuple[Any, ...]:
+    items = [value] if isinstance(value, (str, int)) else value
+    if not isinstance(items, Sequence) or isinstance(items, (bytes, bytearray)):
+        raise InvalidOptionError(f"{what} must be a name or a list of names, got {type(value).__name__}")
+    names = []
+    for item in items:
+        position = allow_int and isinstance(item, int) and not isinstance(item, bool)
+        if position or (isinstance(item, str) and item):
+            names.append(item)
+        else:
+            raise InvalidOptionError(f"{what} holds {item!r}: expected a non-empty string")
+    return tuple(names)
+
+
+def call_arguments(
+    *,
+    fn_kwargs: object = None,
+    input_names: object = None,
+    wrt: object = None,
+    expect: object = "match",
+    deadline: object = None,
+    cancelled: object = None,
+) -> CallArguments:
+    """Validate ``check``'s non-option keywords up front, so misuse never surfaces deep in the engine."""
+    if fn_kwargs is None:
+        fn_kwargs = {}
+    if not isinstance(fn_kwargs, Mapping) or not all(isinstance(k, str) for k in fn_kwargs):
+        raise InvalidOptionError(
+            f"fn_kwargs must be a mapping of keyword names to values, got {type(fn_kwargs).__name__}"
+        )
+    names = None if input_names is None else _names(input_names, "input_names", allow_int=False)
+    if names is not None and len(set(names)) != len(names):
+        raise InvalidOptionError(f"input_names has duplicates: {list(names)}")
+    if expect not in EXPECTATIONS:
+        raise InvalidOptionError(f"expect={expect!r}: expected one of {', '.join(map(repr, EXPECTATIONS))}")
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))):
+        raise InvalidOptionError(f"deadline must be a time.monotonic() value, got {type(deadline).__name__}")
+    if cancelled is not None and not callable(cancelled):
+        raise InvalidOptionError(f"cancelled must be callable, got {type(cancelled).__name__}")
+    return CallArguments(
+        fn_kwargs=dict(fn_kwargs),
+        input_names=names,  # type: ignore[arg-type]
+        wrt=None if wrt is None else _names(wrt, "wrt", allow_int=True),
+        expect=expect,  # type: ignore[arg-type]
+        deadline=None if deadline is None else float(deadline),
+        cancelled=cancelled,  # type: ignore[arg-type]
+    )

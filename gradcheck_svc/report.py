@@ -140,6 +140,11 @@ class Report(BaseModel):
     def kinks(self) -> int:
         return sum(p.kinks for p in self.pairs)
 
+    @property
+    def expected_mismatch(self) -> bool:
+        """ok with failing pairs: the mismatch was asked for (``expect="mismatch"``) and found."""
+        return self.ok and bool(self.failures)
+
     def plot(self, path: str | Path, *, all_pairs: bool = False) -> Path:
         """Write a PNG heatmap of |analytic - numeric| / tolerance per failing pair."""
         from gradcheck_svc.plot import plot_report
@@ -179,6 +184,13 @@ def _err(value: float) -> str:
     return f"{value:.1e}"
 
 
+def _rel(pair: PairReport) -> str:
+    # Errors only where the numeric value is exactly 0 have no relative size: say so.
+    if pair.max_rel_error == 0 and pair.max_abs_error > 0:
+        return "n/a (numeric 0)"
+    return _err(pair.max_rel_error)
+
+
 _SMALL_VALUES = 8  # pairs with at most this many Jacobian entries show every value
 
 
@@ -196,7 +208,7 @@ def _render_pair(pair: PairReport) -> list[str]:
             lines.append(f"      analytic {_short(a):>10}   numeric {_short(n):>10} ± {_err(b)}")
     if pair.elements_checked:
         lines.append(
-            f"      max abs err {_err(pair.max_abs_error)}  max rel err {_err(pair.max_rel_error)}  "
+            f"      max abs err {_err(pair.max_abs_error)}  max rel err {_rel(pair)}  "
             f"err/tol {pair.max_error_ratio:.2g}  failed {pair.elements_failed}/{pair.elements_checked}"
             + (f"  kinks {pair.kinks}" if pair.kinks else "")
         )
@@ -219,11 +231,17 @@ def _render_pair(pair: PairReport) -> list[str]:
 
 def render(report: Report) -> str:
     verdict = "ok" if report.ok else "GRADIENT MISMATCH"
+    if report.expected_mismatch:
+        verdict = "ok, mismatch as expected"
+    elif not report.ok and not report.failures:
+        verdict = "NO MISMATCH, ONE WAS EXPECTED"
     if report.error:
         verdict = "ERROR"
     total = report.timings.get("total_s")
     took = f", {total:.3g} s" if total is not None else ""
-    where = f"{report.dtype}, {report.device}, {report.mode} mode, {report.scheme}"
+    reference = report.options.get("reference")
+    dtype = report.dtype + (f" vs {reference} differences" if reference and reference != report.dtype else "")
+    where = f"{dtype}, {report.device}, {report.mode} mode, {report.scheme}"
     eps = report.options.get("eps")
     if isinstance(eps, float):
         where += f", h = {eps:.2g}·max(|x|, 1)"

@@ -8,6 +8,7 @@ becomes a ``serve`` flag (``max_concurrent_checks`` -> ``--max-concurrent-checks
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 from typing import Annotated, Any, Literal
@@ -27,6 +28,21 @@ def _split(value: Any) -> Any:
             return json.loads(text)
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
+
+
+def _secret(value: Any) -> str:
+    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the port on this machine."""
+    name = host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 class Settings(BaseSettings):
@@ -57,6 +73,14 @@ class Settings(BaseSettings):
     max_jacobian_entries: int = Field(100_000_000, ge=1, description="largest Jacobian the engine may check")
     max_evaluations: int = Field(1_000_000, ge=1, description="most finite-difference evaluations per check")
     max_check_seconds: float = Field(120.0, gt=0, description="wall-clock cap of one request")
+    max_check_bytes: int = Field(
+        1024 * MiB,
+        ge=MiB,
+        description="memory cap of one check: live bytes of the tensors it creates, counted at every op",
+    )
+    stream_idle_seconds: float = Field(
+        60.0, gt=0, description="a CheckStream with no item running or arriving for this long is closed"
+    )
     isolation: Literal["auto", "process", "thread"] = Field(
         "auto",
         description="where checks run: auto (operator functions in killable worker processes, expressions "
@@ -64,6 +88,12 @@ class Settings(BaseSettings):
     )
     kill_after_seconds: float = Field(
         2.0, gt=0, description="a worker process still busy this long after its check's deadline is killed"
+    )
+    max_external_batch: int = Field(
+        256, ge=1, description="most points, cotangents or tangents per request of CheckExternal"
+    )
+    external_reply_seconds: float = Field(
+        30.0, gt=0, description="longest wait for each answer of a CheckExternal client"
     )
     max_expression_length: int = Field(
         2000, ge=1, le=100_000, description="longest expression, in characters"
@@ -83,8 +113,24 @@ class Settings(BaseSettings):
     auth_tokens: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="bearer tokens accepted (comma-separated); empty: no authentication"
     )
+    insecure: bool = Field(
+        False, description="allow listening on a non-loopback address without TLS and without tokens"
+    )
 
     _split_lists = field_validator("functions", "auth_tokens", mode="before")(_split)
+
+    @field_validator("auth_tokens", mode="before")
+    @classmethod
+    def _no_empty_token(cls, value: Any) -> Any:
+        # "--auth-tokens ''" (or a stray comma) must not turn authentication into a formality.
+        items = _split(value)
+        if isinstance(value, str) and not value.strip().startswith("["):
+            items = value.split(",")  # unfiltered: "a," has an empty second token
+        # The default empty list means "no authentication"; an empty string given means a mistake.
+        empty = isinstance(items, list) and (not items or any(not _secret(t).strip() for t in items))
+        if empty and (items or isinstance(value, str)):
+            raise ValueError("auth_tokens: an empty token is not a token")
+        return value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
@@ -92,6 +138,15 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return self
+
+    @model_validator(mode="after")
+    def _not_exposed_unprotected(self) -> Settings:
+        if not (is_loopback(self.host) or self.tls or self.auth_tokens or self.insecure):
+            raise ValueError(
+                f"host {self.host!r} is reachable from other machines, and there is neither TLS nor a token: "
+                "set tls_cert_file/tls_key_file or auth_tokens, or pass --insecure to serve it unprotected"
+            )
         return self
 
     @property

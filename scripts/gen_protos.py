@@ -34,12 +34,13 @@ gradcheck_svc.codec, gradcheck_svc.server and gradcheck_svc.client.
 
 
 def _include_dirs() -> list[str]:
-    """protoc's own well-known types, plus googleapis' google/rpc/*.proto (from googleapis-common-protos)."""
-    import google.rpc
+    """protos/ (with the vendored google/rpc/*.proto) and protoc's own well-known types.
 
+    Only gradcheck_svc/v1 is generated: the google.rpc Python modules come from
+    googleapis-common-protos, built from the same .proto files.
+    """
     well_known = str(resources.files("grpc_tools") / "_proto")
-    googleapis = str(Path(next(iter(google.rpc.__path__))).parent.parent)
-    return [str(PROTO_ROOT), well_known, googleapis]
+    return [str(PROTO_ROOT), well_known]
 
 
 def _plugins() -> list[str]:

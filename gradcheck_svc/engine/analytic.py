@@ -15,12 +15,14 @@ import torch
 from torch.autograd import forward_ad
 
 from gradcheck_svc.engine.evaluate import describe as _describe
+from gradcheck_svc.engine.evaluate import why_not_batched
 from gradcheck_svc.engine.problem import Problem
 from gradcheck_svc.errors import BackwardNotDifferentiableError, CheckError, FunctionRaisedError
 
 __all__ = ["Analytic"]
 
 _FEW_ROWS = 4
+_PROBE_ROWS = 3  # rows of the first batched result recomputed one at a time, to trust the batching
 
 
 class Analytic:
@@ -30,6 +32,7 @@ class Analytic:
         self.problem = problem
         self._note = on_note
         self._paths = ["func", "batched", "loop"]
+        self._batching_verified = False
         self._vjp_fn: Callable[..., tuple[torch.Tensor, ...]] | None = None
         self._graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         # fn's value from each forward the analytic side ran: a free second evaluation at the
@@ -85,7 +88,8 @@ class Analytic:
                 last = exc
                 if path != "loop":
                     self._paths.remove(path)
-                    self._note(f"{name}: '{path}' path unavailable ({_describe(exc)}); using a slower one")
+                    how = "torch.func" if path == "func" else "batched autograd.grad"
+                    self._note(f"{name} computed without {how}, which cannot run fn ({why_not_batched(exc)})")
         raise FunctionRaisedError(f"backward raised while computing {name}: {_describe(last)}") from last
 
     # ------------------------------------------------------------------ rows
@@ -109,7 +113,43 @@ class Analytic:
             # A handful of backward calls costs less than setting up a vmap over them.
             attempts = {"loop": loop}
         result = self._run("reverse-mode rows", attempts)
+        if len(attempts) > 1 and self._paths[0] != "loop" and not self._batching_verified:
+            self._batching_verified = True
+            if not self._batching_agrees(cotangents, result):
+                self._paths = ["loop"]
+                self._note(
+                    "torch.vmap's batched backward disagrees with fn's own backward here (a torch "
+                    "batching rule); the backward is run one row at a time"
+                )
+                result = loop()
         return [g.detach().to(torch.float64) for g in result]
+
+    def _batching_agrees(self, cotangents: torch.Tensor, batched: list[torch.Tensor]) -> bool:
+        """Recompute a few rows with plain autograd, the backward training runs, and compare.
+
+        vmap runs a backward through batching rules, and torch has had wrong ones (``cdist``):
+        the check must judge the backward a user's training calls, not a batched stand-in.
+        """
+        count = cotangents.shape[0]
+        picked = sorted({round(k * (count - 1) / max(1, _PROBE_ROWS - 1)) for k in range(_PROBE_ROWS)})
+        y, reals = self._autograd_graph()
+        for row in picked:
+            single = self._grads(y, reals, cotangents[row], batched=False)
+            for leaf, a, b in zip(self.problem.leaves, single, batched, strict=True):
+                a, b = a.detach().to(torch.float64), b[row].detach().to(torch.float64)
+                eps = torch.finfo(leaf.real_dtype).eps
+                scale = (
+                    float(
+                        torch.maximum(a.abs(), b.abs()).nan_to_num(nan=0.0, posinf=0.0).max(),
+                    )
+                    if a.numel()
+                    else 0.0
+                )
+                allowed = min(2.0**16 * eps, 1e-2) * scale + torch.finfo(torch.float64).tiny
+                same = ((a - b).abs() <= allowed) | (a == b) | (a.isnan() & b.isnan())
+                if not bool(same.all()):
+                    return False
+        return True
 
     # ------------------------------------------------------------------ columns (reverse over reverse)
     def columns(self, index: int, directions: torch.Tensor) -> torch.Tensor:

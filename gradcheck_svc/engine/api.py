@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.devices import compare_devices, resolve_device
+from gradcheck_svc.engine.edge_inputs import empty_pairs, mark_nonfinite_inputs, note_skipped_outputs
+from gradcheck_svc.engine.expectation import apply_expectation
 from gradcheck_svc.engine.fast import run_fast
 from gradcheck_svc.engine.full import run_full
 from gradcheck_svc.engine.problem import build_problem
 from gradcheck_svc.engine.progress import Progress, ProgressFn
+from gradcheck_svc.engine.reference import Reference, choose_reference
 from gradcheck_svc.engine.second_order import second_order_problem
 from gradcheck_svc.engine.taylor import run_taylor
-from gradcheck_svc.errors import GradientMismatch, NotCallableError
-from gradcheck_svc.options import CheckOptions, resolve_options
+from gradcheck_svc.errors import GradientMismatch, InvalidOptionError, NotCallableError
+from gradcheck_svc.options import CheckOptions, call_arguments, resolve_options
 from gradcheck_svc.report import Report, Status
 
 __all__ = ["assert_grads", "check"]
@@ -45,6 +48,8 @@ def check(
     *inputs: Any,
     fn_kwargs: dict[str, Any] | None = None,
     input_names: Sequence[str] | None = None,
+    wrt: str | int | Sequence[str | int] | None = None,
+    expect: Literal["match", "mismatch"] = "match",
     deadline: float | None = None,
     cancelled: Callable[[], bool] | None = None,
     progress: ProgressFn | None = None,
@@ -53,41 +58,70 @@ def check(
     """Compare the autograd gradients of ``fn`` at ``inputs`` with error-bounded finite differences.
 
     Returns a ``Report``; a mismatch does not raise (see ``assert_grads``). ``fn_kwargs`` reach
-    ``fn`` unchanged; ``input_names`` names the positional inputs in the report. ``deadline``
-    (a ``time.monotonic()`` value) and ``cancelled`` are polled between chunks; ``progress(done,
-    total)`` hears of finite-difference columns done between chunks. Every other keyword is an
-    option of ``CheckOptions``.
+    ``fn`` unchanged; ``input_names`` names the positional inputs in the report. ``wrt`` names
+    the inputs / parameters to check (``"weight"``, ``"inputs[1]['scale']"``, ``"parameters"``,
+    a position); ``expect="mismatch"`` passes only when autograd and finite differences disagree
+    (straight-through estimators, gradient reversal). ``deadline`` (a ``time.monotonic()``
+    value) and ``cancelled`` are polled between chunks; ``progress(done, total)`` hears of
+    finite-difference columns done between chunks. Every other keyword is an option of
+    ``CheckOptions``.
     """
     started = time.perf_counter()
     opts: CheckOptions = resolve_options(**options)
+    call = call_arguments(
+        fn_kwargs=fn_kwargs,
+        input_names=input_names,
+        wrt=wrt,
+        expect=expect,
+        deadline=deadline,
+        cancelled=cancelled,
+    )
+    if progress is not None and not callable(progress):
+        raise InvalidOptionError(f"progress must be callable, got {type(progress).__name__}")
     if not callable(fn):
         raise NotCallableError(
             f"fn must be callable (a function, an nn.Module, ...), got {type(fn).__name__}"
         )
     device = resolve_device(opts.device, inputs)
+    fn_kwargs, input_names = call.fn_kwargs, call.input_names
     problem, _ = build_problem(
-        fn, inputs, dict(fn_kwargs or {}), input_names=input_names, device=device, upcast=opts.upcast
+        fn, inputs, fn_kwargs, input_names=input_names, device=device, upcast=opts.upcast, wrt=call.wrt
+    )
+    # The Taylor test and order 2 keep their numeric side in the user's dtype (see reference.py).
+    reference = choose_reference(
+        problem,
+        fn,
+        inputs,
+        fn_kwargs,
+        input_names=input_names,
+        device=device,
+        enabled=opts.scheme == "central" and opts.order == 1,
+        wrt=call.wrt,
     )
     if opts.order == 2:
         problem = second_order_problem(problem, seed=opts.seed)
-    ctx = Context(problem, opts, deadline=deadline, cancelled=cancelled)
+        reference = Reference(problem, reference.name, reference.reason)
+    ctx = Context(problem, opts, deadline=call.deadline, cancelled=call.cancelled, reference=reference)
+    if reference.name != "float64" and reference.reason:
+        ctx.note(f"finite differences in {reference.name}: {reference.reason}")
 
     if not bool(torch.isfinite(ctx.f0).all()):
         ctx.note("fn's value is NaN or infinite at this point: affected elements cannot be checked")
+    note_skipped_outputs(problem, ctx.note)
 
-    entries = problem.n_outputs * problem.n_inputs
-    mode = opts.mode if opts.mode != "auto" else ("full" if entries <= opts.fast_threshold else "fast")
+    mode = _mode(ctx, opts)
     if progress is not None:
-        columns = sum(leaf.size for leaf in problem.leaves)
-        total = columns if mode == "full" else opts.projections * len(problem.leaves)
-        ctx.progress = Progress(progress, 0 if opts.scheme == "taylor" else total)
-    if opts.scheme == "taylor":
+        ctx.progress = Progress(progress, _progress_total(ctx, opts, mode))
+    if problem.n_outputs * problem.n_inputs == 0:
+        pairs = empty_pairs(problem, mode)
+    elif opts.scheme == "taylor":
         pairs = run_taylor(ctx)
         mode = "taylor"
     elif mode == "full":
         pairs = [a.report() for a in run_full(ctx).values()]
     else:
         pairs = run_fast(ctx)
+    mark_nonfinite_inputs(problem, ctx.f0, pairs, ctx.note)
     forward_nondeterministic = _forward_is_nondeterministic(ctx)
     if opts.compare_devices:
         pairs.append(compare_devices(fn, inputs, dict(fn_kwargs or {}), input_names, opts))
@@ -101,7 +135,7 @@ def check(
         ctx.progress.finish()
     ctx.timings["total_s"] = time.perf_counter() - started
     leaf_dtypes = sorted({leaf.dtype_name for leaf in problem.leaves})
-    return Report(
+    report = Report(
         ok=all(p.ok for p in pairs),
         pairs=pairs,
         dtype=leaf_dtypes[0] if len(leaf_dtypes) == 1 else ",".join(leaf_dtypes),
@@ -114,30 +148,59 @@ def check(
         options=_resolved_options(opts, ctx),
         timings={k: round(v, 6) for k, v in ctx.timings.items()},
     )
+    return apply_expectation(report, call.expect)
+
+
+def _mode(ctx: Context, opts: CheckOptions) -> str:
+    """The mode asked for; under "auto", full up to ``fast_threshold`` Jacobian entries, else fast."""
+    if opts.mode != "auto":
+        return opts.mode
+    entries = ctx.problem.n_outputs * ctx.problem.n_inputs
+    if entries <= opts.fast_threshold:
+        return "full"
+    ctx.note(
+        f"mode='auto' chose fast mode (random projections): the Jacobian has {entries} entries, over "
+        f"fast_threshold={opts.fast_threshold}; mode='full' checks every element"
+    )
+    return "fast"
+
+
+def _progress_total(ctx: Context, opts: CheckOptions, mode: str) -> int:
+    """Finite-difference columns the check will evaluate: every column in full mode, one per
+    projection and leaf in fast mode; 0 (unknown, nothing reported) for the Taylor test."""
+    if opts.scheme == "taylor":
+        return 0
+    if mode == "full":
+        return sum(leaf.size for leaf in ctx.problem.leaves)
+    return opts.projections * len(ctx.problem.leaves)
 
 
 def _resolved_options(opts: CheckOptions, ctx: Context) -> dict[str, object]:
-    """The options set, plus the relative finite-difference step each leaf used."""
+    """The options set, the relative finite-difference step each leaf used, and the reference."""
     resolved: dict[str, object] = opts.model_dump(exclude_defaults=True)
-    steps = [ctx.eps(leaf) for leaf in ctx.problem.leaves]
+    steps = [ctx.eps(leaf) for leaf in ctx.numeric_problem.leaves]
     resolved["eps"] = steps[0] if len(set(steps)) == 1 else steps
+    resolved["reference"] = ctx.reference.name if ctx.reference is not None else ""
     return resolved
 
 
-def _forward_is_nondeterministic(ctx: Context) -> bool:
-    """Compare f(x) from the first evaluation with the analytic side's own forward passes."""
-    values = ctx.analytic.forward_values or [ctx.evaluator.base()]
-    f0 = ctx.f0
+def _same_values(first: torch.Tensor, again: torch.Tensor, unit: float) -> bool:
     # With autograd on, a library may pick another kernel and round differently: a few ulps
     # are not nondeterminism (and smaller noise shows up in the error bars anyway).
-    scale = f0.abs().nan_to_num(nan=0.0, posinf=0.0)
-    allowed = 64 * ctx.machine_eps * (scale + (scale.max() if scale.numel() else 0.0))
-    for again in values:
-        same = ((again - f0).abs() <= allowed) | (again == f0) | (again.isnan() & f0.isnan())
-        if not bool(same.all()):
-            ctx.note("fn is not deterministic: two calls at the same point returned different values")
-            return True
-    return False
+    scale = first.abs().nan_to_num(nan=0.0, posinf=0.0)
+    allowed = 64 * unit * (scale + (scale.max() if scale.numel() else 0.0))
+    same = ((again - first).abs() <= allowed) | (again == first) | (again.isnan() & first.isnan())
+    return bool(same.all())
+
+
+def _forward_is_nondeterministic(ctx: Context) -> bool:
+    """Compare f(x) from the first evaluation with later evaluations at the same point."""
+    repeats = ctx.numeric_repeats or [ctx.evaluator.base()]
+    unstable = not all(_same_values(ctx.numeric_f0, again, ctx.numeric_machine_eps) for again in repeats)
+    unstable |= not all(_same_values(ctx.f0, again, ctx.machine_eps) for again in ctx.analytic.forward_values)
+    if unstable:
+        ctx.note("fn is not deterministic: two calls at the same point returned different values")
+    return unstable
 
 
 def assert_grads(fn: Callable[..., Any], *inputs: Any, **options: Any) -> Report:

@@ -18,13 +18,14 @@ from gradcheck_svc.engine.numeric import Differences
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, flat_index
 from gradcheck_svc.report import Check, ElementError, PairReport, Status
 
-__all__ = ["Judgement", "PairAccumulator", "Tolerance", "judge", "pair_fields", "pair_status"]
+__all__ = ["Judgement", "PairAccumulator", "Tolerance", "judge", "merge_wide", "pair_fields", "pair_status"]
 
 _KEEP_FULL = 4096  # pairs with at most this many entries keep their whole Jacobians
 _MAP_BINS = 128  # error maps are max-pooled to at most this many bins per side
-# Sort keys of the worst-element list: failing elements first, then kinks, then by ratio.
-_FAILED_KEY = 1e300
-_KINK_KEY = 1e200
+# Ranks of the worst-element list: failing elements first, then kinks, then the rest; by err/tol
+# within a rank.
+_FAILED, _KINK, _PASSED = 2, 1, 0
+_KINK_BARS = 4.0  # one-sided error bars the two one-sided differences must be apart at a kink
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,19 @@ def _all_finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t.sum())) for t in tensors if t.numel())
 
 
-def judge(analytic: torch.Tensor, diff: Differences, tol: Tolerance) -> Judgement:
+def judge(
+    analytic: torch.Tensor,
+    diff: Differences,
+    tol: Tolerance,
+    scale: torch.Tensor | None = None,
+    extra: torch.Tensor | None = None,
+) -> Judgement:
+    """Judge each element; ``scale`` (per element) replaces the block's largest |numeric| as
+    the magnitude the relative atol applies to; ``extra`` (per element) adds to the tolerance."""
     numeric = diff.value
+    atol_extra = extra.nan_to_num(nan=0.0, posinf=0.0) if extra is not None else None
     if _all_finite(analytic, numeric, diff.bar, diff.one_sided_bar):
-        return _judge_finite(analytic, diff, tol)
+        return _judge_finite(analytic, diff, tol, scale, atol_extra)
     finite_a = torch.isfinite(analytic)
     finite_n = torch.isfinite(numeric)
     both_finite = finite_a & finite_n
@@ -69,38 +79,58 @@ def judge(analytic: torch.Tensor, diff: Differences, tol: Tolerance) -> Judgemen
             for t in (numeric, diff.bar, diff.forward, diff.backward, diff.one_sided_bar)
         )
     )
-    verdict = _judge_finite(torch.where(both_finite, analytic, zero), clean, tol)
+    if scale is not None:
+        scale = torch.where(both_finite, scale.nan_to_num(nan=0.0, posinf=0.0), zero)
+    if atol_extra is not None:
+        atol_extra = torch.where(both_finite, atol_extra, zero)
+    verdict = _judge_finite(torch.where(both_finite, analytic, zero), clean, tol, scale, atol_extra)
     verdict.ratio = torch.where(nonfinite, float("inf"), verdict.ratio)
     verdict.failed |= nonfinite
     verdict.nonfinite = nonfinite
     return verdict
 
 
-def _judge_finite(analytic: torch.Tensor, diff: Differences, tol: Tolerance) -> Judgement:
+def _judge_finite(
+    analytic: torch.Tensor,
+    diff: Differences,
+    tol: Tolerance,
+    scale: torch.Tensor | None,
+    extra: torch.Tensor | None,
+) -> Judgement:
     """The verdict where every value is finite; in-place ops keep the passes over memory few."""
     numeric = diff.value
-    if tol.atol is None:
-        scale = torch.linalg.vector_norm(numeric, ord=float("inf")) if numeric.numel() else 0.0
-        atol = float(tol.atol_factor * scale)
-    else:
+    atol: float | torch.Tensor
+    if tol.atol is not None:
         atol = tol.atol
-    atol += tol.slack
+    elif scale is not None:
+        atol = tol.atol_factor * scale
+    else:
+        block = torch.linalg.vector_norm(numeric, ord=float("inf")) if numeric.numel() else 0.0
+        atol = float(tol.atol_factor * block)
+    atol = atol + tol.slack
     tolerance = numeric.abs().mul_(tol.rtol).add_(diff.bar, alpha=tol.bars).add_(atol)
-    tolerance.clamp_(min=torch.finfo(tolerance.dtype).tiny)
+    if extra is not None:
+        tolerance.add_(extra)
     error = torch.sub(analytic, numeric).abs_()
-    ratio = error / tolerance
+    # A zero tolerance (a block that is exactly zero, with no error bar) accepts only zero error:
+    # err/tol is then 0 or infinite, never an artefact of dividing by the smallest float.
+    ratio = torch.where(error == 0, 0.0, error / tolerance)
     failed = error > tolerance
 
     # A kink: the one-sided differences disagree far beyond their error bars (the central
     # difference and its bar mean nothing there) and the analytic value lies between them.
     # Candidates are rare, so the interval test runs on them alone.
-    side_bar = diff.one_sided_bar * tol.bars
+    # On a smooth function the spread is twice the one-sided bar (both are h f''): the test
+    # needs a margin well above 2 whatever error_bars the user chose for the verdict.
+    kink_bars = max(tol.bars, _KINK_BARS)
+    side_bar = diff.one_sided_bar * kink_bars
     spread = torch.sub(diff.forward, diff.backward).abs_()
     candidates = (spread > side_bar.mul_(2).add_(atol)).nonzero(as_tuple=True)
     kink = torch.zeros_like(failed)
     if candidates[0].numel():
         fwd, bwd, a = diff.forward[candidates], diff.backward[candidates], analytic[candidates]
-        margin = diff.one_sided_bar[candidates] * tol.bars + atol
+        margin = diff.one_sided_bar[candidates] * kink_bars
+        margin += atol[candidates] if isinstance(atol, torch.Tensor) else atol
         inside = (a >= torch.minimum(fwd, bwd) - margin) & (a <= torch.maximum(fwd, bwd) + margin)
         kink[candidates] = inside
         if not tol.kinks_fail:
@@ -108,6 +138,31 @@ def _judge_finite(analytic: torch.Tensor, diff: Differences, tol: Tolerance) -> 
         else:
             failed[candidates] |= inside
     return Judgement(tolerance, error, ratio, failed, kink, torch.zeros_like(failed))
+
+
+def merge_wide(
+    analytic: torch.Tensor, low: Judgement, wide_analytic: torch.Tensor, wide: Judgement
+) -> tuple[torch.Tensor, Judgement, torch.Tensor]:
+    """One verdict from the user's backward and its float64 run, both against float64 differences.
+
+    An element fails when either fails. Where only the float64 run fails, that run's value and
+    tolerance are the ones shown (the user's dtype rounded the error away). Returns the analytic
+    values to show, the verdict, and the mask of elements only the float64 run failed.
+    """
+    only_wide = wide.failed & ~low.failed
+    if not bool(only_wide.any()):
+        low.failed |= wide.failed
+        low.nonfinite |= wide.nonfinite
+        return analytic, low, only_wide
+    merged = Judgement(
+        tolerance=torch.where(only_wide, wide.tolerance, low.tolerance),
+        error=torch.where(only_wide, wide.error, low.error),
+        ratio=torch.where(only_wide, wide.ratio, low.ratio),
+        failed=low.failed | wide.failed,
+        kink=low.kink | wide.kink,
+        nonfinite=low.nonfinite | wide.nonfinite,
+    )
+    return torch.where(only_wide, wide_analytic, analytic), merged, only_wide
 
 
 def pair_status(*, nonfinite: bool, nondeterministic: bool, failed: bool, kinks: bool) -> Status:
@@ -152,8 +207,9 @@ class PairAccumulator:
     max_ratio: float = 0.0
     nondeterminism: float | None = None
     nondeterministic: bool = False
+    wide_only: int = 0  # elements that failed only in the float64 run of the backward
     message: str = ""
-    _worst: list[tuple[float, ElementError]] = field(default_factory=list)
+    _worst: list[tuple[int, float, ElementError]] = field(default_factory=list)
     _full: dict[str, torch.Tensor] | None = None
     _map: torch.Tensor | None = None
 
@@ -194,8 +250,9 @@ class PairAccumulator:
         if not numeric.numel():
             return
         self.max_abs = max(self.max_abs, float(error.max()))
-        rel = error / numeric.abs().clamp_(min=torch.finfo(numeric.dtype).tiny)
-        self.max_rel = max(self.max_rel, float(rel.masked_fill_(error == 0, 0.0).max()))
+        # Relative error only where it means something: a numeric value of exactly 0 has none.
+        rel = torch.where((error == 0) | (numeric == 0), 0.0, error / numeric.abs())
+        self.max_rel = max(self.max_rel, float(rel.max()))
         self.max_ratio = max(self.max_ratio, float(ratio.max()))
 
         if self._full is not None:
@@ -213,26 +270,48 @@ class PairAccumulator:
             pooled = ratio.reshape(-1).clamp(max=1e300).to("cpu", torch.float64)
             self._map.view(-1).scatter_reduce_(0, index, pooled, "amax")
 
-        # Keep the worst elements: failing ones first, then kinks, then by ratio.
-        key = ratio.clamp(max=1e100)
-        if n_failed or self.kinks:
-            key = key + failed.to(key.dtype) * _FAILED_KEY + kink.to(key.dtype) * _KINK_KEY
-        k = min(self.max_worst, key.numel())
-        top = torch.topk(key.reshape(-1), k).indices
-        r_idx, c_idx = top // numeric.shape[1], top % numeric.shape[1]
+        # Keep the worst elements: failing ones first, then kinks, then the rest, by err/tol.
+        rank = None
+        if n_failed or bool(kink.any()):
+            rank = torch.where(failed, _FAILED, torch.where(kink, _KINK, _PASSED))
+        for level in (_FAILED, _KINK, _PASSED) if rank is not None else (_PASSED,):
+            if rank is None:
+                key, count = ratio.reshape(-1), ratio.numel()
+            else:
+                chosen = rank == level
+                key, count = torch.where(chosen, ratio, -1.0).reshape(-1), int(chosen.sum())
+            if count:
+                top = torch.topk(key, min(self.max_worst, count)).indices
+                self._keep(level, top, rows, columns, analytic, diff, verdict)
+        self._worst.sort(key=lambda item: (-item[0], -item[1]))
+        del self._worst[self.max_worst :]
+
+    def _keep(
+        self,
+        rank: int,
+        top: torch.Tensor,
+        rows: torch.Tensor,
+        columns: torch.Tensor,
+        analytic: torch.Tensor,
+        diff: Differences,
+        verdict: Judgement,
+    ) -> None:
+        """Add the elements at flat positions ``top`` of a block to the worst-element list."""
+        width = diff.value.shape[1]
+        r_idx, c_idx = top // width, top % width
         picked = {
             name: t[r_idx, c_idx].tolist()
             for name, t in (
                 ("a", analytic),
-                ("n", numeric),
+                ("n", diff.value),
                 ("b", diff.bar),
                 ("t", verdict.tolerance),
-                ("k", kink),
-                ("key", key),
+                ("k", verdict.kink),
+                ("r", verdict.ratio),
             )
         }
         rows_list, cols_list = rows[r_idx].tolist(), columns[c_idx].tolist()
-        for j in range(k):
+        for j in range(top.numel()):
             out_index, out_part = flat_index(rows_list[j], self.output.shape, self.output.is_complex)
             in_index, in_part = flat_index(cols_list[j], self.leaf.shape, self.leaf.is_complex)
             element = ElementError(
@@ -246,9 +325,7 @@ class PairAccumulator:
                 tolerance=picked["t"][j],
                 kink=bool(picked["k"][j]),
             )
-            self._worst.append((picked["key"][j], element))
-        self._worst.sort(key=lambda item: -item[0])
-        del self._worst[self.max_worst :]
+            self._worst.append((rank, picked["r"][j], element))
 
     def record_nondeterminism(self, delta: float, tolerance: float) -> None:
         """The largest difference between two backward runs, and whether it is too large."""
@@ -272,11 +349,11 @@ class PairAccumulator:
             error_map = [[float(v) for v in row] for row in self._map.tolist()]
         # Failing elements when there are any, else kinks, else the closest call.
         if self.failed:
-            worst = [el for key, el in self._worst if key >= _FAILED_KEY]
+            worst = [el for rank, _, el in self._worst if rank == _FAILED]
         elif self.kinks:
-            worst = [el for key, el in self._worst if key >= _KINK_KEY]
+            worst = [el for rank, _, el in self._worst if rank == _KINK]
         else:
-            worst = [el for _, el in self._worst[:1]]
+            worst = [el for _, _, el in self._worst[:1]]
         return PairReport(
             **pair_fields(self.output, self.leaf),
             check=self.check,
@@ -294,5 +371,14 @@ class PairAccumulator:
             error_bars=full["b"].reshape(-1).tolist() if full is not None else None,
             nondeterminism=self.nondeterminism,
             error_map=error_map,
-            message=self.message,
+            message=self.message or self.wide_only_message(self.wide_only),
+        )
+
+    def wide_only_message(self, count: int) -> str:
+        """Why a failing element's analytic value is not the one the user's dtype computed."""
+        if not count:
+            return ""
+        return (
+            f"{count} element(s) fail only in the float64 run of this backward (values shown): "
+            f"{self.leaf.dtype_name} rounding hides the error there, it does not remove it"
         )

@@ -11,56 +11,118 @@ import torch
 from gradcheck_svc.engine.analytic import Analytic
 from gradcheck_svc.engine.compare import Tolerance
 from gradcheck_svc.engine.evaluate import Evaluator
+from gradcheck_svc.engine.guard import batch_bytes, batch_rows, peak_bytes
 from gradcheck_svc.engine.numeric import NODES, defaults_for
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, Problem
 from gradcheck_svc.engine.progress import Progress
+from gradcheck_svc.engine.reference import Reference
 from gradcheck_svc.errors import CheckCancelledError, LimitExceededError
 from gradcheck_svc.options import CheckOptions
 
 __all__ = ["Context"]
 
 _CHUNK_BYTES = 192 * 2**20  # memory for one batch of perturbed inputs and their outputs
+# A low-precision backward against float64 differences: units of its machine epsilon allowed,
+# relative to the element and to the block's largest value.
+_ROUNDING_RTOL = 16.0
+_ROUNDING_ATOL = 32.0
+_FORWARD_ROUNDING = 4.0  # times the forward's relative rounding, per output element
+
+
+def _relative_gap(low: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
+    gap = (low - wide).abs() / wide.abs()
+    return torch.where(low == wide, 0.0, gap).nan_to_num(nan=1.0, posinf=1.0).clamp(max=1.0)
 
 
 @dataclass
 class Context:
+    """``problem`` is what the analytic side differentiates, in the user's dtype; the numeric
+    side differentiates ``reference.problem`` (the same, or a float64 copy: see reference.py)."""
+
     problem: Problem
     options: CheckOptions
     deadline: float | None = None
     cancelled: Callable[[], bool] | None = None
+    reference: Reference | None = None  # None: the numeric side differentiates ``problem``
     progress: Progress | None = None  # advanced by every batch of perturbed columns
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     evaluator: Evaluator = field(init=False)
     analytic: Analytic = field(init=False)
-    f0: torch.Tensor = field(init=False)
-    _base_rechecked: bool = field(default=False, init=False)
+    # The user's backward run on the float64 copy, when the numeric side is one (reference.py).
+    wide_analytic: Analytic | None = field(init=False)
+    # Per output element, how far the user's forward strays from the float64 one, relative
+    # (at most 1): where rounding spoils f, it spoils the backward built on the same
+    # intermediates as much, whatever the size of the derivative.
+    forward_rounding: torch.Tensor | None = field(init=False)
+    f0: torch.Tensor = field(init=False)  # f(x) in the user's dtype (as float64 values)
+    numeric_f0: torch.Tensor = field(init=False)  # f(x) of the numeric side
+    # A second evaluation of f(x) by the numeric side, to detect a nondeterministic forward.
+    numeric_repeats: list[torch.Tensor] = field(default_factory=list, init=False)
+    _eval_bytes: int | None = field(default=None, init=False)
+    _eval_seconds: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
-        self.evaluator = Evaluator(self.problem, self.note)
         self.analytic = Analytic(self.problem, self.note)
         first = self.problem.first_call
         if first is None:
-            self.f0 = self.evaluator.base()
+            self.f0 = Evaluator(self.problem, self.note).base()
         else:
             self.f0 = first[0].detach()
             self.analytic.adopt_graph(*first)
+        if self.reference is None:
+            self.reference = Reference(self.problem, "", "")
+        numeric = self.reference.problem
+        self.evaluator = Evaluator(numeric, self.note)
+        self.wide_analytic = None
+        self.forward_rounding = None
+        if numeric is self.problem:
+            self.numeric_f0 = self.f0
+        else:
+            self.wide_analytic = Analytic(numeric, self.note)
+            if numeric.first_call is not None:
+                self.numeric_f0 = numeric.first_call[0].detach()
+                self.wide_analytic.adopt_graph(*numeric.first_call)
+            else:
+                self.numeric_f0 = self.evaluator.base()
+            self.forward_rounding = _relative_gap(self.f0, self.numeric_f0)
+
+    @property
+    def numeric_problem(self) -> Problem:
+        assert self.reference is not None
+        return self.reference.problem
 
     def evaluate(self, index: int, batch: torch.Tensor) -> torch.Tensor:
-        """Evaluate a batch of perturbed copies of leaf ``index``.
+        """Evaluate a batch of perturbed copies of leaf ``index`` of the numeric problem.
 
         The first batch of a check also carries the unperturbed point: a second evaluation of
         f(x), nearly free inside the batch, compared with the first to catch a nondeterministic fn.
         """
         if self.progress is not None:
             self.progress.advance(batch.shape[0] // len(NODES))
-        if self._base_rechecked:
-            return self.evaluator.leaf_batch(index, batch)
-        self._base_rechecked = True
-        base = self.problem.leaves[index].real.detach().to(batch.dtype).unsqueeze(0)
-        evaluated = self.evaluator.leaf_batch(index, torch.cat([batch, base]))
-        self.analytic.forward_values.append(evaluated[-1])
+        if self.numeric_repeats:
+            return self._leaf_batch(index, batch)
+        base = self.numeric_problem.leaves[index].real.detach().to(batch.dtype).unsqueeze(0)
+        evaluated = self._leaf_batch(index, torch.cat([batch, base]))
+        self.numeric_repeats.append(evaluated[-1])
         return evaluated[:-1]
+
+    @property
+    def eval_bytes(self) -> int:
+        """Peak bytes of one evaluation of fn, measured once: every perturbed copy in a batch
+        carries its own intermediates, which input and output sizes alone do not show."""
+        if self._eval_bytes is None:
+            started = time.perf_counter()
+            self._eval_bytes = peak_bytes(self.evaluator.base)[1]
+            self._eval_seconds = time.perf_counter() - started
+        return self._eval_bytes
+
+    def _leaf_batch(self, index: int, batch: torch.Tensor) -> torch.Tensor:
+        """Evaluate in slices whose copies, intermediates included, fit the batch memory."""
+        rows = batch_rows(self.eval_bytes, self._eval_seconds, _CHUNK_BYTES)
+        if batch.shape[0] <= rows:
+            return self.evaluator.leaf_batch(index, batch)
+        return torch.cat([self.evaluator.leaf_batch(index, part) for part in batch.split(rows)])
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -77,14 +139,74 @@ class Context:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
 
     def eps(self, leaf: Leaf) -> float:
+        """The relative step for ``leaf`` (a leaf of the numeric problem: its dtype sets the step)."""
         return self.options.eps if self.options.eps is not None else defaults_for(leaf.dtype).eps
 
     @property
     def machine_eps(self) -> float:
+        """Unit roundoff of the user's outputs: the precision the analytic side works in."""
         return defaults_for(*(o.dtype for o in self.problem.outputs)).machine_eps
 
+    @property
+    def numeric_machine_eps(self) -> float:
+        """Unit roundoff of the numeric side's outputs."""
+        return defaults_for(*(o.dtype for o in self.numeric_problem.outputs)).machine_eps
+
     def tolerance(self, output: OutputBlock, leaf: Leaf) -> Tolerance:
+        """The tolerance of the user's analytic values against the numeric side.
+
+        Against float64 differences, a low-precision backward may differ from the exact
+        derivative by several units of its dtype, of the element and of the block it sums
+        from (an ulp of the terms, not of the result, where they cancel): at least
+        ``_ROUNDING_RTOL`` and ``_ROUNDING_ATOL`` units. Small bugs below that are the float64
+        run's to catch (``wide_tolerance``).
+        """
         d = defaults_for(output.dtype, leaf.dtype)
+        o = self.options
+        rtol, atol_factor = d.rtol, d.atol
+        if self.wide_analytic is not None:
+            rtol = max(rtol, _ROUNDING_RTOL * d.machine_eps)
+            atol_factor = max(atol_factor, _ROUNDING_ATOL * d.machine_eps)
+        return Tolerance(
+            atol=o.atol,
+            atol_factor=atol_factor,
+            rtol=o.rtol if o.rtol is not None else rtol,
+            bars=o.error_bars,
+            kinks_fail=o.kinks == "fail",
+            slack=o.nondet_tol,
+        )
+
+    def rounding_allowance(self, rows: torch.Tensor | slice, numeric: torch.Tensor) -> torch.Tensor | None:
+        """Extra tolerance of the user's analytic values in output ``rows`` (numeric block
+        ``(m, c)``) for the rounding of the forward they share: None without a float64 reference."""
+        if self.forward_rounding is None:
+            return None
+        return _FORWARD_ROUNDING * self.forward_rounding[rows].unsqueeze(1) * numeric.abs()
+
+    def wide_tolerance(self, output: OutputBlock, leaf: Leaf) -> Tolerance:
+        """The tolerance of the float64 run of the user's backward against float64 differences:
+        the unit roundoff of the user's dtype (half its machine epsilon), relative and of the
+        block's scale. Code exact to the precision it is written for passes; a bug that the
+        dtype's rounding hides on the other comparison does not."""
+        unit = defaults_for(output.dtype, leaf.dtype).machine_eps / 2
+        o = self.options
+        return Tolerance(
+            atol=o.atol,
+            atol_factor=unit,
+            rtol=o.rtol if o.rtol is not None else unit,
+            bars=o.error_bars,
+            kinks_fail=o.kinks == "fail",
+            slack=o.nondet_tol,
+        )
+
+    def screen_tolerance(self) -> Tolerance:
+        """Fast mode's tolerance for the float64 run of the backward: that of a float64 check.
+
+        A projection dilutes an error of a few elements among all the others, so the screen is
+        as strict as float64 allows; a pair it fails is re-checked element by element, with the
+        tolerances of the user's dtype, and that verdict stands.
+        """
+        d = defaults_for(torch.float64)
         o = self.options
         return Tolerance(
             atol=o.atol,
@@ -98,8 +220,8 @@ class Context:
     def chunk_size(self, leaf: Leaf) -> int:
         if self.options.chunk_size is not None:
             return min(self.options.chunk_size, leaf.size)
-        per_column = 3 * (leaf.size + self.problem.n_outputs) * 8 * 2  # inputs, outputs, intermediates
-        return max(1, min(leaf.size, _CHUNK_BYTES // per_column))
+        per_column = max(3 * (leaf.size + self.problem.n_outputs) * 8 * 2, self.eval_bytes)
+        return max(1, min(leaf.size, batch_bytes(_CHUNK_BYTES) // per_column))
 
     def check_limits(self, jacobian_entries: int, evaluations: int) -> None:
         o = self.options

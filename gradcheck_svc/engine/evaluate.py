@@ -15,13 +15,31 @@ import torch
 from gradcheck_svc.engine.problem import Problem
 from gradcheck_svc.errors import FunctionRaisedError
 
-__all__ = ["Evaluator", "describe"]
+__all__ = ["Evaluator", "describe", "why_not_batched"]
+
+# Reasons torch.vmap gives often, in a few words: (text in the message, what to say).
+_KNOWN_REASONS = (
+    ("setup_context", "an autograd.Function without setup_context"),
+    (".item()", "fn calls .item()"),
+    ("data-dependent control flow", "data-dependent control flow"),
+    ("Batching rule not implemented", "an op without a batching rule"),
+)
 
 
 def describe(exc: BaseException) -> str:
     """One short line for a user's exception: its type and first sentence."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text.split('. ')[0][:160]}"
+
+
+def why_not_batched(exc: BaseException) -> str:
+    """A few words on why torch.vmap could not run fn: the note is information, not an error."""
+    text = str(exc).strip()
+    for marker, reason in _KNOWN_REASONS:
+        if marker in text:
+            return reason
+    first = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+    return first if len(first) <= 60 else first[:57] + "..."
 
 
 class Evaluator:
@@ -31,6 +49,7 @@ class Evaluator:
         self.problem = problem
         self.use_vmap = True
         self._note = on_note
+        self._vmap_verified = False
 
     def base(self) -> torch.Tensor:
         with torch.no_grad():
@@ -46,11 +65,42 @@ class Evaluator:
         with torch.no_grad():
             if self.use_vmap:
                 try:
-                    return torch.vmap(one)(batch)
+                    result = torch.vmap(one)(batch)
+                    if self._vmap_verified or self._same_unbatched(one, batch, result):
+                        return result
+                    self.use_vmap = False
+                    self._note(
+                        "torch.vmap evaluates fn differently from a plain call here (a torch "
+                        "batching rule); perturbations evaluated one at a time"
+                    )
                 except Exception as exc:  # any vmap incompatibility: fall back, remember why
                     self.use_vmap = False
-                    self._note(f"fn does not support vmap ({describe(exc)}); evaluated in a loop")
-            return self._guarded(lambda: torch.stack([one(row) for row in batch]))
+                    why = why_not_batched(exc)
+                    self._note(f"perturbations evaluated one at a time: torch.vmap cannot batch fn ({why})")
+            # A fresh tensor per call, as the user's own input was: a row view of the batch would
+            # let storage-level ops (as_strided) read a neighbouring row.
+            return self._guarded(lambda: torch.stack([one(row.clone()) for row in batch]))
+
+    def _same_unbatched(
+        self, one: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, result: torch.Tensor
+    ) -> bool:
+        """Once per check: the last row of the first batch, evaluated by a plain call, must match.
+
+        torch has had wrong batching rules (``roll`` of a 0-d tensor mixes the batch). A random
+        fn differs from itself too: that is nondeterminism, reported elsewhere, not vmap's fault.
+        """
+        self._vmap_verified = True
+        eps = max(torch.finfo(leaf.real_dtype).eps for leaf in self.problem.leaves)
+
+        def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+            scale = torch.maximum(a.abs(), b.abs()).nan_to_num(nan=0.0, posinf=0.0)
+            allowed = 64 * eps * (scale + (scale.max() if scale.numel() else 0.0))
+            return bool((((a - b).abs() <= allowed) | (a == b) | (a.isnan() & b.isnan())).all())
+
+        plain = self._guarded(lambda: one(batch[-1].clone()))
+        if same(plain, result[-1]):
+            return True
+        return not same(plain, self._guarded(lambda: one(batch[-1].clone())))
 
     @staticmethod
     def _guarded(call: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -15,28 +15,14 @@ import time
 
 import torch
 
-from gradcheck_svc.engine.compare import judge, pair_fields, pair_status
+from gradcheck_svc.engine.compare import judge, merge_wide, pair_fields, pair_status
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.full import DENSE_ENTRIES, run_full
 from gradcheck_svc.engine.numeric import NODES, Differences, differences, steps
+from gradcheck_svc.engine.probes import random_cotangents, random_directions
 from gradcheck_svc.report import Check, PairReport, Status
 
 __all__ = ["run_fast"]
-
-_LEVELS = torch.tensor([0.5, 0.75, 1.0], dtype=torch.float64)
-
-
-def _directions(base: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """Random directions whose entries have few mantissa bits, scaled by a power of two of max(|x|, 1).
-
-    Few bits keep ``x + t * u`` exactly representable for power-of-two ``t``, so the
-    perturbation applied is the one the analytic side projects on.
-    """
-    n = base.numel()
-    level = _LEVELS[torch.randint(0, 3, (count, n), generator=generator)]
-    sign = torch.randint(0, 2, (count, n), generator=generator).to(torch.float64) * 2 - 1
-    scale = torch.exp2(torch.round(torch.log2(base.detach().to("cpu", torch.float64).abs().clamp(min=1.0))))
-    return (level * sign * scale).to(base.device)
 
 
 def run_fast(ctx: Context) -> list[PairReport]:
@@ -51,9 +37,9 @@ def run_fast(ctx: Context) -> list[PairReport]:
     directions: list[torch.Tensor] = []
     numeric: list[Differences] = []
     t0 = time.perf_counter()
-    for i, leaf in enumerate(problem.leaves):
+    for i, leaf in enumerate(ctx.numeric_problem.leaves):
         ctx.poll()
-        u = _directions(leaf.real, count, generator)
+        u = random_directions(leaf.real, count, generator)
         t = float(steps(torch.zeros(1), ctx.eps(leaf))[0])
         base = leaf.real.detach().to(torch.float64)
         batch = torch.cat([(base + node * t * u).to(leaf.real_dtype) for node in NODES])
@@ -61,19 +47,16 @@ def run_fast(ctx: Context) -> list[PairReport]:
         evaluated = ctx.evaluate(i, batch)
         directions.append(u)
         x_scale = torch.full((count,), 1.0, dtype=torch.float64, device=device)
-        numeric.append(differences(evaluated, ctx.f0, offsets.contiguous(), ctx.machine_eps, x_scale))
+        numeric.append(
+            differences(evaluated, ctx.numeric_f0, offsets.contiguous(), ctx.numeric_machine_eps, x_scale)
+        )
     ctx.timed("numeric_s", t0)
 
     # Analytic side: J^T v for seeded cotangents, one set per output block.
     t0 = time.perf_counter()
-    m = problem.n_outputs
-    cotangents = torch.zeros(n_out * count, m, dtype=torch.float64)
-    for o, block in enumerate(problem.outputs):
-        cotangents[o * count : (o + 1) * count, block.rows] = torch.randn(
-            count, block.size, generator=generator
-        )
-    cotangents = cotangents.to(device)
+    cotangents = random_cotangents(problem.outputs, count, generator, device)
     grads = ctx.analytic.rows(cotangents)
+    wide_grads = ctx.wide_analytic.rows(cotangents) if ctx.wide_analytic is not None else None
     # The backward runs a second time, on the very same batch, to detect nondeterminism.
     again = ctx.analytic.rows(cotangents) if options.check_nondeterminism else None
     ctx.timed("analytic_s", t0)
@@ -94,11 +77,26 @@ def run_fast(ctx: Context) -> list[PairReport]:
                 backward=(v * d.backward.T).sum(dim=1).unsqueeze(0),
                 one_sided_bar=(v.abs() * d.one_sided_bar.T).sum(dim=1).unsqueeze(0),
             )
-            verdict = judge(analytic, projected, ctx.tolerance(block, leaf))
+            # The user's dtype rounds each term v_i J_ij u_j: the scale of its rounding is that of
+            # the terms summed, from both sides, not of the (possibly cancelling) projection.
+            terms = (g * u).abs().sum(dim=1) + (v.abs() * d.value.T.abs()).sum(dim=1)
+            allowance = ctx.rounding_allowance(block.rows, d.value)  # (m_o, P) or None
+            if allowance is not None:
+                allowance = (v.abs() * allowance.T).sum(dim=1).unsqueeze(0)
+            verdict = judge(
+                analytic, projected, ctx.tolerance(block, leaf), scale=terms.unsqueeze(0), extra=allowance
+            )
+            wide_only = 0
+            if wide_grads is not None:
+                wide = (wide_grads[i][o * count : (o + 1) * count] * u).sum(dim=1).unsqueeze(0)
+                wide_verdict = judge(wide, projected, ctx.screen_tolerance(), scale=terms.unsqueeze(0))
+                analytic, verdict, only_wide = merge_wide(analytic, verdict, wide, wide_verdict)
+                wide_only = int(only_wide.sum())
             nondet = 0.0
             if again is not None and g.numel():
-                delta = again[i][o * count : (o + 1) * count] - g
-                nondet = float(delta.abs().nan_to_num(nan=float("inf")).max())
+                second = again[i][o * count : (o + 1) * count]
+                delta = (second - g).abs().nan_to_num(nan=float("inf"))
+                nondet = float(delta.masked_fill_((second == g) | (second.isnan() & g.isnan()), 0.0).max())
             status = pair_status(
                 nonfinite=bool(verdict.nonfinite.any()),
                 nondeterministic=nondet > options.nondet_tol,
@@ -121,7 +119,8 @@ def run_fast(ctx: Context) -> list[PairReport]:
                     elements_failed=int(verdict.failed.sum()),
                     kinks=int(verdict.kink.sum()),
                     nondeterminism=nondet if options.check_nondeterminism else None,
-                    message=f"{count} random projections v^T J u",
+                    message=f"{count} random projections v^T J u"
+                    + (f"; {wide_only} fail only in the float64 run of the backward" if wide_only else ""),
                 )
             )
             if status in (Status.FAIL, Status.NONFINITE):
@@ -145,7 +144,7 @@ def _recheck_in_full(
     if entries > 16 * DENSE_ENTRIES:
         ctx.note("fast mode found a mismatch; the Jacobian is too large to re-check every element")
         return reports
-    full = run_full(ctx, failing, mode_label="full")
+    full = run_full(ctx, failing)
     by_pair = {(a.output.name, a.leaf.name): a.report() for key, a in full.items() if key[0] == Check.REVERSE}
     result = []
     for report in reports:

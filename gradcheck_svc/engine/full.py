@@ -10,13 +10,17 @@ chunk whatever the size of the Jacobian.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 
-from gradcheck_svc.engine.compare import PairAccumulator, judge
+from gradcheck_svc.engine.analytic import Analytic
+from gradcheck_svc.engine.compare import PairAccumulator, judge, merge_wide
 from gradcheck_svc.engine.context import Context
+from gradcheck_svc.engine.guard import batch_bytes
 from gradcheck_svc.engine.numeric import Differences, differences, perturb, steps
+from gradcheck_svc.engine.probes import onehot
 from gradcheck_svc.report import Check
 
 __all__ = ["DENSE_ENTRIES", "run_full"]
@@ -27,23 +31,103 @@ _ROW_BYTES = 128 * 2**20
 Pair = tuple[int, int]  # (output block index, leaf index)
 
 
-def _row_chunks(ctx: Context, outputs: list[int], leaves: list[int]) -> list[torch.Tensor]:
+@dataclass
+class _Selection:
+    """The pairs a run checks, and the outputs and leaves they involve."""
+
+    pairs: set[Pair]
+    outputs: list[int]
+    leaves: list[int]
+
+    @classmethod
+    def of(cls, problem_outputs: int, problem_leaves: int, pairs: Iterable[Pair] | None) -> _Selection:
+        chosen = (
+            set(pairs)
+            if pairs is not None
+            else {(o, i) for o in range(problem_outputs) for i in range(problem_leaves)}
+        )
+        return cls(chosen, sorted({o for o, _ in chosen}), sorted({i for _, i in chosen}))
+
+    def outputs_of(self, leaf: int) -> list[int]:
+        return [o for o in self.outputs if (o, leaf) in self.pairs]
+
+
+class _Accumulators(dict[tuple[Check, int, int], PairAccumulator]):
+    """One accumulator per (check, output, leaf), created on first use."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__()
+        self._ctx = ctx
+
+    def of(self, check: Check, o: int, i: int) -> PairAccumulator:
+        key = (check, o, i)
+        if key not in self:
+            problem = self._ctx.problem
+            self[key] = PairAccumulator(
+                problem.outputs[o], problem.leaves[i], check, "full", self._ctx.options.max_worst
+            )
+        return self[key]
+
+
+def run_full(
+    ctx: Context, pairs: Iterable[Pair] | None = None
+) -> dict[tuple[Check, int, int], PairAccumulator]:
+    """Check the selected pairs (default: all) element by element.
+
+    Three steps: the analytic Jacobian (dense rows when it fits, else columns chunk by chunk),
+    the nondeterminism re-run of the backward, and per column chunk the finite differences and
+    the verdict.
+    """
+    problem = ctx.problem
+    selection = _Selection.of(len(problem.outputs), len(problem.leaves), pairs)
+    n_sel = sum(problem.leaves[i].size for i in selection.leaves)
+    ctx.check_limits(problem.n_outputs * n_sel, 3 * n_sel)
+    accumulators = _Accumulators(ctx)
+    jac: dict[int, torch.Tensor] | None = None
+    wide_jac: dict[int, torch.Tensor] | None = None
+    if problem.n_outputs * n_sel <= DENSE_ENTRIES:
+        start = time.perf_counter()
+        chunks = _row_chunks(ctx, selection)
+        jac = _dense_rows(ctx, ctx.analytic, chunks, selection.leaves)
+        if ctx.options.check_nondeterminism and chunks:
+            _rerun_dense(ctx, jac, chunks[0], selection, accumulators)
+        if ctx.wide_analytic is not None:
+            wide_jac = _dense_rows(ctx, ctx.wide_analytic, chunks, selection.leaves)
+        ctx.timed("analytic_s", start)
+    for i in selection.leaves:
+        for chunk, cols in enumerate(_column_chunks(ctx, i)):
+            columns = _analytic_columns(ctx, i, cols, jac, wide_jac, selection, accumulators, chunk == 0)
+            _judge_columns(ctx, i, cols, columns, selection, accumulators)
+    return dict(accumulators)
+
+
+@dataclass
+class _Columns:
+    """Analytic Jacobian columns of one chunk, as (c, M): reverse mode, and optionally forward
+    mode and the float64 run of the backward."""
+
+    reverse: torch.Tensor
+    forward: torch.Tensor | None
+    wide: torch.Tensor | None
+
+
+# ---------------------------------------------------------------------- analytic side
+def _row_chunks(ctx: Context, selection: _Selection) -> list[torch.Tensor]:
     """The selected outputs' rows, in batches sized to memory."""
     problem = ctx.problem
     m = problem.n_outputs
-    rows = torch.cat([torch.arange(problem.outputs[o].offset, problem.outputs[o].rows.stop) for o in outputs])
-    n_total = sum(problem.leaves[i].size for i in leaves)
-    per_chunk = max(1, min(rows.numel(), _ROW_BYTES // max(1, 8 * (n_total + m))))
+    rows = torch.cat(
+        [torch.arange(problem.outputs[o].offset, problem.outputs[o].rows.stop) for o in selection.outputs]
+    )
+    n_total = sum(problem.leaves[i].size for i in selection.leaves)
+    per_row = max(1, 8 * (n_total + m), 3 * ctx.eval_bytes)  # a backward holds about 3 forward peaks
+    per_chunk = max(1, min(rows.numel(), batch_bytes(_ROW_BYTES) // per_row))
     return [rows[start : start + per_chunk].to(ctx.f0.device) for start in range(0, rows.numel(), per_chunk)]
 
 
-def _unit_cotangents(rows: torch.Tensor, m: int) -> torch.Tensor:
-    cotangents = torch.zeros(rows.numel(), m, dtype=torch.float64, device=rows.device)
-    cotangents[torch.arange(rows.numel(), device=rows.device), rows] = 1.0
-    return cotangents
-
-
-def _dense_rows(ctx: Context, chunks: list[torch.Tensor], leaves: list[int]) -> dict[int, torch.Tensor]:
+def _dense_rows(
+    ctx: Context, analytic: Analytic, chunks: list[torch.Tensor], leaves: list[int]
+) -> dict[int, torch.Tensor]:
     """Reverse-mode Jacobian of the chunks' rows, per selected leaf, transposed: (n_i, M) each.
 
     Transposed so that a chunk of input columns is a contiguous (c, M) slice, the layout the
@@ -56,154 +140,159 @@ def _dense_rows(ctx: Context, chunks: list[torch.Tensor], leaves: list[int]) -> 
     }
     for chunk in chunks:
         ctx.poll()
-        grads = ctx.analytic.rows(_unit_cotangents(chunk, m))
+        grads = analytic.rows(onehot(chunk, m))
         for i in leaves:
             jac[i][:, chunk] = grads[i].T
     return jac
 
 
-def _nondeterminism(ctx: Context, jac: dict[int, torch.Tensor], chunk: torch.Tensor) -> dict[int, float]:
+def _largest_change(first: torch.Tensor, again: torch.Tensor) -> float:
+    """max |again - first|; NaN where only one run has it counts as infinite, NaN in both as equal."""
+    delta = (again - first).abs()
+    delta = torch.where(first.isnan() & again.isnan(), 0.0, delta.nan_to_num(nan=float("inf")))
+    return float(delta.max()) if delta.numel() else 0.0
+
+
+def _rerun_dense(
+    ctx: Context,
+    jac: dict[int, torch.Tensor],
+    chunk: torch.Tensor,
+    selection: _Selection,
+    accumulators: _Accumulators,
+) -> None:
     """Run the first batch of the backward again, exactly as before, and compare per leaf.
 
     The very same batch: a batch of another size may round differently (other GEMM blocking),
-    which is not nondeterminism.
+    which is not nondeterminism. The backward is shared by every output: its second run speaks
+    for all pairs.
     """
-    again = ctx.analytic.rows(_unit_cotangents(chunk, ctx.problem.n_outputs))
-    result = {}
+    again = ctx.analytic.rows(onehot(chunk, ctx.problem.n_outputs))
     for i, first in jac.items():
-        delta = (again[i] - first[:, chunk].T).abs().nan_to_num(nan=float("inf"))
-        result[i] = float(delta.max()) if delta.numel() else 0.0
-    return result
+        delta = _largest_change(first[:, chunk].T, again[i])
+        for o in selection.outputs_of(i):
+            accumulators.of(Check.REVERSE, o, i).record_nondeterminism(delta, ctx.options.nondet_tol)
 
 
-def run_full(
+def _analytic_columns(
     ctx: Context,
-    pairs: Iterable[Pair] | None = None,
-    *,
-    mode_label: str = "full",
-) -> dict[tuple[Check, int, int], PairAccumulator]:
-    """Check the selected pairs (default: all) element by element."""
+    i: int,
+    cols: torch.Tensor,
+    jac: dict[int, torch.Tensor] | None,
+    wide_jac: dict[int, torch.Tensor] | None,
+    selection: _Selection,
+    accumulators: _Accumulators,
+    first_chunk: bool,
+) -> _Columns:
+    """The analytic Jacobian columns ``cols`` of leaf ``i``: from the dense rows when they were
+    taken, else from the backward itself (vjp of the vjp), with the nondeterminism re-run."""
+    start = time.perf_counter()
+    leaf = ctx.problem.leaves[i]
+    wide: torch.Tensor | None = None
+    if jac is not None:
+        reverse = jac[i][cols]
+        wide = wide_jac[i][cols] if wide_jac is not None else None
+    else:
+        directions = onehot(cols, leaf.size)
+        reverse = ctx.analytic.columns(i, directions)
+        if ctx.wide_analytic is not None:
+            wide = ctx.wide_analytic.columns(i, directions)
+        if ctx.options.check_nondeterminism and first_chunk:
+            again = ctx.analytic.columns(i, directions)
+            for o in selection.outputs_of(i):
+                rows = ctx.problem.outputs[o].rows
+                delta = _largest_change(reverse[:, rows], again[:, rows])
+                accumulators.of(Check.REVERSE, o, i).record_nondeterminism(delta, ctx.options.nondet_tol)
+    forward = ctx.analytic.jvp_columns(i, onehot(cols, leaf.size)) if ctx.options.forward_ad else None
+    ctx.timed("analytic_s", start)
+    return _Columns(reverse, forward, wide)
+
+
+# ---------------------------------------------------------------------- numeric side and verdict
+def _column_chunks(ctx: Context, i: int) -> Iterator[torch.Tensor]:
+    leaf = ctx.numeric_problem.leaves[i]
+    size = ctx.chunk_size(leaf)
+    positions = leaf.finite_positions()  # +-inf and NaN elements have no finite step
+    for start in range(0, positions.numel(), size):
+        ctx.poll()
+        yield positions[start : start + size]
+
+
+def _judge_columns(
+    ctx: Context,
+    i: int,
+    cols: torch.Tensor,
+    columns: _Columns,
+    selection: _Selection,
+    accumulators: _Accumulators,
+) -> None:
+    """Finite differences of columns ``cols`` of leaf ``i``, judged against the analytic columns."""
     problem = ctx.problem
-    options = ctx.options
-    selected = (
-        set(pairs)
-        if pairs is not None
-        else {(o, i) for o in range(len(problem.outputs)) for i in range(len(problem.leaves))}
+    numeric_leaf = ctx.numeric_problem.leaves[i]
+    base = numeric_leaf.real
+    t0 = time.perf_counter()
+    h = steps(base[cols], ctx.eps(numeric_leaf))
+    batch, offsets = perturb(base, cols, h)
+    evaluated = ctx.evaluate(i, batch)
+    ctx.timed("numeric_s", t0)
+
+    # Rows that no perturbation moved and whose analytic entries are all zero agree trivially
+    # (0 == 0): only the active rows are differenced and judged. For elementwise or banded
+    # functions that is a tiny fraction of the block.
+    t0 = time.perf_counter()
+    f0 = ctx.numeric_f0
+    active = (evaluated != f0).any(dim=0) | (columns.reverse != 0).any(dim=0) | ~torch.isfinite(f0)
+    for extra in (columns.forward, columns.wide):
+        if extra is not None:
+            active |= (extra != 0).any(dim=0)
+    active_rows = active.nonzero().squeeze(1)
+    all_active = active_rows.numel() == problem.n_outputs
+
+    def active_part(t: torch.Tensor) -> torch.Tensor:
+        return t if all_active else t[:, active_rows]
+
+    diff = differences(
+        active_part(evaluated),
+        f0 if all_active else f0[active_rows],
+        offsets,
+        ctx.numeric_machine_eps,
+        torch.maximum(base[cols].detach().abs().to(torch.float64), h),
     )
-    outputs = sorted({o for o, _ in selected})
-    leaves = sorted({i for _, i in selected})
-    m = problem.n_outputs
-    n_sel = sum(problem.leaves[i].size for i in leaves)
-    ctx.check_limits(m * n_sel, 3 * n_sel)
-    dense = m * n_sel <= DENSE_ENTRIES
-
-    accumulators: dict[tuple[Check, int, int], PairAccumulator] = {}
-
-    def acc(check: Check, o: int, i: int) -> PairAccumulator:
-        key = (check, o, i)
-        if key not in accumulators:
-            accumulators[key] = PairAccumulator(
-                problem.outputs[o], problem.leaves[i], check, mode_label, options.max_worst
-            )
-        return accumulators[key]
-
-    jac: dict[int, torch.Tensor] = {}
-    if dense:
-        start = time.perf_counter()
-        chunks = _row_chunks(ctx, outputs, leaves)
-        jac = _dense_rows(ctx, chunks, leaves)
-        if options.check_nondeterminism:
-            # The backward is shared by every output: its second run speaks for all pairs.
-            for i, delta in _nondeterminism(ctx, jac, chunks[0]).items():
-                for o in outputs:
-                    if (o, i) in selected:
-                        acc(Check.REVERSE, o, i).record_nondeterminism(delta, options.nondet_tol)
-        ctx.timed("analytic_s", start)
-
-    machine_eps = ctx.machine_eps
-    for i in leaves:
-        leaf = problem.leaves[i]
-        base = leaf.real
-        h_all = steps(base, ctx.eps(leaf))
-        size = ctx.chunk_size(leaf)
-        leaf_outputs = [o for o in outputs if (o, i) in selected]
-        for start_col in range(0, leaf.size, size):
-            ctx.poll()
-            cols = torch.arange(start_col, min(start_col + size, leaf.size), device=base.device)
-            t0 = time.perf_counter()
-            batch, offsets = perturb(base, cols, h_all[cols])
-            evaluated = ctx.evaluate(i, batch)
-            ctx.timed("numeric_s", t0)
-
-            t0 = time.perf_counter()
-            # Analytic columns as (c, M), the numeric side's layout.
-            if dense:
-                analytic_t = jac[i][cols]
-            else:
-                onehot = _onehot(cols, leaf.size, base)
-                analytic_t = ctx.analytic.columns(i, onehot)
-                if options.check_nondeterminism and start_col == 0:
-                    again = ctx.analytic.columns(i, onehot)
-                    for o in leaf_outputs:
-                        rows = problem.outputs[o].rows
-                        delta = (again[:, rows] - analytic_t[:, rows]).abs().nan_to_num(nan=float("inf"))
-                        worst = float(delta.max()) if delta.numel() else 0.0
-                        acc(Check.REVERSE, o, i).record_nondeterminism(worst, options.nondet_tol)
-            forward_t = (
-                ctx.analytic.jvp_columns(i, _onehot(cols, leaf.size, base)) if options.forward_ad else None
-            )
-            ctx.timed("analytic_s", t0)
-
-            # Rows that no perturbation moved and whose analytic entries are all zero agree
-            # trivially (0 == 0): only the active rows are differenced and judged. For
-            # elementwise or banded functions that is a tiny fraction of the block.
-            t0 = time.perf_counter()
-            active = (evaluated != ctx.f0).any(dim=0) | (analytic_t != 0).any(dim=0) | ~torch.isfinite(ctx.f0)
-            if forward_t is not None:
-                active |= (forward_t != 0).any(dim=0)
-            active_rows = active.nonzero().squeeze(1)
-            all_active = active_rows.numel() == m
-            diff = differences(
-                evaluated if all_active else evaluated[:, active_rows],
-                ctx.f0 if all_active else ctx.f0[active_rows],
-                offsets,
-                machine_eps,
-                torch.maximum(base[cols].detach().abs().to(torch.float64), h_all[cols]),
-            )
-            analytic = (analytic_t if all_active else analytic_t[:, active_rows]).T
-            forward = None
-            if forward_t is not None:
-                forward = (forward_t if all_active else forward_t[:, active_rows]).T
-            for o in leaf_outputs:
-                block = problem.outputs[o]
-                # Active rows are sorted, so each output's rows form one slice of them.
-                lo = int(torch.searchsorted(active_rows, block.offset))
-                hi = int(torch.searchsorted(active_rows, block.rows.stop))
-                rows_in_block = active_rows[lo:hi] - block.offset
-                tol = ctx.tolerance(block, leaf)
-                d_o = diff.rows(slice(lo, hi))
-                a_o = analytic[lo:hi]
-                skipped = (block.size - (hi - lo)) * cols.numel()
-                reverse = acc(Check.REVERSE, o, i)
-                reverse.add(cols, a_o, d_o, judge(a_o, d_o, tol), rows=rows_in_block)
-                reverse.checked += skipped
-                if forward is not None:
-                    f_o = forward[lo:hi]
-                    fwd = acc(Check.FORWARD, o, i)
-                    fwd.add(cols, f_o, d_o, judge(f_o, d_o, tol), rows=rows_in_block)
-                    exact = _exact(a_o)
-                    vs = acc(Check.FORWARD_VS_REVERSE, o, i)
-                    vs.add(cols, f_o, exact, judge(f_o, exact, tol), rows=rows_in_block)
-                    fwd.checked += skipped
-                    vs.checked += skipped
-            ctx.timed("compare_s", t0)
-    return accumulators
-
-
-def _onehot(cols: torch.Tensor, size: int, like: torch.Tensor) -> torch.Tensor:
-    onehot = torch.zeros(cols.numel(), size, dtype=torch.float64, device=like.device)
-    onehot[torch.arange(cols.numel(), device=like.device), cols] = 1.0
-    return onehot
+    analytic = active_part(columns.reverse).T
+    forward = active_part(columns.forward).T if columns.forward is not None else None
+    wide = active_part(columns.wide).T if columns.wide is not None else None
+    leaf = problem.leaves[i]
+    for o in selection.outputs_of(i):
+        block = problem.outputs[o]
+        # Active rows are sorted, so each output's rows form one slice of them.
+        lo = int(torch.searchsorted(active_rows, block.offset))
+        hi = int(torch.searchsorted(active_rows, block.rows.stop))
+        rows_in_block = active_rows[lo:hi] - block.offset
+        tol = ctx.tolerance(block, leaf)
+        d_o = diff.rows(slice(lo, hi))
+        a_o = analytic[lo:hi]
+        skipped = (block.size - (hi - lo)) * cols.numel()
+        reverse = accumulators.of(Check.REVERSE, o, i)
+        allowance = ctx.rounding_allowance(active_rows[lo:hi], d_o.value)
+        verdict = judge(a_o, d_o, tol, extra=allowance)
+        if wide is not None:
+            w_o = wide[lo:hi]
+            wide_verdict = judge(w_o, d_o, ctx.wide_tolerance(block, leaf))
+            shown, verdict, only_wide = merge_wide(a_o, verdict, w_o, wide_verdict)
+            reverse.wide_only += int(only_wide.sum())
+        else:
+            shown = a_o
+        reverse.add(cols, shown, d_o, verdict, rows=rows_in_block)
+        reverse.checked += skipped
+        if forward is not None:
+            f_o = forward[lo:hi]
+            fwd = accumulators.of(Check.FORWARD, o, i)
+            fwd.add(cols, f_o, d_o, judge(f_o, d_o, tol), rows=rows_in_block)
+            exact = _exact(a_o)
+            vs = accumulators.of(Check.FORWARD_VS_REVERSE, o, i)
+            vs.add(cols, f_o, exact, judge(f_o, exact, tol), rows=rows_in_block)
+            fwd.checked += skipped
+            vs.checked += skipped
+    ctx.timed("compare_s", t0)
 
 
 def _exact(values: torch.Tensor) -> Differences:

@@ -17,13 +17,27 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from gradcheck_svc.errors import FunctionRaisedError, NothingToCheckError, OutputTypeError
+from gradcheck_svc.errors import FunctionRaisedError, InvalidOptionError, NothingToCheckError, OutputTypeError
 
 __all__ = ["Leaf", "OutputBlock", "Problem", "build_problem", "flat_index"]
+
+_LISTED = 3  # elements named one by one in notes about an input
 
 
 def _differentiable(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+def _flat_real(t: torch.Tensor) -> torch.Tensor:
+    """An output as a flat float64 vector; a complex output as (re, im) pairs.
+
+    ``stack`` rather than ``view_as_real``: the latter refuses conjugate views (``fft.ifft``),
+    and its backward views our cotangent as complex, which fails when the cotangent row sits
+    at an odd storage offset (a complex output after an odd-sized real one).
+    """
+    if t.is_complex():
+        t = torch.stack((t.real, t.imag), dim=-1)
+    return t.reshape(-1).to(torch.float64)
 
 
 @dataclass
@@ -58,6 +72,22 @@ class Leaf:
     @property
     def size(self) -> int:
         return self.value.numel() * (2 if self.is_complex else 1)
+
+    def finite_positions(self) -> torch.Tensor:
+        """Positions of ``real`` that can be perturbed: +-inf and NaN have no finite step."""
+        finite = torch.isfinite(self.real)
+        if bool(finite.all()):
+            return torch.arange(self.size, device=self.value.device)
+        return finite.nonzero().squeeze(1)
+
+    def nonfinite_elements(self) -> tuple[list[tuple[list[int], str, float]], int]:
+        """Up to a few non-finite elements as (index, part, value), and how many there are."""
+        bad = (~torch.isfinite(self.real)).nonzero().squeeze(1)
+        shown = []
+        for position in bad[:_LISTED].tolist():
+            index, part = flat_index(position, self.shape, self.is_complex)
+            shown.append((index, part, float(self.real[position])))
+        return shown, bad.numel()
 
     def from_real(self, flat: torch.Tensor) -> torch.Tensor:
         """Inverse of ``real``; differentiable and vmap-friendly."""
@@ -111,6 +141,10 @@ class Problem:
     _kwargs: dict[str, Any] = field(default_factory=dict)
     # (flat output, real leaves) of the first call, made with autograd on; None for derived problems.
     first_call: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+    # Per floating/complex output tensor, whether it is checked: outputs autograd marks
+    # non-differentiable are not (None: all are). Names of the skipped ones, for the report.
+    kept_outputs: list[bool] | None = None
+    skipped_outputs: list[str] = field(default_factory=list)
 
     @property
     def n_inputs(self) -> int:
@@ -133,12 +167,14 @@ class Problem:
     def flat(self, *reals: torch.Tensor) -> torch.Tensor:
         """F(r_0, ..., r_{L-1}) -> concatenated real view of the outputs, float64."""
         values = [leaf.from_real(r) for leaf, r in zip(self.leaves, reals, strict=True)]
-        out = self.call(values)
+        return self.flatten_output(self.call(values))
+
+    def flatten_output(self, out: Any) -> torch.Tensor:
+        """The checked output tensors of one call as one flat float64 vector."""
         tensors = [t for t in pytree.tree_leaves(out) if _differentiable(t)]
-        parts = []
-        for t in tensors:
-            real = torch.view_as_real(t) if t.is_complex() else t
-            parts.append(real.reshape(-1).to(torch.float64))
+        if self.kept_outputs is not None:
+            tensors = [t for t, kept in zip(tensors, self.kept_outputs, strict=True) if kept]
+        parts = [_flat_real(t) for t in tensors]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def flat_replace(self, index: int, value: torch.Tensor) -> torch.Tensor:
@@ -151,15 +187,38 @@ class Problem:
         return [leaf.real for leaf in self.leaves]
 
 
-def _output_blocks(out: Any) -> list[OutputBlock]:
+def _output_name(out: Any, path: Any) -> str:
+    return "output" if isinstance(out, torch.Tensor) else "output" + pytree.keystr(path)
+
+
+def _select_outputs(problem: Problem, out: Any) -> None:
+    """Skip outputs autograd marks non-differentiable, as torch.autograd.gradcheck does.
+
+    ``native_layer_norm``'s mean and rstd, ``ctx.mark_non_differentiable`` outputs: they carry no
+    gradient by design. Only when some output does require grad: if none does, every output is
+    kept and its (zero) autograd Jacobian is compared, which catches a forgotten graph.
+    """
+    paths = [(p, t) for p, t in pytree.tree_flatten_with_path(out)[0] if _differentiable(t)]
+    kept = [t.requires_grad for _, t in paths]
+    if any(kept) and not all(kept):
+        problem.kept_outputs = kept
+        problem.skipped_outputs = [
+            _output_name(out, p) for (p, _), k in zip(paths, kept, strict=True) if not k
+        ]
+
+
+def _output_blocks(out: Any, kept: list[bool] | None) -> list[OutputBlock]:
     paths, _ = pytree.tree_flatten_with_path(out)
     blocks: list[OutputBlock] = []
     offset = 0
-    single = isinstance(out, torch.Tensor)
+    position = -1
     for path, t in paths:
         if not _differentiable(t):
             continue
-        name = "output" if single else "output" + pytree.keystr(path)
+        position += 1
+        if kept is not None and not kept[position]:
+            continue
+        name = _output_name(out, path)
         size = t.numel() * (2 if t.is_complex() else 1)
         blocks.append(OutputBlock(name, tuple(t.shape), t.dtype, offset, size))
         offset += size
@@ -172,6 +231,48 @@ def _output_blocks(out: Any) -> list[OutputBlock]:
     return blocks
 
 
+ALL_PARAMETERS = "parameters"  # a ``wrt`` entry naming every parameter of an nn.Module
+
+
+class _Selection:
+    """``wrt``: names or paths of the tensors to check. A name selects that tensor and every
+    tensor below it (``inputs[1]`` selects ``inputs[1]['scale']``, ``layer`` selects
+    ``layer.weight``); an int is a positional input; ``"parameters"`` is every module parameter."""
+
+    def __init__(self, wrt: Sequence[str | int], heads: Sequence[str]) -> None:
+        self.entries: list[str] = []
+        for entry in wrt:
+            if isinstance(entry, int):
+                if not -len(heads) <= entry < len(heads):
+                    raise InvalidOptionError(f"wrt={entry}: there are only {len(heads)} positional inputs")
+                entry = heads[entry]
+            self.entries.append(entry.replace('"', "'").replace(" ", ""))
+        self.used: set[str] = set()
+
+    def __call__(self, name: str, is_param: bool) -> bool:
+        compact = name.replace(" ", "")
+        hit = False
+        for entry in self.entries:
+            if (
+                compact == entry
+                or compact.startswith((entry + "[", entry + "."))
+                or (is_param and entry == ALL_PARAMETERS)
+            ):
+                self.used.add(entry)
+                hit = True
+        return hit
+
+    def check_all_used(self, differentiable: list[str], other: list[str]) -> None:
+        for entry in self.entries:
+            if entry in self.used:
+                continue
+            if any(n == entry or n.startswith((entry + "[", entry + ".")) for n in other):
+                raise InvalidOptionError(f"wrt={entry!r} is not a floating-point or complex tensor")
+            raise InvalidOptionError(
+                f"wrt={entry!r} names no input or parameter; differentiable ones: {', '.join(differentiable)}"
+            )
+
+
 def build_problem(
     fn: Callable[..., Any],
     inputs: Sequence[Any],
@@ -180,10 +281,15 @@ def build_problem(
     input_names: Sequence[str] | None,
     device: torch.device | None,
     upcast: bool,
+    wrt: Sequence[str | int] | None = None,
 ) -> tuple[Problem, Any]:
     """Select the leaves to check, move/cast them, and evaluate fn once. Returns (problem, output)."""
     if input_names is not None and len(input_names) != len(inputs):
         raise NothingToCheckError(f"{len(input_names)} input_names given for {len(inputs)} inputs")
+    heads = list(input_names) if input_names is not None else [f"inputs[{i}]" for i in range(len(inputs))]
+    selection = _Selection(wrt, heads) if wrt is not None else None
+    differentiable: list[str] = []
+    other: list[str] = []
 
     def convert(t: Any) -> Any:
         if not isinstance(t, torch.Tensor):
@@ -191,6 +297,8 @@ def build_problem(
         t = t.detach()
         if device is not None:
             t = t.to(device)
+        # A lazily conjugated or negated view is resolved: view_as_real refuses it.
+        t = t.resolve_conj().resolve_neg()
         if upcast and t.is_floating_point():
             t = t.to(torch.float64)
         elif upcast and t.is_complex():
@@ -199,9 +307,11 @@ def build_problem(
 
     params: dict[str, torch.Tensor] = {}
     trainable: set[str] = set()
+    parameters: set[str] = set()  # parameters, not buffers
     if isinstance(fn, torch.nn.Module):
         for name, p in fn.named_parameters():
             params[name] = p
+            parameters.add(name)
             if p.requires_grad and _differentiable(p):
                 trainable.add(name)
         for name, b in fn.named_buffers():
@@ -226,12 +336,16 @@ def build_problem(
             selected = name in trainable
         else:
             position = path[1].idx  # type: ignore[union-attr]
-            head = input_names[position] if input_names is not None else f"inputs[{position}]"
-            name = head + pytree.keystr(path[2:])
+            name = heads[position] + pytree.keystr(path[2:])
             selected = _differentiable(t) and (t.requires_grad or not any_requires_grad)
+        (differentiable if _differentiable(t) else other).append(str(name))
+        if selection is not None:
+            selected = _differentiable(t) and selection(str(name), is_param and name in parameters)
         if selected:
             slots.append(slot)
             leaves.append(Leaf(str(name), tuple(value.shape), value.dtype, value))
+    if selection is not None:
+        selection.check_all_used(differentiable, other)
     if not leaves:
         raise NothingToCheckError(
             "nothing to differentiate: pass at least one floating-point or complex tensor "
@@ -254,11 +368,7 @@ def build_problem(
             ) from exc
         if not isinstance(out, torch.Tensor) and not pytree.tree_leaves(out):
             raise OutputTypeError(f"fn returned {type(out).__name__}, not a tensor")
-        problem.outputs = _output_blocks(out)
-        parts = [
-            (torch.view_as_real(t) if t.is_complex() else t).reshape(-1).to(torch.float64)
-            for t in pytree.tree_leaves(out)
-            if _differentiable(t)
-        ]
-        problem.first_call = (torch.cat(parts) if len(parts) > 1 else parts[0], reals)
+        _select_outputs(problem, out)
+        problem.outputs = _output_blocks(out, problem.kept_outputs)
+        problem.first_call = (problem.flatten_output(out), reals)
     return problem, out

@@ -1,70 +1,78 @@
 """Second order: check the Jacobian of the vector-Jacobian product (reverse over reverse).
 
-The derived function is ``g(x) = J(x)^T v`` for a fixed, seeded cotangent ``v``;
-its analytic Jacobian comes from differentiating the user's backward, its
-numeric one from finite differences of ``g``. A backward written with detached
-or non-differentiable ops passes at order 1 and fails here.
+The check at order 2 is the ordinary check composed on a derived function: ``g(x) = J(x)^T v``
+for a fixed, seeded cotangent ``v``, taking the same leaves as ``fn`` and returning one gradient
+per leaf. Its analytic Jacobian comes from differentiating the user's backward, its numeric one
+from finite differences of ``g``. A backward written with detached or non-differentiable ops
+passes at order 1 and fails here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import torch
 
-from gradcheck_svc.engine.problem import OutputBlock, Problem
+from gradcheck_svc.engine.problem import Problem, build_problem
 
-__all__ = ["SecondOrderProblem", "second_order_problem"]
+__all__ = ["second_order_problem", "vjp_function"]
 
 
-class SecondOrderProblem(Problem):
-    """``flat(reals) = J(reals)^T v``: the gradient of ``v . F`` as a flat float64 vector."""
+def _flat_real(value: torch.Tensor) -> torch.Tensor:
+    real = torch.view_as_real(value) if value.is_complex() else value
+    return real.reshape(-1)
 
-    inner: Problem
-    cotangent: torch.Tensor
-    use_func: bool = True
 
-    def flat(self, *reals: torch.Tensor) -> torch.Tensor:
-        if self.use_func:
+def vjp_function(problem: Problem, cotangent: torch.Tensor) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``g(*leaf values) -> (J^T v for each leaf)``, each in its leaf's real shape and dtype."""
+    use_func = True
+
+    def g(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        nonlocal use_func
+        reals = [_flat_real(v) for v in values]
+        grads: list[torch.Tensor | None] | None = None
+        if use_func:
             try:
-                _, vjp_fn = torch.func.vjp(self.inner.flat, *reals)
-                return torch.cat([g.reshape(-1).to(torch.float64) for g in vjp_fn(self.cotangent)])
+                _, vjp_fn = torch.func.vjp(problem.flat, *reals)
+                grads = list(vjp_fn(cotangent))
             except Exception:
                 # torch.func cannot trace this function (e.g. an old-style autograd.Function).
-                self.use_func = False
-        with torch.enable_grad():
-            tracked = [r if r.requires_grad else r.detach().requires_grad_(True) for r in reals]
-            y = self.inner.flat(*tracked)
-            if not y.requires_grad:
-                return torch.cat([torch.zeros_like(r, dtype=torch.float64) for r in tracked])
-            grads = torch.autograd.grad(y, tracked, self.cotangent, create_graph=True, allow_unused=True)
-        parts = [
-            torch.zeros_like(r, dtype=torch.float64) if g is None else g.reshape(-1).to(torch.float64)
-            for g, r in zip(grads, tracked, strict=True)
-        ]
-        return torch.cat(parts)
+                use_func = False
+        if grads is None:
+            with torch.enable_grad():
+                tracked = [r if r.requires_grad else r.detach().requires_grad_(True) for r in reals]
+                y = problem.flat(*tracked)
+                grads = (
+                    list(torch.autograd.grad(y, tracked, cotangent, create_graph=True, allow_unused=True))
+                    if y.requires_grad
+                    else [None] * len(tracked)
+                )
+        return tuple(
+            (torch.zeros_like(r) if grad is None else grad).reshape(
+                (*leaf.shape, 2) if leaf.is_complex else leaf.shape
+            )
+            for grad, r, leaf in zip(grads, reals, problem.leaves, strict=True)
+        )
+
+    return g
 
 
-def second_order_problem(problem: Problem, *, seed: int) -> SecondOrderProblem:
+def second_order_problem(problem: Problem, *, seed: int) -> Problem:
+    """The problem of ``vjp_function(problem, v)`` at the same point, outputs named ``grad[leaf]``."""
     generator = torch.Generator().manual_seed(seed + 1)
-    cotangent = torch.randn(problem.n_outputs, generator=generator, dtype=torch.float64).to(
-        problem.leaves[0].value.device
+    device = problem.leaves[0].value.device
+    cotangent = torch.randn(problem.n_outputs, generator=generator, dtype=torch.float64).to(device)
+    derived, _ = build_problem(
+        vjp_function(problem, cotangent),
+        [leaf.value for leaf in problem.leaves],
+        {},
+        input_names=[leaf.name for leaf in problem.leaves],
+        device=None,
+        upcast=False,
     )
-    derived = SecondOrderProblem(
-        fn=problem.fn,
-        leaves=problem.leaves,
-        _spec=problem._spec,
-        _template=problem._template,
-        _slots=problem._slots,
-        _kwargs=problem._kwargs,
-    )
-    derived.inner = problem
-    derived.cotangent = cotangent
-    derived.use_func = True
-    offset = 0
-    blocks = []
-    for leaf in problem.leaves:
-        shape = (*leaf.shape, 2) if leaf.is_complex else leaf.shape
-        blocks.append(OutputBlock(f"grad[{leaf.name}]", tuple(shape), leaf.real_dtype, offset, leaf.size))
-        offset += leaf.size
-    derived.outputs = blocks
-    derived.first_call = None
+    derived.outputs = [
+        dataclasses.replace(block, name=f"grad[{leaf.name}]")
+        for block, leaf in zip(derived.outputs, problem.leaves, strict=True)
+    ]
     return derived

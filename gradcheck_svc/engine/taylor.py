@@ -14,7 +14,7 @@ import torch
 
 from gradcheck_svc.engine.compare import pair_fields
 from gradcheck_svc.engine.context import Context
-from gradcheck_svc.engine.fast import _directions
+from gradcheck_svc.engine.probes import random_cotangents, random_directions
 from gradcheck_svc.report import Check, PairReport, Status
 
 __all__ = ["run_taylor"]
@@ -49,21 +49,14 @@ def run_taylor(ctx: Context) -> list[PairReport]:
     problem = ctx.problem
     generator = torch.Generator().manual_seed(ctx.options.seed)
     device = ctx.f0.device
-    m = problem.n_outputs
-    n_out = len(problem.outputs)
-    cotangents = torch.zeros(n_out * _COMBOS, m, dtype=torch.float64)
-    for o, block in enumerate(problem.outputs):
-        cotangents[o * _COMBOS : (o + 1) * _COMBOS, block.rows] = torch.randn(
-            _COMBOS, block.size, generator=generator, dtype=torch.float64
-        )
-    cotangents = cotangents.to(device)
+    cotangents = random_cotangents(problem.outputs, _COMBOS, generator, device)
     grads = ctx.analytic.rows(cotangents)
     machine_eps = ctx.machine_eps
     f0_abs = ctx.f0.abs().nan_to_num()
     reports = []
     for i, leaf in enumerate(problem.leaves):
         ctx.poll()
-        directions = _directions(leaf.real, _COMBOS, generator)
+        directions = random_directions(leaf.real, _COMBOS, generator)
         h0 = 2.0 ** round(math.log2(max(ctx.eps(leaf) ** 0.25, 2**-6)))
         hs = [h0 / 2**k for k in range(_HALVINGS + 1)]
         base = leaf.real.detach().to(torch.float64)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import sys
 import threading
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,7 +30,9 @@ from grpc_reflection.v1alpha import reflection
 import gradcheck_svc as gc
 from gradcheck_svc.report import Report
 from gradcheck_svc.server.auth import TokenAuthInterceptor
+from gradcheck_svc.server.decoding import DecodeErrorInterceptor
 from gradcheck_svc.server.isolation import WorkerPool
+from gradcheck_svc.server.plan import runs_in_worker
 from gradcheck_svc.server.service import GradcheckService
 from gradcheck_svc.server.worker import warm_up_engine
 from gradcheck_svc.settings import Settings
@@ -69,7 +73,7 @@ class GradcheckServer:
         if self._stopped.is_set():
             return
         self.health.enter_graceful_shutdown()
-        self.service.draining.set()
+        self.service.start_draining()
         deadline = time.monotonic() + (grace or 0.0)
         while self.service.slots.in_flight and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -109,9 +113,10 @@ def create_server(
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
-    interceptors = []
+    interceptors: list[Any] = []
     if settings.auth_tokens:
         interceptors.append(TokenAuthInterceptor([t.get_secret_value() for t in settings.auth_tokens]))
+    interceptors.append(DecodeErrorInterceptor())
     grpc_server = grpc.server(
         ThreadPoolExecutor(settings.threads, thread_name_prefix="gradcheck-rpc"),
         interceptors=interceptors,
@@ -141,9 +146,8 @@ def create_server(
 
 
 def _needs_workers(settings: Settings, registry: FunctionRegistry) -> bool:
-    if settings.isolation == "thread":
-        return False
-    return settings.isolation == "process" or any(not registry.get(n).builtin for n in registry.names())
+    operator_code = any(not registry.get(n).builtin for n in registry.names())
+    return runs_in_worker(settings.isolation, operator_code)
 
 
 def _bind(grpc_server: grpc.Server, settings: Settings) -> int:
@@ -173,8 +177,9 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
     )
 
 
-def serve(settings: Settings | None = None) -> int:
-    """Run until SIGTERM/SIGINT, then drain; return the exit status (0)."""
+def serve(settings: Settings | None = None, *, exit_process: bool = True) -> int:
+    """Run until SIGTERM/SIGINT, then drain and end the process with status 0 (within the grace
+    period and half a second); with ``exit_process=False``, return 0 instead (for embedding)."""
     settings = settings or Settings()
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -205,7 +210,7 @@ def serve(settings: Settings | None = None) -> int:
         bool(settings.auth_tokens),
     )
     print(f"listening on {_host(settings.host)}:{port}", flush=True)
-    while not stop.wait(0.5):
+    while not stop.wait(0.1):
         pass
     log.info(
         "%s received: draining %d in-flight checks (grace %.3g s)",
@@ -215,4 +220,23 @@ def serve(settings: Settings | None = None) -> int:
     )
     server.stop(settings.grace_seconds)
     log.info("stopped")
+    if exit_process:
+        _exit_now(server)
     return 0
+
+
+def _exit_now(server: GradcheckServer, wait: float = 0.5) -> None:
+    """End the process within ``wait`` seconds of the drain. A thread still inside user code or one
+    long torch op, and the interpreter's own teardown (it joins every pool thread, unloads torch),
+    would otherwise stretch the exit seconds past the grace period. Workers are already gone."""
+    deadline = time.monotonic() + wait
+    while server.service.slots.in_flight and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if server.service.slots.in_flight:
+        log.warning(
+            "%d checks still busy after the drain; exiting without them", server.service.slots.in_flight
+        )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -17,10 +17,10 @@ __all__ = ["TokenAuthInterceptor"]
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
-class TokenAuthInterceptor(grpc.ServerInterceptor):
+class TokenAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]  # grpc-stubs' generics are stub-only
     def __init__(self, tokens: Sequence[str]) -> None:
-        if not tokens:
-            raise ValueError("TokenAuthInterceptor needs at least one token")
+        if not tokens or any(not t for t in tokens):
+            raise ValueError("TokenAuthInterceptor needs at least one token, and no empty one")
         self._tokens = [t.encode() for t in tokens]
 
     def _authorized(self, metadata: Sequence[tuple[str, Any]] | None) -> bool:
@@ -31,6 +31,8 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         if scheme.lower() != "bearer":
             return False
         given = token.strip().encode()
+        if not given:  # "Bearer" with nothing after it
+            return False
         matches = [hmac.compare_digest(given, t) for t in self._tokens]  # all compared, always
         return any(matches)
 
@@ -45,7 +47,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         return _deny(handler)
 
 
-def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _deny(handler: Any) -> Any:
     def abort(request: Any, context: grpc.ServicerContext) -> Any:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
 

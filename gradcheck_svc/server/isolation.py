@@ -7,6 +7,11 @@ milliseconds plus the operator modules' import). The server thread waits on the 
 when the check's deadline plus ``kill_after_seconds`` passes, or the client cancels, the worker is
 SIGKILLed and discarded, the slot is released, and a replacement is started in the background so
 the next check finds one ready. Idle workers are reused.
+
+Nothing outlives the server, whatever kills it: the fork server and every worker ask Linux for
+SIGKILL when their parent dies (PR_SET_PDEATHSIG). That signal follows the parent *thread*, so the
+fork server is always started from one thread that lives as long as the process (``_FORK_KEEPER``),
+never from a request thread that may end.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import multiprocessing.forkserver
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +43,38 @@ __all__ = ["WorkerPool"]
 
 log = logging.getLogger("gradcheck_svc.server")
 _POLL = 0.05  # seconds between looks at cancellation and the deadline while a worker runs
+
+
+class _ForkServerKeeper:
+    """Starts (and restarts) the fork server from one long-lived daemon thread; see the module doc."""
+
+    def __init__(self) -> None:
+        self._requests: queue.Queue[tuple[threading.Event, list[BaseException]]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def ensure_running(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="gradcheck-forkserver", daemon=True)
+                self._thread.start()
+        done, errors = threading.Event(), list[BaseException]()
+        self._requests.put((done, errors))
+        done.wait()
+        if errors:
+            raise errors[0]
+
+    def _serve(self) -> None:
+        while True:
+            done, errors = self._requests.get()
+            try:
+                multiprocessing.forkserver.ensure_running()
+            except BaseException as exc:  # reported to the caller, the keeper carries on
+                errors.append(exc)
+            done.set()
+
+
+_FORK_KEEPER = _ForkServerKeeper()
 
 
 @dataclass
@@ -218,6 +257,7 @@ class WorkerPool:
             self._start_replacement()  # so the next check finds one ready
 
     def _spawn(self) -> _Worker:
+        _FORK_KEEPER.ensure_running()
         parent, child = self._context.Pipe()
         process = self._context.Process(
             target=worker_main,

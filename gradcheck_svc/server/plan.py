@@ -27,6 +27,7 @@ from gradcheck_svc.codec import (
     decode_value,
     validate_shape,
 )
+from gradcheck_svc.engine.guard import largest_output
 from gradcheck_svc.errors import (
     BindingError,
     DeviceUnavailableError,
@@ -48,7 +49,14 @@ from gradcheck_svc.specs import (
 from gradcheck_svc.specs.params import check_scalar_value
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
-__all__ = ["CheckPlan", "PlannedPoint", "plan_check"]
+__all__ = ["LIGHT_ELEMENTS", "LIGHT_INPUTS", "CheckPlan", "PlannedPoint", "plan_check", "runs_in_worker"]
+
+# A check sized up front whose inputs and every intermediate are this small cannot reach the memory
+# budget (the engine's batches are sized from a measured evaluation) nor run long between the
+# engine's own deadline polls, so it runs without the per-op guard and its cost (a Python call per
+# torch op, several times a tiny check's own time). Everything else runs under the guard.
+LIGHT_INPUTS = 4096
+LIGHT_ELEMENTS = 65536
 
 _INPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\[\]']{0,63}\Z")
 
@@ -73,20 +81,37 @@ class CheckPlan:
     # Builds the module ``fn`` stands for (its class): run where the check runs, so the operator's
     # constructor runs in the worker process like the rest of its code.
     build_fn: Callable[[], Any] | None = None
+    light: bool = False  # sized up front and small everywhere: see LIGHT_ELEMENTS
 
     @property
     def device(self) -> str:
         return str(self.options.get("device") or "auto")
 
 
+def runs_in_worker(isolation: str, operator_code: bool) -> bool:
+    """The one rule for what runs in a killable worker process: everything under
+    ``isolation=process``, operator functions under ``auto``, nothing under ``thread``.
+    Expressions and built-ins stay in threads: the CheckGuard bounds them at every torch op."""
+    if isolation == "thread":
+        return False
+    return isolation == "process" or operator_code
+
+
 def plan_check(request: pb.CheckRequest, settings: Settings, registry: FunctionRegistry) -> CheckPlan:
     label, fn, expression = _function(request.function, settings, registry)
     points = _fill(request.function, _points(request, settings, expression))
+    operator_code = expression is None and not registry.get(request.function.registered.name).builtin
+    largest: int | None = None  # elements of the largest tensor one evaluation creates, if known
     if expression is not None:
-        _check_intermediates(expression, points, settings)
+        largest = _check_intermediates(expression, points, settings)
+    elif not operator_code:
+        largest = _check_builtin_sizes(fn, points, settings)
+    inputs = max(
+        (sum(t.numel() for t in p.tensors if isinstance(t, torch.Tensor)) for p in points), default=0
+    )
+    light = largest is not None and largest <= LIGHT_ELEMENTS and inputs <= LIGHT_INPUTS
     options = _options(request.options, settings)
     client_options = frozenset(decode_options(request.options))
-    operator_code = expression is None and not registry.get(request.function.registered.name).builtin
     return CheckPlan(
         label=label,
         fn=fn,
@@ -96,6 +121,7 @@ def plan_check(request: pb.CheckRequest, settings: Settings, registry: FunctionR
         operator_code=operator_code,
         fn_kwargs=_module_params(request.function, registry),
         build_fn=_module_builder(request.function, registry, settings),
+        light=light,
     )
 
 
@@ -115,18 +141,28 @@ def _function(
             raise InvalidRequestError("function.expression", "has no variables: nothing to differentiate")
         return expression.text, expression, expression
     if kind == "registered":
-        name = spec.registered.name
-        entry = registry.get(name)  # UnknownFunctionError -> NOT_FOUND
-        try:
-            params = {k: decode_value(v) for k, v in spec.registered.params.items()}
-            if entry.module_class:  # built by the plan's build_fn, called with its fn_kwargs
-                return entry.name, entry.fn, None
-            return entry.name, entry.bind(params), None
-        except (SpecError, InvalidRequestError) as exc:
-            if isinstance(exc, UnknownFunctionError):
-                raise
-            raise InvalidRequestError("function.registered.params", str(exc)) from None
+        label, fn = bind_registered(spec.registered, registry)
+        return label, fn, None
     raise InvalidRequestError("function", "set either expression or registered")
+
+
+def bind_registered(
+    spec: pb.RegisteredFunction, registry: FunctionRegistry
+) -> tuple[str, Callable[..., Any]]:
+    """The binding step on its own: a registered name and its parameters -> (label, callable).
+
+    A registered module class stays the class here: the plan's ``build_fn`` builds the instance
+    where the check runs, and its parameters become the forward's keywords (``fn_kwargs``)."""
+    entry = registry.get(spec.name)  # UnknownFunctionError -> NOT_FOUND
+    try:
+        params = {k: decode_value(v) for k, v in spec.params.items()}
+        if entry.module_class:
+            return entry.name, entry.fn
+        return entry.name, entry.bind(params)
+    except (SpecError, InvalidRequestError) as exc:
+        if isinstance(exc, UnknownFunctionError):
+            raise
+        raise InvalidRequestError("function.registered.params", str(exc)) from None
 
 
 def _module_entry(spec: pb.FunctionSpec, registry: FunctionRegistry) -> RegisteredFunction | None:
@@ -263,8 +299,12 @@ def _sampled(msg: pb.SamplingSpec, settings: Settings) -> list[list[tuple[str, t
             f"sampling: {spec.count} points of {per_point} elements exceed "
             f"max_request_elements={settings.max_request_elements}"
         )
+    seen: set[str] = set()
     for k, i in enumerate(spec.inputs):
         _check_name(i.name, f"sampling.inputs[{k}].name")
+        if i.name in seen:  # sampled points are keyed by name: a second one would silently win
+            raise InvalidRequestError(f"sampling.inputs[{k}].name", f"{i.name!r} is given twice")
+        seen.add(i.name)
     return [list(point.items()) for point in sample_points(spec)]
 
 
@@ -280,18 +320,52 @@ def _bind(
     return PlannedPoint(names, values)
 
 
-def _check_intermediates(expression: Expression, points: list[PlannedPoint], settings: Settings) -> None:
+def _check_intermediates(
+    expression: Expression, points: list[PlannedPoint], settings: Settings
+) -> int | None:
     """Refuse expressions that would build an oversized tensor (e.g. outer(x, x)), before running them."""
     signatures = {
         tuple(zip(p.names, ((tuple(t.shape), t.dtype) for t in p.tensors), strict=True)) for p in points
     }
+    found: int | None = 0
     for signature in signatures:
         largest = _largest_intermediate(expression, signature)
+        found = None if largest < 0 or found is None else max(found, largest)
         if largest > settings.max_tensor_elements:
             raise LimitExceededError(
                 f"function.expression: evaluation would create a tensor of {largest} elements "
                 f"(max_tensor_elements={settings.max_tensor_elements})"
             )
+    return found
+
+
+def _check_builtin_sizes(
+    fn: Callable[..., Any], points: list[PlannedPoint], settings: Settings
+) -> int | None:
+    """Built-in torch ops get the same size check as expressions: conv1d with a huge padding or
+    outer of two long vectors is refused before it allocates."""
+    shapes = {tuple(_signature(t) for t in p.tensors): p for p in points}
+    found: int | None = 0
+    for point in shapes.values():  # one meta run per distinct set of shapes
+        try:
+            largest = largest_output(fn, point.tensors)
+        except Exception:  # a shape error shows up in the point's report when the check runs
+            found = None
+            continue
+        found = None if found is None else max(found, largest)
+        if largest > settings.max_tensor_elements:
+            raise LimitExceededError(
+                f"function.registered: evaluation would create a tensor of {largest} elements "
+                f"(max_tensor_elements={settings.max_tensor_elements})"
+            )
+    return found
+
+
+def _signature(value: Any) -> tuple[Any, ...]:
+    """What a size check depends on: a tensor's shape and dtype, a constant argument's value."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.dtype)
+    return ("constant", repr(value))
 
 
 # CI jobs send the same expressions at the same shapes over and over: parse and size them once.
@@ -307,7 +381,7 @@ def _largest_intermediate(expression: Expression, signature: tuple[tuple[str, An
     try:
         return expression.largest_intermediate(inputs)
     except Exception:  # a shape error shows up in the point's report when the check runs
-        return 0
+        return -1  # unknown
 
 
 # ----------------------------------------------------------------------------- options

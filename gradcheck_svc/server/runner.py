@@ -1,5 +1,10 @@
 """Run a CheckPlan through the engine: one Report per point, within a deadline, cancellable.
 
+``execute`` is the one plan -> deadline -> run -> encode path, the same in a server thread and in
+a worker process. Every point runs under a CheckGuard (gradcheck_svc.engine.guard), which holds the
+check to ``max_check_bytes`` of live tensors and to its deadline at every torch op; an error the
+guard raised is re-raised here even when the function or the engine caught it on the way.
+
 A function that raises (or returns something that is not a tensor) at one point yields a Report
 with ``error`` set for that point; the other points still run and the server is unharmed. Errors
 about the request as a whole (options, limits, device, deadline, cancellation) propagate.
@@ -11,7 +16,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,6 +24,8 @@ import grpc
 import torch
 
 import gradcheck_svc as gc
+from gradcheck_svc.codec import encode_report
+from gradcheck_svc.engine.guard import CheckGuard
 from gradcheck_svc.errors import (
     CheckCancelledError,
     DeviceUnavailableError,
@@ -32,8 +39,9 @@ from gradcheck_svc.errors import (
 from gradcheck_svc.report import Report
 from gradcheck_svc.server.plan import CheckPlan, PlannedPoint
 from gradcheck_svc.server.status import Rejection
+from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
-__all__ = ["Deadline", "PointProgress", "run_plan"]
+__all__ = ["Deadline", "PointProgress", "execute", "run_plan"]
 
 log = logging.getLogger("gradcheck_svc.server")
 
@@ -64,10 +72,47 @@ class Deadline:
     def rejection(self) -> Rejection:
         if self.client_binds:
             return Rejection(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the check finished")
+        # The server's own cap is a limit like the others: RESOURCE_EXHAUSTED with QuotaFailure.
         return Rejection(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"check did not finish within the server's cap of {self.cap_seconds:g} s (max_check_seconds)",
+            limit=("max_check_seconds", f"{self.cap_seconds:g}"),
         )
+
+
+# Figures of the check the engine resolved itself (the step, the numeric reference): they stay in
+# a report beside the options the client set.
+_RESOLVED_OPTIONS = ("eps", "reference")
+
+
+def reported_options(report: Report, client_options: Collection[str]) -> dict[str, Any]:
+    """The report's options without those the server imposed (limits, its default device), so a
+    report from the service equals the one the same call gives in-process."""
+    return {k: v for k, v in report.options.items() if k in client_options or k in _RESOLVED_OPTIONS}
+
+
+def execute(
+    plan: CheckPlan,
+    *,
+    deadline: Deadline,
+    cancelled: Callable[[], bool],
+    served_by: str,
+    check_id: str,
+    max_bytes: int,
+    check_fn: CheckFn = gc.check,
+    progress: PointProgress | None = None,
+) -> pb.CheckResponse:
+    """Run a validated plan and encode its reports: what both a server thread and a worker do."""
+    reports = run_plan(
+        plan,
+        deadline=deadline,
+        cancelled=cancelled,
+        served_by=served_by,
+        check_fn=check_fn,
+        max_bytes=max_bytes,
+        progress=progress,
+    )
+    return pb.CheckResponse(reports=[encode_report(r) for r in reports], check_id=check_id)
 
 
 def run_plan(
@@ -76,6 +121,7 @@ def run_plan(
     deadline: Deadline,
     cancelled: Callable[[], bool],
     served_by: str,
+    max_bytes: int,
     check_fn: CheckFn = gc.check,
     progress: PointProgress | None = None,
 ) -> list[Report]:
@@ -88,11 +134,11 @@ def run_plan(
         if deadline.passed():
             raise deadline.rejection()
         extra = {} if progress is None else {"progress": functools.partial(progress, index)}
-        report = _run_point(plan, point, deadline, cancelled, check_fn, extra)
+        report = _guarded_point(plan, point, deadline, cancelled, check_fn, max_bytes, extra)
         # Options the server imposed (limits, its default device) stay out of the report, so a
         # report from the service equals the one the same call gives in-process; the step the
-        # engine resolved ("eps") is a figure of the check and stays.
-        kept = {k: v for k, v in report.options.items() if k in plan.client_options or k == "eps"}
+        # engine resolved ("eps", the numeric "reference") are figures of the check and stay.
+        kept = reported_options(report, plan.client_options)
         update: dict[str, Any] = {
             "point": index,
             "served_by": served_by,
@@ -101,6 +147,35 @@ def run_plan(
         }
         reports.append(report.model_copy(update=update))
     return reports
+
+
+def _guarded_point(
+    plan: CheckPlan,
+    point: PlannedPoint,
+    deadline: Deadline,
+    cancelled: Callable[[], bool],
+    check_fn: CheckFn,
+    max_bytes: int,
+    extra: dict[str, Any],
+) -> Report:
+    if plan.light:  # small everywhere, sized up front: the engine's own polls bound it
+        return _run_point(plan, point, deadline, cancelled, check_fn, extra)
+    guard = CheckGuard(max_bytes=max_bytes, deadline=deadline.at, cancelled=cancelled)
+    try:
+        with guard:
+            report = _run_point(plan, point, deadline, cancelled, check_fn, extra)
+    except Exception:
+        if guard.tripped is None:
+            raise
+        report = None
+    if guard.tripped is not None:  # whatever the function or the engine made of it
+        if isinstance(guard.tripped, CheckCancelledError):
+            raise CheckCancelledError("the client cancelled the check") from None
+        if deadline.passed():
+            raise deadline.rejection() from None
+        raise guard.tripped from None
+    assert report is not None
+    return report
 
 
 def _run_point(

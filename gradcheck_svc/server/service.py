@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -16,12 +16,13 @@ import torch
 from grpc_status import rpc_status
 
 import gradcheck_svc as gc
-from gradcheck_svc.codec import DTYPES, encode_report
+from gradcheck_svc.codec import DTYPES, encode_duration
 from gradcheck_svc.report import Report
+from gradcheck_svc.server.external import check_external
 from gradcheck_svc.server.isolation import WorkerPool
 from gradcheck_svc.server.limiter import CheckSlots
-from gradcheck_svc.server.plan import CheckPlan, plan_check
-from gradcheck_svc.server.runner import Deadline, PointProgress, run_plan
+from gradcheck_svc.server.plan import CheckPlan, plan_check, runs_in_worker
+from gradcheck_svc.server.runner import Deadline, PointProgress, execute
 from gradcheck_svc.server.status import Rejection, failure_for
 from gradcheck_svc.settings import Settings
 from gradcheck_svc.specs import EXPRESSION_FUNCTIONS, FunctionRegistry
@@ -55,16 +56,30 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             settings.max_concurrent_checks, thread_name_prefix="gradcheck-stream"
         )
 
-    def close(self) -> None:
+    def start_draining(self) -> None:
+        """From now on nothing new starts: new calls and stream items get UNAVAILABLE, and stream
+        items still queued are cancelled (their done-callbacks answer them UNAVAILABLE)."""
+        self.draining.set()
         self._stream_pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        self.start_draining()
         if self.workers is not None:
             self.workers.close()
 
-    def isolated(self, plan: CheckPlan) -> bool:
-        """Whether this check runs in a killable worker process."""
-        if self.workers is None or self.settings.isolation == "thread":
-            return False
-        return self.settings.isolation == "process" or plan.operator_code
+    def _draining(self) -> Rejection:
+        return Rejection(
+            grpc.StatusCode.UNAVAILABLE, "server is shutting down", reason="SERVER_DRAINING", retry_after=0.0
+        )
+
+    def _busy(self) -> Rejection:
+        return Rejection(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"server busy: {self.slots.size} checks already running (max_concurrent_checks)",
+            reason="SERVER_BUSY",
+            limit=("max_concurrent_checks", str(self.slots.size)),
+            retry_after=1.0,
+        )
 
     # ------------------------------------------------------------------------- Check
 
@@ -74,7 +89,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             self._admit()
         except Rejection as exc:
             self._log(check_id, request, None, None, time.perf_counter(), exc.code.name)
-            context.abort(exc.code, exc.message)
+            context.abort_with_status(rpc_status.to_status(failure_for(exc, check_id).to_status()))
         try:
             cancel = threading.Event()
             context.add_callback(cancel.set)
@@ -88,12 +103,9 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
     def _admit(self) -> None:
         """Take a check slot, or refuse: draining, or every slot busy."""
         if self.draining.is_set():
-            raise Rejection(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            raise self._draining()
         if not self.slots.try_acquire():
-            raise Rejection(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server busy: {self.slots.size} checks already running (max_concurrent_checks)",
-            )
+            raise self._busy()
 
     def _run(
         self,
@@ -103,6 +115,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         cancelled: Callable[[], bool],
         progress: PointProgress | None = None,
     ) -> pb.CheckResponse:
+        """plan -> deadline -> run -> encode, in this thread or in a worker process."""
         started = time.perf_counter()
         plan: CheckPlan | None = None
         reports: list[pb.Report] | None = None
@@ -110,7 +123,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         try:
             plan = plan_check(request, self.settings, self.registry)  # validated here, even if isolated
             deadline = Deadline.start(remaining, self.settings.max_check_seconds)
-            if self.workers is not None and self.isolated(plan):
+            if self.workers is not None and runs_in_worker(self.settings.isolation, plan.operator_code):
                 response = self.workers.run(
                     request.SerializeToString(),
                     deadline=deadline,
@@ -120,15 +133,16 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                     progress=progress,
                 )
             else:
-                done = run_plan(
+                response = execute(
                     plan,
                     deadline=deadline,
                     cancelled=cancelled,
                     served_by=self.served_by,
+                    check_id=check_id,
+                    max_bytes=self.settings.max_check_bytes,
                     check_fn=self.check_fn,
                     progress=progress,
                 )
-                response = pb.CheckResponse(reports=[encode_report(r) for r in done], check_id=check_id)
             reports = list(response.reports)
             return response
         except Exception as exc:
@@ -148,9 +162,10 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
     ) -> None:
         function = plan.label if plan else _function_label(request)
         points = len(plan.points) if plan else _point_count(request)
-        device = reports[0].device if reports else (plan.device if plan else "-")
+        device = reports[0].device_name if reports else (plan.device if plan else "-")
         ok = "-" if reports is None else str(all(r.ok for r in reports)).lower()
-        extra = f" request_id={request.request_id[:64]}" if request.request_id else ""
+        # A client's log tag goes into the log printable and unbroken: no forged log lines.
+        extra = f" log_tag={_printable(request.log_tag[:64])}" if request.log_tag else ""
         log.info(
             "check id=%s function=%r points=%d device=%s ok=%s status=%s duration=%.3fs%s",
             check_id,
@@ -176,7 +191,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             self._admit()
         except Rejection as exc:
             self._log(check_id, request, None, None, time.perf_counter(), exc.code.name)
-            context.abort(exc.code, exc.message)
+            context.abort_with_status(rpc_status.to_status(failure_for(exc, check_id).to_status()))
         events: queue.Queue[Any] = queue.Queue()
         cancel = threading.Event()
         context.add_callback(cancel.set)
@@ -188,7 +203,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             if done < total and now - last[0] < _PROGRESS_EVERY:
                 return
             last[0] = now
-            events.put(pb.CheckProgress(point=point, done=done, total=total))
+            events.put(pb.CheckProgress(point=point, done_count=done, total_count=total))
 
         def work() -> None:
             try:
@@ -214,23 +229,32 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
     def CheckStream(
         self, request_iterator: Iterator[pb.CheckStreamRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.CheckStreamResponse]:
+        """Items run concurrently (at most ``stream_window`` at once) and are answered as they end.
+
+        Draining: items that arrive, or are still queued, after SIGTERM are answered UNAVAILABLE
+        and nothing new starts; once nothing is running the stream ends UNAVAILABLE. A stream
+        with nothing running and nothing arriving for ``stream_idle_seconds`` is closed, so idle
+        streams cannot hold the server's threads.
+        """
         answers: queue.Queue[Any] = queue.Queue()
         window = threading.Semaphore(self.settings.stream_window)
         cancel = threading.Event()
         context.add_callback(cancel.set)
-        submitted = 0
+        counts = {"submitted": 0}
+        last_activity = [time.monotonic()]
 
         def read() -> None:
-            nonlocal submitted
             try:
                 for item in request_iterator:
-                    while not window.acquire(
-                        timeout=0.1
-                    ):  # backpressure: stop reading when the window is full
+                    last_activity[0] = time.monotonic()
+                    counts["submitted"] += 1
+                    if self.draining.is_set():
+                        answers.put(self._stream_error(item, self._draining()))
+                        continue
+                    while not window.acquire(timeout=0.1):  # backpressure: a full window stops reading
                         if cancel.is_set():
                             return
-                    submitted += 1
-                    self._stream_pool.submit(self._stream_item, item, context, cancel, answers, window)
+                    self._submit(item, context, cancel, answers, window)
             except Exception:  # the client went away while we read; nothing to answer
                 log.debug("CheckStream reader stopped", exc_info=True)
             finally:
@@ -238,13 +262,55 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
 
         threading.Thread(target=read, name="gradcheck-stream-reader", daemon=True).start()
         done, answered = False, 0
-        while not done or answered < submitted:
-            answer = answers.get()
+        while not done or answered < counts["submitted"]:
+            if cancel.is_set():
+                return
+            try:
+                answer = answers.get(timeout=0.1)
+            except queue.Empty:
+                idle = answered == counts["submitted"]
+                if idle and self.draining.is_set():
+                    context.abort_with_status(rpc_status.to_status(failure_for(self._draining()).to_status()))
+                if idle and time.monotonic() - last_activity[0] > self.settings.stream_idle_seconds:
+                    seconds = f"{self.settings.stream_idle_seconds:g}"
+                    idle_out = Rejection(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"stream closed after {seconds} s without an item (stream_idle_seconds)",
+                        reason="STREAM_IDLE",
+                        limit=("stream_idle_seconds", seconds),
+                    )
+                    context.abort_with_status(rpc_status.to_status(failure_for(idle_out).to_status()))
+                continue
             if answer is _DONE:
                 done = True
                 continue
             answered += 1
+            last_activity[0] = time.monotonic()
             yield answer
+
+    def _submit(
+        self,
+        item: pb.CheckStreamRequest,
+        context: grpc.ServicerContext,
+        cancel: threading.Event,
+        answers: queue.Queue[Any],
+        window: threading.Semaphore,
+    ) -> None:
+        def if_never_run(future: Future[None]) -> None:
+            if future.cancelled():  # queued when the server closed: still owed an answer
+                answers.put(self._stream_error(item, self._draining()))
+                window.release()
+
+        try:
+            future = self._stream_pool.submit(self._stream_item, item, context, cancel, answers, window)
+        except RuntimeError:  # the pool is shut down
+            answers.put(self._stream_error(item, self._draining()))
+            window.release()
+            return
+        future.add_done_callback(if_never_run)
+
+    def _stream_error(self, item: pb.CheckStreamRequest, exc: Exception, check_id: str = "") -> Any:
+        return pb.CheckStreamResponse(id=item.id, error=failure_for(exc, check_id).to_status())
 
     def _stream_item(
         self,
@@ -262,19 +328,28 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                 give_up=lambda: cancel.is_set() or deadline.passed() or self.draining.is_set()
             ):
                 if self.draining.is_set():
-                    raise Rejection(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+                    raise self._draining()
                 if deadline.passed():
                     raise deadline.rejection()
                 raise Rejection(grpc.StatusCode.CANCELLED, "the client cancelled the stream")
             try:
+                if self.draining.is_set():  # a slot freed by the drain itself starts nothing new
+                    raise self._draining()
                 response = self._run(check_id, item.request, context.time_remaining(), cancel.is_set)
             finally:
                 self.slots.release()
             answers.put(pb.CheckStreamResponse(id=item.id, response=response))
         except Exception as exc:  # an item's failure is its answer; the stream goes on
-            answers.put(pb.CheckStreamResponse(id=item.id, error=failure_for(exc, check_id).to_status()))
+            answers.put(self._stream_error(item, exc, check_id))
         finally:
             window.release()
+
+    # ------------------------------------------------------------------------- CheckExternal
+
+    def CheckExternal(
+        self, request_iterator: Iterator[pb.CheckExternalRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.CheckExternalResponse]:
+        return check_external(self, request_iterator, context)
 
     # ------------------------------------------------------------------------- GetCapabilities
 
@@ -295,7 +370,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             devices=devices,
             cuda_available=cuda,
             default_device=s.device,
-            dtypes=list(DTYPES),
+            dtypes=[pb.Dtype.ValueType(d) for d in DTYPES],
             expression_functions=sorted(EXPRESSION_FUNCTIONS),
             registered_functions=self.registry.names(),
             limits=pb.Limits(
@@ -305,12 +380,18 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                 max_points=s.max_points,
                 max_jacobian_entries=s.max_jacobian_entries,
                 max_evaluations=s.max_evaluations,
-                max_check_seconds=s.max_check_seconds,
+                max_check_duration=encode_duration(s.max_check_seconds),
                 max_concurrent_checks=s.max_concurrent_checks,
                 max_expression_length=s.max_expression_length,
+                max_external_batch_size=s.max_external_batch,
+                max_external_reply_duration=encode_duration(s.external_reply_seconds),
             ),
             served_by=self.served_by,
         )
+
+
+def _printable(text: str) -> str:
+    return "".join(c if " " < c <= "~" else "?" for c in text)
 
 
 def _function_label(request: pb.CheckRequest) -> str:
@@ -326,5 +407,5 @@ def _point_count(request: pb.CheckRequest) -> int:
     if request.WhichOneof("points") == "explicit_points":
         return len(request.explicit_points.points)
     if request.WhichOneof("points") == "sampling":
-        return request.sampling.count or 1
+        return request.sampling.point_count or 1
     return 0

@@ -16,19 +16,19 @@ import sys
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from typing import Any
 
 import torch
 
 import gradcheck_svc as gc
-from gradcheck_svc.codec import encode_report
 from gradcheck_svc.server.plan import plan_check
-from gradcheck_svc.server.runner import Deadline, run_plan
+from gradcheck_svc.server.runner import Deadline, execute
 from gradcheck_svc.server.status import failure_for
 from gradcheck_svc.settings import Settings
 from gradcheck_svc.specs import FunctionRegistry, compile_expression
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
-__all__ = ["PROGRESS", "READY", "RESPONSE", "STATUS", "warm_up_engine", "worker_main"]
+__all__ = ["PROGRESS", "READY", "RESPONSE", "STATUS", "die_with_parent", "warm_up_engine", "worker_main"]
 
 READY, RESPONSE, STATUS, PROGRESS = b"ready", b"R", b"E", b"P"
 _PR_SET_PDEATHSIG = 1
@@ -39,7 +39,7 @@ def worker_main(
     conn: Connection, settings: Settings, registry_factory: Callable[[], FunctionRegistry]
 ) -> None:
     """Serve checks from ``conn`` until it closes."""
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server; it decides
     registry = registry_factory()
     conn.send_bytes(READY)
@@ -59,7 +59,7 @@ def worker_main(
 
 
 def answer(
-    header: dict,
+    header: dict[str, Any],
     body: bytes,
     settings: Settings,
     registry: FunctionRegistry,
@@ -74,17 +74,18 @@ def answer(
             client_binds=bool(header["client_binds"]),
             cap_seconds=settings.max_check_seconds,
         )
-        reports = run_plan(
+        response = execute(
             plan,
             deadline=deadline,
             cancelled=lambda: False,
             served_by=str(header["served_by"]),
+            check_id=check_id,
+            max_bytes=settings.max_check_bytes,
             progress=progress,
         )
-        response = pb.CheckResponse(reports=[encode_report(r) for r in reports], check_id=check_id)
-        return RESPONSE + response.SerializeToString()
+        return bytes(RESPONSE + response.SerializeToString())
     except Exception as exc:
-        return STATUS + failure_for(exc, check_id).to_status().SerializeToString()
+        return bytes(STATUS + failure_for(exc, check_id).to_status().SerializeToString())
 
 
 def warm_up_engine() -> None:
@@ -96,9 +97,9 @@ def warm_up_engine() -> None:
     log.debug("engine warm-up took %.2f s", time.perf_counter() - started)
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this worker when its parent (the fork server, which exits with the server) dies,
-    so a worker stuck in operator code never outlives a killed server."""
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies (the fork server's parent is the server, a
+    worker's is the fork server), so a process stuck in operator code never outlives the server."""
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError, AttributeError):

@@ -366,7 +366,7 @@ def _index_int(node: ast.AST) -> int:
 def _constant(node: ast.AST, what: str = "keyword arguments") -> Any:
     """A keyword-argument or index value: number, -number, True/False/None, short string, list of ints."""
     negative = isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub)
-    if negative and isinstance(node.operand, ast.Constant):
+    if negative and isinstance(node, ast.UnaryOp) and isinstance(node.operand, ast.Constant):
         inner = node.operand.value
         if isinstance(inner, int | float) and not isinstance(inner, bool):
             return _bounded(-inner, node)

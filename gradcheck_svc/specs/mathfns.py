@@ -33,7 +33,8 @@ class MathFunction:
 
 
 def _norm(x: torch.Tensor, *, ord: float = 2, dim: Any = None, keepdim: bool = False) -> torch.Tensor:
-    return torch.linalg.vector_norm(x, ord=ord, dim=dim, keepdim=keepdim)
+    norm: torch.Tensor = torch.linalg.vector_norm(x, ord=ord, dim=dim, keepdim=keepdim)
+    return norm
 
 
 def _reshape(x: torch.Tensor, *, shape: Any) -> torch.Tensor:

@@ -103,7 +103,7 @@ def choice(*allowed: str) -> ParamKind:
     def check(name: str, value: Any) -> str:
         if value not in allowed:
             raise SpecError(f"parameter {name!r} must be one of {', '.join(map(repr, allowed))}")
-        return value
+        return str(value)
 
     return ParamKind("one of " + ", ".join(map(repr, allowed)), check)
 

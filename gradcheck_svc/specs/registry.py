@@ -61,7 +61,9 @@ class RegisteredFunction:
         if self.params is not None:
             return self.params
         try:
-            signature = inspect.signature(self.fn.forward if self.module_class else self.fn)
+            # A module class: its forward's keywords (the class object carries ``forward``).
+            target = getattr(self.fn, "forward", self.fn) if self.module_class else self.fn
+            signature = inspect.signature(target)
         except (TypeError, ValueError):
             return dict.fromkeys(params, ANY)
         parameters = list(signature.parameters.values())[1 if self.module_class else 0 :]  # forward's self

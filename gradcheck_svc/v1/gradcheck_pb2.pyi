@@ -19,13 +19,25 @@ is busy), FAILED_PRECONDITION (e.g. CUDA asked of a server without it),
 DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE (the server is shutting down).
 A function that raises at one point is not an RPC error: that point's Report
 carries the error text and the other points are still checked.
+
+This file stands alone. Its imports are protobuf's well-known types (which
+protoc, buf and proto-loader ship) and google/rpc/{status,error_details}.proto,
+vendored unchanged under protos/google/rpc/: point your tool's include path at
+protos/ (e.g. proto-loader's `includeDirs: ["protos"]`). `buf lint protos`
+checks it with the STANDARD rules (protos/buf.yaml).
+
+Byte order: every tensor's data is little-endian. A server cannot tell
+big-endian bytes from other numbers, so converting them is the client's duty
+(on a big-endian host, byte-swap before sending and after receiving).
 """
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import error_details_pb2 as _error_details_pb2
 from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
@@ -38,72 +50,72 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class _DType:
+class _Dtype:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _DTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DType.ValueType], _builtins.type):
+class _DtypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dtype.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    DTYPE_UNSPECIFIED: _DType.ValueType  # 0
+    DTYPE_UNSPECIFIED: _Dtype.ValueType  # 0
     """Not set; rejected with INVALID_ARGUMENT."""
-    DTYPE_FLOAT16: _DType.ValueType  # 1
+    DTYPE_FLOAT16: _Dtype.ValueType  # 1
     """IEEE 754 binary16, 2 bytes."""
-    DTYPE_BFLOAT16: _DType.ValueType  # 2
+    DTYPE_BFLOAT16: _Dtype.ValueType  # 2
     """bfloat16 (upper half of a float32), 2 bytes."""
-    DTYPE_FLOAT32: _DType.ValueType  # 3
+    DTYPE_FLOAT32: _Dtype.ValueType  # 3
     """IEEE 754 binary32, 4 bytes."""
-    DTYPE_FLOAT64: _DType.ValueType  # 4
+    DTYPE_FLOAT64: _Dtype.ValueType  # 4
     """IEEE 754 binary64, 8 bytes."""
-    DTYPE_COMPLEX64: _DType.ValueType  # 5
+    DTYPE_COMPLEX64: _Dtype.ValueType  # 5
     """Two float32 (real, imaginary), 8 bytes."""
-    DTYPE_COMPLEX128: _DType.ValueType  # 6
+    DTYPE_COMPLEX128: _Dtype.ValueType  # 6
     """Two float64 (real, imaginary), 16 bytes."""
-    DTYPE_INT8: _DType.ValueType  # 7
+    DTYPE_INT8: _Dtype.ValueType  # 7
     """Signed 8-bit integer."""
-    DTYPE_INT16: _DType.ValueType  # 8
+    DTYPE_INT16: _Dtype.ValueType  # 8
     """Signed 16-bit integer."""
-    DTYPE_INT32: _DType.ValueType  # 9
+    DTYPE_INT32: _Dtype.ValueType  # 9
     """Signed 32-bit integer."""
-    DTYPE_INT64: _DType.ValueType  # 10
+    DTYPE_INT64: _Dtype.ValueType  # 10
     """Signed 64-bit integer."""
-    DTYPE_UINT8: _DType.ValueType  # 11
+    DTYPE_UINT8: _Dtype.ValueType  # 11
     """Unsigned 8-bit integer."""
-    DTYPE_BOOL: _DType.ValueType  # 12
+    DTYPE_BOOL: _Dtype.ValueType  # 12
     """Boolean, one byte per element (0 or 1)."""
 
-class DType(_DType, metaclass=_DTypeEnumTypeWrapper):
+class Dtype(_Dtype, metaclass=_DtypeEnumTypeWrapper):
     """----------------------------------------------------------------------------- tensors
 
     Element type of a Tensor.
     """
 
-DTYPE_UNSPECIFIED: DType.ValueType  # 0
+DTYPE_UNSPECIFIED: Dtype.ValueType  # 0
 """Not set; rejected with INVALID_ARGUMENT."""
-DTYPE_FLOAT16: DType.ValueType  # 1
+DTYPE_FLOAT16: Dtype.ValueType  # 1
 """IEEE 754 binary16, 2 bytes."""
-DTYPE_BFLOAT16: DType.ValueType  # 2
+DTYPE_BFLOAT16: Dtype.ValueType  # 2
 """bfloat16 (upper half of a float32), 2 bytes."""
-DTYPE_FLOAT32: DType.ValueType  # 3
+DTYPE_FLOAT32: Dtype.ValueType  # 3
 """IEEE 754 binary32, 4 bytes."""
-DTYPE_FLOAT64: DType.ValueType  # 4
+DTYPE_FLOAT64: Dtype.ValueType  # 4
 """IEEE 754 binary64, 8 bytes."""
-DTYPE_COMPLEX64: DType.ValueType  # 5
+DTYPE_COMPLEX64: Dtype.ValueType  # 5
 """Two float32 (real, imaginary), 8 bytes."""
-DTYPE_COMPLEX128: DType.ValueType  # 6
+DTYPE_COMPLEX128: Dtype.ValueType  # 6
 """Two float64 (real, imaginary), 16 bytes."""
-DTYPE_INT8: DType.ValueType  # 7
+DTYPE_INT8: Dtype.ValueType  # 7
 """Signed 8-bit integer."""
-DTYPE_INT16: DType.ValueType  # 8
+DTYPE_INT16: Dtype.ValueType  # 8
 """Signed 16-bit integer."""
-DTYPE_INT32: DType.ValueType  # 9
+DTYPE_INT32: Dtype.ValueType  # 9
 """Signed 32-bit integer."""
-DTYPE_INT64: DType.ValueType  # 10
+DTYPE_INT64: Dtype.ValueType  # 10
 """Signed 64-bit integer."""
-DTYPE_UINT8: DType.ValueType  # 11
+DTYPE_UINT8: Dtype.ValueType  # 11
 """Unsigned 8-bit integer."""
-DTYPE_BOOL: DType.ValueType  # 12
+DTYPE_BOOL: Dtype.ValueType  # 12
 """Boolean, one byte per element (0 or 1)."""
-Global___DType: _TypeAlias = DType  # noqa: Y015
+Global___Dtype: _TypeAlias = Dtype  # noqa: Y015
 
 class _Mode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -212,6 +224,33 @@ DEVICE_CUDA: Device.ValueType  # 3
 """CUDA; FAILED_PRECONDITION on a server without CUDA."""
 Global___Device: _TypeAlias = Device  # noqa: Y015
 
+class _ComplexPart:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ComplexPartEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ComplexPart.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COMPLEX_PART_UNSPECIFIED: _ComplexPart.ValueType  # 0
+    """The tensor is real: the element has no parts."""
+    COMPLEX_PART_REAL: _ComplexPart.ValueType  # 1
+    """The real part."""
+    COMPLEX_PART_IMAGINARY: _ComplexPart.ValueType  # 2
+    """The imaginary part."""
+
+class ComplexPart(_ComplexPart, metaclass=_ComplexPartEnumTypeWrapper):
+    """----------------------------------------------------------------------------- reports
+
+    Which component of a complex tensor's element a Jacobian entry refers to.
+    """
+
+COMPLEX_PART_UNSPECIFIED: ComplexPart.ValueType  # 0
+"""The tensor is real: the element has no parts."""
+COMPLEX_PART_REAL: ComplexPart.ValueType  # 1
+"""The real part."""
+COMPLEX_PART_IMAGINARY: ComplexPart.ValueType  # 2
+"""The imaginary part."""
+Global___ComplexPart: _TypeAlias = ComplexPart  # noqa: Y015
+
 class _Status:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -232,10 +271,7 @@ class _StatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Status.ValueTy
     """NaN or Inf on one side only."""
 
 class Status(_Status, metaclass=_StatusEnumTypeWrapper):
-    """----------------------------------------------------------------------------- reports
-
-    Verdict of one (output, input) pair.
-    """
+    """Verdict of one (output, input) pair."""
 
 STATUS_UNSPECIFIED: Status.ValueType  # 0
 """Not set (never sent by a server)."""
@@ -304,10 +340,13 @@ class Tensor(_message.Message):
     SHAPE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     REQUIRES_GRAD_FIELD_NUMBER: _builtins.int
-    dtype: Global___DType.ValueType
+    dtype: Global___Dtype.ValueType
     """Element type."""
     data: _builtins.bytes
-    """Elements in little-endian byte order, C-contiguous (row-major) layout."""
+    """Elements in little-endian byte order (converting big-endian data is the
+    client's duty: it cannot be detected), C-contiguous (row-major) layout. A
+    complex element is its real part followed by its imaginary part.
+    """
     requires_grad: _builtins.bool
     """Whether this input is checked. When no input of a point sets it, every
     floating and complex input is checked.
@@ -319,7 +358,7 @@ class Tensor(_message.Message):
     def __init__(
         self,
         *,
-        dtype: Global___DType.ValueType = ...,
+        dtype: Global___Dtype.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         data: _builtins.bytes = ...,
         requires_grad: _builtins.bool = ...,
@@ -686,7 +725,7 @@ class SampledInput(_message.Message):
     REQUIRES_GRAD_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Input name (expression variable or label)."""
-    dtype: Global___DType.ValueType
+    dtype: Global___Dtype.ValueType
     """Floating or complex element type; unset means float64."""
     requires_grad: _builtins.bool
     """Whether this input is checked (see Tensor.requires_grad)."""
@@ -705,7 +744,7 @@ class SampledInput(_message.Message):
         *,
         name: _builtins.str = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
-        dtype: Global___DType.ValueType = ...,
+        dtype: Global___Dtype.ValueType = ...,
         distribution: Global___Distribution | None = ...,
         requires_grad: _builtins.bool = ...,
     ) -> None: ...
@@ -728,12 +767,12 @@ class SamplingSpec(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INPUTS_FIELD_NUMBER: _builtins.int
-    COUNT_FIELD_NUMBER: _builtins.int
+    POINT_COUNT_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
-    count: _builtins.int
-    """Number of points; 0 means 1."""
+    point_count: _builtins.int
+    """Number of points; 0 means 1, negative is rejected."""
     seed: _builtins.int
-    """Seed of the generator."""
+    """Seed of the generator (any int64; the generator sees it as 64 unsigned bits)."""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___SampledInput]:
         """The inputs of each point, in order."""
@@ -742,12 +781,12 @@ class SamplingSpec(_message.Message):
         self,
         *,
         inputs: _abc.Iterable[Global___SampledInput] | None = ...,
-        count: _builtins.int = ...,
+        point_count: _builtins.int = ...,
         seed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "inputs", b"inputs", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "point_count", b"point_count", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -991,10 +1030,10 @@ class ElementError(_message.Message):
     ERROR_BAR_FIELD_NUMBER: _builtins.int
     TOLERANCE_FIELD_NUMBER: _builtins.int
     KINK_FIELD_NUMBER: _builtins.int
-    output_part: _builtins.str
-    """"re" or "im" for a complex output, empty for a real one."""
-    input_part: _builtins.str
-    """"re" or "im" for a complex input, empty for a real one."""
+    output_part: Global___ComplexPart.ValueType
+    """Part of a complex output element; unset for a real output."""
+    input_part: Global___ComplexPart.ValueType
+    """Part of a complex input element; unset for a real input."""
     analytic: _builtins.float
     """Autograd value."""
     numeric: _builtins.float
@@ -1018,8 +1057,8 @@ class ElementError(_message.Message):
         *,
         output_index: _abc.Iterable[_builtins.int] | None = ...,
         input_index: _abc.Iterable[_builtins.int] | None = ...,
-        output_part: _builtins.str = ...,
-        input_part: _builtins.str = ...,
+        output_part: Global___ComplexPart.ValueType = ...,
+        input_part: Global___ComplexPart.ValueType = ...,
         analytic: _builtins.float = ...,
         numeric: _builtins.float = ...,
         error_bar: _builtins.float = ...,
@@ -1036,7 +1075,16 @@ Global___ElementError: _TypeAlias = ElementError  # noqa: Y015
 
 @_typing.final
 class PairReport(_message.Message):
-    """The verdict for one (output, input) pair of one kind of check."""
+    """The verdict for one (output, input) pair of one kind of check.
+
+    Jacobian layout (analytic, numeric, error_bars, error_map, and the flat
+    positions behind ElementError): rows are the output's real components,
+    columns the input's, both in C (row-major) element order; a complex tensor
+    contributes two components per element, real part first, then imaginary
+    part. So d(output)/d(input) of a complex64 output of shape (2,) and a
+    complex input of shape (3,) is a 4 x 6 matrix whose entry (2k+a, 2j+b) is
+    d part_a(output[k]) / d part_b(input[j]) (part 0: real, 1: imaginary).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1051,9 +1099,9 @@ class PairReport(_message.Message):
     MAX_ABS_ERROR_FIELD_NUMBER: _builtins.int
     MAX_REL_ERROR_FIELD_NUMBER: _builtins.int
     MAX_ERROR_RATIO_FIELD_NUMBER: _builtins.int
-    ELEMENTS_CHECKED_FIELD_NUMBER: _builtins.int
-    ELEMENTS_FAILED_FIELD_NUMBER: _builtins.int
-    KINKS_FIELD_NUMBER: _builtins.int
+    CHECKED_COUNT_FIELD_NUMBER: _builtins.int
+    FAILED_COUNT_FIELD_NUMBER: _builtins.int
+    KINK_COUNT_FIELD_NUMBER: _builtins.int
     WORST_FIELD_NUMBER: _builtins.int
     ANALYTIC_FIELD_NUMBER: _builtins.int
     NUMERIC_FIELD_NUMBER: _builtins.int
@@ -1070,21 +1118,23 @@ class PairReport(_message.Message):
     """Which quantities are compared."""
     status: Global___Status.ValueType
     """Verdict."""
-    mode: _builtins.str
-    """"full" (whole Jacobian) or "fast" (random projections)."""
-    dtype: _builtins.str
-    """dtype the pair was checked in, e.g. "float32"."""
+    mode: Global___Mode.ValueType
+    """MODE_FULL (whole Jacobian) or MODE_FAST (random projections); unset for
+    the Taylor and device checks, which compare neither.
+    """
+    dtype: Global___Dtype.ValueType
+    """Element type of the input the pair was checked in, e.g. DTYPE_FLOAT32."""
     max_abs_error: _builtins.float
     """Largest |analytic - numeric|."""
     max_rel_error: _builtins.float
     """Largest |analytic - numeric| / |numeric|."""
     max_error_ratio: _builtins.float
     """Largest |analytic - numeric| / tolerance; above 1 fails."""
-    elements_checked: _builtins.int
+    checked_count: _builtins.int
     """Number of Jacobian elements (or projections) compared."""
-    elements_failed: _builtins.int
+    failed_count: _builtins.int
     """Number of them that failed."""
-    kinks: _builtins.int
+    kink_count: _builtins.int
     """Number of them at a kink."""
     nondeterminism: _builtins.float
     """Largest difference between two backward runs, when measured."""
@@ -1104,15 +1154,18 @@ class PairReport(_message.Message):
 
     @_builtins.property
     def analytic(self) -> Global___DoubleList:
-        """Whole analytic Jacobian, row-major (output x input elements); small pairs only."""
+        """Whole analytic Jacobian, row-major in the layout above. Sent only for
+        pairs of full mode whose Jacobian has at most 4096 entries (real
+        components: output components x input components); absent otherwise.
+        """
 
     @_builtins.property
     def numeric(self) -> Global___DoubleList:
-        """Whole numeric Jacobian, same layout; small pairs only."""
+        """Whole numeric Jacobian, same layout and size limit."""
 
     @_builtins.property
     def error_bars(self) -> Global___DoubleList:
-        """Error bars of the numeric Jacobian, same layout; small pairs only."""
+        """Error bars of the numeric Jacobian, same layout and size limit."""
 
     @_builtins.property
     def taylor_rates(self) -> Global___DoubleList:
@@ -1131,16 +1184,16 @@ class PairReport(_message.Message):
         input: _builtins.str = ...,
         check: Global___CheckKind.ValueType = ...,
         status: Global___Status.ValueType = ...,
-        mode: _builtins.str = ...,
+        mode: Global___Mode.ValueType = ...,
         output_shape: _abc.Iterable[_builtins.int] | None = ...,
         input_shape: _abc.Iterable[_builtins.int] | None = ...,
-        dtype: _builtins.str = ...,
+        dtype: Global___Dtype.ValueType = ...,
         max_abs_error: _builtins.float = ...,
         max_rel_error: _builtins.float = ...,
         max_error_ratio: _builtins.float = ...,
-        elements_checked: _builtins.int = ...,
-        elements_failed: _builtins.int = ...,
-        kinks: _builtins.int = ...,
+        checked_count: _builtins.int = ...,
+        failed_count: _builtins.int = ...,
+        kink_count: _builtins.int = ...,
         worst: _abc.Iterable[Global___ElementError] | None = ...,
         analytic: Global___DoubleList | None = ...,
         numeric: Global___DoubleList | None = ...,
@@ -1152,7 +1205,7 @@ class PairReport(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_nondeterminism", b"_nondeterminism", "analytic", b"analytic", "error_bars", b"error_bars", "error_map", b"error_map", "nondeterminism", b"nondeterminism", "numeric", b"numeric", "taylor_rates", b"taylor_rates"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_nondeterminism", b"_nondeterminism", "analytic", b"analytic", "check", b"check", "dtype", b"dtype", "elements_checked", b"elements_checked", "elements_failed", b"elements_failed", "error_bars", b"error_bars", "error_map", b"error_map", "input", b"input", "input_shape", b"input_shape", "kinks", b"kinks", "max_abs_error", b"max_abs_error", "max_error_ratio", b"max_error_ratio", "max_rel_error", b"max_rel_error", "message", b"message", "mode", b"mode", "nondeterminism", b"nondeterminism", "numeric", b"numeric", "output", b"output", "output_shape", b"output_shape", "status", b"status", "taylor_rates", b"taylor_rates", "worst", b"worst"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_nondeterminism", b"_nondeterminism", "analytic", b"analytic", "check", b"check", "checked_count", b"checked_count", "dtype", b"dtype", "error_bars", b"error_bars", "error_map", b"error_map", "failed_count", b"failed_count", "input", b"input", "input_shape", b"input_shape", "kink_count", b"kink_count", "max_abs_error", b"max_abs_error", "max_error_ratio", b"max_error_ratio", "max_rel_error", b"max_rel_error", "message", b"message", "mode", b"mode", "nondeterminism", b"nondeterminism", "numeric", b"numeric", "output", b"output", "output_shape", b"output_shape", "status", b"status", "taylor_rates", b"taylor_rates", "worst", b"worst"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__nondeterminism: _TypeAlias = _typing.Literal["nondeterminism"]  # noqa: Y015
     _WhichOneofArgType__nondeterminism: _TypeAlias = _typing.Literal["_nondeterminism", b"_nondeterminism"]  # noqa: Y015
@@ -1194,14 +1247,15 @@ class Report(_message.Message):
         KEY_FIELD_NUMBER: _builtins.int
         VALUE_FIELD_NUMBER: _builtins.int
         key: _builtins.str
-        value: _builtins.float
+        @_builtins.property
+        def value(self) -> _duration_pb2.Duration: ...
         def __init__(
             self,
             *,
             key: _builtins.str = ...,
-            value: _builtins.float = ...,
+            value: _duration_pb2.Duration | None = ...,
         ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
         _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
@@ -1209,7 +1263,7 @@ class Report(_message.Message):
 
     OK_FIELD_NUMBER: _builtins.int
     PAIRS_FIELD_NUMBER: _builtins.int
-    DTYPE_FIELD_NUMBER: _builtins.int
+    DTYPES_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     SCHEME_FIELD_NUMBER: _builtins.int
@@ -1221,15 +1275,16 @@ class Report(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     SERVED_BY_FIELD_NUMBER: _builtins.int
+    DEVICE_NAME_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     """The verdict: true when every pair passed and no error occurred."""
-    dtype: _builtins.str
-    """dtype of the check, e.g. "float64"."""
-    device: _builtins.str
-    """Device that ran the check: "cpu" or "cuda" / "cuda:0"."""
-    mode: _builtins.str
-    """"full", "fast" or a mix."""
-    scheme: _builtins.str
+    device: Global___Device.ValueType
+    """Kind of device that ran the check: DEVICE_CPU or DEVICE_CUDA."""
+    mode: Global___Mode.ValueType
+    """MODE_FULL or MODE_FAST (fast mode falls back to full for failing pairs,
+    see PairReport.mode); unset when the scheme is SCHEME_TAYLOR.
+    """
+    scheme: Global___Scheme.ValueType
     """Finite-difference scheme."""
     order: _builtins.int
     """Derivative order checked."""
@@ -1241,9 +1296,17 @@ class Report(_message.Message):
     """Why the check could not run at this point (e.g. the function raised)."""
     served_by: _builtins.str
     """Which server replica ran the check."""
+    device_name: _builtins.str
+    """The device exactly, e.g. "cpu" or "cuda:0"."""
     @_builtins.property
     def pairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___PairReport]:
         """One entry per (output, input) pair and kind of check."""
+
+    @_builtins.property
+    def dtypes(self) -> _containers.RepeatedScalarFieldContainer[Global___Dtype.ValueType]:
+        """Element types of the checked inputs, one entry each, in enum order (one
+        entry when they share one).
+        """
 
     @_builtins.property
     def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1254,30 +1317,31 @@ class Report(_message.Message):
         """The options the engine resolved."""
 
     @_builtins.property
-    def timings(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Wall-clock timings in seconds by phase, e.g. "total_s"."""
+    def timings(self) -> _containers.MessageMap[_builtins.str, _duration_pb2.Duration]:
+        """Wall-clock time by phase, e.g. "total", "analytic", "numeric"."""
 
     def __init__(
         self,
         *,
         ok: _builtins.bool = ...,
         pairs: _abc.Iterable[Global___PairReport] | None = ...,
-        dtype: _builtins.str = ...,
-        device: _builtins.str = ...,
-        mode: _builtins.str = ...,
-        scheme: _builtins.str = ...,
+        dtypes: _abc.Iterable[Global___Dtype.ValueType] | None = ...,
+        device: Global___Device.ValueType = ...,
+        mode: Global___Mode.ValueType = ...,
+        scheme: Global___Scheme.ValueType = ...,
         order: _builtins.int = ...,
         function: _builtins.str = ...,
         point: _builtins.int | None = ...,
         error: _builtins.str | None = ...,
         notes: _abc.Iterable[_builtins.str] | None = ...,
         options: _abc.Mapping[_builtins.str, Global___Value] | None = ...,
-        timings: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        timings: _abc.Mapping[_builtins.str, _duration_pb2.Duration] | None = ...,
         served_by: _builtins.str = ...,
+        device_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_error", b"_error", "_point", b"_point", "error", b"error", "point", b"point"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_error", b"_error", "_point", b"_point", "device", b"device", "dtype", b"dtype", "error", b"error", "function", b"function", "mode", b"mode", "notes", b"notes", "ok", b"ok", "options", b"options", "order", b"order", "pairs", b"pairs", "point", b"point", "scheme", b"scheme", "served_by", b"served_by", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_error", b"_error", "_point", b"_point", "device", b"device", "device_name", b"device_name", "dtypes", b"dtypes", "error", b"error", "function", b"function", "mode", b"mode", "notes", b"notes", "ok", b"ok", "options", b"options", "order", b"order", "pairs", b"pairs", "point", b"point", "scheme", b"scheme", "served_by", b"served_by", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__error: _TypeAlias = _typing.Literal["error"]  # noqa: Y015
     _WhichOneofArgType__error: _TypeAlias = _typing.Literal["_error", b"_error"]  # noqa: Y015
@@ -1303,9 +1367,12 @@ class CheckRequest(_message.Message):
     EXPLICIT_POINTS_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
-    REQUEST_ID_FIELD_NUMBER: _builtins.int
-    request_id: _builtins.str
-    """Optional client-chosen id, echoed in the server's log line."""
+    LOG_TAG_FIELD_NUMBER: _builtins.int
+    log_tag: _builtins.str
+    """Optional client-chosen tag (at most 64 characters are kept), written in the
+    server's log line for this check. Not an idempotency key: a repeated
+    request runs again.
+    """
     @_builtins.property
     def function(self) -> Global___FunctionSpec:
         """The function to check."""
@@ -1329,11 +1396,11 @@ class CheckRequest(_message.Message):
         explicit_points: Global___ExplicitPoints | None = ...,
         sampling: Global___SamplingSpec | None = ...,
         options: Global___Options | None = ...,
-        request_id: _builtins.str = ...,
+        log_tag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["explicit_points", b"explicit_points", "function", b"function", "options", b"options", "points", b"points", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["explicit_points", b"explicit_points", "function", b"function", "options", b"options", "points", b"points", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["explicit_points", b"explicit_points", "function", b"function", "log_tag", b"log_tag", "options", b"options", "points", b"points", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_points: _TypeAlias = _typing.Literal["explicit_points", "sampling"]  # noqa: Y015
     _WhichOneofArgType_points: _TypeAlias = _typing.Literal["points", b"points"]  # noqa: Y015
@@ -1434,8 +1501,423 @@ class CheckStreamResponse(_message.Message):
 Global___CheckStreamResponse: _TypeAlias = CheckStreamResponse  # noqa: Y015
 
 @_typing.final
+class CheckExternalRequest(_message.Message):
+    """----------------------------------------------------------------------------- client-evaluated checks
+
+    GradcheckService.CheckExternal, step by step:
+
+      client: start (the function's name, its inputs, options)
+      server: evaluate / vjp / jvp, each with a new `sequence` number
+      client: the matching answer (values / products / failure), same `sequence`
+      ... repeated as the check needs ...
+      server: report (the last message), then the stream ends with OK.
+
+    The server sends one request at a time and waits for its answer. Batches
+    have a leading batch dimension (at most start.max_batch_size and
+    Limits.max_external_batch_size points), so a client can evaluate them in one
+    vectorised call. Every answer is validated: a wrong kind, sequence, name,
+    shape or dtype, a NaN or infinite value (the function and its derivatives
+    must be finite near the checked point), or closing the client's side of the
+    stream before the report ends the RPC with INVALID_ARGUMENT (with a
+    google.rpc.BadRequest naming the field); an answer that does not come within
+    Limits.max_external_reply_duration ends it with DEADLINE_EXCEEDED. The
+    client's deadline and cancellation apply as for Check; a draining server
+    refuses new checks with UNAVAILABLE and lets running ones finish within its
+    grace period. Whatever the end, the server's slot is freed at once.
+
+    Complex tensors follow PyTorch's convention: a vector-Jacobian product with
+    cotangent c is the conjugate Wirtinger gradient of Re(<c, f(x)>), which for
+    real tensors is plain J^T c.
+
+    A message of the client in GradcheckService.CheckExternal.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    PRODUCTS_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start(self) -> Global___ExternalStart:
+        """Opens the check; the first message and only the first."""
+
+    @_builtins.property
+    def values(self) -> Global___ExternalValues:
+        """Answers an EvaluateRequest."""
+
+    @_builtins.property
+    def products(self) -> Global___ExternalProducts:
+        """Answers a VjpRequest or a JvpRequest."""
+
+    @_builtins.property
+    def failure(self) -> Global___ExternalFailure:
+        """Answers any request when the client could not compute it; the check
+        ends with a Report whose `error` carries the message.
+        """
+
+    def __init__(
+        self,
+        *,
+        start: Global___ExternalStart | None = ...,
+        values: Global___ExternalValues | None = ...,
+        products: Global___ExternalProducts | None = ...,
+        failure: Global___ExternalFailure | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure", "kind", b"kind", "products", b"products", "start", b"start", "values", b"values"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure", "kind", b"kind", "products", b"products", "start", b"start", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["start", "values", "products", "failure"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___CheckExternalRequest: _TypeAlias = CheckExternalRequest  # noqa: Y015
+
+@_typing.final
+class ExternalStart(_message.Message):
+    """The function to check, as the client describes it (no code)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FUNCTION_FIELD_NUMBER: _builtins.int
+    POINT_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    HAS_JVP_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    LOG_TAG_FIELD_NUMBER: _builtins.int
+    function: _builtins.str
+    """Name of the function, for the report and the server log (not interpreted)."""
+    has_jvp: _builtins.bool
+    """Whether the client answers JvpRequest (forward-mode products); required by
+    options.forward_ad.
+    """
+    max_batch_size: _builtins.int
+    """Largest batch the client accepts in one request; 0 means the server's limit."""
+    log_tag: _builtins.str
+    """Optional tag written in the server's log line (see CheckRequest.log_tag)."""
+    @_builtins.property
+    def point(self) -> Global___Point:
+        """The point to check at: every input, by name, with requires_grad as in Check."""
+
+    @_builtins.property
+    def options(self) -> Global___Options:
+        """Options of the check, as in Check. Not supported here: order 2,
+        compare_devices, upcast and device CUDA (the client's function runs where
+        and in the dtypes it runs; the server's arithmetic runs on its CPU).
+        """
+
+    def __init__(
+        self,
+        *,
+        function: _builtins.str = ...,
+        point: Global___Point | None = ...,
+        options: Global___Options | None = ...,
+        has_jvp: _builtins.bool = ...,
+        max_batch_size: _builtins.int = ...,
+        log_tag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "point", b"point"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["function", b"function", "has_jvp", b"has_jvp", "log_tag", b"log_tag", "max_batch_size", b"max_batch_size", "options", b"options", "point", b"point"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExternalStart: _TypeAlias = ExternalStart  # noqa: Y015
+
+@_typing.final
+class EvaluateRequest(_message.Message):
+    """The server asks for the function's values at `batch_size` points."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Number of this request; the answer repeats it."""
+    batch_size: _builtins.int
+    """Number of points."""
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedTensor]:
+        """Every input of start.point, same names and dtypes, with a leading batch
+        dimension: inputs[k].tensor has shape (batch_size, *shape of input k).
+        """
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        batch_size: _builtins.int = ...,
+        inputs: _abc.Iterable[Global___NamedTensor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "inputs", b"inputs", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateRequest: _TypeAlias = EvaluateRequest  # noqa: Y015
+
+@_typing.final
+class VjpRequest(_message.Message):
+    """The server asks for vector-Jacobian products at the start point."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    COTANGENTS_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Number of this request; the answer repeats it."""
+    batch_size: _builtins.int
+    """Number of cotangents."""
+    @_builtins.property
+    def cotangents(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedTensor]:
+        """One per output the client returned, same names and dtypes, with a leading
+        batch dimension: (batch_size, *shape of the output).
+        """
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        batch_size: _builtins.int = ...,
+        cotangents: _abc.Iterable[Global___NamedTensor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "cotangents", b"cotangents", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VjpRequest: _TypeAlias = VjpRequest  # noqa: Y015
+
+@_typing.final
+class JvpRequest(_message.Message):
+    """The server asks for Jacobian-vector products at the start point (only when
+    start.has_jvp).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    TANGENTS_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Number of this request; the answer repeats it."""
+    batch_size: _builtins.int
+    """Number of tangents."""
+    @_builtins.property
+    def tangents(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedTensor]:
+        """One per checked input, same names and dtypes, with a leading batch
+        dimension: (batch_size, *shape of the input).
+        """
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        batch_size: _builtins.int = ...,
+        tangents: _abc.Iterable[Global___NamedTensor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "sequence", b"sequence", "tangents", b"tangents"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JvpRequest: _TypeAlias = JvpRequest  # noqa: Y015
+
+@_typing.final
+class ExternalValues(_message.Message):
+    """The function's values, answering an EvaluateRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The request's sequence number."""
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedTensor]:
+        """Every output of the function (floating or complex), each with the leading
+        batch dimension. The names, dtypes and shapes must be the same in every
+        answer; one output named "output" is reported as `output`, others as
+        `output['name']`.
+        """
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        outputs: _abc.Iterable[Global___NamedTensor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExternalValues: _TypeAlias = ExternalValues  # noqa: Y015
+
+@_typing.final
+class ExternalProducts(_message.Message):
+    """Products answering a VjpRequest or a JvpRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TENSORS_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The request's sequence number."""
+    @_builtins.property
+    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedTensor]:
+        """For a VjpRequest: one per checked input (gradient of <cotangent, output>
+        with respect to it), named and shaped like the input, with the leading
+        batch dimension. For a JvpRequest: one per output, likewise.
+        """
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        tensors: _abc.Iterable[Global___NamedTensor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sequence", b"sequence", "tensors", b"tensors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExternalProducts: _TypeAlias = ExternalProducts  # noqa: Y015
+
+@_typing.final
+class ExternalFailure(_message.Message):
+    """The client could not compute what the server asked for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The request's sequence number."""
+    message: _builtins.str
+    """Why, in a line; shown in the Report's `error`."""
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExternalFailure: _TypeAlias = ExternalFailure  # noqa: Y015
+
+@_typing.final
+class CheckExternalResponse(_message.Message):
+    """A message of the server in GradcheckService.CheckExternal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVALUATE_FIELD_NUMBER: _builtins.int
+    VJP_FIELD_NUMBER: _builtins.int
+    JVP_FIELD_NUMBER: _builtins.int
+    REPORT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def evaluate(self) -> Global___EvaluateRequest:
+        """Evaluate the function at a batch of points."""
+
+    @_builtins.property
+    def vjp(self) -> Global___VjpRequest:
+        """Compute vector-Jacobian products."""
+
+    @_builtins.property
+    def jvp(self) -> Global___JvpRequest:
+        """Compute Jacobian-vector products."""
+
+    @_builtins.property
+    def report(self) -> Global___Report:
+        """The verdict; the last message of the stream."""
+
+    def __init__(
+        self,
+        *,
+        evaluate: Global___EvaluateRequest | None = ...,
+        vjp: Global___VjpRequest | None = ...,
+        jvp: Global___JvpRequest | None = ...,
+        report: Global___Report | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluate", b"evaluate", "jvp", b"jvp", "kind", b"kind", "report", b"report", "vjp", b"vjp"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluate", b"evaluate", "jvp", b"jvp", "kind", b"kind", "report", b"report", "vjp", b"vjp"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["evaluate", "vjp", "jvp", "report"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___CheckExternalResponse: _TypeAlias = CheckExternalResponse  # noqa: Y015
+
+@_typing.final
+class ErrorDetails(_message.Message):
+    """----------------------------------------------------------------------------- errors
+
+    The google.rpc detail messages a status of this service may carry in its
+    `details` (each packed in a google.protobuf.Any): BadRequest (the fields that
+    were wrong, on INVALID_ARGUMENT), QuotaFailure (the limit, on
+    RESOURCE_EXHAUSTED), RetryInfo (when retrying may help), ErrorInfo (a
+    machine-readable reason). Never sent itself: it names the types so that code
+    generators and reflection clients can resolve every detail.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BAD_REQUEST_FIELD_NUMBER: _builtins.int
+    QUOTA_FAILURE_FIELD_NUMBER: _builtins.int
+    RETRY_INFO_FIELD_NUMBER: _builtins.int
+    ERROR_INFO_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def bad_request(self) -> _error_details_pb2.BadRequest:
+        """Fields that were wrong."""
+
+    @_builtins.property
+    def quota_failure(self) -> _error_details_pb2.QuotaFailure:
+        """Limits that were exceeded."""
+
+    @_builtins.property
+    def retry_info(self) -> _error_details_pb2.RetryInfo:
+        """When to retry."""
+
+    @_builtins.property
+    def error_info(self) -> _error_details_pb2.ErrorInfo:
+        """Machine-readable reason."""
+
+    def __init__(
+        self,
+        *,
+        bad_request: _error_details_pb2.BadRequest | None = ...,
+        quota_failure: _error_details_pb2.QuotaFailure | None = ...,
+        retry_info: _error_details_pb2.RetryInfo | None = ...,
+        error_info: _error_details_pb2.ErrorInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bad_request", b"bad_request", "error_info", b"error_info", "quota_failure", b"quota_failure", "retry_info", b"retry_info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bad_request", b"bad_request", "error_info", b"error_info", "quota_failure", b"quota_failure", "retry_info", b"retry_info"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ErrorDetails: _TypeAlias = ErrorDetails  # noqa: Y015
+
+@_typing.final
 class GetCapabilitiesRequest(_message.Message):
-    """Request of GradcheckService.GetCapabilities."""
+    """----------------------------------------------------------------------------- capabilities
+
+    Request of GradcheckService.GetCapabilities.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1492,9 +1974,11 @@ class Limits(_message.Message):
     MAX_POINTS_FIELD_NUMBER: _builtins.int
     MAX_JACOBIAN_ENTRIES_FIELD_NUMBER: _builtins.int
     MAX_EVALUATIONS_FIELD_NUMBER: _builtins.int
-    MAX_CHECK_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_CHECK_DURATION_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENT_CHECKS_FIELD_NUMBER: _builtins.int
     MAX_EXPRESSION_LENGTH_FIELD_NUMBER: _builtins.int
+    MAX_EXTERNAL_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_EXTERNAL_REPLY_DURATION_FIELD_NUMBER: _builtins.int
     max_message_bytes: _builtins.int
     """Largest request or response message, in bytes."""
     max_tensor_elements: _builtins.int
@@ -1507,12 +1991,20 @@ class Limits(_message.Message):
     """Largest Jacobian checked, in entries."""
     max_evaluations: _builtins.int
     """Most function evaluations for finite differences per check."""
-    max_check_seconds: _builtins.float
-    """Longest wall-clock time of one request, in seconds."""
     max_concurrent_checks: _builtins.int
     """Most checks running at once; more are rejected, never queued."""
     max_expression_length: _builtins.int
     """Longest expression, in characters."""
+    max_external_batch_size: _builtins.int
+    """Most points (cotangents, tangents) in one request of CheckExternal."""
+    @_builtins.property
+    def max_check_duration(self) -> _duration_pb2.Duration:
+        """Longest wall-clock time of one request."""
+
+    @_builtins.property
+    def max_external_reply_duration(self) -> _duration_pb2.Duration:
+        """Longest wait for each answer of a CheckExternal client."""
+
     def __init__(
         self,
         *,
@@ -1522,13 +2014,15 @@ class Limits(_message.Message):
         max_points: _builtins.int = ...,
         max_jacobian_entries: _builtins.int = ...,
         max_evaluations: _builtins.int = ...,
-        max_check_seconds: _builtins.float = ...,
+        max_check_duration: _duration_pb2.Duration | None = ...,
         max_concurrent_checks: _builtins.int = ...,
         max_expression_length: _builtins.int = ...,
+        max_external_batch_size: _builtins.int = ...,
+        max_external_reply_duration: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_check_duration", b"max_check_duration", "max_external_reply_duration", b"max_external_reply_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_check_seconds", b"max_check_seconds", "max_concurrent_checks", b"max_concurrent_checks", "max_evaluations", b"max_evaluations", "max_expression_length", b"max_expression_length", "max_jacobian_entries", b"max_jacobian_entries", "max_message_bytes", b"max_message_bytes", "max_points", b"max_points", "max_request_elements", b"max_request_elements", "max_tensor_elements", b"max_tensor_elements"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_check_duration", b"max_check_duration", "max_concurrent_checks", b"max_concurrent_checks", "max_evaluations", b"max_evaluations", "max_expression_length", b"max_expression_length", "max_external_batch_size", b"max_external_batch_size", "max_external_reply_duration", b"max_external_reply_duration", "max_jacobian_entries", b"max_jacobian_entries", "max_message_bytes", b"max_message_bytes", "max_points", b"max_points", "max_request_elements", b"max_request_elements", "max_tensor_elements", b"max_tensor_elements"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1565,7 +2059,7 @@ class GetCapabilitiesResponse(_message.Message):
         """Devices; "cpu" is always listed."""
 
     @_builtins.property
-    def dtypes(self) -> _containers.RepeatedScalarFieldContainer[Global___DType.ValueType]:
+    def dtypes(self) -> _containers.RepeatedScalarFieldContainer[Global___Dtype.ValueType]:
         """Element types accepted in tensors."""
 
     @_builtins.property
@@ -1588,7 +2082,7 @@ class GetCapabilitiesResponse(_message.Message):
         devices: _abc.Iterable[Global___DeviceInfo] | None = ...,
         cuda_available: _builtins.bool = ...,
         default_device: _builtins.str = ...,
-        dtypes: _abc.Iterable[Global___DType.ValueType] | None = ...,
+        dtypes: _abc.Iterable[Global___Dtype.ValueType] | None = ...,
         expression_functions: _abc.Iterable[_builtins.str] | None = ...,
         registered_functions: _abc.Iterable[_builtins.str] | None = ...,
         limits: Global___Limits | None = ...,
@@ -1730,24 +2224,24 @@ class CheckProgress(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     POINT_FIELD_NUMBER: _builtins.int
-    DONE_FIELD_NUMBER: _builtins.int
-    TOTAL_FIELD_NUMBER: _builtins.int
+    DONE_COUNT_FIELD_NUMBER: _builtins.int
+    TOTAL_COUNT_FIELD_NUMBER: _builtins.int
     point: _builtins.int
     """The evaluation point being checked (0-based)."""
-    done: _builtins.int
+    done_count: _builtins.int
     """Columns done at this point."""
-    total: _builtins.int
+    total_count: _builtins.int
     """Columns in all at this point."""
     def __init__(
         self,
         *,
         point: _builtins.int = ...,
-        done: _builtins.int = ...,
-        total: _builtins.int = ...,
+        done_count: _builtins.int = ...,
+        total_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "point", b"point", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done_count", b"done_count", "point", b"point", "total_count", b"total_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

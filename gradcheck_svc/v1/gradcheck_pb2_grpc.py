@@ -45,6 +45,11 @@ class GradcheckServiceStub:
                 request_serializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckStreamRequest.SerializeToString,
                 response_deserializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckStreamResponse.FromString,
                 _registered_method=True)
+        self.CheckExternal = channel.stream_stream(
+                '/gradcheck_svc.v1.GradcheckService/CheckExternal',
+                request_serializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckExternalRequest.SerializeToString,
+                response_deserializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckExternalResponse.FromString,
+                _registered_method=True)
         self.GetCapabilities = channel.unary_unary(
                 '/gradcheck_svc.v1.GradcheckService/GetCapabilities',
                 request_serializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.GetCapabilitiesRequest.SerializeToString,
@@ -72,6 +77,18 @@ class GradcheckServiceServicer:
         """Checks a stream of requests; each is answered as soon as it finishes (answers
         may come back out of order: match them by `id`). An error in one request is
         reported in its answer and does not end the stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckExternal(self, request_iterator, context):
+        """Checks a function the client evaluates itself, in any language: the client
+        names its inputs, the server drives the check. It asks for the function's
+        values at batches of points and for the client's vector-Jacobian products
+        (and Jacobian-vector products, if the client has them) at batches of
+        cotangents (tangents), and finally answers with the same Report as Check.
+        The client sends no code and the server runs none. See CheckExternalRequest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,6 +122,11 @@ def add_GradcheckServiceServicer_to_server(servicer, server):
                     servicer.CheckStream,
                     request_deserializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckStreamRequest.FromString,
                     response_serializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckStreamResponse.SerializeToString,
+            ),
+            'CheckExternal': grpc.stream_stream_rpc_method_handler(
+                    servicer.CheckExternal,
+                    request_deserializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckExternalRequest.FromString,
+                    response_serializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckExternalResponse.SerializeToString,
             ),
             'GetCapabilities': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCapabilities,
@@ -172,6 +194,33 @@ class GradcheckService:
             '/gradcheck_svc.v1.GradcheckService/CheckStream',
             gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckStreamRequest.SerializeToString,
             gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckExternal(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradcheck_svc.v1.GradcheckService/CheckExternal',
+            gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckExternalRequest.SerializeToString,
+            gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckExternalResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,6 +19,16 @@ is busy), FAILED_PRECONDITION (e.g. CUDA asked of a server without it),
 DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE (the server is shutting down).
 A function that raises at one point is not an RPC error: that point's Report
 carries the error text and the other points are still checked.
+
+This file stands alone. Its imports are protobuf's well-known types (which
+protoc, buf and proto-loader ship) and google/rpc/{status,error_details}.proto,
+vendored unchanged under protos/google/rpc/: point your tool's include path at
+protos/ (e.g. proto-loader's `includeDirs: ["protos"]`). `buf lint protos`
+checks it with the STANDARD rules (protos/buf.yaml).
+
+Byte order: every tensor's data is little-endian. A server cannot tell
+big-endian bytes from other numbers, so converting them is the client's duty
+(on a big-endian host, byte-swap before sending and after receiving).
 """
 
 from collections import abc as _abc
@@ -58,6 +68,14 @@ class GradcheckServiceStub:
     may come back out of order: match them by `id`). An error in one request is
     reported in its answer and does not end the stream.
     """
+    CheckExternal: _grpc.StreamStreamMultiCallable[_gradcheck_pb2.CheckExternalRequest, _gradcheck_pb2.CheckExternalResponse]
+    """Checks a function the client evaluates itself, in any language: the client
+    names its inputs, the server drives the check. It asks for the function's
+    values at batches of points and for the client's vector-Jacobian products
+    (and Jacobian-vector products, if the client has them) at batches of
+    cotangents (tangents), and finally answers with the same Report as Check.
+    The client sends no code and the server runs none. See CheckExternalRequest.
+    """
     GetCapabilities: _grpc.UnaryUnaryMultiCallable[_gradcheck_pb2.GetCapabilitiesRequest, _gradcheck_pb2.GetCapabilitiesResponse]
     """Describes the server: versions, devices, functions and limits."""
     CheckWithProgress: _grpc.UnaryStreamMultiCallable[_gradcheck_pb2.CheckWithProgressRequest, _gradcheck_pb2.CheckWithProgressResponse]
@@ -77,6 +95,14 @@ class GradcheckServiceAsyncStub(GradcheckServiceStub):
     """Checks a stream of requests; each is answered as soon as it finishes (answers
     may come back out of order: match them by `id`). An error in one request is
     reported in its answer and does not end the stream.
+    """
+    CheckExternal: _aio.StreamStreamMultiCallable[_gradcheck_pb2.CheckExternalRequest, _gradcheck_pb2.CheckExternalResponse]  # type: ignore[assignment]
+    """Checks a function the client evaluates itself, in any language: the client
+    names its inputs, the server drives the check. It asks for the function's
+    values at batches of points and for the client's vector-Jacobian products
+    (and Jacobian-vector products, if the client has them) at batches of
+    cotangents (tangents), and finally answers with the same Report as Check.
+    The client sends no code and the server runs none. See CheckExternalRequest.
     """
     GetCapabilities: _aio.UnaryUnaryMultiCallable[_gradcheck_pb2.GetCapabilitiesRequest, _gradcheck_pb2.GetCapabilitiesResponse]  # type: ignore[assignment]
     """Describes the server: versions, devices, functions and limits."""
@@ -106,6 +132,20 @@ class GradcheckServiceServicer(metaclass=_abc_1.ABCMeta):
         """Checks a stream of requests; each is answered as soon as it finishes (answers
         may come back out of order: match them by `id`). An error in one request is
         reported in its answer and does not end the stream.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckExternal(
+        self,
+        request_iterator: _MaybeAsyncIterator[_gradcheck_pb2.CheckExternalRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gradcheck_pb2.CheckExternalResponse], _abc.AsyncIterator[_gradcheck_pb2.CheckExternalResponse]]:
+        """Checks a function the client evaluates itself, in any language: the client
+        names its inputs, the server drives the check. It asks for the function's
+        values at batches of points and for the client's vector-Jacobian products
+        (and Jacobian-vector products, if the client has them) at batches of
+        cotangents (tangents), and finally answers with the same Report as Check.
+        The client sends no code and the server runs none. See CheckExternalRequest.
         """
 
     @_abc_1.abstractmethod

@@ -89,7 +89,13 @@ class AssertGrads:
             pytest.fail(unreachable, pytrace=False)
         report = outcome.report
         self._record(
-            label, outcome.where, started, ok=report.ok, kinks=report.kinks, fallback=outcome.fallback
+            label,
+            outcome.where,
+            started,
+            ok=report.ok,
+            kinks=report.kinks,
+            fallback=outcome.fallback,
+            expected_mismatch=report.expected_mismatch,
         )
         if not report.ok:
             raise gc.GradientMismatch(report)

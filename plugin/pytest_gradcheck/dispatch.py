@@ -45,12 +45,35 @@ def label_for(fn: Any) -> str:
     return fn.strip() if isinstance(fn, str) else label_of(fn) if callable(fn) else repr(fn)
 
 
+def _check_keywords(fn: Any, resolved: Resolved) -> None:
+    """params= names a registered function's parameters; a callable's keywords go in fn_kwargs=."""
+    __tracebackhide__ = True
+    if not isinstance(fn, str) and resolved.params is not None:
+        raise TypeError(
+            "params= is for a registered function named by a string; "
+            "a callable's keyword arguments go in fn_kwargs={...}"
+        )
+    if isinstance(fn, str) and "fn_kwargs" in resolved.arguments:
+        raise TypeError("fn_kwargs is for callables: a registered function takes params={...}")
+
+
+def _constants(fn: Any, resolved: Resolved) -> dict[str, Any] | None:
+    """The call's constant keyword arguments: params of a name, fn_kwargs of a callable."""
+    return resolved.params if isinstance(fn, str) else resolved.arguments.get("fn_kwargs")
+
+
+def _check_arguments(resolved: Resolved) -> dict[str, Any]:
+    """check()'s own keywords besides the function's (wrt, expect), when given."""
+    return {k: v for k, v in resolved.arguments.items() if k != "fn_kwargs"}
+
+
 def _local(fn: Any, inputs: Sequence[Any], resolved: Resolved, progress: ProgressFn | None) -> Outcome:
     __tracebackhide__ = True
     from gradcheck_svc.binding import bind
 
-    call = bind(fn, inputs, names=resolved.input_names, kwargs=resolved.params)
-    return Outcome(call.check(progress=progress, **resolved.options), LOCAL, label=call.label)
+    call = bind(fn, inputs, names=resolved.input_names, kwargs=_constants(fn, resolved))
+    report = call.check(progress=progress, **_check_arguments(resolved), **resolved.options)
+    return Outcome(report, LOCAL, label=call.label)
 
 
 def _refuse(remote: RemoteServer, label: str, why: str) -> None:
@@ -85,18 +108,22 @@ def _on_server(
     resolved: Resolved,
     progress: ProgressFn | None,
 ) -> Report:
-    """One point checked on the server, streaming its progress when someone listens."""
+    """One point checked on the server, streaming its progress when someone listens; an
+    expected mismatch (expect=) is judged here, on the server's report."""
     __tracebackhide__ = True
+    from gradcheck_svc.engine.expectation import apply_expectation
+
     if progress is None:
-        return remote.call("check_points", function, [point], options=resolved.options)[0]
-    reports = remote.call(
-        "check_with_progress",
-        function,
-        [point],
-        lambda _point, done, total: progress(done, total),
-        options=resolved.options,
-    )
-    return reports[0]
+        report = remote.call("check_points", function, [point], options=resolved.options)[0]
+    else:
+        report = remote.call(
+            "check_with_progress",
+            function,
+            [point],
+            lambda _point, done, total: progress(done, total),
+            options=resolved.options,
+        )[0]
+    return apply_expectation(report, resolved.arguments.get("expect", "match"))
 
 
 def _send(
@@ -119,9 +146,12 @@ def run(
 ) -> Outcome:
     """Run the check where the policy says; what the server cannot run falls back or fails."""
     __tracebackhide__ = True
+    _check_keywords(fn, resolved)
     remote = _remote(server, resolved)
     if remote is None:
         return _local(fn, inputs, resolved, progress)
+    if "wrt" in resolved.arguments:  # the server checks every input
+        return _fallback(remote, fn, inputs, resolved, progress, "wrt= is applied in-process")
     from gradcheck_svc.binding import (
         Call,
         bind_callable,
@@ -150,7 +180,8 @@ def run(
         travelling = portable_named(text, inputs, names=resolved.input_names, params=resolved.params)
         label = text
     else:
-        call: Call = bind_callable(fn, inputs, names=resolved.input_names, kwargs=resolved.params)
+        kwargs = resolved.arguments.get("fn_kwargs")
+        call: Call = bind_callable(fn, inputs, names=resolved.input_names, kwargs=kwargs)
         never = why_not_remote(fn)  # decided here, without asking an unreachable server
         travelling = never or portable(call, remote.registered)
         label = call.label

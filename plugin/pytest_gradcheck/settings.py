@@ -77,10 +77,13 @@ SETTINGS: tuple[Setting, ...] = (
 )
 ENGINE_SETTINGS: tuple[str, ...] = ("atol", "rtol", "mode", "kinks", "device")
 # Keywords the fixture and the marker take besides the engine's options; the call also takes
-# input_names (names of a callable's positional inputs in the report) and fn_kwargs (another
-# name for params: constant keyword arguments of the function).
-PLUGIN_KEYWORDS: frozenset[str] = frozenset({"remote", "params"})
-CALL_KEYWORDS: frozenset[str] = PLUGIN_KEYWORDS | {"input_names", "fn_kwargs"}
+# input_names (names of a callable's positional inputs in the report).
+# expect= ("match" | "mismatch") may come from the marker too; fn_kwargs and wrt only from the call.
+PLUGIN_KEYWORDS: frozenset[str] = frozenset({"remote", "params", "expect"})
+CALL_KEYWORDS: frozenset[str] = PLUGIN_KEYWORDS | {"input_names", "fn_kwargs", "wrt"}
+# Keywords of gradcheck_svc.check that are not engine options: kept apart from the options
+# (which travel to a server as they are).
+CHECK_ARGUMENTS: tuple[str, ...] = ("fn_kwargs", "wrt", "expect")
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -154,8 +157,9 @@ class Resolved:
 
     options: dict[str, Any]  # engine options
     remote: RemotePolicy
-    params: dict[str, Any] | None = None  # constant keyword arguments of the function
+    params: dict[str, Any] | None = None  # parameters of a registered function named by a string
     input_names: list[str] | None = None  # names of a callable's positional inputs
+    arguments: dict[str, Any] = field(default_factory=dict)  # fn_kwargs, wrt, expect when given
 
 
 def _check_keywords(
@@ -199,10 +203,6 @@ def resolve(
             raise ValueError(f"remote='require' needs a server: --gradcheck-server ADDR or ${SERVER_ENV}")
         remote = "never"
     params = merged.pop("params", None)
-    fn_kwargs = merged.pop("fn_kwargs", None)
-    if fn_kwargs is not None:
-        if "params" in call:
-            raise TypeError("give the function's keyword arguments once: params= or fn_kwargs=, not both")
-        params = fn_kwargs
     names = merged.pop("input_names", None)
-    return Resolved(merged, remote, params, list(names) if names is not None else None)
+    arguments = {k: merged.pop(k) for k in CHECK_ARGUMENTS if k in merged}
+    return Resolved(merged, remote, params, list(names) if names is not None else None, arguments)

@@ -31,6 +31,7 @@ class CheckRecord:
     error: str = ""  # why the check could not run at all (exception type and message)
     unreachable: bool = False  # the server could not be reached
     warmup: bool = False  # its process's first check: its time includes loading torch and the engine
+    expected_mismatch: bool = False  # expect="mismatch" and the mismatch was found: passed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +79,9 @@ def summary_lines(records: list[CheckRecord], *, verbose: bool = False) -> list[
     head = f"{_plural(len(records), 'check')} run, {len(failed)} failed"
     if errors:
         head += f" ({errors} could not run)"
+    expected = sum(1 for r in records if r.expected_mismatch)
+    if expected:
+        head += f", {expected} expected mismatch{'' if expected == 1 else 'es'}"
     head += f", {_plural(kinks, 'kink')} seen"
     if kinks:
         head += f" (in {_plural(sum(1 for r in records if r.kinks), 'check')})"

@@ -195,8 +195,8 @@ sampling = st.builds(
         ),
         max_size=3,
     ),
-    count=st.integers(0, 2**32 - 1),
-    seed=st.integers(0, 2**64 - 1),
+    point_count=st.integers(-2, 2**32),
+    seed=st.integers(-(2**63), 2**63 - 1),
 )
 
 

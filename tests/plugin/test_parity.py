@@ -30,7 +30,7 @@ def test_tuple_and_float_positional(assert_grads):
 
 
 def test_constant_keywords(assert_grads):
-    assert_grads(leaky, X, params={"alpha": 0.2, "mode": "double"})
+    assert_grads(leaky, X, fn_kwargs={"alpha": 0.2, "mode": "double"})
 
 
 def test_registered_module(assert_grads):
@@ -95,7 +95,7 @@ def test_what_cannot_travel_is_named_in_one_line(pytester: pytest.Pytester, serv
         X = torch.randn(3, dtype=torch.float64)
 
         def test_object_argument(assert_grads):
-            assert_grads(leaky, X, params={"alpha": object()})
+            assert_grads(leaky, X, fn_kwargs={"alpha": object()})
 
         def test_tensor_keyword(assert_grads):
             assert_grads(leaky, X, fn_kwargs={"alpha": X})

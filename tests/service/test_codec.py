@@ -192,15 +192,57 @@ def test_report_round_trip_is_exact() -> None:
     assert back.pairs[1].analytic is None and back.pairs[0].numeric == [] and back.pairs[0].error_map == []
 
 
+def test_report_enums_round_trip() -> None:
+    """Strings of the model travel as the request's enums: mixed dtypes, Taylor mode, exact device."""
+    taylor = PairReport(
+        output="output",
+        input="x",
+        check=Check.TAYLOR,
+        status=Status.PASS,
+        mode="taylor",
+        output_shape=[],
+        input_shape=[],
+        dtype="bfloat16",
+    )
+    report = Report(
+        ok=True,
+        pairs=[taylor],
+        dtype="complex128,float32",
+        device="cuda:1",
+        mode="taylor",
+        scheme="taylor",
+        timings={"total_s": 1.5},
+    )
+    msg = codec.encode_report(report)
+    assert list(msg.dtypes) == [pb.DTYPE_FLOAT32, pb.DTYPE_COMPLEX128]
+    assert msg.device == pb.DEVICE_CUDA and msg.device_name == "cuda:1"
+    assert msg.mode == pb.MODE_UNSPECIFIED and msg.scheme == pb.SCHEME_TAYLOR
+    assert msg.pairs[0].dtype == pb.DTYPE_BFLOAT16 and msg.timings["total"].seconds == 1
+    assert codec.decode_report(pb.Report.FromString(msg.SerializeToString())) == report
+
+
 def test_report_defaults_round_trip() -> None:
     report = Report(ok=True)
     assert codec.decode_report(codec.encode_report(report)) == report
 
 
+# Model field -> wire field where the proto's style names it otherwise (counts end in _count,
+# several dtypes are a repeated enum); device_name travels beside the Device enum.
+WIRE_NAMES = {"dtype": "dtypes", "elements_checked": "checked_count", "elements_failed": "failed_count"}
+WIRE_NAMES |= {"kinks": "kink_count"}
+
+
 def test_every_report_field_crosses_the_wire() -> None:
     """Fails when report.py grows a field the protocol does not carry yet."""
-    for model, message in [(Report, pb.Report), (PairReport, pb.PairReport), (ElementError, pb.ElementError)]:
-        assert set(model.model_fields) == {f.name for f in message.DESCRIPTOR.fields}, model.__name__
+    for model, message, extra in [
+        (Report, pb.Report, {"device_name"}),
+        (PairReport, pb.PairReport, set()),
+        (ElementError, pb.ElementError, set()),
+    ]:
+        names = {WIRE_NAMES.get(n, n) for n in model.model_fields}
+        if model is not Report:
+            names = {n.replace("dtypes", "dtype") for n in names}
+        assert names | extra == {f.name for f in message.DESCRIPTOR.fields}, model.__name__
     for member in Status:
         assert pb.Status.Value("STATUS_" + member.name)
     for member in Check:

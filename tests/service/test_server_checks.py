@@ -205,7 +205,7 @@ def test_reflection_client_lists_and_calls_the_service(address: str) -> None:
         tensor = request.explicit_points.points.add().tensors.add()
         tensor.name = "x"
         tensor.tensor.dtype = (
-            pool.FindEnumTypeByName("gradcheck_svc.v1.DType").values_by_name["DTYPE_FLOAT64"].number
+            pool.FindEnumTypeByName("gradcheck_svc.v1.Dtype").values_by_name["DTYPE_FLOAT64"].number
         )
         tensor.tensor.data = torch.tensor(9.0, dtype=torch.float64).numpy().tobytes()
         call = channel.unary_unary(

@@ -38,10 +38,14 @@ def rejected(
     error = info.value
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
     violations = []
+    infos = []
     for detail in status.details if status else ():
-        bad = error_details_pb2.BadRequest()
-        assert detail.Unpack(bad)
-        violations += [(v.field, v.description) for v in bad.field_violations]
+        bad, info_ = error_details_pb2.BadRequest(), error_details_pb2.ErrorInfo()
+        if detail.Unpack(bad):
+            violations += [(v.field, v.description) for v in bad.field_violations]
+        elif detail.Unpack(info_):
+            infos.append(info_)
+    assert len(infos) == 1 and infos[0].domain == "gradcheck-svc" and infos[0].reason  # AIP-193
     return error.code(), error.details(), violations  # type: ignore[attr-defined]
 
 

@@ -1,0 +1,72 @@
+"""Inputs and outputs a Jacobian cannot be taken over: zero-size tensors, non-finite elements.
+
+* A zero-size input or output has a Jacobian with no entries: the check is trivially ok,
+  nothing to compare, and the report says so.
+* An input element that is +-inf or NaN has no finite step: its column is never perturbed
+  (a step scaled by |x| would be inf and the difference NaN). It is listed in a note. A NaN
+  input that makes an output NaN fails the pairs of that input and output as NONFINITE: no
+  gradient is defined there. A NaN that ``nansum`` ignores, or +-inf (attention masks,
+  ``-inf`` padding), is a legitimate value that is simply left out.
+* Outputs autograd marks non-differentiable are skipped (see ``problem``), listed in a note.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from gradcheck_svc.engine.compare import pair_fields
+from gradcheck_svc.engine.problem import Leaf, Problem
+from gradcheck_svc.report import Check, PairReport, Status
+
+__all__ = ["empty_pairs", "mark_nonfinite_inputs", "note_skipped_outputs"]
+
+
+def empty_pairs(problem: Problem, mode: str) -> list[PairReport]:
+    """Every (output, input) pair of a problem whose Jacobian has no entries, each trivially ok."""
+    return [
+        PairReport(
+            **pair_fields(block, leaf),
+            check=Check.REVERSE,
+            status=Status.PASS,
+            mode=mode,
+            message="zero-size tensor: nothing to compare",
+        )
+        for block in problem.outputs
+        for leaf in problem.leaves
+    ]
+
+
+def _where(leaf: Leaf) -> str:
+    shown, count = leaf.nonfinite_elements()
+    parts = []
+    for index, part, value in shown:
+        at = f"[{', '.join(str(i) for i in index)}]" if index else ""
+        parts.append(f"{leaf.name}{at}{'.' + part if part else ''} = {value}")
+    more = f" and {count - len(shown)} more" if count > len(shown) else ""
+    return ", ".join(parts) + more
+
+
+def mark_nonfinite_inputs(
+    problem: Problem, f0: torch.Tensor, pairs: list[PairReport], note: Callable[[str], None]
+) -> None:
+    """Name the input elements that were not perturbed; a NaN input that reaches an output fails."""
+    nan_outputs = {block.name for block in problem.outputs if bool(f0[block.rows].isnan().any())}
+    for leaf in problem.leaves:
+        real = leaf.real
+        if bool(real.isfinite().all()):
+            continue
+        where = _where(leaf)
+        note(f"not perturbed (no finite step exists there): {where}")
+        if not bool(real.isnan().any()):
+            continue
+        for pair in pairs:
+            if pair.input == leaf.name and pair.output in nan_outputs and pair.check != Check.DEVICES:
+                pair.status = Status.NONFINITE
+                pair.message = f"{leaf.name} holds NaN: no gradient is defined there"
+
+
+def note_skipped_outputs(problem: Problem, note: Callable[[str], None]) -> None:
+    if problem.skipped_outputs:
+        note("not checked, autograd marks them non-differentiable: " + ", ".join(problem.skipped_outputs))

@@ -1,0 +1,107 @@
+"""The numeric reference of a low-precision check: float64 copies of fn where fn allows it.
+
+Finite differences of a float32 (or float16, bfloat16) function cannot see the rounding inside
+it: where the forward saturates it is locally flat, and the noise measured from its own values
+can be confidently wrong. When ``fn`` runs on float64 copies of its inputs (and module
+parameters) and returns float64 values close to its low-precision ones, the finite differences
+and their error bars come from that float64 copy; the analytic side stays in the user's dtype and
+is judged with tolerances of that dtype. Otherwise the check falls back to differences in the
+user's dtype, and says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gradcheck_svc.engine.numeric import defaults_for
+from gradcheck_svc.engine.problem import Problem, build_problem
+from gradcheck_svc.errors import CheckError
+
+__all__ = ["Reference", "choose_reference"]
+
+_WIDE = (torch.float64, torch.complex128)
+# A float64 copy whose values stray further than this many units of the low precision from the
+# user's values is not the same function (it branches on dtype, or casts inside).
+_AGREEMENT_ULPS = 2.0**12
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Where the numeric side runs: ``problem`` (the user's or a float64 copy), and why."""
+
+    problem: Problem
+    name: str  # "float64" or the user's dtype, e.g. "float32"
+    reason: str  # empty when the inputs are float64 already
+
+
+def _low_precision(problem: Problem) -> bool:
+    dtypes = [leaf.dtype for leaf in problem.leaves] + [out.dtype for out in problem.outputs]
+    return any(d not in _WIDE for d in dtypes)
+
+
+def _dtype_label(problem: Problem) -> str:
+    names = sorted({leaf.dtype_name for leaf in problem.leaves})
+    return ",".join(names)
+
+
+def choose_reference(
+    problem: Problem,
+    fn: Callable[..., Any],
+    inputs: Sequence[Any],
+    kwargs: dict[str, Any],
+    *,
+    input_names: Sequence[str] | None,
+    device: torch.device | None,
+    enabled: bool,
+    wrt: Any = None,
+) -> Reference:
+    """A float64 copy of ``problem`` when it is low precision and fn runs in float64, else itself."""
+    own = _dtype_label(problem)
+    if not _low_precision(problem):
+        return Reference(problem, own, "")
+    if not enabled:
+        return Reference(problem, own, "the float64 reference is not used for this kind of check")
+    try:
+        wide, _ = build_problem(
+            fn, inputs, kwargs, input_names=input_names, device=device, upcast=True, wrt=wrt
+        )
+    except CheckError as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return Reference(
+            problem, own, f"fn does not run on float64 copies of its inputs ({first_line[:160]})"
+        )
+    problem_of = _mismatch(problem, wide)
+    if problem_of:
+        return Reference(problem, own, f"fn's float64 copy is not the same function ({problem_of})")
+    return Reference(wide, "float64", "fn runs on float64 copies of its inputs")
+
+
+def _mismatch(low: Problem, wide: Problem) -> str:
+    """Why ``wide`` cannot stand in for ``low`` on the numeric side; empty when it can."""
+    if [leaf.shape for leaf in low.leaves] != [leaf.shape for leaf in wide.leaves]:
+        return "other inputs"
+    if [(o.shape, o.size) for o in low.outputs] != [(o.shape, o.size) for o in wide.outputs]:
+        return "outputs of other shapes"
+    narrow = [o.dtype for o in wide.outputs if o.dtype not in _WIDE]
+    if narrow:
+        return f"it returns {str(narrow[0]).removeprefix('torch.')}"
+    assert low.first_call is not None and wide.first_call is not None
+    f_low, f_wide = low.first_call[0].detach(), wide.first_call[0].detach()
+    if not torch.equal(torch.isfinite(f_low), torch.isfinite(f_wide)):
+        return "it is finite at other elements"
+    finite = torch.isfinite(f_wide)
+    if bool(finite.any()):
+        unit = defaults_for(*(o.dtype for o in low.outputs)).machine_eps
+        scale = f_wide[finite].abs()
+        # Rounding scales with the intermediates (of the size of the inputs), not with f alone:
+        # a saturating GeLU returns 1e-6 computed from terms of size 5.
+        inputs = [leaf.real.detach().abs().nan_to_num(nan=0.0, posinf=0.0) for leaf in wide.leaves]
+        x_scale = max((float(t.max()) for t in inputs if t.numel()), default=0.0)
+        allowed = _AGREEMENT_ULPS * unit * (scale + scale.max() + x_scale)
+        if not bool(((f_low[finite] - f_wide[finite]).abs() <= allowed).all()):
+            return "its values differ beyond the rounding of the low precision"
+    return ""
