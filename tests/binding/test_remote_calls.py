@@ -109,3 +109,13 @@ def test_a_stuck_constructor_runs_in_a_worker_the_server_can_kill() -> None:
             assert stuck.check("x * 2", x=X).ok  # and the server carries on
     finally:
         server.stop(grace=1)
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_builtin_with_a_constant_positional_argument(client: Client, dim: int) -> None:
+    # A built-in is sized on the meta device before it runs: its constants go along as they are.
+    name = "torch.nn.functional.softmax"
+    remote = client.check_points(Registered(name, arguments=(Input("x"), dim)), [{"x": X}])[0]
+    local = bind(torch.nn.functional.softmax, [X, dim]).check()
+    assert remote.ok and local.ok, remote.error
+    assert [p.analytic for p in remote.pairs] == [p.analytic for p in local.pairs]

@@ -28,6 +28,31 @@ def test_fast_mode_counts_projections() -> None:
     assert all(0 < d <= t for d, t in seen)
 
 
+def test_float32_counts_the_float64_reference_columns_once() -> None:
+    # The numeric side of a float32 check runs on a float64 copy: its columns are the ones counted.
+    seen: list[tuple[int, int]] = []
+    report = gc.check(
+        torch.sin, X.float(), mode="full", chunk_size=16, progress=lambda d, t: seen.append((d, t))
+    )
+    assert report.ok and report.options["reference"] == "float64"
+    assert seen == [(16, 40), (32, 40), (40, 40)]
+
+
+def test_wrt_counts_only_the_checked_inputs() -> None:
+    seen: list[tuple[int, int]] = []
+    y = torch.randn(7, dtype=torch.float64)
+    report = gc.check(
+        lambda a, b: a.sum() * b, X, y, wrt=1, mode="full", progress=lambda d, t: seen.append((d, t))
+    )
+    assert [p.input for p in report.pairs] == ["inputs[1]"]
+    assert seen[-1] == (7, 7)
+
+
+def test_progress_must_be_callable() -> None:
+    with pytest.raises(gc.InvalidOptionError, match="progress must be callable"):
+        gc.check(torch.sin, X, progress=5)
+
+
 def test_a_failing_callback_stops_the_check() -> None:
     def stop(done: int, total: int) -> None:
         raise KeyboardInterrupt
