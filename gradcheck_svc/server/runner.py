@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -46,6 +46,7 @@ __all__ = ["Deadline", "PointProgress", "execute", "run_plan"]
 log = logging.getLogger("gradcheck_svc.server")
 
 CheckFn = Callable[..., Report]
+_T = TypeVar("_T")
 PointProgress = Callable[[int, int, int], None]  # (point, columns done, columns in all)
 # Errors about the request as a whole; everything else the function does is that point's business.
 _REQUEST_LEVEL = (InvalidOptionError, DeviceUnavailableError, CheckCancelledError, NothingToCheckError)
@@ -127,7 +128,7 @@ def run_plan(
 ) -> list[Report]:
     reports = []
     if plan.build_fn is not None:  # a registered module, built here (in the worker when isolated)
-        plan = replace(plan, fn=plan.build_fn(), build_fn=None)
+        plan = replace(plan, fn=_guarded(plan.build_fn, deadline, cancelled, max_bytes), build_fn=None)
     for index, point in enumerate(plan.points):
         if cancelled():
             raise CheckCancelledError("the client cancelled the check")
@@ -158,24 +159,32 @@ def _guarded_point(
     max_bytes: int,
     extra: dict[str, Any],
 ) -> Report:
-    if plan.light:  # small everywhere, sized up front: the engine's own polls bound it
+    def run() -> Report:
         return _run_point(plan, point, deadline, cancelled, check_fn, extra)
+
+    if plan.light:  # small everywhere, sized up front: the engine's own polls bound it
+        return run()
+    return _guarded(run, deadline, cancelled, max_bytes)
+
+
+def _guarded(run: Callable[[], _T], deadline: Deadline, cancelled: Callable[[], bool], max_bytes: int) -> _T:
+    """``run()`` under a CheckGuard: a point's check, or a registered module's constructor."""
     guard = CheckGuard(max_bytes=max_bytes, deadline=deadline.at, cancelled=cancelled)
+    result: _T | None = None
     try:
         with guard:
-            report = _run_point(plan, point, deadline, cancelled, check_fn, extra)
+            result = run()
     except Exception:
         if guard.tripped is None:
             raise
-        report = None
     if guard.tripped is not None:  # whatever the function or the engine made of it
         if isinstance(guard.tripped, CheckCancelledError):
             raise CheckCancelledError("the client cancelled the check") from None
         if deadline.passed():
             raise deadline.rejection() from None
         raise guard.tripped from None
-    assert report is not None
-    return report
+    assert result is not None
+    return result
 
 
 def _run_point(

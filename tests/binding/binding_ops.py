@@ -8,7 +8,7 @@ import torch
 
 from gradcheck_svc.specs import FunctionRegistry
 
-__all__ = ["Affine", "NoArgs", "Softmax", "Stuck", "power"]
+__all__ = ["Affine", "Hungry", "NoArgs", "Softmax", "Stuck", "power"]
 
 
 def power(x: torch.Tensor, p: int = 2, *, scale: float = 1.0) -> torch.Tensor:
@@ -61,6 +61,20 @@ class Stuck(torch.nn.Module):
         super().__init__()
         while True:
             time.sleep(0.01)
+
+    def gradcheck_init_args(self):  # type: ignore[no-untyped-def]
+        return ()
+
+
+class Hungry(torch.nn.Module):
+    """A constructor that allocates 64 MiB: over a small max_check_bytes, wherever it is built."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.zeros(8 * 2**20, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
 
     def gradcheck_init_args(self):  # type: ignore[no-untyped-def]
         return ()

@@ -111,6 +111,23 @@ def test_a_stuck_constructor_runs_in_a_worker_the_server_can_kill() -> None:
         server.stop(grace=1)
 
 
+def test_a_constructor_is_held_to_the_memory_cap_in_a_thread() -> None:
+    # Without worker processes the module is built in the server's thread, under the check's guard.
+    settings = Settings(host="127.0.0.1", port=0, device="cpu", isolation="thread", max_check_bytes=2**24)
+    server, port = create_server(settings, registry_factory=binding_ops.registry)
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}") as client:
+            call = Registered("binding_ops:Hungry", init=InitArgs(), state={})
+            with pytest.raises(ServiceError) as caught:
+                client.check_points(call, [{"x": X}])
+            assert caught.value.code == "RESOURCE_EXHAUSTED"
+            assert caught.value.reason == "LIMIT_EXCEEDED"
+            assert client.check("x * 2", x=X).ok  # and the server carries on
+    finally:
+        server.stop(grace=1)
+
+
 @pytest.mark.parametrize("dim", [0, 1, -1])
 def test_builtin_with_a_constant_positional_argument(client: Client, dim: int) -> None:
     # A built-in is sized on the meta device before it runs: its constants go along as they are.
