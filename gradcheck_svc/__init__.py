@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from gradcheck_svc.errors import (
     BackwardNotDifferentiableError,
+    BindingError,
     CheckCancelledError,
     CheckError,
     DeviceUnavailableError,
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackwardNotDifferentiableError",
+    "BindingError",
     "Check",
     "CheckCancelledError",
     "CheckError",

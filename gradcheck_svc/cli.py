@@ -220,33 +220,47 @@ def _check_remote(args: argparse.Namespace, points: list[dict[str, Any]]) -> lis
     function: Any = (
         args.expr if args.expr is not None else Registered(args.function, dict(_pairs(args.param, "param")))
     )
+    from gradcheck_svc.progress_bar import ProgressBar
+
     with _client(args) as client:
         if args.sample:
             return client.check_sampled(function, _sampling(args), options=_options(args))
-        return client.check_points(function, points, options=_options(args))
+        label = args.expr if args.expr is not None else args.function
+        bar = ProgressBar(label)
+        try:  # the server streams how far each point got; the bar shows it after two seconds
+            return client.check_with_progress(
+                function, points, lambda _point, done, total: bar(done, total), options=_options(args)
+            )
+        finally:
+            bar.close()
 
 
 def _check_local(args: argparse.Namespace, points: list[dict[str, Any]]) -> list[Any]:
-    import gradcheck_svc as gc
-    from gradcheck_svc.specs import FunctionRegistry, compile_expression, sample_points
+    from gradcheck_svc.binding import bind_expression, bind_registered
+    from gradcheck_svc.progress_bar import ProgressBar
+    from gradcheck_svc.specs import FunctionRegistry, parse_expression, sample_points
 
     if args.sample:
         points = sample_points(_sampling(args))
     options = _options(args)
+    registry = FunctionRegistry.default(args.functions) if args.function is not None else None
+    params = dict(_pairs(args.param, "param"))
     if args.expr is not None:
-        fn = compile_expression(args.expr)
-        order = list(fn.variables)
+        order = list(parse_expression(args.expr).variables)
         for i, p in enumerate(points):
             if set(p) != set(order):
                 raise UsageError(f"point {i} binds {sorted(p)}; the expression's variables are {order}")
-    else:
-        registry = FunctionRegistry.default(args.functions)
-        fn = registry.bind(args.function, dict(_pairs(args.param, "param")))
-        order = None
     reports = []
     for i, p in enumerate(points):
-        names = order or list(p)
-        report = gc.check(fn, *[p[n] for n in names], input_names=names, **options)
+        if registry is None:
+            call = bind_expression(args.expr, [p])
+        else:
+            call = bind_registered(args.function, [p], registry, params=params)
+        bar = ProgressBar(call.label + (f" point {i}" if len(points) > 1 else ""))
+        try:
+            report = call.check(progress=bar, **options)
+        finally:
+            bar.close()
         reports.append(report.model_copy(update={"point": i}) if len(points) > 1 else report)
     return reports
 

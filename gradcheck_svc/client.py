@@ -43,6 +43,8 @@ from gradcheck_svc.callables import CallableSource
 from gradcheck_svc.codec import (
     DTYPES,
     decode_report,
+    encode_arguments,
+    encode_module,
     encode_options,
     encode_point,
     encode_sampling,
@@ -73,10 +75,23 @@ _SERVICE = "gradcheck_svc.v1.GradcheckService"
 
 @dataclass(frozen=True)
 class Registered:
-    """A registered function by name, with its parameters (``Registered("torch.softmax", {"dim": 0})``)."""
+    """A registered function by name, with its parameters (``Registered("torch.softmax", {"dim": 0})``).
+
+    ``arguments``: the positional call, each a ``binding.Input`` (a tensor of the point) or a
+    constant; ``init`` and ``state``: a registered module's constructor arguments (``InitArgs``)
+    and its parameters and buffers. ``Registered.of(binding.portable(...))`` fills them.
+    """
 
     name: str
     params: Mapping[str, Any] = field(default_factory=dict)
+    arguments: Sequence[Any] = ()
+    init: Any = None
+    state: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, call: Any) -> Registered:
+        """From a ``binding.Portable``: the point to send is ``call.tensors``."""
+        return cls(call.name, call.params, call.arguments, call.init, call.state)
 
 
 @dataclass(frozen=True)
@@ -353,6 +368,38 @@ class Client:
         """Check a function (expression text or ``Registered``) at several points; one Report each."""
         return self._check(build_request(function, points=points, options=options), timeout)
 
+    def check_with_progress(
+        self,
+        function: str | Registered,
+        points: Sequence[Point],
+        progress: Callable[[int, int, int], None],
+        *,
+        options: Options = None,
+        timeout: float | None = None,
+    ) -> list[Report]:
+        """``check_points``, calling ``progress(point, done, total)`` as the server reports columns done.
+
+        A server without CheckWithProgress (an older one) answers the plain Check, with no progress."""
+        request = build_request(function, points=points, options=options)
+        channel = self._next()
+        channel.ensure_ready(self.connect_timeout)
+        try:
+            for answer in channel.stub.CheckWithProgress(
+                pb.CheckWithProgressRequest(request=request),
+                timeout=self._timeout(timeout),
+                metadata=self._metadata,
+            ):
+                if answer.HasField("progress"):
+                    progress(answer.progress.point, answer.progress.done_count, answer.progress.total_count)
+                elif answer.HasField("response"):
+                    return [decode_report(r) for r in answer.response.reports]
+        except grpc.RpcError as exc:
+            error = _service_error(exc, channel.target)
+            if error.code != "UNIMPLEMENTED":
+                raise error from None
+            return self._check(request, timeout)
+        raise ServiceError(f"the stream from {channel.target} ended without an answer", code="UNKNOWN")
+
     def check_external(
         self,
         fn: Callable[..., Any],
@@ -406,7 +453,18 @@ class Client:
         timeout: float | None = None,
         **named_inputs: Any,
     ) -> Report:
-        """Check a registered function; tensors reach it positionally, in the order given."""
+        """Check a registered function; tensors reach it positionally, in the order given, and so do
+        plain constants among them (``c.check_registered("mypkg:softmax", x, -1)``)."""
+        if not all(isinstance(t, torch.Tensor) for t in inputs):
+            from gradcheck_svc.binding import portable_named
+
+            if named_inputs:
+                raise TypeError("check_registered() takes constants with positional tensors only")
+            travelling = portable_named(name, inputs, params=params)
+            if isinstance(travelling, str):
+                raise TypeError(f"check_registered({name!r}): {travelling}")
+            call = Registered.of(travelling)
+            return self.check_points(call, [travelling.tensors], options=options, timeout=timeout)[0]
         point = {f"inputs[{i}]": t for i, t in enumerate(inputs)} | named_inputs
         if not point:
             raise TypeError("check_registered() needs at least one input tensor")
@@ -523,9 +581,13 @@ def build_request(
     if isinstance(function, Registered):
         spec = pb.FunctionSpec(
             registered=pb.RegisteredFunction(
-                name=function.name, params={k: encode_value(v) for k, v in function.params.items()}
+                name=function.name,
+                params={k: encode_value(v) for k, v in function.params.items()},
+                arguments=encode_arguments(function.arguments),
             )
         )
+        if function.init is not None:
+            spec.registered.module.CopyFrom(encode_module(function.init, function.state))
     elif isinstance(function, str):
         spec = pb.FunctionSpec(expression=function)
     else:

@@ -493,3 +493,58 @@ def decode_report(m: pb.Report) -> Report:
         timings={f"{phase}_s": d.ToNanoseconds() / 1e9 for phase, d in m.timings.items()},
         served_by=m.served_by,
     )
+
+
+# ----------------------------------------------------------------------------- registered calls
+
+
+def encode_arguments(arguments: Sequence[Any]) -> list[pb.CallArgument]:
+    """Positional arguments: ``binding.Input`` (a tensor of the point, by name) or a constant."""
+    from gradcheck_svc.binding import Input
+
+    return [
+        pb.CallArgument(input=a.name) if isinstance(a, Input) else pb.CallArgument(value=encode_value(a))
+        for a in arguments
+    ]
+
+
+def decode_arguments(msgs: Sequence[pb.CallArgument], field: str = "arguments") -> list[Any]:
+    from gradcheck_svc.binding import Input
+
+    out: list[Any] = []
+    for i, m in enumerate(msgs):
+        kind = m.WhichOneof("kind")
+        if kind == "input":
+            out.append(Input(m.input))
+        elif kind == "value":
+            out.append(decode_value(m.value))
+        else:
+            raise InvalidRequestError(f"{field}[{i}]", "set either input or value")
+    return out
+
+
+def encode_module(init: Any, state: Mapping[str, torch.Tensor]) -> pb.ModuleState:
+    """A module's constructor arguments (``binding.InitArgs``) and its parameters and buffers."""
+    return pb.ModuleState(
+        init_args=[encode_value(v) for v in init.args],
+        init_kwargs={k: encode_value(v) for k, v in init.kwargs.items()},
+        tensors=[pb.NamedTensor(name=n, tensor=encode_tensor(t)) for n, t in state.items()],
+    )
+
+
+def decode_module(
+    msg: pb.ModuleState, *, max_elements: int, field: str = "module"
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(InitArgs, state) of a ModuleState; the tensors validated like any input."""
+    from gradcheck_svc.binding import InitArgs
+
+    init = InitArgs(
+        *(decode_value(v) for v in msg.init_args), **{k: decode_value(v) for k, v in msg.init_kwargs.items()}
+    )
+    state: dict[str, torch.Tensor] = {}
+    for i, named in enumerate(msg.tensors):
+        if named.name in state:
+            raise InvalidRequestError(f"{field}.tensors[{i}].name", f"{named.name!r} is given twice")
+        where = f"{field}.tensors[{i}]"
+        state[named.name] = decode_tensor(named.tensor, max_elements=max_elements, field=where)
+    return init, state

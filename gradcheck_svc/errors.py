@@ -14,6 +14,7 @@
     ├── SpecError                          (also ValueError) a function spec a client sent is not acceptable
     │   └── UnknownFunctionError           (also LookupError) no registered function by that name
     ├── InvalidRequestError                (also ValueError) a malformed request; .field names where
+    ├── BindingError                       (also TypeError)  a function and its arguments do not make a call
     ├── ServiceError                       a remote check failed on the wire or on the server
     └── GradientMismatch                   (also AssertionError) gradients disagree; carries the Report
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BackwardNotDifferentiableError",
+    "BindingError",
     "CheckCancelledError",
     "CheckError",
     "DeviceUnavailableError",
@@ -139,3 +141,15 @@ class InvalidRequestError(GradcheckError, ValueError):
         super().__init__(f"{field}: {description}" if field else description)
         self.field = field
         self.description = description
+
+
+class BindingError(GradcheckError, TypeError):
+    """A function and the arguments given for it do not make one call: wrong count, unknown name,
+    an input missing or given twice, a module that cannot be rebuilt.
+
+    ``position`` is the index of the offending named input, when one input is at fault.
+    """
+
+    def __init__(self, message: str, position: int | None = None) -> None:
+        super().__init__(message)
+        self.position = position

@@ -15,10 +15,11 @@ from gradcheck_svc.engine.expectation import apply_expectation
 from gradcheck_svc.engine.fast import run_fast
 from gradcheck_svc.engine.full import run_full
 from gradcheck_svc.engine.problem import build_problem
+from gradcheck_svc.engine.progress import Progress, ProgressFn
 from gradcheck_svc.engine.reference import Reference, choose_reference
 from gradcheck_svc.engine.second_order import second_order_problem
 from gradcheck_svc.engine.taylor import run_taylor
-from gradcheck_svc.errors import GradientMismatch, NotCallableError
+from gradcheck_svc.errors import GradientMismatch, InvalidOptionError, NotCallableError
 from gradcheck_svc.options import CheckOptions, call_arguments, resolve_options
 from gradcheck_svc.report import Report, Status
 
@@ -51,6 +52,7 @@ def check(
     expect: Literal["match", "mismatch"] = "match",
     deadline: float | None = None,
     cancelled: Callable[[], bool] | None = None,
+    progress: ProgressFn | None = None,
     **options: Any,
 ) -> Report:
     """Compare the autograd gradients of ``fn`` at ``inputs`` with error-bounded finite differences.
@@ -60,7 +62,8 @@ def check(
     the inputs / parameters to check (``"weight"``, ``"inputs[1]['scale']"``, ``"parameters"``,
     a position); ``expect="mismatch"`` passes only when autograd and finite differences disagree
     (straight-through estimators, gradient reversal). ``deadline`` (a ``time.monotonic()``
-    value) and ``cancelled`` are polled between chunks. Every other keyword is an option of
+    value) and ``cancelled`` are polled between chunks; ``progress(done, total)`` hears of
+    finite-difference columns done between chunks. Every other keyword is an option of
     ``CheckOptions``.
     """
     started = time.perf_counter()
@@ -73,6 +76,8 @@ def check(
         deadline=deadline,
         cancelled=cancelled,
     )
+    if progress is not None and not callable(progress):
+        raise InvalidOptionError(f"progress must be callable, got {type(progress).__name__}")
     if not callable(fn):
         raise NotCallableError(
             f"fn must be callable (a function, an nn.Module, ...), got {type(fn).__name__}"
@@ -105,6 +110,8 @@ def check(
     note_skipped_outputs(problem, ctx.note)
 
     mode = _mode(ctx, opts)
+    if progress is not None:
+        ctx.progress = Progress(progress, _progress_total(ctx, opts, mode))
     if problem.n_outputs * problem.n_inputs == 0:
         pairs = empty_pairs(problem, mode)
     elif opts.scheme == "taylor":
@@ -124,6 +131,8 @@ def check(
             pair.message = "fn returned different values for the same input"
     pairs.sort(key=lambda p: (p.check.value != "reverse", p.output, p.input))
 
+    if ctx.progress is not None:
+        ctx.progress.finish()
     ctx.timings["total_s"] = time.perf_counter() - started
     leaf_dtypes = sorted({leaf.dtype_name for leaf in problem.leaves})
     report = Report(
@@ -154,6 +163,16 @@ def _mode(ctx: Context, opts: CheckOptions) -> str:
         f"fast_threshold={opts.fast_threshold}; mode='full' checks every element"
     )
     return "fast"
+
+
+def _progress_total(ctx: Context, opts: CheckOptions, mode: str) -> int:
+    """Finite-difference columns the check will evaluate: every column in full mode, one per
+    projection and leaf in fast mode; 0 (unknown, nothing reported) for the Taylor test."""
+    if opts.scheme == "taylor":
+        return 0
+    if mode == "full":
+        return sum(leaf.size for leaf in ctx.problem.leaves)
+    return opts.projections * len(ctx.problem.leaves)
 
 
 def _resolved_options(opts: CheckOptions, ctx: Context) -> dict[str, object]:

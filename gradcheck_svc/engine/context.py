@@ -12,8 +12,9 @@ from gradcheck_svc.engine.analytic import Analytic
 from gradcheck_svc.engine.compare import Tolerance
 from gradcheck_svc.engine.evaluate import Evaluator
 from gradcheck_svc.engine.guard import batch_bytes, batch_rows, peak_bytes
-from gradcheck_svc.engine.numeric import defaults_for
+from gradcheck_svc.engine.numeric import NODES, defaults_for
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, Problem
+from gradcheck_svc.engine.progress import Progress
 from gradcheck_svc.engine.reference import Reference
 from gradcheck_svc.errors import CheckCancelledError, LimitExceededError
 from gradcheck_svc.options import CheckOptions
@@ -43,6 +44,7 @@ class Context:
     deadline: float | None = None
     cancelled: Callable[[], bool] | None = None
     reference: Reference | None = None  # None: the numeric side differentiates ``problem``
+    progress: Progress | None = None  # advanced by every batch of perturbed columns
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     evaluator: Evaluator = field(init=False)
@@ -96,6 +98,8 @@ class Context:
         The first batch of a check also carries the unperturbed point: a second evaluation of
         f(x), nearly free inside the batch, compared with the first to catch a nondeterministic fn.
         """
+        if self.progress is not None:
+            self.progress.advance(batch.shape[0] // len(NODES))
         if self.numeric_repeats:
             return self._leaf_batch(index, batch)
         base = self.numeric_problem.leaves[index].real.detach().to(batch.dtype).unsqueeze(0)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -172,10 +172,14 @@ class _LargestOutput(TorchDispatchMode):
         return out
 
 
-def largest_output(fn: Callable[..., Any], inputs: list[torch.Tensor]) -> int:
+def largest_output(fn: Callable[..., Any], inputs: Sequence[Any]) -> int:
     """Elements of the largest tensor ``fn`` creates at these inputs' shapes and dtypes, found on
-    the meta device (no data, no time): a size check before anything is allocated."""
-    meta = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in inputs]
+    the meta device (no data, no time): a size check before anything is allocated. Arguments
+    that are not tensors (constants of the call) pass as they are."""
+    meta = [
+        torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t
+        for t in inputs
+    ]
     with _LargestOutput() as mode:
         fn(*meta)
-    return max([mode.largest, *(t.numel() for t in meta)])
+    return max([mode.largest, *(t.numel() for t in meta if isinstance(t, torch.Tensor))])

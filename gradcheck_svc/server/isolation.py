@@ -32,9 +32,9 @@ import grpc
 from google.rpc import status_pb2
 
 from gradcheck_svc.errors import CheckCancelledError
-from gradcheck_svc.server.runner import Deadline
+from gradcheck_svc.server.runner import Deadline, PointProgress
 from gradcheck_svc.server.status import Rejection, rejection_from_status
-from gradcheck_svc.server.worker import READY, RESPONSE, STATUS, worker_main
+from gradcheck_svc.server.worker import PROGRESS, READY, RESPONSE, STATUS, worker_main
 from gradcheck_svc.settings import Settings
 from gradcheck_svc.specs import FunctionRegistry
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
@@ -146,6 +146,7 @@ class WorkerPool:
         cancelled: Callable[[], bool],
         check_id: str,
         served_by: str,
+        progress: PointProgress | None = None,
     ) -> pb.CheckResponse:
         """Run one CheckRequest in a worker; kill the worker if it overruns or the client cancels."""
         worker = self._take(deadline, cancelled)
@@ -156,10 +157,11 @@ class WorkerPool:
                 "served_by": served_by,
                 "remaining": deadline.at - time.monotonic(),
                 "client_binds": deadline.client_binds,
+                "progress": progress is not None,
             }
             worker.conn.send_bytes(json.dumps(header).encode())
             worker.conn.send_bytes(request)
-            answer = self._wait(worker, deadline, cancelled, check_id)
+            answer = self._wait(worker, deadline, cancelled, check_id, progress)
             healthy = True
         except (EOFError, OSError):
             worker.process.join(timeout=1)
@@ -178,7 +180,12 @@ class WorkerPool:
         raise rejection_from_status(status_pb2.Status.FromString(payload))
 
     def _wait(
-        self, worker: _Worker, deadline: Deadline, cancelled: Callable[[], bool], check_id: str
+        self,
+        worker: _Worker,
+        deadline: Deadline,
+        cancelled: Callable[[], bool],
+        check_id: str,
+        progress: PointProgress | None = None,
     ) -> bytes:
         kill_at = deadline.at + self._settings.kill_after_seconds
         while True:
@@ -194,6 +201,10 @@ class WorkerPool:
                 if not worker.process.is_alive():
                     raise EOFError
             message = worker.conn.recv_bytes()
+            if message[:1] == PROGRESS:  # (point, done, total) while the check runs
+                if progress is not None:
+                    progress(*json.loads(message[1:]))
+                continue
             if message != READY:  # a fresh worker says READY before it answers
                 return message
 

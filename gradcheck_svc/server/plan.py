@@ -17,9 +17,19 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from gradcheck_svc.codec import decode_options, decode_sampling, decode_tensor, decode_value, validate_shape
+from gradcheck_svc.binding import bind_point, build_module, fill_arguments
+from gradcheck_svc.codec import (
+    decode_arguments,
+    decode_module,
+    decode_options,
+    decode_sampling,
+    decode_tensor,
+    decode_value,
+    validate_shape,
+)
 from gradcheck_svc.engine.guard import largest_output
 from gradcheck_svc.errors import (
+    BindingError,
     DeviceUnavailableError,
     InvalidRequestError,
     LimitExceededError,
@@ -32,9 +42,11 @@ from gradcheck_svc.specs import (
     Expression,
     ExpressionLimits,
     FunctionRegistry,
+    RegisteredFunction,
     parse_expression,
     sample_points,
 )
+from gradcheck_svc.specs.params import check_scalar_value
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
 __all__ = ["LIGHT_ELEMENTS", "LIGHT_INPUTS", "CheckPlan", "PlannedPoint", "plan_check", "runs_in_worker"]
@@ -52,7 +64,7 @@ _INPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\[\]']{0,63}\Z")
 @dataclass(frozen=True)
 class PlannedPoint:
     names: list[str]
-    tensors: list[torch.Tensor]
+    tensors: list[Any]  # the positional arguments: tensors, and constants where the client sent some
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,10 @@ class CheckPlan:
     options: dict[str, Any] = field(default_factory=dict)
     client_options: frozenset[str] = frozenset()  # the option names the client set
     operator_code: bool = False  # a function the operator registered (not an expression or built-in)
+    fn_kwargs: dict[str, Any] = field(default_factory=dict)  # a registered module's forward keywords
+    # Builds the module ``fn`` stands for (its class): run where the check runs, so the operator's
+    # constructor runs in the worker process like the rest of its code.
+    build_fn: Callable[[], Any] | None = None
     light: bool = False  # sized up front and small everywhere: see LIGHT_ELEMENTS
 
     @property
@@ -83,14 +99,16 @@ def runs_in_worker(isolation: str, operator_code: bool) -> bool:
 
 def plan_check(request: pb.CheckRequest, settings: Settings, registry: FunctionRegistry) -> CheckPlan:
     label, fn, expression = _function(request.function, settings, registry)
-    points = _points(request, settings, expression)
+    points = _fill(request.function, _points(request, settings, expression))
     operator_code = expression is None and not registry.get(request.function.registered.name).builtin
     largest: int | None = None  # elements of the largest tensor one evaluation creates, if known
     if expression is not None:
         largest = _check_intermediates(expression, points, settings)
     elif not operator_code:
         largest = _check_builtin_sizes(fn, points, settings)
-    inputs = max((sum(t.numel() for t in p.tensors) for p in points), default=0)
+    inputs = max(
+        (sum(t.numel() for t in p.tensors if isinstance(t, torch.Tensor)) for p in points), default=0
+    )
     light = largest is not None and largest <= LIGHT_ELEMENTS and inputs <= LIGHT_INPUTS
     options = _options(request.options, settings)
     client_options = frozenset(decode_options(request.options))
@@ -101,6 +119,8 @@ def plan_check(request: pb.CheckRequest, settings: Settings, registry: FunctionR
         options=options,
         client_options=client_options,
         operator_code=operator_code,
+        fn_kwargs=_module_params(request.function, registry),
+        build_fn=_module_builder(request.function, registry, settings),
         light=light,
     )
 
@@ -129,15 +149,83 @@ def _function(
 def bind_registered(
     spec: pb.RegisteredFunction, registry: FunctionRegistry
 ) -> tuple[str, Callable[..., Any]]:
-    """The binding step on its own: a registered name and its parameters -> (label, callable)."""
+    """The binding step on its own: a registered name and its parameters -> (label, callable).
+
+    A registered module class stays the class here: the plan's ``build_fn`` builds the instance
+    where the check runs, and its parameters become the forward's keywords (``fn_kwargs``)."""
     entry = registry.get(spec.name)  # UnknownFunctionError -> NOT_FOUND
     try:
         params = {k: decode_value(v) for k, v in spec.params.items()}
+        if entry.module_class:
+            return entry.name, entry.fn
         return entry.name, entry.bind(params)
     except (SpecError, InvalidRequestError) as exc:
         if isinstance(exc, UnknownFunctionError):
             raise
         raise InvalidRequestError("function.registered.params", str(exc)) from None
+
+
+def _module_entry(spec: pb.FunctionSpec, registry: FunctionRegistry) -> RegisteredFunction | None:
+    if spec.WhichOneof("kind") != "registered":
+        return None
+    entry = registry.get(spec.registered.name)
+    return entry if entry.module_class else None
+
+
+def _module_builder(
+    spec: pb.FunctionSpec, registry: FunctionRegistry, settings: Settings
+) -> Callable[[], Any] | None:
+    """For a registered module class: its constructor arguments and state, checked now; built later."""
+    entry = _module_entry(spec, registry)
+    if entry is None:
+        return None
+    msg = spec.registered
+    where = "function.registered.module"
+    init, state = decode_module(msg.module, max_elements=settings.max_tensor_elements, field=where)
+    if sum(t.numel() for t in state.values()) > settings.max_request_elements:
+        raise LimitExceededError(
+            f"{where}: parameters and buffers exceed max_request_elements={settings.max_request_elements}"
+        )
+    try:
+        for i, value in enumerate([*init.args, *init.kwargs.values()]):
+            check_scalar_value(f"init[{i}]", value)
+    except SpecError as exc:
+        raise InvalidRequestError(where, str(exc)) from None
+
+    def build() -> Any:
+        try:
+            return build_module(entry, init, state if msg.HasField("module") else None)
+        except BindingError as exc:
+            raise InvalidRequestError(where, str(exc)) from None
+
+    return build
+
+
+def _module_params(spec: pb.FunctionSpec, registry: FunctionRegistry) -> dict[str, Any]:
+    """A module's forward keywords, checked (a function has its keywords bound already)."""
+    entry = _module_entry(spec, registry)
+    if entry is None:
+        return {}
+    params = {k: decode_value(v) for k, v in spec.registered.params.items()}
+    try:
+        return entry.check_params(params)
+    except SpecError as exc:
+        raise InvalidRequestError("function.registered.params", str(exc)) from None
+
+
+def _fill(spec: pb.FunctionSpec, points: list[PlannedPoint]) -> list[PlannedPoint]:
+    """Points of a registered call with constant positional arguments: the full argument list each."""
+    if spec.WhichOneof("kind") != "registered" or not spec.registered.arguments:
+        return points
+    arguments = decode_arguments(spec.registered.arguments, "function.registered.arguments")
+    filled = []
+    for i, point in enumerate(points):
+        try:
+            values, names = fill_arguments(arguments, dict(zip(point.names, point.tensors, strict=True)), "")
+        except BindingError as exc:
+            raise InvalidRequestError(f"function.registered.arguments (point {i})", str(exc)) from None
+        filled.append(PlannedPoint(names, values))
+    return filled
 
 
 # ----------------------------------------------------------------------------- points
@@ -224,26 +312,12 @@ def _bind(
     index: int, point: Sequence[tuple[str, torch.Tensor]], expression: Expression | None, kind: str
 ) -> PlannedPoint:
     where = f"explicit_points.points[{index}]" if kind == "explicit_points" else "sampling.inputs"
-    names = [n for n, _ in point]
-    seen: set[str] = set()
-    for j, name in enumerate(names):
-        if name in seen:
-            raise InvalidRequestError(f"{where}.tensors[{j}].name", f"{name!r} is given twice")
-        seen.add(name)
-    if expression is None:
-        return PlannedPoint(names, [t for _, t in point])
-    variables = expression.variables
-    for j, name in enumerate(names):
-        if name not in variables:
-            raise InvalidRequestError(
-                f"{where}.tensors[{j}].name",
-                f"{name!r} is not a variable of the expression (variables: {', '.join(variables)})",
-            )
-    missing = [v for v in variables if v not in seen]
-    if missing:
-        raise InvalidRequestError(where, f"no value for the variable(s) {', '.join(missing)}")
-    values = dict(point)
-    return PlannedPoint(list(variables), [values[v] for v in variables])
+    try:
+        names, values = bind_point(point, expression.variables if expression is not None else None)
+    except BindingError as exc:
+        field = where if exc.position is None else f"{where}.tensors[{exc.position}].name"
+        raise InvalidRequestError(field, str(exc)) from None
+    return PlannedPoint(names, values)
 
 
 def _check_intermediates(
@@ -270,7 +344,7 @@ def _check_builtin_sizes(
 ) -> int | None:
     """Built-in torch ops get the same size check as expressions: conv1d with a huge padding or
     outer of two long vectors is refused before it allocates."""
-    shapes = {tuple((tuple(t.shape), t.dtype) for t in p.tensors): p for p in points}
+    shapes = {tuple(_signature(t) for t in p.tensors): p for p in points}
     found: int | None = 0
     for point in shapes.values():  # one meta run per distinct set of shapes
         try:
@@ -285,6 +359,13 @@ def _check_builtin_sizes(
                 f"(max_tensor_elements={settings.max_tensor_elements})"
             )
     return found
+
+
+def _signature(value: Any) -> tuple[Any, ...]:
+    """What a size check depends on: a tensor's shape and dtype, a constant argument's value."""
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.dtype)
+    return ("constant", repr(value))
 
 
 # CI jobs send the same expressions at the same shapes over and over: parse and size them once.

@@ -12,14 +12,16 @@ about the request as a whole (options, limits, device, deadline, cancellation) p
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 import grpc
+import torch
 
 import gradcheck_svc as gc
 from gradcheck_svc.codec import encode_report
@@ -39,11 +41,13 @@ from gradcheck_svc.server.plan import CheckPlan, PlannedPoint
 from gradcheck_svc.server.status import Rejection
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
-__all__ = ["Deadline", "execute", "run_plan"]
+__all__ = ["Deadline", "PointProgress", "execute", "run_plan"]
 
 log = logging.getLogger("gradcheck_svc.server")
 
 CheckFn = Callable[..., Report]
+_T = TypeVar("_T")
+PointProgress = Callable[[int, int, int], None]  # (point, columns done, columns in all)
 # Errors about the request as a whole; everything else the function does is that point's business.
 _REQUEST_LEVEL = (InvalidOptionError, DeviceUnavailableError, CheckCancelledError, NothingToCheckError)
 
@@ -97,6 +101,7 @@ def execute(
     check_id: str,
     max_bytes: int,
     check_fn: CheckFn = gc.check,
+    progress: PointProgress | None = None,
 ) -> pb.CheckResponse:
     """Run a validated plan and encode its reports: what both a server thread and a worker do."""
     reports = run_plan(
@@ -106,6 +111,7 @@ def execute(
         served_by=served_by,
         check_fn=check_fn,
         max_bytes=max_bytes,
+        progress=progress,
     )
     return pb.CheckResponse(reports=[encode_report(r) for r in reports], check_id=check_id)
 
@@ -118,14 +124,18 @@ def run_plan(
     served_by: str,
     max_bytes: int,
     check_fn: CheckFn = gc.check,
+    progress: PointProgress | None = None,
 ) -> list[Report]:
     reports = []
+    if plan.build_fn is not None:  # a registered module, built here (in the worker when isolated)
+        plan = replace(plan, fn=_guarded(plan.build_fn, deadline, cancelled, max_bytes), build_fn=None)
     for index, point in enumerate(plan.points):
         if cancelled():
             raise CheckCancelledError("the client cancelled the check")
         if deadline.passed():
             raise deadline.rejection()
-        report = _guarded_point(plan, point, deadline, cancelled, check_fn, max_bytes)
+        extra = {} if progress is None else {"progress": functools.partial(progress, index)}
+        report = _guarded_point(plan, point, deadline, cancelled, check_fn, max_bytes, extra)
         # Options the server imposed (limits, its default device) stay out of the report, so a
         # report from the service equals the one the same call gives in-process; the step the
         # engine resolved ("eps", the numeric "reference") are figures of the check and stay.
@@ -147,37 +157,53 @@ def _guarded_point(
     cancelled: Callable[[], bool],
     check_fn: CheckFn,
     max_bytes: int,
+    extra: dict[str, Any],
 ) -> Report:
+    def run() -> Report:
+        return _run_point(plan, point, deadline, cancelled, check_fn, extra)
+
     if plan.light:  # small everywhere, sized up front: the engine's own polls bound it
-        return _run_point(plan, point, deadline, cancelled, check_fn)
+        return run()
+    return _guarded(run, deadline, cancelled, max_bytes)
+
+
+def _guarded(run: Callable[[], _T], deadline: Deadline, cancelled: Callable[[], bool], max_bytes: int) -> _T:
+    """``run()`` under a CheckGuard: a point's check, or a registered module's constructor."""
     guard = CheckGuard(max_bytes=max_bytes, deadline=deadline.at, cancelled=cancelled)
+    result: _T | None = None
     try:
         with guard:
-            report = _run_point(plan, point, deadline, cancelled, check_fn)
+            result = run()
     except Exception:
         if guard.tripped is None:
             raise
-        report = None
     if guard.tripped is not None:  # whatever the function or the engine made of it
         if isinstance(guard.tripped, CheckCancelledError):
             raise CheckCancelledError("the client cancelled the check") from None
         if deadline.passed():
             raise deadline.rejection() from None
         raise guard.tripped from None
-    assert report is not None
-    return report
+    assert result is not None
+    return result
 
 
 def _run_point(
-    plan: CheckPlan, point: PlannedPoint, deadline: Deadline, cancelled: Callable[[], bool], check_fn: CheckFn
+    plan: CheckPlan,
+    point: PlannedPoint,
+    deadline: Deadline,
+    cancelled: Callable[[], bool],
+    check_fn: CheckFn,
+    extra: dict[str, Any],
 ) -> Report:
     try:
         return check_fn(
             plan.fn,
             *point.tensors,
             input_names=point.names,
+            fn_kwargs=plan.fn_kwargs or None,
             deadline=deadline.at,
             cancelled=cancelled,
+            **extra,
             **plan.options,
         )
     except LimitExceededError:
@@ -195,7 +221,8 @@ def _run_point(
 
 
 def _error_report(plan: CheckPlan, point: PlannedPoint, message: str) -> Report:
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in point.tensors if t.is_floating_point()})
+    floats = [t for t in point.tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in floats})
     return Report(
         ok=False,
         error=message,

@@ -22,7 +22,7 @@ from gradcheck_svc.server.external import check_external
 from gradcheck_svc.server.isolation import WorkerPool
 from gradcheck_svc.server.limiter import CheckSlots
 from gradcheck_svc.server.plan import CheckPlan, plan_check, runs_in_worker
-from gradcheck_svc.server.runner import Deadline, execute
+from gradcheck_svc.server.runner import Deadline, PointProgress, execute
 from gradcheck_svc.server.status import Rejection, failure_for
 from gradcheck_svc.settings import Settings
 from gradcheck_svc.specs import EXPRESSION_FUNCTIONS, FunctionRegistry
@@ -33,6 +33,7 @@ __all__ = ["GradcheckService"]
 
 log = logging.getLogger("gradcheck_svc.server")
 _DONE = object()
+_PROGRESS_EVERY = 0.5  # seconds between progress messages of one check
 
 
 class GradcheckService(pb_grpc.GradcheckServiceServicer):
@@ -85,10 +86,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
     def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
         check_id = uuid.uuid4().hex[:12]
         try:
-            if self.draining.is_set():
-                raise self._draining()
-            if not self.slots.try_acquire():
-                raise self._busy()
+            self._admit()
         except Rejection as exc:
             self._log(check_id, request, None, None, time.perf_counter(), exc.code.name)
             context.abort_with_status(rpc_status.to_status(failure_for(exc, check_id).to_status()))
@@ -102,8 +100,20 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         finally:
             self.slots.release()
 
+    def _admit(self) -> None:
+        """Take a check slot, or refuse: draining, or every slot busy."""
+        if self.draining.is_set():
+            raise self._draining()
+        if not self.slots.try_acquire():
+            raise self._busy()
+
     def _run(
-        self, check_id: str, request: pb.CheckRequest, remaining: float | None, cancelled: Callable[[], bool]
+        self,
+        check_id: str,
+        request: pb.CheckRequest,
+        remaining: float | None,
+        cancelled: Callable[[], bool],
+        progress: PointProgress | None = None,
     ) -> pb.CheckResponse:
         """plan -> deadline -> run -> encode, in this thread or in a worker process."""
         started = time.perf_counter()
@@ -120,6 +130,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                     cancelled=cancelled,
                     check_id=check_id,
                     served_by=self.served_by,
+                    progress=progress,
                 )
             else:
                 response = execute(
@@ -130,6 +141,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                     check_id=check_id,
                     max_bytes=self.settings.max_check_bytes,
                     check_fn=self.check_fn,
+                    progress=progress,
                 )
             reports = list(response.reports)
             return response
@@ -165,6 +177,52 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             time.perf_counter() - started,
             extra,
         )
+
+    # ------------------------------------------------------------------------- CheckWithProgress
+
+    def CheckWithProgress(
+        self, wrapped: pb.CheckWithProgressRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.CheckWithProgressResponse]:
+        """Check, run in a helper thread while this one streams its progress (at most every
+        ``_PROGRESS_EVERY`` seconds, and the last step of each point), then the response."""
+        request = wrapped.request
+        check_id = uuid.uuid4().hex[:12]
+        try:
+            self._admit()
+        except Rejection as exc:
+            self._log(check_id, request, None, None, time.perf_counter(), exc.code.name)
+            context.abort_with_status(rpc_status.to_status(failure_for(exc, check_id).to_status()))
+        events: queue.Queue[Any] = queue.Queue()
+        cancel = threading.Event()
+        context.add_callback(cancel.set)
+        remaining = context.time_remaining()
+        last = [0.0]
+
+        def progress(point: int, done: int, total: int) -> None:
+            now = time.monotonic()
+            if done < total and now - last[0] < _PROGRESS_EVERY:
+                return
+            last[0] = now
+            events.put(pb.CheckProgress(point=point, done_count=done, total_count=total))
+
+        def work() -> None:
+            try:
+                events.put(self._run(check_id, request, remaining, cancel.is_set, progress))
+            except Exception as exc:  # answered below, in the handler's thread
+                events.put(exc)
+            finally:
+                self.slots.release()
+
+        threading.Thread(target=work, name="gradcheck-progress", daemon=True).start()
+        while True:
+            event = events.get()
+            if isinstance(event, pb.CheckProgress):
+                yield pb.CheckWithProgressResponse(progress=event)
+            elif isinstance(event, Exception):
+                context.abort_with_status(rpc_status.to_status(failure_for(event, check_id).to_status()))
+            else:
+                yield pb.CheckWithProgressResponse(response=event)
+                return
 
     # ------------------------------------------------------------------------- CheckStream
 

@@ -28,9 +28,9 @@ from gradcheck_svc.settings import Settings
 from gradcheck_svc.specs import FunctionRegistry, compile_expression
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
-__all__ = ["READY", "RESPONSE", "STATUS", "die_with_parent", "warm_up_engine", "worker_main"]
+__all__ = ["PROGRESS", "READY", "RESPONSE", "STATUS", "die_with_parent", "warm_up_engine", "worker_main"]
 
-READY, RESPONSE, STATUS = b"ready", b"R", b"E"
+READY, RESPONSE, STATUS, PROGRESS = b"ready", b"R", b"E", b"P"
 _PR_SET_PDEATHSIG = 1
 log = logging.getLogger("gradcheck_svc.server")
 
@@ -49,10 +49,22 @@ def worker_main(
             body = conn.recv_bytes()
         except (EOFError, OSError):
             return  # the server closed the pipe (or died)
-        conn.send_bytes(answer(header, body, settings, registry))
+
+        def progress(point: int, done: int, total: int) -> None:
+            conn.send_bytes(PROGRESS + json.dumps([point, done, total]).encode())
+
+        conn.send_bytes(
+            answer(header, body, settings, registry, progress if header.get("progress") else None)
+        )
 
 
-def answer(header: dict[str, Any], body: bytes, settings: Settings, registry: FunctionRegistry) -> bytes:
+def answer(
+    header: dict[str, Any],
+    body: bytes,
+    settings: Settings,
+    registry: FunctionRegistry,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> bytes:
     check_id = str(header.get("check_id", ""))
     try:
         request = pb.CheckRequest.FromString(body)
@@ -69,6 +81,7 @@ def answer(header: dict[str, Any], body: bytes, settings: Settings, registry: Fu
             served_by=str(header["served_by"]),
             check_id=check_id,
             max_bytes=settings.max_check_bytes,
+            progress=progress,
         )
         return bytes(RESPONSE + response.SerializeToString())
     except Exception as exc:

@@ -158,18 +158,9 @@ class Expression:
         self.__name__ = self.__qualname__ = text
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if len(args) > len(self.variables):
-            raise TypeError(f"{self.text!r} takes {len(self.variables)} inputs, got {len(args)}")
-        env = dict(zip(self.variables, args, strict=False))
-        for name, value in kwargs.items():
-            if name not in self.variables:
-                raise TypeError(f"{self.text!r} has no variable {name!r} (variables: {self._names()})")
-            if name in env:
-                raise TypeError(f"{self.text!r} got two values for {name!r}")
-            env[name] = value
-        missing = [v for v in self.variables if v not in env]
-        if missing:
-            raise TypeError(f"{self.text!r} is missing a value for {', '.join(missing)}")
+        from gradcheck_svc.binding import bind_variables
+
+        env = bind_variables(self.variables, args, kwargs, repr(self.text))
         result = self.tree.evaluate(env)
         return result if isinstance(result, torch.Tensor) else torch.tensor(result)
 
@@ -188,9 +179,6 @@ class Expression:
 
         self.tree.evaluate(env, watch)
         return largest
-
-    def _names(self) -> str:
-        return ", ".join(self.variables) or "none"
 
     def __repr__(self) -> str:
         return f"Expression({self.text!r})"

@@ -42,9 +42,18 @@ class RegisteredFunction:
     params: Mapping[str, ParamKind] | None = None
     builtin: bool = False
 
+    @property
+    def module_class(self) -> bool:
+        """An nn.Module class: a check builds an instance (see gradcheck_svc.binding.build_module)."""
+        return inspect.isclass(self.fn) and issubclass(self.fn, torch.nn.Module)
+
+    def check_params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        """``params`` validated against what the function (a module: its forward) accepts."""
+        return validate_params(self.name, params or {}, self._kinds(params or {}))
+
     def bind(self, params: Mapping[str, Any] | None = None) -> Callable[..., Any]:
         """Validate ``params`` and return ``fn`` with them applied, named after this entry."""
-        checked = validate_params(self.name, params or {}, self._kinds(params or {}))
+        checked = self.check_params(params)
         bound = functools.partial(self.fn, **checked) if checked else self.fn
         return _named(bound, self.name)
 
@@ -52,15 +61,14 @@ class RegisteredFunction:
         if self.params is not None:
             return self.params
         try:
-            signature = inspect.signature(self.fn)
+            # A module class: its forward's keywords (the class object carries ``forward``).
+            target = getattr(self.fn, "forward", self.fn) if self.module_class else self.fn
+            signature = inspect.signature(target)
         except (TypeError, ValueError):
             return dict.fromkeys(params, ANY)
-        kinds = {
-            p.name: ANY
-            for p in signature.parameters.values()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        }
-        if any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
+        parameters = list(signature.parameters.values())[1 if self.module_class else 0 :]  # forward's self
+        kinds = {p.name: ANY for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if any(p.kind == p.VAR_KEYWORD for p in parameters):
             kinds.update(dict.fromkeys(params, ANY))
         return kinds
 
@@ -148,10 +156,15 @@ class FunctionRegistry:
         return len(self._functions)
 
 
+_CLASSES = (torch.autograd.Function, torch.nn.Module)
+
+
 def _exposable(obj: Any) -> Callable[..., Any] | None:
-    """What a module may expose: functions, callable instances (e.g. an nn.Module), and
+    """What a module may expose: functions, callable instances, nn.Module classes and
     autograd.Function subclasses (through ``.apply``). Other classes and plain values are skipped."""
     if inspect.isclass(obj):
+        if issubclass(obj, torch.nn.Module):
+            return obj  # built from plain constructor arguments when checked
         return obj.apply if issubclass(obj, torch.autograd.Function) else None
     return obj if callable(obj) else None
 
@@ -170,7 +183,7 @@ def _public_callables(mod: ModuleType) -> list[tuple[str, Callable[..., Any]]]:
             n
             for n, v in vars(mod).items()
             if not n.startswith("_")
-            and (inspect.isfunction(v) or (inspect.isclass(v) and issubclass(v, torch.autograd.Function)))
+            and (inspect.isfunction(v) or (inspect.isclass(v) and issubclass(v, _CLASSES)))
             and getattr(v, "__module__", None) == mod.__name__
         ]
     found = ((n, _exposable(getattr(mod, n))) for n in sorted(names))

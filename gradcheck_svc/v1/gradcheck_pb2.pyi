@@ -538,6 +538,8 @@ class RegisteredFunction(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    MODULE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name as listed in Capabilities.registered_functions, e.g. "torch.sin",
     "torch.nn.functional.softmax" or "mypkg.ops:fused_gelu".
@@ -548,15 +550,28 @@ class RegisteredFunction(_message.Message):
         short strings and flat lists of scalars only.
         """
 
+    @_builtins.property
+    def arguments(self) -> _containers.RepeatedCompositeFieldContainer[Global___CallArgument]:
+        """The positional arguments in call order, each a tensor of the point (by
+        name) or a constant, e.g. [input "x", value -1] for fn(x, -1). Empty: the
+        point's tensors, in order. When set, every tensor of a point appears once.
+        """
+
+    @_builtins.property
+    def module(self) -> Global___ModuleState:
+        """For a registered nn.Module class: how to build the instance checked."""
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         params: _abc.Mapping[_builtins.str, Global___Value] | None = ...,
+        arguments: _abc.Iterable[Global___CallArgument] | None = ...,
+        module: Global___ModuleState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["module", b"module"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "params", b"params"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "module", b"module", "name", b"name", "params", b"params"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2080,3 +2095,186 @@ class GetCapabilitiesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCapabilitiesResponse: _TypeAlias = GetCapabilitiesResponse  # noqa: Y015
+
+@_typing.final
+class CallArgument(_message.Message):
+    """----------------------------------------------------------------------------- calls
+
+    One positional argument of a registered function's call.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    input: _builtins.str
+    """The name of a tensor of the evaluation point."""
+    @_builtins.property
+    def value(self) -> Global___Value:
+        """A constant (scalars, short strings, flat lists of scalars, or null)."""
+
+    def __init__(
+        self,
+        *,
+        input: _builtins.str = ...,
+        value: Global___Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "kind", b"kind", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "kind", b"kind", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["input", "value"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___CallArgument: _TypeAlias = CallArgument  # noqa: Y015
+
+@_typing.final
+class ModuleState(_message.Message):
+    """An instance of a registered nn.Module class: built on the server from plain
+    constructor arguments, then given these parameters and buffers.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class InitKwargsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___Value: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    INIT_ARGS_FIELD_NUMBER: _builtins.int
+    INIT_KWARGS_FIELD_NUMBER: _builtins.int
+    TENSORS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def init_args(self) -> _containers.RepeatedCompositeFieldContainer[Global___Value]:
+        """Positional constructor arguments (plain constants only)."""
+
+    @_builtins.property
+    def init_kwargs(self) -> _containers.MessageMap[_builtins.str, Global___Value]:
+        """Keyword constructor arguments (plain constants only)."""
+
+    @_builtins.property
+    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedTensor]:
+        """Every parameter and buffer of the module, by its dotted name (e.g.
+        "layer.weight"). A tensor's requires_grad says whether it is checked.
+        """
+
+    def __init__(
+        self,
+        *,
+        init_args: _abc.Iterable[Global___Value] | None = ...,
+        init_kwargs: _abc.Mapping[_builtins.str, Global___Value] | None = ...,
+        tensors: _abc.Iterable[Global___NamedTensor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["init_args", b"init_args", "init_kwargs", b"init_kwargs", "tensors", b"tensors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModuleState: _TypeAlias = ModuleState  # noqa: Y015
+
+@_typing.final
+class CheckWithProgressRequest(_message.Message):
+    """----------------------------------------------------------------------------- progress
+
+    A check whose progress is streamed back.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def request(self) -> Global___CheckRequest:
+        """The check, as Check takes it."""
+
+    def __init__(
+        self,
+        *,
+        request: Global___CheckRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckWithProgressRequest: _TypeAlias = CheckWithProgressRequest  # noqa: Y015
+
+@_typing.final
+class CheckProgress(_message.Message):
+    """How far a running check got, in finite-difference columns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POINT_FIELD_NUMBER: _builtins.int
+    DONE_COUNT_FIELD_NUMBER: _builtins.int
+    TOTAL_COUNT_FIELD_NUMBER: _builtins.int
+    point: _builtins.int
+    """The evaluation point being checked (0-based)."""
+    done_count: _builtins.int
+    """Columns done at this point."""
+    total_count: _builtins.int
+    """Columns in all at this point."""
+    def __init__(
+        self,
+        *,
+        point: _builtins.int = ...,
+        done_count: _builtins.int = ...,
+        total_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done_count", b"done_count", "point", b"point", "total_count", b"total_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckProgress: _TypeAlias = CheckProgress  # noqa: Y015
+
+@_typing.final
+class CheckWithProgressResponse(_message.Message):
+    """One message of CheckWithProgress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> Global___CheckProgress:
+        """Progress of the running check."""
+
+    @_builtins.property
+    def response(self) -> Global___CheckResponse:
+        """The check's answer, as Check gives it."""
+
+    def __init__(
+        self,
+        *,
+        progress: Global___CheckProgress | None = ...,
+        response: Global___CheckResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "progress", b"progress", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "progress", b"progress", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["progress", "response"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___CheckWithProgressResponse: _TypeAlias = CheckWithProgressResponse  # noqa: Y015

@@ -55,6 +55,11 @@ class GradcheckServiceStub:
                 request_serializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.GetCapabilitiesRequest.SerializeToString,
                 response_deserializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.GetCapabilitiesResponse.FromString,
                 _registered_method=True)
+        self.CheckWithProgress = channel.unary_stream(
+                '/gradcheck_svc.v1.GradcheckService/CheckWithProgress',
+                request_serializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckWithProgressRequest.SerializeToString,
+                response_deserializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckWithProgressResponse.FromString,
+                _registered_method=True)
 
 
 class GradcheckServiceServicer:
@@ -96,6 +101,15 @@ class GradcheckServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckWithProgress(self, request, context):
+        """Check, telling how far it got: CheckProgress messages while the check runs,
+        then one message with the CheckResponse. Errors end the stream with a status,
+        as Check's do.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradcheckServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -118,6 +132,11 @@ def add_GradcheckServiceServicer_to_server(servicer, server):
                     servicer.GetCapabilities,
                     request_deserializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.GetCapabilitiesRequest.FromString,
                     response_serializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.GetCapabilitiesResponse.SerializeToString,
+            ),
+            'CheckWithProgress': grpc.unary_stream_rpc_method_handler(
+                    servicer.CheckWithProgress,
+                    request_deserializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckWithProgressRequest.FromString,
+                    response_serializer=gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckWithProgressResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -229,6 +248,33 @@ class GradcheckService:
             '/gradcheck_svc.v1.GradcheckService/GetCapabilities',
             gradcheck__svc_dot_v1_dot_gradcheck__pb2.GetCapabilitiesRequest.SerializeToString,
             gradcheck__svc_dot_v1_dot_gradcheck__pb2.GetCapabilitiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckWithProgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradcheck_svc.v1.GradcheckService/CheckWithProgress',
+            gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckWithProgressRequest.SerializeToString,
+            gradcheck__svc_dot_v1_dot_gradcheck__pb2.CheckWithProgressResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -78,6 +78,11 @@ class GradcheckServiceStub:
     """
     GetCapabilities: _grpc.UnaryUnaryMultiCallable[_gradcheck_pb2.GetCapabilitiesRequest, _gradcheck_pb2.GetCapabilitiesResponse]
     """Describes the server: versions, devices, functions and limits."""
+    CheckWithProgress: _grpc.UnaryStreamMultiCallable[_gradcheck_pb2.CheckWithProgressRequest, _gradcheck_pb2.CheckWithProgressResponse]
+    """Check, telling how far it got: CheckProgress messages while the check runs,
+    then one message with the CheckResponse. Errors end the stream with a status,
+    as Check's do.
+    """
 
 @_typing.type_check_only
 class GradcheckServiceAsyncStub(GradcheckServiceStub):
@@ -101,6 +106,11 @@ class GradcheckServiceAsyncStub(GradcheckServiceStub):
     """
     GetCapabilities: _aio.UnaryUnaryMultiCallable[_gradcheck_pb2.GetCapabilitiesRequest, _gradcheck_pb2.GetCapabilitiesResponse]  # type: ignore[assignment]
     """Describes the server: versions, devices, functions and limits."""
+    CheckWithProgress: _aio.UnaryStreamMultiCallable[_gradcheck_pb2.CheckWithProgressRequest, _gradcheck_pb2.CheckWithProgressResponse]  # type: ignore[assignment]
+    """Check, telling how far it got: CheckProgress messages while the check runs,
+    then one message with the CheckResponse. Errors end the stream with a status,
+    as Check's do.
+    """
 
 class GradcheckServiceServicer(metaclass=_abc_1.ABCMeta):
     """Checks gradients of functions named by a client."""
@@ -145,5 +155,16 @@ class GradcheckServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gradcheck_pb2.GetCapabilitiesResponse, _abc.Awaitable[_gradcheck_pb2.GetCapabilitiesResponse]]:
         """Describes the server: versions, devices, functions and limits."""
+
+    @_abc_1.abstractmethod
+    def CheckWithProgress(
+        self,
+        request: _gradcheck_pb2.CheckWithProgressRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gradcheck_pb2.CheckWithProgressResponse], _abc.AsyncIterator[_gradcheck_pb2.CheckWithProgressResponse]]:
+        """Check, telling how far it got: CheckProgress messages while the check runs,
+        then one message with the CheckResponse. Errors end the stream with a status,
+        as Check's do.
+        """
 
 def add_GradcheckServiceServicer_to_server(servicer: GradcheckServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,8 @@ class PluginState:
     defaults: Defaults
     tally: Tally = field(default_factory=Tally)
     server: RemoteServer | None = None
+    # Makes a ``progress(done, total)`` callback for one check (nodeid, label); None: no progress shown.
+    progress: Callable[[str, str], Callable[[int, int], None]] | None = None
 
     def __post_init__(self) -> None:
         if self.defaults.server is not None:
@@ -40,10 +43,12 @@ class AssertGrads:
     """``assert_grads(fn, *inputs, **options)``: check the gradients of ``fn`` at ``inputs``.
 
     ``fn`` is a callable, an expression string (inputs positional in the order the variables first
-    appear, or one dict keyed by variable name) or a registered function name. ``options`` are the
-    engine's (atol, rtol, mode, kinks, device, ...) plus ``remote=`` ("prefer" | "require" | "never")
-    and ``params=`` for a registered function. Returns the ``gradcheck_svc.Report``; raises
-    ``gradcheck_svc.GradientMismatch`` (an AssertionError) with the readable report on a mismatch.
+    appear, or one dict keyed by variable name) or a registered function name (``"pkg.mod:fn"``
+    resolves without a server too). ``inputs`` are the positional arguments in call order: tensors
+    and plain constants such as ``dim``. ``options`` are the engine's (atol, rtol, mode, kinks,
+    device, ...) plus ``remote=`` ("prefer" | "require" | "never"), ``params=`` (or ``fn_kwargs=``:
+    constant keyword arguments of ``fn``) and ``input_names=``. Returns the ``gradcheck_svc.Report``;
+    raises ``gradcheck_svc.GradientMismatch`` (an AssertionError) with the readable report on a mismatch.
     """
 
     def __init__(self, state: PluginState, item: pytest.Item) -> None:
@@ -66,12 +71,12 @@ class AssertGrads:
         )
         server = self._state.server
         started = time.perf_counter()
-        label = getattr(fn, "__qualname__", None) or str(fn)
+        label = dispatch.label_for(fn)
         unreachable = ""
+        progress = self._state.progress(self._item.nodeid, label) if self._state.progress else None
         try:
-            target = dispatch.target_for(fn, server, resolved)
-            label = target.label
-            outcome = dispatch.run(target, inputs, resolved, server)
+            outcome = dispatch.run(fn, inputs, resolved, server, progress)
+            label = outcome.label or label
         except ServerUnreachable as exc:
             assert server is not None
             unreachable = str(exc)
@@ -98,5 +103,6 @@ class AssertGrads:
 
     def _record(self, label: str, where: str, started: float, **fields: Any) -> None:
         seconds = time.perf_counter() - started
-        record = CheckRecord(self._item.nodeid, label, where, seconds=seconds, **fields)
+        warmup = not self._state.tally.records  # this process's first check also loads torch and the engine
+        record = CheckRecord(self._item.nodeid, label, where, seconds=seconds, warmup=warmup, **fields)
         self._state.tally.add(record)

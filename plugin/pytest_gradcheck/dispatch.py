@@ -1,12 +1,13 @@
 """Where a check runs (in-process or on the server) and running it there.
 
-Frames that can raise set ``__tracebackhide__``, so a failure points at the user's ``assert_grads`` line.
+Binding (function + arguments -> call) is ``gradcheck_svc.binding``'s; this module only decides
+where the call runs. Frames that can raise set ``__tracebackhide__``, so a failure points at the
+user's ``assert_grads`` line.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -15,20 +16,14 @@ import pytest
 from pytest_gradcheck.remote import RemoteServer
 from pytest_gradcheck.settings import Resolved
 from pytest_gradcheck.summary import LOCAL
-from pytest_gradcheck.targets import (
-    Target,
-    bind_names,
-    classify,
-    registered_name,
-    renamed,
-    why_not_remote,
-)
 
 if TYPE_CHECKING:
+    from gradcheck_svc.binding import Portable
     from gradcheck_svc.report import Report
-    from gradcheck_svc.specs import FunctionRegistry
 
-__all__ = ["Outcome", "run", "target_for"]
+__all__ = ["Outcome", "label_for", "run"]
+
+ProgressFn = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -36,144 +31,160 @@ class Outcome:
     report: Report
     where: str  # LOCAL or the server address
     fallback: str = ""  # why a check meant for the server ran locally
+    label: str = ""
 
 
 def _remote(server: RemoteServer | None, resolved: Resolved) -> RemoteServer | None:
     return server if server is not None and resolved.remote != "never" else None
 
 
-def target_for(fn: Any, server: RemoteServer | None, resolved: Resolved) -> Target:
-    """Classify ``fn``; a string is looked up in the server's registry when one is used."""
+def label_for(fn: Any) -> str:
+    """The label of a check before it is bound (for the summary when binding itself fails)."""
+    from gradcheck_svc.binding import label_of
+
+    return fn.strip() if isinstance(fn, str) else label_of(fn) if callable(fn) else repr(fn)
+
+
+def _check_keywords(fn: Any, resolved: Resolved) -> None:
+    """params= names a registered function's parameters; a callable's keywords go in fn_kwargs=."""
     __tracebackhide__ = True
-    remote = _remote(server, resolved)
-    if isinstance(fn, str) and remote is not None:
-        return classify(fn, remote.registered)
-    if isinstance(fn, str):
-        return classify(fn, _local_registry())
-    return classify(fn)
-
-
-@functools.cache
-def _local_registry() -> FunctionRegistry:
-    """The registry a server started here would have: built-ins plus installed entry points."""
-    from gradcheck_svc.specs import FunctionRegistry
-
-    return FunctionRegistry.default()
-
-
-def _split(inputs: Sequence[Any], names: list[str] | None) -> tuple[Sequence[Any], dict[str, Any]]:
-    """A registered function takes tensors positionally, or named: by ``input_names`` or as one
-    dict whose keys name them (the names label the report; the order is the call's)."""
-    __tracebackhide__ = True
-    if names is not None:
-        return (), bind_names(names, inputs, f"input_names={names!r}")
-    if len(inputs) == 1 and isinstance(inputs[0], Mapping):
-        return (), dict(inputs[0])
-    return inputs, {}
-
-
-def _no_names(target: Target, resolved: Resolved) -> None:
-    __tracebackhide__ = True
-    if resolved.input_names is not None and target.kind == "expression":
-        raise TypeError("input_names is for callables: an expression's inputs are named by its variables")
-    if target.kind == "callable" and resolved.params is not None:
+    if not isinstance(fn, str) and resolved.params is not None:
         raise TypeError(
             "params= is for a registered function named by a string; "
             "a callable's keyword arguments go in fn_kwargs={...}"
         )
-    if target.kind != "callable" and "fn_kwargs" in resolved.arguments:
+    if isinstance(fn, str) and "fn_kwargs" in resolved.arguments:
         raise TypeError("fn_kwargs is for callables: a registered function takes params={...}")
 
 
-def _local(target: Target, inputs: Sequence[Any], resolved: Resolved) -> Report:
+def _constants(fn: Any, resolved: Resolved) -> dict[str, Any] | None:
+    """The call's constant keyword arguments: params of a name, fn_kwargs of a callable."""
+    return resolved.params if isinstance(fn, str) else resolved.arguments.get("fn_kwargs")
+
+
+def _check_arguments(resolved: Resolved) -> dict[str, Any]:
+    """check()'s own keywords besides the function's (wrt, expect), when given."""
+    return {k: v for k, v in resolved.arguments.items() if k != "fn_kwargs"}
+
+
+def _local(fn: Any, inputs: Sequence[Any], resolved: Resolved, progress: ProgressFn | None) -> Outcome:
     __tracebackhide__ = True
-    import gradcheck_svc as gc
+    from gradcheck_svc.binding import bind
 
-    if target.kind == "callable":
-        names = {} if resolved.input_names is None else {"input_names": resolved.input_names}
-        report = gc.check(target.fn, *inputs, **names, **resolved.arguments, **resolved.options)
-        if renamed(target.fn):
-            report = report.model_copy(update={"function": target.label})
-        return report
-    if target.kind == "expression":
-        from gradcheck_svc.specs import compile_expression
-
-        expression = compile_expression(target.text)  # callable with inputs in variable order
-        names = list(expression.variables)
-        named = bind_names(names, inputs, f"expression {target.text!r}")
-        report = gc.check(
-            expression, *named.values(), input_names=names, **resolved.arguments, **resolved.options
-        )
-    else:
-        fn = _local_registry().bind(target.text, resolved.params)
-        positional, named = _split(inputs, resolved.input_names)
-        if named:
-            report = gc.check(
-                fn, *named.values(), input_names=list(named), **resolved.arguments, **resolved.options
-            )
-        else:
-            report = gc.check(fn, *positional, **resolved.arguments, **resolved.options)
-    return report.model_copy(update={"function": target.text})
+    call = bind(fn, inputs, names=resolved.input_names, kwargs=_constants(fn, resolved))
+    report = call.check(progress=progress, **_check_arguments(resolved), **resolved.options)
+    return Outcome(report, LOCAL, label=call.label)
 
 
-def _on_server(server: RemoteServer, target: Target, inputs: Sequence[Any], resolved: Resolved) -> Report:
+def _refuse(remote: RemoteServer, label: str, why: str) -> None:
+    __tracebackhide__ = True
+    pytest.fail(
+        f"gradcheck: {label} cannot run on server {remote.address} ({why}) "
+        "and remote='require' forbids running it locally"
+    )
+
+
+def _fallback(
+    remote: RemoteServer,
+    fn: Any,
+    inputs: Sequence[Any],
+    resolved: Resolved,
+    progress: ProgressFn | None,
+    why: str,
+) -> Outcome:
+    __tracebackhide__ = True
+    label = label_for(fn)
+    if resolved.remote == "require":
+        _refuse(remote, label, why)
+    outcome = _local(fn, inputs, resolved, progress)
+    outcome.report.notes.append(f"ran locally: server {remote.address} cannot run it ({why})")
+    return Outcome(outcome.report, LOCAL, fallback=why, label=outcome.label)
+
+
+def _on_server(
+    remote: RemoteServer,
+    function: Any,
+    point: dict[str, Any],
+    resolved: Resolved,
+    progress: ProgressFn | None,
+) -> Report:
+    """One point checked on the server, streaming its progress when someone listens; an
+    expected mismatch (expect=) is judged here, on the server's report."""
     __tracebackhide__ = True
     from gradcheck_svc.engine.expectation import apply_expectation
 
-    report = _server_report(server, target, inputs, resolved)
+    if progress is None:
+        report = remote.call("check_points", function, [point], options=resolved.options)[0]
+    else:
+        report = remote.call(
+            "check_with_progress",
+            function,
+            [point],
+            lambda _point, done, total: progress(done, total),
+            options=resolved.options,
+        )[0]
     return apply_expectation(report, resolved.arguments.get("expect", "match"))
 
 
-def _server_report(server: RemoteServer, target: Target, inputs: Sequence[Any], resolved: Resolved) -> Report:
+def _send(
+    remote: RemoteServer, travelling: Portable, label: str, resolved: Resolved, progress: ProgressFn | None
+) -> Outcome:
+    """Send a registered call as it travels; the report names it as the server registered it."""
     __tracebackhide__ = True
-    options = resolved.options
-    if target.kind == "expression":
-        from gradcheck_svc.specs import parse_expression
+    from gradcheck_svc.client import Registered
 
-        names = list(parse_expression(target.text).variables)
-        named = bind_names(names, inputs, f"expression {target.text!r}")
-        return server.call("check", target.text, options=options, **named)
-    positional, named = _split(inputs, resolved.input_names)
-    params = resolved.params or {}
-    return server.call("check_registered", target.text, *positional, params=params, options=options, **named)
+    report = _on_server(remote, Registered.of(travelling), travelling.tensors, resolved, progress)
+    return Outcome(report, remote.address, label=label)
 
 
-def _not_sendable(inputs: Sequence[Any]) -> str:
-    """Why these inputs cannot travel to a server ("" when they can): only plain tensors do."""
-    import torch
-
-    if all(isinstance(x, torch.Tensor) for x in inputs):
-        return ""
-    return "inputs other than plain tensors"
-
-
-def run(target: Target, inputs: Sequence[Any], resolved: Resolved, server: RemoteServer | None) -> Outcome:
-    """Run the check where the policy says; a callable the server cannot run falls back or fails."""
+def run(
+    fn: Any,
+    inputs: Sequence[Any],
+    resolved: Resolved,
+    server: RemoteServer | None,
+    progress: ProgressFn | None = None,
+) -> Outcome:
+    """Run the check where the policy says; what the server cannot run falls back or fails."""
     __tracebackhide__ = True
-    _no_names(target, resolved)
+    _check_keywords(fn, resolved)
     remote = _remote(server, resolved)
     if remote is None:
-        return Outcome(_local(target, inputs, resolved), LOCAL)
+        return _local(fn, inputs, resolved, progress)
     if "wrt" in resolved.arguments:  # the server checks every input
-        why = "wrt= is applied in-process"
-        if resolved.remote == "require":
-            pytest.fail(f"gradcheck: {target.label}: {why} and remote='require' forbids running it locally")
-        report = _local(target, inputs, resolved)
-        report.notes.append(f"ran locally: {why}")
-        return Outcome(report, LOCAL, fallback=why)
-    if target.kind == "callable":
-        assert target.fn is not None
-        why = why_not_remote(target.fn) or _not_sendable(inputs)
-        name = None if why else registered_name(target.fn, remote.registered)
-        if name is None:
-            why = why or "not registered on the server"
-            if resolved.remote == "require":
-                pytest.fail(
-                    f"gradcheck: {target.label} cannot run on server {remote.address} ({why}) "
-                    "and remote='require' forbids running it locally"
+        return _fallback(remote, fn, inputs, resolved, progress, "wrt= is applied in-process")
+    from gradcheck_svc.binding import (
+        Call,
+        bind_callable,
+        is_registered_name,
+        portable,
+        portable_named,
+        why_not_remote,
+    )
+
+    if isinstance(fn, str):
+        text = fn.strip()
+        if not is_registered_name(text, remote.registered):  # an expression: it travels as text
+            from gradcheck_svc.binding import BindingError, bind_names
+            from gradcheck_svc.specs import parse_expression
+
+            if resolved.input_names is not None:
+                raise BindingError(
+                    "input_names is for callables: an expression's inputs are named by its variables"
                 )
-            report = _local(target, inputs, resolved)
-            report.notes.append(f"ran locally: server {remote.address} cannot run it ({why})")
-            return Outcome(report, LOCAL, fallback=why)
-        target = Target("registered", target.label, fn=target.fn, text=name)
-    return Outcome(_on_server(remote, target, inputs, resolved), remote.address)
+            names = list(parse_expression(text).variables)
+            named = bind_names(names, inputs, f"expression {text!r}")
+            report = _on_server(remote, text, named, resolved, progress)
+            return Outcome(report, remote.address, label=text)
+        if text not in remote.registered:
+            return _fallback(remote, fn, inputs, resolved, progress, "not registered on the server")
+        travelling = portable_named(text, inputs, names=resolved.input_names, params=resolved.params)
+        label = text
+    else:
+        kwargs = resolved.arguments.get("fn_kwargs")
+        call: Call = bind_callable(fn, inputs, names=resolved.input_names, kwargs=kwargs)
+        never = why_not_remote(fn)  # decided here, without asking an unreachable server
+        travelling = never or portable(call, remote.registered)
+        label = call.label
+    if isinstance(travelling, str):
+        return _fallback(remote, fn, inputs, resolved, progress, travelling)
+    return _send(remote, travelling, label, resolved, progress)

@@ -33,6 +33,17 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[STATE] = PluginState(read_defaults(config))
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With -v, and a terminal of our own (not an xdist worker), long checks show progress."""
+    config = session.config
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and config.get_verbosity() >= 1 and not _is_worker(config):
+        from pytest_gradcheck.progress import terminal_progress
+
+        config.stash[STATE].progress = terminal_progress(reporter)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(STATE, None)
     if state is not None:
@@ -72,7 +83,7 @@ def pytest_testnodedown(node: Any, error: object) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    lines = summary_lines(config.stash[STATE].tally.records)
+    lines = summary_lines(config.stash[STATE].tally.records, verbose=config.get_verbosity() >= 1)
     if not lines or _is_worker(config):
         return
     terminalreporter.write_sep("=", "gradcheck")

@@ -157,7 +157,7 @@ class Resolved:
 
     options: dict[str, Any]  # engine options
     remote: RemotePolicy
-    params: dict[str, Any] | None = None  # parameters of a registered function
+    params: dict[str, Any] | None = None  # parameters of a registered function named by a string
     input_names: list[str] | None = None  # names of a callable's positional inputs
     arguments: dict[str, Any] = field(default_factory=dict)  # fn_kwargs, wrt, expect when given
 

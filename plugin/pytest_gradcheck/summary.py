@@ -30,6 +30,7 @@ class CheckRecord:
     fallback: str = ""  # why a check meant for the server ran locally
     error: str = ""  # why the check could not run at all (exception type and message)
     unreachable: bool = False  # the server could not be reached
+    warmup: bool = False  # its process's first check: its time includes loading torch and the engine
     expected_mismatch: bool = False  # expect="mismatch" and the mismatch was found: passed
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,7 +62,14 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def summary_lines(records: list[CheckRecord]) -> list[str]:
+def _listed(items: list[str], verbose: bool) -> list[str]:
+    """Every item under -v; otherwise the first few and a count of the rest."""
+    if verbose or len(items) <= _LISTED:
+        return items
+    return [*items[:_LISTED], f"  ... and {len(items) - _LISTED} more (-v lists them all)"]
+
+
+def summary_lines(records: list[CheckRecord], *, verbose: bool = False) -> list[str]:
     """The summary's lines; empty when no check ran (then nothing is printed)."""
     if not records:
         return []
@@ -90,12 +98,13 @@ def summary_lines(records: list[CheckRecord]) -> list[str]:
     fallbacks = sorted((r for r in records if r.fallback), key=lambda r: r.nodeid)
     if fallbacks:
         lines.append(f"ran locally, the server cannot run them: {_plural(len(fallbacks), 'check')}")
-        lines.extend(f"  {r.nodeid} ({r.function}: {r.fallback})" for r in fallbacks[:_LISTED])
-        if len(fallbacks) > _LISTED:
-            lines.append(f"  ... and {len(fallbacks) - _LISTED} more")
+        lines.extend(_listed([f"  {r.nodeid} ({r.function}: {r.fallback})" for r in fallbacks], verbose))
 
-    slowest = max(ran, key=lambda r: r.seconds, default=None)
+    # A process's first check pays for importing torch and warming the engine: not the check's cost.
+    warm = [r for r in ran if not r.warmup]
+    slowest = max(warm or ran, key=lambda r: r.seconds, default=None)
     if slowest is not None:
         where_slow = LOCAL if slowest.where == LOCAL else f"on {slowest.where}"
-        lines.append(f"slowest: {slowest.seconds:.2f} s {slowest.nodeid} ({slowest.function}, {where_slow})")
+        label = "slowest" if warm else "slowest (first check, includes warm-up)"
+        lines.append(f"{label}: {slowest.seconds:.2f} s {slowest.nodeid} ({slowest.function}, {where_slow})")
     return lines

@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import torch  # noqa: F401  (see module docstring)
+
+# torch._dynamo registers operator libraries, which may happen once per process only: load it
+# before any inner run (some checks load it) rather than let one run load it and the next reload it.
+import torch._dynamo  # noqa: F401
 
 import gradcheck_svc  # noqa: F401
 

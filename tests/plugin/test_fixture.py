@@ -154,7 +154,7 @@ def test_errors_from_the_engine_propagate(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(
         [
             "*TypeError: unknown gradcheck option(s) 'atoll' in the assert_grads call*",
-            "*TypeError: expression 'u * v' takes 2 input(s) (u, v), got 1*",
+            "*BindingError: expression 'u * v' takes 2 input(s) (u, v), got 1*",
         ],
         consecutive=False,
     )

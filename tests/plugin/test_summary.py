@@ -43,7 +43,7 @@ def test_unreachable_and_many_fallbacks() -> None:
         "server h:9 unreachable: 1 check not run",
         "ran locally, the server cannot run them: 7 checks",
     ]
-    assert lines[-2] == "  ... and 2 more"
+    assert lines[-2] == "  ... and 2 more (-v lists them all)"
 
 
 def test_tally_round_trip() -> None:
