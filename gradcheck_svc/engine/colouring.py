@@ -216,7 +216,9 @@ def _check_groups(
     direction = torch.zeros(k, leaf.size, dtype=torch.float64, device=device)
     direction[group, columns] = step
     batch = torch.cat([(x + node * direction).to(leaf.real.dtype) for node in NODES])  # node-major
-    evaluated = ctx.evaluate(index, batch)
+    # Progress counts the columns a first pass covers; the column-by-column re-check of failing
+    # groups goes over columns already counted.
+    evaluated = ctx.evaluate(index, batch, columns=0 if singletons else columns.numel())
     offsets = torch.tensor(NODES, dtype=torch.float64, device=device).unsqueeze(1).expand(3, k).contiguous()
     f0 = ctx.numeric_f0
     diff = differences(evaluated, f0, offsets, ctx.numeric_machine_eps, x_scale)  # (M, k)

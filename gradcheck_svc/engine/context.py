@@ -92,14 +92,16 @@ class Context:
         assert self.reference is not None
         return self.reference.problem
 
-    def evaluate(self, index: int, batch: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, index: int, batch: torch.Tensor, columns: int | None = None) -> torch.Tensor:
         """Evaluate a batch of perturbed copies of leaf ``index`` of the numeric problem.
 
+        ``columns`` is how many Jacobian columns the batch covers, for progress (default: one
+        per finite-difference node triple; grouped perturbations cover more).
         The first batch of a check also carries the unperturbed point: a second evaluation of
         f(x), nearly free inside the batch, compared with the first to catch a nondeterministic fn.
         """
         if self.progress is not None:
-            self.progress.advance(batch.shape[0] // len(NODES))
+            self.progress.advance(batch.shape[0] // len(NODES) if columns is None else columns)
         if self.numeric_repeats:
             return self._leaf_batch(index, batch)
         base = self.numeric_problem.leaves[index].real.detach().to(batch.dtype).unsqueeze(0)

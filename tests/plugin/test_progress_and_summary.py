@@ -16,11 +16,14 @@ def _no_delay(monkeypatch):
     monkeypatch.setattr(progress, "EVERY_SECONDS", 0.0)
 """
 
+# A dense Jacobian, so the check goes column chunk by column chunk (an elementwise one would be
+# checked by grouped perturbations in one batch).
 CHECKS = """
 import torch
+from torch.nn.functional import softmax
 
 def test_wide(assert_grads):
-    assert_grads(torch.sin, torch.randn(64, dtype=torch.float64), mode="full", chunk_size=16)
+    assert_grads(softmax, torch.randn(64, dtype=torch.float64), 0, mode="full", chunk_size=16)
 """
 
 
@@ -31,8 +34,8 @@ def test_progress_lines_under_verbose(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
         [
-            "gradcheck: test_wide.py::test_wide torch.sin [[]#####...............[]] 16/64 columns, * s",
-            "gradcheck: test_wide.py::test_wide torch.sin [[]####################[]] 64/64 columns, * s",
+            "gradcheck: test_wide.py::test_wide *softmax [[]#####...............[]] 16/64 columns, * s",
+            "gradcheck: test_wide.py::test_wide *softmax [[]####################[]] 64/64 columns, * s",
             "test_wide.py::test_wide PASSED*",
         ]
     )
@@ -121,7 +124,7 @@ def _every_step(monkeypatch):
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
         [
-            "gradcheck: test_wide.py::test_wide torch.sin [[]#####...............[]] 16/64 columns, * s",
-            "gradcheck: test_wide.py::test_wide torch.sin [[]####################[]] 64/64 columns, * s",
+            "gradcheck: test_wide.py::test_wide *softmax [[]#####...............[]] 16/64 columns, * s",
+            "gradcheck: test_wide.py::test_wide *softmax [[]####################[]] 64/64 columns, * s",
         ]
     )

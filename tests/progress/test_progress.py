@@ -14,11 +14,28 @@ from gradcheck_svc.progress_bar import ProgressBar
 X = torch.randn(40, dtype=torch.float64)
 
 
+W = torch.randn(40, 40, dtype=torch.float64) / 40**0.5
+
+
+def dense(x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(W @ x)
+
+
 def test_full_mode_reports_every_chunk_up_to_the_total() -> None:
+    # A dense Jacobian goes column chunk by column chunk: one report per chunk.
+    seen: list[tuple[int, int]] = []
+    report = gc.check(dense, X, mode="full", chunk_size=16, progress=lambda d, t: seen.append((d, t)))
+    assert report.ok
+    assert seen == [(16, 40), (32, 40), (40, 40)]
+
+
+def test_grouped_columns_count_every_column_they_cover() -> None:
+    # An elementwise Jacobian is checked by grouped perturbations: one batch covers every column.
     seen: list[tuple[int, int]] = []
     report = gc.check(torch.sin, X, mode="full", chunk_size=16, progress=lambda d, t: seen.append((d, t)))
     assert report.ok
-    assert seen == [(16, 40), (32, 40), (40, 40)]
+    assert seen and seen[-1] == (40, 40)
+    assert all(0 < d <= t for d, t in seen)
 
 
 def test_fast_mode_counts_projections() -> None:
@@ -118,10 +135,23 @@ def test_cli_shows_the_servers_progress(
     try:
         at = "--at=x=" + str([0.1 * i for i in range(30)])
         code = main(
-            ["check", "--target", f"127.0.0.1:{port}", "--expr", "sin(x)", at, "--option", "chunk_size=10"]
+            [
+                "check",
+                "--target",
+                f"127.0.0.1:{port}",
+                "--expr",
+                "sin(x * sum(x))",
+                at,
+                "--option",
+                "chunk_size=10",
+            ]
         )
     finally:
         server.stop(grace=1)
     captured = capsys.readouterr()
     assert code == 0
-    assert "sin(x) [" in captured.err and "10/30 columns" in captured.err and "30/30 columns" in captured.err
+    assert (
+        "sin(x * sum(x)) [" in captured.err
+        and "10/30 columns" in captured.err
+        and "30/30 columns" in captured.err
+    )

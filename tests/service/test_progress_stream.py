@@ -18,7 +18,8 @@ def _every_step(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     "function",
-    ["sin(x)", Registered("service_test_ops:slow_square", {"delay": 0.0})],  # thread; worker process
+    # Dense Jacobians, checked column chunk by column chunk. In a thread; in a worker process.
+    ["sin(x * sum(x))", Registered("service_test_ops:slow_square", {"delay": 0.0})],
     ids=["expression", "operator-function"],
 )
 def test_progress_then_the_answer(client: Client, function: object) -> None:
