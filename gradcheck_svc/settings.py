@@ -83,8 +83,9 @@ class Settings(BaseSettings):
     )
     isolation: Literal["auto", "process", "thread"] = Field(
         "auto",
-        description="where checks run: auto (operator functions in killable worker processes, expressions "
-        "and built-ins in threads), process (everything in workers) or thread (nothing in workers)",
+        description="where checks run: auto (operator functions and checks not sized up front as light in "
+        "killable worker processes, light expressions and built-ins in threads), process (everything in "
+        "workers) or thread (nothing in workers)",
     )
     kill_after_seconds: float = Field(
         2.0, gt=0, description="a worker process still busy this long after its check's deadline is killed"

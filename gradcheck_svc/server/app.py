@@ -32,7 +32,6 @@ from gradcheck_svc.report import Report
 from gradcheck_svc.server.auth import TokenAuthInterceptor
 from gradcheck_svc.server.decoding import DecodeErrorInterceptor
 from gradcheck_svc.server.isolation import WorkerPool
-from gradcheck_svc.server.plan import runs_in_worker
 from gradcheck_svc.server.service import GradcheckService
 from gradcheck_svc.server.worker import warm_up_engine
 from gradcheck_svc.settings import Settings
@@ -107,7 +106,7 @@ def create_server(
         assert registry_factory is not None
         registry = registry_factory()
     workers = None
-    if registry_factory is not None and _needs_workers(settings, registry):
+    if registry_factory is not None and _needs_workers(settings):
         workers = WorkerPool(settings, registry_factory)
     message_limits = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -145,9 +144,9 @@ def create_server(
     return GradcheckServer(grpc_server, service, health_servicer), port
 
 
-def _needs_workers(settings: Settings, registry: FunctionRegistry) -> bool:
-    operator_code = any(not registry.get(n).builtin for n in registry.names())
-    return runs_in_worker(settings.isolation, operator_code)
+def _needs_workers(settings: Settings) -> bool:
+    # Any check may be heavy (not light), so only isolation=thread runs without workers.
+    return settings.isolation != "thread"
 
 
 def _bind(grpc_server: grpc.Server, settings: Settings) -> int:

@@ -88,13 +88,15 @@ class CheckPlan:
         return str(self.options.get("device") or "auto")
 
 
-def runs_in_worker(isolation: str, operator_code: bool) -> bool:
+def runs_in_worker(isolation: str, operator_code: bool, light: bool = False) -> bool:
     """The one rule for what runs in a killable worker process: everything under
-    ``isolation=process``, operator functions under ``auto``, nothing under ``thread``.
-    Expressions and built-ins stay in threads: the CheckGuard bounds them at every torch op."""
+    ``isolation=process``, nothing under ``thread``; under ``auto``, operator functions and every
+    check not sized up front as light. The CheckGuard bounds a check at every torch op, but one
+    long op (an SVD of a large matrix) runs to its end in a thread: only a worker can be stopped
+    in the middle of it. Light checks stay in threads, where they cost no process hand-off."""
     if isolation == "thread":
         return False
-    return isolation == "process" or operator_code
+    return isolation == "process" or operator_code or not light
 
 
 def plan_check(request: pb.CheckRequest, settings: Settings, registry: FunctionRegistry) -> CheckPlan:

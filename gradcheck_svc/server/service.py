@@ -123,7 +123,8 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         try:
             plan = plan_check(request, self.settings, self.registry)  # validated here, even if isolated
             deadline = Deadline.start(remaining, self.settings.max_check_seconds)
-            if self.workers is not None and runs_in_worker(self.settings.isolation, plan.operator_code):
+            isolated = runs_in_worker(self.settings.isolation, plan.operator_code, plan.light)
+            if self.workers is not None and isolated:
                 response = self.workers.run(
                     request.SerializeToString(),
                     deadline=deadline,

@@ -231,3 +231,23 @@ def test_concurrent_attacks_leave_the_server_serving(
     assert set(results) <= {grpc.StatusCode.RESOURCE_EXHAUSTED}
     report = stub.Check(expression("x * x", x=torch.tensor(9.0, dtype=F64)), timeout=30).reports[0]
     assert report.ok
+
+
+def test_one_long_op_is_stopped_at_the_cap_by_default() -> None:
+    # Default isolation: a check not sized up front as light runs in a worker process, which is
+    # killed kill_after_seconds past the cap even in the middle of one op (pinv of 3000x3000 takes
+    # tens of seconds on two cores; in a thread it would run to its end).
+    cap, kill_after = 2.0, 1.0
+    process = ServeProcess("--max-check-seconds", str(cap), "--kill-after-seconds", str(kill_after))
+    try:
+        with grpc.insecure_channel(process.address) as channel:
+            stub = pb_grpc.GradcheckServiceStub(channel)
+            code, _, _, seconds = attack(
+                process, stub, expression("sum(pinv(a))", a=torch.randn(3000, 3000, dtype=F64))
+            )
+            assert code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+            assert seconds < cap + kill_after + SLACK
+            reply = stub.Check(expression("x * x", x=torch.tensor(9.0, dtype=F64)), timeout=60)
+            assert reply.reports[0].ok
+    finally:
+        process.stop()
