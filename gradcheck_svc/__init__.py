@@ -31,6 +31,7 @@ from gradcheck_svc.errors import (
     ServiceError,
     SpecError,
     UnknownFunctionError,
+    UnsupportedTensorError,
 )
 from gradcheck_svc.options import CheckOptions
 from gradcheck_svc.report import Check, ElementError, PairReport, Report, Status
@@ -64,6 +65,7 @@ __all__ = [
     "SpecError",
     "Status",
     "UnknownFunctionError",
+    "UnsupportedTensorError",
     "__version__",
     "assert_grads",
     "check",

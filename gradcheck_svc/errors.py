@@ -6,6 +6,7 @@
     │   ├── NotCallableError               (also TypeError)  fn is not callable
     │   ├── NothingToCheckError            (also TypeError)  no differentiable input or output
     │   ├── OutputTypeError                (also TypeError)  fn returned something that is not a tensor
+    │   ├── UnsupportedTensorError         (also TypeError)  a sparse or otherwise non-strided tensor
     │   ├── FunctionRaisedError            (also ValueError) fn (or its backward) raised at this point
     │   ├── BackwardNotDifferentiableError (also TypeError)  the backward cannot itself be differentiated
     │   ├── DeviceUnavailableError         (also RuntimeError) e.g. device="cuda" without CUDA
@@ -47,6 +48,7 @@ __all__ = [
     "ServiceError",
     "SpecError",
     "UnknownFunctionError",
+    "UnsupportedTensorError",
 ]
 
 
@@ -72,6 +74,10 @@ class NothingToCheckError(CheckError, TypeError):
 
 class OutputTypeError(CheckError, TypeError):
     """The function returned something other than tensors."""
+
+
+class UnsupportedTensorError(CheckError, TypeError):
+    """An input or output tensor has a layout finite differences cannot perturb (sparse, ...)."""
 
 
 class FunctionRaisedError(CheckError, ValueError):

@@ -17,7 +17,13 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from gradcheck_svc.errors import FunctionRaisedError, InvalidOptionError, NothingToCheckError, OutputTypeError
+from gradcheck_svc.errors import (
+    FunctionRaisedError,
+    InvalidOptionError,
+    NothingToCheckError,
+    OutputTypeError,
+    UnsupportedTensorError,
+)
 
 __all__ = ["Leaf", "OutputBlock", "Problem", "build_problem", "flat_index"]
 
@@ -219,6 +225,7 @@ def _output_blocks(out: Any, kept: list[bool] | None) -> list[OutputBlock]:
         if kept is not None and not kept[position]:
             continue
         name = _output_name(out, path)
+        _require_strided(t, name)
         size = t.numel() * (2 if t.is_complex() else 1)
         blocks.append(OutputBlock(name, tuple(t.shape), t.dtype, offset, size))
         offset += size
@@ -229,6 +236,16 @@ def _output_blocks(out: Any, kept: list[bool] | None) -> list[OutputBlock]:
             "return the tensor(s) whose gradients should be checked"
         )
     return blocks
+
+
+def _require_strided(t: torch.Tensor, what: str) -> None:
+    """Finite differences perturb a dense tensor element by element: a sparse layout has no such
+    elements to move (its zeros are structural), so say so instead of failing inside torch."""
+    if t.layout != torch.strided:
+        raise UnsupportedTensorError(
+            f"{what} is a {str(t.layout).removeprefix('torch.')} tensor; gradients are checked on "
+            "dense (strided) tensors: pass t.to_dense() and convert inside fn"
+        )
 
 
 ALL_PARAMETERS = "parameters"  # a ``wrt`` entry naming every parameter of an nn.Module
@@ -342,6 +359,7 @@ def build_problem(
         if selection is not None:
             selected = _differentiable(t) and selection(str(name), is_param and name in parameters)
         if selected:
+            _require_strided(value, str(name))
             slots.append(slot)
             leaves.append(Leaf(str(name), tuple(value.shape), value.dtype, value))
     if selection is not None:

@@ -270,3 +270,13 @@ def test_storage_level_ops_see_their_own_input_in_the_loop():
     for shape in [(1,), (3,)]:
         report = gc.check(fn, torch.randn(*shape, dtype=D) + 3)
         assert report.ok, str(report)
+
+
+def test_sparse_tensors_get_a_clear_error_not_a_torch_crash() -> None:
+    # A sparse input has no elements to perturb one by one; a sparse output no dense Jacobian rows.
+    csr = torch.eye(3, dtype=torch.float64).to_sparse_csr().requires_grad_()
+    with pytest.raises(gc.UnsupportedTensorError, match=r"inputs\[0\] is a sparse_csr tensor"):
+        gc.check(lambda a: a.to_dense().sum(), csr)
+    with pytest.raises(gc.UnsupportedTensorError, match="output is a sparse_coo tensor"):
+        gc.check(lambda a: torch.diag(a).to_sparse(), torch.randn(3, dtype=torch.float64))
+    assert issubclass(gc.UnsupportedTensorError, TypeError)
