@@ -23,7 +23,12 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported where used: health probes start without torch or the client
+    from gradcheck_svc.client import Client
+    from gradcheck_svc.report import Report
+    from gradcheck_svc.specs import SamplingSpec
 
 EXIT_OK, EXIT_MISMATCH, EXIT_ERROR = 0, 1, 2
 
@@ -173,7 +178,7 @@ def _points(args: argparse.Namespace) -> list[dict[str, Any]]:
     return points
 
 
-def _sampling(args: argparse.Namespace) -> Any:
+def _sampling(args: argparse.Namespace) -> SamplingSpec:
     from gradcheck_svc.codec import dtype_from_name
     from gradcheck_svc.specs import SampledInput, SamplingSpec
 
@@ -201,7 +206,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _client(args: argparse.Namespace) -> Any:
+def _client(args: argparse.Namespace) -> Client:
     from gradcheck_svc.client import Client
 
     targets = [t.strip() for t in args.target.split(",") if t.strip()]
@@ -214,7 +219,7 @@ def _client(args: argparse.Namespace) -> Any:
     )
 
 
-def _check_remote(args: argparse.Namespace, points: list[dict[str, Any]]) -> list[Any]:
+def _check_remote(args: argparse.Namespace, points: list[dict[str, Any]]) -> list[Report]:
     from gradcheck_svc.client import Registered
 
     function: Any = (
@@ -235,7 +240,7 @@ def _check_remote(args: argparse.Namespace, points: list[dict[str, Any]]) -> lis
             bar.close()
 
 
-def _check_local(args: argparse.Namespace, points: list[dict[str, Any]]) -> list[Any]:
+def _check_local(args: argparse.Namespace, points: list[dict[str, Any]]) -> list[Report]:
     from gradcheck_svc.binding import bind_expression, bind_registered
     from gradcheck_svc.progress_bar import ProgressBar
     from gradcheck_svc.specs import FunctionRegistry, parse_expression, sample_points

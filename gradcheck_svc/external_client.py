@@ -41,6 +41,8 @@ class _Answerer:
 
     def answer(self, request: pb.CheckExternalResponse) -> pb.CheckExternalRequest:
         kind = request.WhichOneof("kind")
+        if kind is None:  # an empty message: nothing to answer
+            raise ValueError("unexpected message None from the server")
         body = getattr(request, kind)
         try:
             if kind == "evaluate":

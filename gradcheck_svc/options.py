@@ -134,9 +134,9 @@ def call_arguments(
         raise InvalidOptionError(f"cancelled must be callable, got {type(cancelled).__name__}")
     return CallArguments(
         fn_kwargs=dict(fn_kwargs),
-        input_names=names,  # type: ignore[arg-type]
+        input_names=names,
         wrt=None if wrt is None else _names(wrt, "wrt", allow_int=True),
         expect=expect,  # type: ignore[arg-type]
         deadline=None if deadline is None else float(deadline),
-        cancelled=cancelled,  # type: ignore[arg-type]
+        cancelled=cancelled,
     )

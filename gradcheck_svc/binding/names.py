@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Container
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_svc.binding.call import named_object
@@ -76,7 +76,7 @@ def resolve_entry(name: str, registry: FunctionRegistry) -> RegisteredFunction:
     return exposed.get(name)
 
 
-def is_registered_name(text: str, registry: Collection[str]) -> bool:
+def is_registered_name(text: str, registry: Container[str]) -> bool:
     """Whether ``text`` names a function rather than being an expression."""
     if text in registry:
         return True

@@ -9,7 +9,8 @@ for the rest of the check.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, cast
 
 import torch
 from torch.autograd import forward_ad
@@ -19,10 +20,17 @@ from gradcheck_svc.engine.evaluate import why_not_batched
 from gradcheck_svc.engine.problem import Problem
 from gradcheck_svc.errors import BackwardNotDifferentiableError, CheckError, FunctionRaisedError
 
-__all__ = ["Analytic"]
+__all__ = ["Analytic", "func_vjp"]
+
+_T = TypeVar("_T")
 
 _FEW_ROWS = 4
 _PROBE_ROWS = 3  # rows of the first batched result recomputed one at a time, to trust the batching
+
+
+def func_vjp(fn: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[..., tuple[torch.Tensor, ...]]]:
+    """``torch.func.vjp`` without ``has_aux``: torch types its result as a 2- or 3-tuple."""
+    return cast(tuple[Any, Callable[..., tuple[torch.Tensor, ...]]], torch.func.vjp(fn, *primals))
 
 
 class Analytic:
@@ -47,7 +55,7 @@ class Analytic:
     # ------------------------------------------------------------------ helpers
     def _func_vjp(self) -> Callable[..., tuple[torch.Tensor, ...]]:
         if self._vjp_fn is None:
-            value, self._vjp_fn = torch.func.vjp(self.problem.flat, *self.problem.base_reals())
+            value, self._vjp_fn = func_vjp(self.problem.flat, *self.problem.base_reals())
             self.forward_values.append(value.detach())
         return self._vjp_fn
 
@@ -64,7 +72,9 @@ class Analytic:
             self.forward_values.append(y.detach())
         return self._graph
 
-    def _grads(self, y: torch.Tensor, reals: list[torch.Tensor], cotangent: torch.Tensor, batched: bool):
+    def _grads(
+        self, y: torch.Tensor, reals: list[torch.Tensor], cotangent: torch.Tensor, batched: bool
+    ) -> list[torch.Tensor]:
         grads = torch.autograd.grad(
             y, reals, cotangent, retain_graph=True, allow_unused=True, is_grads_batched=batched
         )
@@ -74,7 +84,7 @@ class Analytic:
             for g, r in zip(grads, reals, strict=True)
         ]
 
-    def _run(self, name: str, attempts: dict[str, Callable[[], list[torch.Tensor] | torch.Tensor]]):
+    def _run(self, name: str, attempts: Mapping[str, Callable[[], _T]]) -> _T:
         """Try the remaining paths in order; drop the ones that fail for good."""
         last: BaseException | None = None
         for path in list(self._paths):
@@ -90,14 +100,16 @@ class Analytic:
                     self._paths.remove(path)
                     how = "torch.func" if path == "func" else "batched autograd.grad"
                     self._note(f"{name} computed without {how}, which cannot run fn ({why_not_batched(exc)})")
-        raise FunctionRaisedError(f"backward raised while computing {name}: {_describe(last)}") from last
+        cause = "no path could run" if last is None else _describe(last)
+        raise FunctionRaisedError(f"backward raised while computing {name}: {cause}") from last
 
     # ------------------------------------------------------------------ rows
     def rows(self, cotangents: torch.Tensor) -> list[torch.Tensor]:
         """``J^T c`` for each row ``c`` of ``cotangents (R, M)``: one ``(R, n_i)`` float64 tensor per leaf."""
 
         def func() -> list[torch.Tensor]:
-            return list(torch.vmap(self._func_vjp())(cotangents))
+            grads: tuple[torch.Tensor, ...] = torch.vmap(self._func_vjp())(cotangents)
+            return list(grads)
 
         def batched() -> list[torch.Tensor]:
             y, reals = self._autograd_graph()
@@ -160,7 +172,7 @@ class Analytic:
         def func() -> torch.Tensor:
             vjp_fn = self._func_vjp()
             probe = torch.zeros(m, dtype=torch.float64, device=directions.device)
-            _, vjp_of_vjp = torch.func.vjp(vjp_fn, probe)
+            _, vjp_of_vjp = func_vjp(vjp_fn, probe)
             zeros = [
                 torch.zeros(leaf.size, dtype=leaf.real_dtype, device=directions.device) for leaf in leaves
             ]
@@ -169,7 +181,8 @@ class Analytic:
                 cotangent = tuple(u if i == index else z for i, z in enumerate(zeros))
                 return vjp_of_vjp(cotangent)[0]
 
-            return torch.vmap(column)(directions.to(leaves[index].real_dtype))
+            columns: torch.Tensor = torch.vmap(column)(directions.to(leaves[index].real_dtype))
+            return columns
 
         def autograd_path(batched: bool) -> torch.Tensor:
             y, reals = self._autograd_graph()
@@ -202,18 +215,20 @@ class Analytic:
         problem = self.problem
 
         def one_func(u: torch.Tensor) -> torch.Tensor:
-            return torch.func.jvp(lambda r: problem.flat_replace(index, r), (base,), (u,))[1]
+            tangent: torch.Tensor = torch.func.jvp(lambda r: problem.flat_replace(index, r), (base,), (u,))[1]
+            return tangent
 
         def func() -> torch.Tensor:
-            return torch.vmap(one_func)(directions.to(base.dtype))
+            columns: torch.Tensor = torch.vmap(one_func)(directions.to(base.dtype))
+            return columns
 
         def loop() -> torch.Tensor:
             cols = []
             for u in directions.to(base.dtype):
                 with forward_ad.dual_level():
-                    dual = forward_ad.make_dual(base.detach(), u)
+                    dual = forward_ad.make_dual(base.detach(), u)  # type: ignore[no-untyped-call]  # untyped in torch
                     y = problem.flat_replace(index, dual)
-                    tangent = forward_ad.unpack_dual(y).tangent
+                    tangent = forward_ad.unpack_dual(y).tangent  # type: ignore[no-untyped-call]  # untyped in torch
                 cols.append(torch.zeros_like(y) if tangent is None else tangent)
             return torch.stack(cols)
 

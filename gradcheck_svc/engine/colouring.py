@@ -19,11 +19,15 @@ by column, so every element the report names comes from its own column.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from gradcheck_svc.engine.compare import Judgement, PairAccumulator, Tolerance, judge
 from gradcheck_svc.engine.numeric import NODES, Differences, differences, steps
+
+if TYPE_CHECKING:  # only the type: this module stays free of the driver's imports at run time
+    from gradcheck_svc.engine.context import Context
 
 __all__ = ["ColouredLeaf", "colour_by_stride", "plan_groups", "run_coloured"]
 
@@ -88,7 +92,7 @@ def plan_groups(
 
 
 def run_coloured(
-    ctx,  # Context; untyped here to keep this module free of the driver's imports
+    ctx: Context,
     index: int,
     jac_t: torch.Tensor,
     accumulators: list[tuple[slice, PairAccumulator, Tolerance]],
@@ -190,7 +194,7 @@ def run_coloured(
 
 
 def _check_groups(
-    ctx,
+    ctx: Context,
     index: int,
     jac_t: torch.Tensor,
     accumulators: list[tuple[slice, PairAccumulator, Tolerance]],

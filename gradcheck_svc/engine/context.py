@@ -124,7 +124,7 @@ class Context:
         rows = batch_rows(self.eval_bytes, self._eval_seconds, _CHUNK_BYTES)
         if batch.shape[0] <= rows:
             return self.evaluator.leaf_batch(index, batch)
-        return torch.cat([self.evaluator.leaf_batch(index, part) for part in batch.split(rows)])
+        return torch.cat([self.evaluator.leaf_batch(index, part) for part in torch.split(batch, rows)])
 
     def note(self, text: str) -> None:
         if text not in self.notes:

@@ -9,7 +9,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from gradcheck_svc.engine.analytic import Analytic
-from gradcheck_svc.engine.problem import build_problem
+from gradcheck_svc.engine.problem import Problem, build_problem
 from gradcheck_svc.errors import DeviceUnavailableError
 from gradcheck_svc.options import CheckOptions
 from gradcheck_svc.report import Check, PairReport, Status
@@ -32,7 +32,14 @@ def resolve_device(requested: str | None, inputs: Sequence[Any]) -> torch.device
     return torch.device(requested)
 
 
-def _jacobian(fn: Any, inputs: Sequence[Any], kwargs: dict[str, Any], names, options, device) -> tuple:
+def _jacobian(
+    fn: Any,
+    inputs: Sequence[Any],
+    kwargs: dict[str, Any],
+    names: Sequence[str] | None,
+    options: CheckOptions,
+    device: torch.device,
+) -> tuple[Problem, list[torch.Tensor]]:
     problem, _ = build_problem(fn, inputs, kwargs, input_names=names, device=device, upcast=options.upcast)
     analytic = Analytic(problem, lambda _: None)
     m = problem.n_outputs

@@ -15,8 +15,8 @@ VJP (order 2) do not exist: the backward is not differentiable, and ``check`` sa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -75,13 +75,18 @@ def _batched(values: Sequence[Any], dims: Sequence[int | None], size: int) -> li
     return out
 
 
+def _apply(function: type[torch.autograd.Function]) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``function.apply`` typed: torch leaves it unannotated; every Function here returns a tuple."""
+    return cast(Callable[..., tuple[torch.Tensor, ...]], function.apply)
+
+
 class _Evaluate(torch.autograd.Function):
     """y = f(x) from the source; backward and jvp from the source's own products."""
 
     generate_vmap_rule = False
 
     @staticmethod
-    def forward(source: ExternalSource, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(source: ExternalSource, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(out.squeeze(0) for out in source.evaluate([x.unsqueeze(0) for x in inputs]))
 
     @staticmethod
@@ -91,9 +96,9 @@ class _Evaluate(torch.autograd.Function):
         ctx.tangent_inputs = inputs[1:]
 
     @staticmethod
-    def backward(ctx: Any, *cotangents: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, *cotangents: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         wanted = tuple(ctx.needs_input_grad[1:])
-        grads = _Vjp.apply(ctx.source, ctx.inputs, wanted, *cotangents)
+        grads = _apply(_Vjp)(ctx.source, ctx.inputs, wanted, *cotangents)
         it = iter(grads)
         return (None, *(next(it) if w else None for w in wanted))
 
@@ -101,7 +106,7 @@ class _Evaluate(torch.autograd.Function):
     def jvp(ctx: Any, _source: Any, *tangents: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         if not ctx.source.has_jvp:
             raise NotImplementedError("the external function has no Jacobian-vector products (jvp)")
-        return _Jvp.apply(ctx.source, ctx.inputs, *tangents)
+        return _apply(_Jvp)(ctx.source, ctx.inputs, *tangents)
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], source: ExternalSource, *inputs: torch.Tensor) -> Any:
@@ -115,7 +120,7 @@ class _Vjp(torch.autograd.Function):
     generate_vmap_rule = False
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         source: ExternalSource,
         inputs: list[torch.Tensor],
         wanted: tuple[bool, ...],
@@ -129,7 +134,7 @@ class _Vjp(torch.autograd.Function):
         pass
 
     @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> Any:  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor) -> Any:
         raise RuntimeError("the backward of an external function is not differentiable (order 2)")
 
     @staticmethod
@@ -152,7 +157,7 @@ class _Jvp(torch.autograd.Function):
     generate_vmap_rule = False
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         source: ExternalSource, inputs: list[torch.Tensor], *tangents: torch.Tensor | None
     ) -> tuple[torch.Tensor, ...]:
         batch = [None if t is None else t.unsqueeze(0) for t in tangents]
@@ -182,7 +187,7 @@ class ExternalFunction:
         self.__name__ = self.__qualname__ = name
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        outputs = _Evaluate.apply(self.source, *inputs)
+        outputs = _apply(_Evaluate)(self.source, *inputs)
         names = self.source.output_names
         if names == ["output"]:
             return outputs[0]

@@ -48,7 +48,7 @@ def _aliases(func: Any) -> bool:
     return known
 
 
-class ByteMeter(TorchDispatchMode):
+class ByteMeter(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch leaves TorchDispatchMode untyped
     """Live and peak bytes of the tensors created by the ops run under it.
 
     Ops whose outputs alias an input (views, in-place and ``out=`` ops) allocate nothing and are
@@ -56,7 +56,7 @@ class ByteMeter(TorchDispatchMode):
     """
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # torch leaves TorchDispatchMode untyped
         self.live = 0
         self.peak = 0
         self._sizes: dict[weakref.ref[torch.Tensor], int] = {}
@@ -81,7 +81,7 @@ class ByteMeter(TorchDispatchMode):
         return out
 
 
-class CheckGuard(ByteMeter):
+class CheckGuard(ByteMeter):  # type: ignore[no-untyped-call]  # torch leaves TorchDispatchMode untyped
     """A ByteMeter that enforces a memory budget, a deadline and cancellation at every op."""
 
     def __init__(
@@ -101,11 +101,11 @@ class CheckGuard(ByteMeter):
     def __enter__(self) -> CheckGuard:
         self._previous = getattr(_active, "guard", None)
         _active.guard = self
-        super().__enter__()
+        super().__enter__()  # type: ignore[no-untyped-call]  # torch leaves TorchDispatchMode untyped
         return self
 
     def __exit__(self, *exc: object) -> None:
-        super().__exit__(*exc)
+        super().__exit__(*exc)  # type: ignore[no-untyped-call]  # torch leaves TorchDispatchMode untyped
         _active.guard = self._previous
 
     def _trip(self, error: Exception) -> None:
@@ -159,9 +159,9 @@ def batch_bytes(default: int) -> int:
     return max(1, min(default, guard.max_bytes // 4))
 
 
-class _LargestOutput(TorchDispatchMode):
+class _LargestOutput(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch leaves TorchDispatchMode untyped
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # torch leaves TorchDispatchMode untyped
         self.largest = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -180,6 +180,7 @@ def largest_output(fn: Callable[..., Any], inputs: Sequence[Any]) -> int:
         torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t
         for t in inputs
     ]
-    with _LargestOutput() as mode:
+    mode = _LargestOutput()
+    with mode:
         fn(*meta)
     return max([mode.largest, *(t.numel() for t in meta if isinstance(t, torch.Tensor))])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils import _pytree as pytree
@@ -32,6 +32,11 @@ _LISTED = 3  # elements named one by one in notes about an input
 
 def _differentiable(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+def _index(entry: pytree.KeyEntry) -> int:
+    """The position a list entry of a pytree path names (torch types path entries only as KeyEntry)."""
+    return cast(pytree.SequenceKey[Any], entry).idx
 
 
 def _flat_real(t: torch.Tensor) -> torch.Tensor:
@@ -339,7 +344,7 @@ def build_problem(
     any_requires_grad = any(
         isinstance(t, torch.Tensor) and t.requires_grad and _differentiable(t)
         for (path, t) in paths
-        if path[0].idx == 0  # type: ignore[union-attr]
+        if _index(path[0]) == 0
     )
     template: list[Any] = []
     slots: list[int] = []
@@ -347,12 +352,12 @@ def build_problem(
     for slot, (path, t) in enumerate(paths):
         value = convert(t)
         template.append(value)
-        is_param = path[0].idx == 1  # type: ignore[union-attr]
+        is_param = _index(path[0]) == 1
         if is_param:
-            name = path[1].key  # type: ignore[union-attr]
+            name = cast(pytree.MappingKey[str, Any], path[1]).key
             selected = name in trainable
         else:
-            position = path[1].idx  # type: ignore[union-attr]
+            position = _index(path[1])
             name = heads[position] + pytree.keystr(path[2:])
             selected = _differentiable(t) and (t.requires_grad or not any_requires_grad)
         (differentiable if _differentiable(t) else other).append(str(name))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from gradcheck_svc.engine.analytic import func_vjp
 from gradcheck_svc.engine.problem import Problem, build_problem
 
 __all__ = ["second_order_problem", "vjp_function"]
@@ -34,7 +35,7 @@ def vjp_function(problem: Problem, cotangent: torch.Tensor) -> Callable[..., tup
         grads: list[torch.Tensor | None] | None = None
         if use_func:
             try:
-                _, vjp_fn = torch.func.vjp(problem.flat, *reals)
+                _, vjp_fn = func_vjp(problem.flat, *reals)
                 grads = list(vjp_fn(cotangent))
             except Exception:
                 # torch.func cannot trace this function (e.g. an old-style autograd.Function).

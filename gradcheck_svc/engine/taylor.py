@@ -76,6 +76,7 @@ def run_taylor(ctx: Context) -> list[PairReport]:
                 rate = _asymptotic(rates)
                 if rate is not None:
                     per_combo.append((rate, rates))
+            shown: list[float]
             if not finite:
                 status, message, shown = Status.NONFINITE, "the remainder is not finite", []
             elif not per_combo:
