@@ -15,6 +15,7 @@ from typing import Any, TypeVar, cast
 import torch
 from torch.autograd import forward_ad
 
+from gradcheck_svc.engine.agreement import within
 from gradcheck_svc.engine.evaluate import describe as _describe
 from gradcheck_svc.engine.evaluate import why_not_batched
 from gradcheck_svc.engine.problem import Problem
@@ -158,8 +159,7 @@ class Analytic:
                     else 0.0
                 )
                 allowed = min(2.0**16 * eps, 1e-2) * scale + torch.finfo(torch.float64).tiny
-                same = ((a - b).abs() <= allowed) | (a == b) | (a.isnan() & b.isnan())
-                if not bool(same.all()):
+                if not within(a, b, allowed):
                     return False
         return True
 

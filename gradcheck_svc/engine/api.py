@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import torch
 
+from gradcheck_svc.engine.agreement import within
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.devices import compare_devices, resolve_device
 from gradcheck_svc.engine.edge_inputs import empty_pairs, mark_nonfinite_inputs, note_skipped_outputs
@@ -189,8 +190,7 @@ def _same_values(first: torch.Tensor, again: torch.Tensor, unit: float) -> bool:
     # are not nondeterminism (and smaller noise shows up in the error bars anyway).
     scale = first.abs().nan_to_num(nan=0.0, posinf=0.0)
     allowed = 64 * unit * (scale + (scale.max() if scale.numel() else 0.0))
-    same = ((again - first).abs() <= allowed) | (again == first) | (again.isnan() & first.isnan())
-    return bool(same.all())
+    return within(again, first, allowed)
 
 
 def _forward_is_nondeterministic(ctx: Context) -> bool:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from gradcheck_svc.engine.agreement import within
 from gradcheck_svc.engine.plain_forward import batched_plain_forward
 from gradcheck_svc.engine.problem import Problem
 from gradcheck_svc.errors import FunctionRaisedError
@@ -108,7 +109,7 @@ class Evaluator:
         def same(a: torch.Tensor, b: torch.Tensor) -> bool:
             scale = torch.maximum(a.abs(), b.abs()).nan_to_num(nan=0.0, posinf=0.0)
             allowed = 64 * eps * (scale + (scale.max() if scale.numel() else 0.0))
-            return bool((((a - b).abs() <= allowed) | (a == b) | (a.isnan() & b.isnan())).all())
+            return within(a, b, allowed)
 
         plain = self._guarded(lambda: one(batch[-1].clone()))
         if same(plain, result[-1]):

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from gradcheck_svc.engine.agreement import largest_change
 from gradcheck_svc.engine.compare import judge, merge_wide, pair_fields, pair_status
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.full import DENSE_ENTRIES, run_full
@@ -94,9 +95,7 @@ def run_fast(ctx: Context) -> list[PairReport]:
                 wide_only = int(only_wide.sum())
             nondet = 0.0
             if again is not None and g.numel():
-                second = again[i][o * count : (o + 1) * count]
-                delta = (second - g).abs().nan_to_num(nan=float("inf"))
-                nondet = float(delta.masked_fill_((second == g) | (second.isnan() & g.isnan()), 0.0).max())
+                nondet = largest_change(g, again[i][o * count : (o + 1) * count])
             status = pair_status(
                 nonfinite=bool(verdict.nonfinite.any()),
                 nondeterministic=nondet > options.nondet_tol,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gradcheck_svc.engine.agreement import largest_change
 from gradcheck_svc.engine.analytic import Analytic
 from gradcheck_svc.engine.colouring import run_coloured
 from gradcheck_svc.engine.compare import PairAccumulator, judge, merge_wide
@@ -162,13 +163,6 @@ def _dense_rows(
     return jac
 
 
-def _largest_change(first: torch.Tensor, again: torch.Tensor) -> float:
-    """max |again - first|; NaN where only one run has it counts as infinite, NaN in both as equal."""
-    delta = (again - first).abs()
-    delta = torch.where(first.isnan() & again.isnan(), 0.0, delta.nan_to_num(nan=float("inf")))
-    return float(delta.max()) if delta.numel() else 0.0
-
-
 def _rerun_dense(
     ctx: Context,
     jac: dict[int, torch.Tensor],
@@ -184,7 +178,7 @@ def _rerun_dense(
     """
     again = ctx.analytic.rows(onehot(chunk, ctx.problem.n_outputs))
     for i, first in jac.items():
-        delta = _largest_change(first[:, chunk].T, again[i])
+        delta = largest_change(first[:, chunk].T, again[i])
         for o in selection.outputs_of(i):
             accumulators.of(Check.REVERSE, o, i).record_nondeterminism(delta, ctx.options.nondet_tol)
 
@@ -216,7 +210,7 @@ def _analytic_columns(
             again = ctx.analytic.columns(i, directions)
             for o in selection.outputs_of(i):
                 rows = ctx.problem.outputs[o].rows
-                delta = _largest_change(reverse[:, rows], again[:, rows])
+                delta = largest_change(reverse[:, rows], again[:, rows])
                 accumulators.of(Check.REVERSE, o, i).record_nondeterminism(delta, ctx.options.nondet_tol)
     forward = ctx.analytic.jvp_columns(i, onehot(cols, leaf.size)) if ctx.options.forward_ad else None
     ctx.timed("analytic_s", start)

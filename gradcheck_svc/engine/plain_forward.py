@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch._functorch.utils import enable_single_level_autograd_function
 
+from gradcheck_svc.engine.agreement import within
+
 __all__ = ["batched_plain_forward", "plain_forward_calls"]
 
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("plain_forward_active", default=False)
@@ -79,7 +81,6 @@ def batched_plain_forward(
     probe = batched[picks]
     scale = looped.abs().nan_to_num(nan=0.0, posinf=0.0)
     allowed = _PROBE_ULPS * machine_eps * (scale + scale.max())
-    same = ((probe - looped).abs() <= allowed) | (probe == looped) | (probe.isnan() & looped.isnan())
-    if probe.shape != looped.shape or not bool(same.all()):
+    if probe.shape != looped.shape or not within(probe, looped, allowed):
         return None
     return batched
