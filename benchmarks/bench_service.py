@@ -14,8 +14,10 @@ Three ways to get the same answer for d/dx sin(x / 2**1.5) at x = 100 (float32):
 Latency: one client, calls interleaved (the three in a shuffled order each round, so neither drift
 nor a fixed neighbour favours one), after a warm-up; p50, p90 and p99. Throughput: ``--clients``
 threads of this process calling as fast as they can for ``--seconds`` (each with its own channel).
-Goals from the issue: service p50 overhead over in-process within one echo round trip; service
-throughput at least half the echo's.
+CPU: for each way in turn, ``--cpu-calls`` calls with the CPU time they cost this thread and the
+server process (psutil), which a busy machine disturbs far less than wall time. Goals from the
+issue: service p50 overhead over in-process within one echo round trip; service throughput at
+least half the echo's.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import psutil
 import torch
 
 import gradcheck_svc as gc
@@ -123,6 +126,21 @@ def throughput(make_call: Callable[[], Callable[[], object]], clients: int, seco
     return sum(counts) / (time.perf_counter() - started)
 
 
+def cpu_per_call(
+    calls: dict[str, Callable[[], object]], server: psutil.Process, count: int
+) -> dict[str, tuple[float, float]]:
+    """(this thread's, the server process's) CPU seconds per call, for each way in turn."""
+    out = {}
+    for name, call in calls.items():
+        for _ in range(count // 10):  # warm this way up again after the others
+            call()
+        own, theirs = time.thread_time(), sum(server.cpu_times()[:2])
+        for _ in range(count):
+            call()
+        out[name] = ((time.thread_time() - own) / count, (sum(server.cpu_times()[:2]) - theirs) / count)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=1000, help="latency samples per mode")
@@ -131,6 +149,7 @@ def main() -> int:
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu", help="where the check runs (both ways)"
     )
+    parser.add_argument("--cpu-calls", type=int, default=500, help="calls per way for CPU time")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,14 +166,14 @@ def main() -> int:
     try:
         assert server.stdout is not None
         target = f"127.0.0.1:{int(server.stdout.readline())}"
-        return run(args, target)
+        return run(args, target, psutil.Process(server.pid))
     finally:
         assert server.stdin is not None
         server.stdin.close()
         server.wait(30)
 
 
-def run(args: argparse.Namespace, target: str) -> int:
+def run(args: argparse.Namespace, target: str, server: psutil.Process) -> int:
     x = torch.tensor(100.0)
     fn = compile_expression(EXPRESSION)
     request_bytes = build_request(
@@ -187,6 +206,7 @@ def run(args: argparse.Namespace, target: str) -> int:
     calls["echo"] = echo(clients[-1]._channels[0].channel)
     latency(calls, 100)  # warm-up
     times = latency(calls, args.iterations)
+    cpu = cpu_per_call(calls, server, args.cpu_calls)
     rates = {name: throughput(make, args.clients, args.seconds) for name, make in makers.items()}
 
     stats = {name: percentiles(samples) for name, samples in times.items()}
@@ -196,6 +216,8 @@ def run(args: argparse.Namespace, target: str) -> int:
             "p90_ms": stats[name][1] * 1e3,
             "p99_ms": stats[name][2] * 1e3,
             "throughput_per_s": rates[name],
+            "client_cpu_ms": cpu[name][0] * 1e3,
+            "server_cpu_ms": cpu[name][1] * 1e3,
         }
         for name in makers
     }
@@ -208,11 +230,13 @@ def run(args: argparse.Namespace, target: str) -> int:
     load = f"{args.iterations} latency samples, {args.clients} clients x {args.seconds:g} s for throughput"
     print(f"{machine}, {load}")
     print()
-    print(f"{'':<12} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'checks/s':>10}")
+    print(
+        f"{'':<12} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'checks/s':>10} {'CPU ms: client':>15} {'server':>7}"
+    )
     for name, f in figures.items():
         print(
             f"{name:<12} {f['p50_ms']:>9.3f} {f['p90_ms']:>9.3f} {f['p99_ms']:>9.3f} "
-            f"{f['throughput_per_s']:>10.1f}"
+            f"{f['throughput_per_s']:>10.1f} {f['client_cpu_ms']:>15.3f} {f['server_cpu_ms']:>7.3f}"
         )
     print()
     trips = overhead / echo_p50
@@ -222,6 +246,12 @@ def run(args: argparse.Namespace, target: str) -> int:
     overhead90 = figures["service"]["p90_ms"] - figures["in-process"]["p90_ms"]
     print(f"service p90 overhead over in-process: {overhead90:.3f} ms = "
           f"{overhead90 / figures['echo']['p90_ms']:.2f} echo p90 round trips")  # fmt: skip
+    cpu_total = {name: f["client_cpu_ms"] + f["server_cpu_ms"] for name, f in figures.items()}
+    cpu_overhead = cpu_total["service"] - cpu_total["in-process"]
+    print(
+        f"service CPU overhead over in-process: {cpu_overhead:.3f} ms = "
+        f"{cpu_overhead / cpu_total['echo']:.2f} echo calls' CPU (client and server together)"
+    )
     print(f"service throughput / echo throughput: {ratio:.2f} (goal >= 0.5)")
     in_ratio = figures["service"]["throughput_per_s"] / figures["in-process"]["throughput_per_s"]
     print(f"service throughput / in-process throughput: {in_ratio:.2f}")

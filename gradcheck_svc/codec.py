@@ -16,6 +16,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from google.protobuf import duration_pb2
 
@@ -60,6 +61,17 @@ DTYPES: Mapping[int, torch.dtype] = {
 }
 _DTYPE_ENUMS: Mapping[torch.dtype, int] = {v: k for k, v in DTYPES.items()}
 _ITEMSIZES: Mapping[torch.dtype, int] = {d: d.itemsize for d in DTYPES.values()}
+# Real dtypes NumPy has too: their bytes go through NumPy, one torch call instead of several (a
+# check's tensors are few and small, so the count of calls is what costs). bfloat16 has no NumPy
+# twin and complex tensors may carry a lazy conjugation: both take the torch path.
+_NUMPY_DTYPES: Mapping[torch.dtype, np.dtype[Any]] = {
+    d: np.dtype(str(d).removeprefix("torch."))
+    for d in DTYPES.values()
+    if d.is_floating_point and d != torch.bfloat16
+} | {
+    d: np.dtype(str(d).removeprefix("torch."))
+    for d in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
+}
 _BIG_ENDIAN = sys.byteorder == "big"
 MAX_DIMS = 32
 
@@ -124,6 +136,10 @@ def decode_tensor(msg: pb.Tensor, *, max_elements: int, field: str = "tensor") -
         )
     if numel == 0:
         tensor = torch.empty(tuple(msg.shape), dtype=dtype)
+    elif dtype in _NUMPY_DTYPES and not _BIG_ENDIAN:
+        # bytearray: a writable copy the tensor owns, never the message's immutable bytes.
+        array = np.frombuffer(bytearray(msg.data), dtype=_NUMPY_DTYPES[dtype])
+        tensor = torch.from_numpy(array.reshape(tuple(msg.shape)))
     else:
         # bytearray: torch.frombuffer wants a writable buffer, and the tensor must own its memory.
         tensor = torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(tuple(msg.shape))
@@ -148,18 +164,24 @@ def fill_tensor(msg: pb.Tensor, tensor: torch.Tensor) -> None:
         raise TypeError(
             f"dtype {tensor.dtype} cannot be sent (supported: {', '.join(map(str, DTYPES.values()))})"
         )
-    flat = tensor.detach()
-    if flat.device.type != "cpu":
-        flat = flat.cpu()
-    flat = flat.contiguous().reshape(-1)
-    if _BIG_ENDIAN and flat.element_size() > 1:
-        flat = _byteswap(flat)
     msg.dtype = pb.Dtype.ValueType(dtype_enum)
     msg.shape.extend(tensor.shape)
-    if flat.numel():
-        msg.data = flat.view(torch.uint8).numpy().tobytes()
+    msg.data = _tensor_bytes(tensor)
     if tensor.requires_grad:
         msg.requires_grad = True
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach()
+    if tensor.dtype in _NUMPY_DTYPES and not _BIG_ENDIAN and flat.is_cpu:
+        try:
+            return bytes(flat.numpy().tobytes())  # C order whatever the strides
+        except RuntimeError:  # a lazily negated view, say: torch resolves it below
+            pass
+    flat = flat.to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
+    if _BIG_ENDIAN and flat.element_size() > 1:
+        flat = _byteswap(flat)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
 def _byteswap(tensor: torch.Tensor) -> torch.Tensor:
