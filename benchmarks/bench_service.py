@@ -231,7 +231,8 @@ def run(args: argparse.Namespace, target: str, server: psutil.Process) -> int:
     print(f"{machine}, {load}")
     print()
     print(
-        f"{'':<12} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'checks/s':>10} {'CPU ms: client':>15} {'server':>7}"
+        f"{'':<12} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'checks/s':>10} "
+        f"{'CPU ms: client':>15} {'server':>7}"
     )
     for name, f in figures.items():
         print(
