@@ -127,18 +127,25 @@ def throughput(make_call: Callable[[], Callable[[], object]], clients: int, seco
 
 
 def cpu_per_call(
-    calls: dict[str, Callable[[], object]], server: psutil.Process, count: int
+    calls: dict[str, Callable[[], object]], server: psutil.Process, count: int, block: int = 25
 ) -> dict[str, tuple[float, float]]:
-    """(this thread's, the server process's) CPU seconds per call, for each way in turn."""
-    out = {}
-    for name, call in calls.items():
-        for _ in range(count // 10):  # warm this way up again after the others
-            call()
-        own, theirs = time.thread_time(), sum(server.cpu_times()[:2])
-        for _ in range(count):
-            call()
-        out[name] = ((time.thread_time() - own) / count, (sum(server.cpu_times()[:2]) - theirs) / count)
-    return out
+    """(this thread's, the server process's) CPU seconds per call of each way: blocks of ``block``
+    calls, the ways in a shuffled order each round, so a busier spell of the machine hits all alike
+    (the server's CPU clock ticks in hundredths of a second: a block spans several ticks)."""
+    used = {name: [0.0, 0.0] for name in calls}
+    order = list(calls.items())
+    shuffle = random.Random(1).shuffle
+    for _ in range(max(1, count // block)):
+        shuffle(order)
+        for name, call in order:
+            call()  # this way's first call after another's, not counted
+            own, theirs = time.thread_time(), sum(server.cpu_times()[:2])
+            for _ in range(block):
+                call()
+            used[name][0] += time.thread_time() - own
+            used[name][1] += sum(server.cpu_times()[:2]) - theirs
+    calls_made = max(1, count // block) * block
+    return {name: (own / calls_made, theirs / calls_made) for name, (own, theirs) in used.items()}
 
 
 def main() -> int:
