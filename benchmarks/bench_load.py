@@ -4,8 +4,9 @@
 
 A server subprocess (loopback, port 0, CPU) takes ``--warmup`` checks first; then its resident
 memory is read (psutil), ``--count`` checks run from ``--concurrency`` client threads sharing one
-Client, and the memory is read again. Reports errors, p50 / p99 latency, throughput and the
-resident-memory growth after warm-up (goal: zero errors, growth under 50 MB).
+Client, and the memory is read again. Reports errors, p50 / p99 latency, throughput, the server's
+CPU time per check (steadier than throughput on a shared machine) and the resident-memory growth
+after warm-up (goal: zero errors, growth under 50 MB).
 
 The checks cycle through a small mix: the three seed expressions at float32 and float64, a
 registered built-in and a two-point request, so the server exercises parsing caches, both dtypes
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -47,6 +49,7 @@ class LoadResult:
     rss_after_warmup_mb: float
     rss_end_mb: float
     rss_growth_mb: float
+    server_cpu_ms_per_check: float = math.nan
     error_samples: list[str] = field(default_factory=list)
 
 
@@ -93,6 +96,10 @@ class ServerProcess:
     def rss_mb(self) -> float:
         return self.ps.memory_info().rss / MB
 
+    def cpu_seconds(self) -> float:
+        times = self.ps.cpu_times()
+        return float(times.user + times.system)
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -103,7 +110,13 @@ class ServerProcess:
 
 
 def run_load(
-    address: str, rss: Callable[[], float], *, count: int, concurrency: int, warmup: int
+    address: str,
+    rss: Callable[[], float],
+    *,
+    count: int,
+    concurrency: int,
+    warmup: int,
+    cpu: Callable[[], float] | None = None,
 ) -> LoadResult:
     calls = _mix()
     errors: list[str] = []
@@ -129,9 +142,11 @@ def run_load(
             list(pool.map(one, range(warmup), itertools.repeat(False)))
             errors.clear()  # warm-up failures would show in the real run too; count only that
             before = rss()
+            cpu_before = cpu() if cpu else math.nan
             started = time.perf_counter()
             list(pool.map(one, range(count), itertools.repeat(True)))
             wall = time.perf_counter() - started
+            cpu_used = cpu() - cpu_before if cpu else math.nan
             after = rss()
     latencies.sort()
     return LoadResult(
@@ -144,6 +159,7 @@ def run_load(
         rss_after_warmup_mb=before,
         rss_end_mb=after,
         rss_growth_mb=after - before,
+        server_cpu_ms_per_check=1000 * cpu_used / count,
         error_samples=errors[:5],
     )
 
@@ -158,7 +174,12 @@ def main() -> int:
     server = ServerProcess()
     try:
         result = run_load(
-            server.address, server.rss_mb, count=args.count, concurrency=args.concurrency, warmup=args.warmup
+            server.address,
+            server.rss_mb,
+            count=args.count,
+            concurrency=args.concurrency,
+            warmup=args.warmup,
+            cpu=server.cpu_seconds,
         )
     finally:
         server.stop()
@@ -167,7 +188,8 @@ def main() -> int:
     else:
         print(
             f"{result.count} checks at concurrency {result.concurrency}: {result.errors} errors, "
-            f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, {result.checks_per_s:.0f} checks/s; "
+            f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, {result.checks_per_s:.0f} checks/s, "
+            f"server CPU {result.server_cpu_ms_per_check:.2f} ms per check; "
             f"server RSS {result.rss_after_warmup_mb:.1f} MB after warm-up -> {result.rss_end_mb:.1f} MB "
             f"(growth {result.rss_growth_mb:+.1f} MB)"
         )

@@ -1,19 +1,23 @@
 """The seed check through the service, next to the same check in-process and a bare gRPC echo.
 
-    .venv/bin/python benchmarks/bench_service.py [--iterations 400] [--seconds 5] [--clients 8]
+    .venv/bin/python benchmarks/bench_service.py [--iterations 1000] [--seconds 5] [--clients 8]
 
 Three ways to get the same answer for d/dx sin(x / 2**1.5) at x = 100 (float32):
 
 - in-process  ``gc.check`` on the compiled expression, in this process;
 - service     ``Client.check`` against a ``gradcheck-svc`` server in a subprocess;
-- echo        a generic gRPC handler in that same server process that answers the serialized
-              CheckRequest with the serialized CheckResponse of a real check: the same bytes both
-              ways, no work. It is the floor any gRPC service pays on this machine.
+- echo        a generic gRPC handler in that same server process, called on the service client's
+              own channel, that answers the serialized CheckRequest with the serialized
+              CheckResponse of a real check: the same bytes both ways, no work. It is the floor
+              any gRPC service pays on this machine.
 
-Latency: one client, calls interleaved (in-process, service, echo, repeat) so drift hits all three
-alike; p50 and p99. Throughput: ``--clients`` threads of this process calling as fast as they can
-for ``--seconds`` (each with its own channel). Goals from the issue: service p50 overhead over
-in-process within one echo round trip; service throughput at least half the echo's.
+Latency: one client, calls interleaved (the three in a shuffled order each round, so neither drift
+nor a fixed neighbour favours one), after a warm-up; p50, p90 and p99. Throughput: ``--clients``
+threads of this process calling as fast as they can for ``--seconds`` (each with its own channel).
+CPU: for each way in turn, ``--cpu-calls`` calls with the CPU time they cost this thread and the
+server process (psutil), which a busy machine disturbs far less than wall time. Goals from the
+issue: service p50 overhead over in-process within one echo round trip; service throughput at
+least half the echo's.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -31,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import psutil
 import torch
 
 import gradcheck_svc as gc
@@ -76,15 +82,18 @@ def serve(device: str) -> None:
 # ----------------------------------------------------------------------------- the client side
 
 
-def percentiles(samples: list[float]) -> tuple[float, float]:
+def percentiles(samples: list[float]) -> tuple[float, float, float]:
     cuts = statistics.quantiles(samples, n=100, method="inclusive")
-    return statistics.median(samples), cuts[98]
+    return statistics.median(samples), cuts[89], cuts[98]
 
 
 def latency(calls: dict[str, Callable[[], object]], iterations: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in calls}
+    order = list(calls.items())
+    shuffle = random.Random(0).shuffle
     for _ in range(iterations):
-        for name, call in calls.items():
+        shuffle(order)
+        for name, call in order:
             started = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - started)
@@ -117,14 +126,37 @@ def throughput(make_call: Callable[[], Callable[[], object]], clients: int, seco
     return sum(counts) / (time.perf_counter() - started)
 
 
+def cpu_per_call(
+    calls: dict[str, Callable[[], object]], server: psutil.Process, count: int, block: int = 25
+) -> dict[str, tuple[float, float]]:
+    """(this thread's, the server process's) CPU seconds per call of each way: blocks of ``block``
+    calls, the ways in a shuffled order each round, so a busier spell of the machine hits all alike
+    (the server's CPU clock ticks in hundredths of a second: a block spans several ticks)."""
+    used = {name: [0.0, 0.0] for name in calls}
+    order = list(calls.items())
+    shuffle = random.Random(1).shuffle
+    for _ in range(max(1, count // block)):
+        shuffle(order)
+        for name, call in order:
+            call()  # this way's first call after another's, not counted
+            own, theirs = time.thread_time(), sum(server.cpu_times()[:2])
+            for _ in range(block):
+                call()
+            used[name][0] += time.thread_time() - own
+            used[name][1] += sum(server.cpu_times()[:2]) - theirs
+    calls_made = max(1, count // block) * block
+    return {name: (own / calls_made, theirs / calls_made) for name, (own, theirs) in used.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=400, help="latency samples per mode")
+    parser.add_argument("--iterations", type=int, default=1000, help="latency samples per mode")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput run")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients for throughput")
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu", help="where the check runs (both ways)"
     )
+    parser.add_argument("--cpu-calls", type=int, default=500, help="calls per way for CPU time")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -141,14 +173,14 @@ def main() -> int:
     try:
         assert server.stdout is not None
         target = f"127.0.0.1:{int(server.stdout.readline())}"
-        return run(args, target)
+        return run(args, target, psutil.Process(server.pid))
     finally:
         assert server.stdin is not None
         server.stdin.close()
         server.wait(30)
 
 
-def run(args: argparse.Namespace, target: str) -> int:
+def run(args: argparse.Namespace, target: str, server: psutil.Process) -> int:
     x = torch.tensor(100.0)
     fn = compile_expression(EXPRESSION)
     request_bytes = build_request(
@@ -158,14 +190,16 @@ def run(args: argparse.Namespace, target: str) -> int:
     def in_process() -> Callable[[], object]:
         return lambda: gc.check(fn, x, input_names=["x"], device=args.device)
 
+    clients: list[Client] = []  # the latest service client: the echo for latency shares its channel
+
     def service() -> Callable[[], object]:
         client = Client(target)
+        clients.append(client)
         return lambda: client.check(EXPRESSION, x=x, options={"device": args.device})
 
-    def echo() -> Callable[[], object]:
-        channel = grpc.insecure_channel(target)
-        call = channel.unary_unary(ECHO)
-        return lambda: call(request_bytes, timeout=30)
+    def echo(channel: grpc.Channel | None = None) -> Callable[[], object]:
+        call = (channel or grpc.insecure_channel(target)).unary_unary(ECHO)
+        return lambda: call(request_bytes, timeout=600)  # the Client's default deadline
 
     # The echo answers with the bytes of a real response to this very request.
     with grpc.insecure_channel(target) as channel:
@@ -175,17 +209,22 @@ def run(args: argparse.Namespace, target: str) -> int:
     assert isinstance(report, gc.Report) and report.ok and report.device.startswith(args.device), report
 
     makers = {"in-process": in_process, "service": service, "echo": echo}
-    calls = {name: make() for name, make in makers.items()}
-    latency(calls, 30)  # warm-up
+    calls = {"in-process": in_process(), "service": service()}
+    calls["echo"] = echo(clients[-1]._channels[0].channel)
+    latency(calls, 100)  # warm-up
     times = latency(calls, args.iterations)
+    cpu = cpu_per_call(calls, server, args.cpu_calls)
     rates = {name: throughput(make, args.clients, args.seconds) for name, make in makers.items()}
 
     stats = {name: percentiles(samples) for name, samples in times.items()}
     figures = {
         name: {
             "p50_ms": stats[name][0] * 1e3,
-            "p99_ms": stats[name][1] * 1e3,
+            "p90_ms": stats[name][1] * 1e3,
+            "p99_ms": stats[name][2] * 1e3,
             "throughput_per_s": rates[name],
+            "client_cpu_ms": cpu[name][0] * 1e3,
+            "server_cpu_ms": cpu[name][1] * 1e3,
         }
         for name in makers
     }
@@ -198,13 +237,28 @@ def run(args: argparse.Namespace, target: str) -> int:
     load = f"{args.iterations} latency samples, {args.clients} clients x {args.seconds:g} s for throughput"
     print(f"{machine}, {load}")
     print()
-    print(f"{'':<12} {'p50 ms':>9} {'p99 ms':>9} {'checks/s':>10}")
+    print(
+        f"{'':<12} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'checks/s':>10} "
+        f"{'CPU ms: client':>15} {'server':>7}"
+    )
     for name, f in figures.items():
-        print(f"{name:<12} {f['p50_ms']:>9.3f} {f['p99_ms']:>9.3f} {f['throughput_per_s']:>10.1f}")
+        print(
+            f"{name:<12} {f['p50_ms']:>9.3f} {f['p90_ms']:>9.3f} {f['p99_ms']:>9.3f} "
+            f"{f['throughput_per_s']:>10.1f} {f['client_cpu_ms']:>15.3f} {f['server_cpu_ms']:>7.3f}"
+        )
     print()
     trips = overhead / echo_p50
     print(
         f"service p50 overhead over in-process: {overhead:.3f} ms = {trips:.2f} echo round trips (goal <= 1)"
+    )
+    overhead90 = figures["service"]["p90_ms"] - figures["in-process"]["p90_ms"]
+    print(f"service p90 overhead over in-process: {overhead90:.3f} ms = "
+          f"{overhead90 / figures['echo']['p90_ms']:.2f} echo p90 round trips")  # fmt: skip
+    cpu_total = {name: f["client_cpu_ms"] + f["server_cpu_ms"] for name, f in figures.items()}
+    cpu_overhead = cpu_total["service"] - cpu_total["in-process"]
+    print(
+        f"service CPU overhead over in-process: {cpu_overhead:.3f} ms = "
+        f"{cpu_overhead / cpu_total['echo']:.2f} echo calls' CPU (client and server together)"
     )
     print(f"service throughput / echo throughput: {ratio:.2f} (goal >= 0.5)")
     in_ratio = figures["service"]["throughput_per_s"] / figures["in-process"]["throughput_per_s"]

@@ -310,6 +310,8 @@ class Client:
 
     def _candidates(self) -> list[_Channel]:
         """Every channel, starting with the next in turn; ones known to be failing go last."""
+        if len(self._channels) == 1:
+            return self._channels
         with self._lock:
             start = next(self._turn)
         order = self._channels[start:] + self._channels[:start]
@@ -578,21 +580,22 @@ def build_request(
     """The CheckRequest for a function and its points (exactly one of ``points`` / ``sampling``)."""
     if (points is None) == (sampling is None):
         raise TypeError("give either points or sampling")
+    # Built in place, field by field: nested messages passed to a constructor are copied.
+    request = pb.CheckRequest()
     if isinstance(function, Registered):
-        spec = pb.FunctionSpec(
-            registered=pb.RegisteredFunction(
-                name=function.name,
-                params={k: encode_value(v) for k, v in function.params.items()},
-                arguments=encode_arguments(function.arguments),
-            )
-        )
+        registered = request.function.registered
+        registered.name = function.name
+        for k, v in function.params.items():
+            registered.params[k].CopyFrom(encode_value(v))
+        registered.arguments.extend(encode_arguments(function.arguments))
         if function.init is not None:
-            spec.registered.module.CopyFrom(encode_module(function.init, function.state))
+            registered.module.CopyFrom(encode_module(function.init, function.state))
     elif isinstance(function, str):
-        spec = pb.FunctionSpec(expression=function)
+        request.function.expression = function
     else:
         raise TypeError(f"function must be an expression string or Registered, got {type(function).__name__}")
-    request = pb.CheckRequest(function=spec, options=encode_options(options))
+    if options is not None:
+        request.options.CopyFrom(encode_options(options))
     if sampling is not None:
         request.sampling.CopyFrom(encode_sampling(sampling))
     else:
@@ -602,5 +605,6 @@ def build_request(
             for p in points
         ]
         request.explicit_points.SetInParent()
-        request.explicit_points.points.extend(encode_point(p) for p in tensors)
+        for point in tensors:
+            encode_point(point, request.explicit_points.points.add())
     return request

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from google.protobuf import duration_pb2
 
@@ -59,6 +60,18 @@ DTYPES: Mapping[int, torch.dtype] = {
     pb.DTYPE_BOOL: torch.bool,
 }
 _DTYPE_ENUMS: Mapping[torch.dtype, int] = {v: k for k, v in DTYPES.items()}
+_ITEMSIZES: Mapping[torch.dtype, int] = {d: d.itemsize for d in DTYPES.values()}
+# Real dtypes NumPy has too: their bytes go through NumPy, one torch call instead of several (a
+# check's tensors are few and small, so the count of calls is what costs). bfloat16 has no NumPy
+# twin and complex tensors may carry a lazy conjugation: both take the torch path.
+_NUMPY_DTYPES: Mapping[torch.dtype, np.dtype[Any]] = {
+    d: np.dtype(str(d).removeprefix("torch."))
+    for d in DTYPES.values()
+    if d.is_floating_point and d != torch.bfloat16
+} | {
+    d: np.dtype(str(d).removeprefix("torch."))
+    for d in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
+}
 _BIG_ENDIAN = sys.byteorder == "big"
 MAX_DIMS = 32
 
@@ -83,6 +96,8 @@ def validate_shape(shape: Sequence[int], max_elements: int, field: str = "shape"
     product would overflow int64 is refused like any other oversized one; so is any single dimension
     above the limit, even when another dimension is zero.
     """
+    if not shape:  # a scalar: one element
+        return 1
     if len(shape) > MAX_DIMS:
         raise InvalidRequestError(field, f"has {len(shape)} dimensions; at most {MAX_DIMS} are supported")
     for i, dim in enumerate(shape):
@@ -112,7 +127,7 @@ def decode_tensor(msg: pb.Tensor, *, max_elements: int, field: str = "tensor") -
     if dtype is None:
         raise InvalidRequestError(f"{field}.dtype", f"unknown or unset dtype {msg.dtype}")
     numel = validate_shape(msg.shape, max_elements, f"{field}.shape")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = _ITEMSIZES[dtype]
     if len(msg.data) != numel * itemsize:
         raise InvalidRequestError(
             f"{field}.data",
@@ -121,6 +136,10 @@ def decode_tensor(msg: pb.Tensor, *, max_elements: int, field: str = "tensor") -
         )
     if numel == 0:
         tensor = torch.empty(tuple(msg.shape), dtype=dtype)
+    elif dtype in _NUMPY_DTYPES and not _BIG_ENDIAN:
+        # bytearray: a writable copy the tensor owns, never the message's immutable bytes.
+        array = np.frombuffer(bytearray(msg.data), dtype=_NUMPY_DTYPES[dtype])
+        tensor = torch.from_numpy(array.reshape(tuple(msg.shape)))
     else:
         # bytearray: torch.frombuffer wants a writable buffer, and the tensor must own its memory.
         tensor = torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(tuple(msg.shape))
@@ -133,21 +152,36 @@ def decode_tensor(msg: pb.Tensor, *, max_elements: int, field: str = "tensor") -
 
 def encode_tensor(tensor: torch.Tensor) -> pb.Tensor:
     """Any tensor (any device, layout, strides) -> little-endian C-contiguous bytes."""
+    msg = pb.Tensor()
+    fill_tensor(msg, tensor)
+    return msg
+
+
+def fill_tensor(msg: pb.Tensor, tensor: torch.Tensor) -> None:
+    """``encode_tensor`` into a message already in place (a request's field): no copy of the bytes."""
     dtype_enum = _DTYPE_ENUMS.get(tensor.dtype)
     if dtype_enum is None:
         raise TypeError(
             f"dtype {tensor.dtype} cannot be sent (supported: {', '.join(map(str, DTYPES.values()))})"
         )
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    msg.dtype = pb.Dtype.ValueType(dtype_enum)
+    msg.shape.extend(tensor.shape)
+    msg.data = _tensor_bytes(tensor)
+    if tensor.requires_grad:
+        msg.requires_grad = True
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach()
+    if tensor.dtype in _NUMPY_DTYPES and not _BIG_ENDIAN and flat.is_cpu:
+        try:
+            return bytes(flat.numpy().tobytes())  # C order whatever the strides
+        except RuntimeError:  # a lazily negated view, say: torch resolves it below
+            pass
+    flat = flat.to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
     if _BIG_ENDIAN and flat.element_size() > 1:
         flat = _byteswap(flat)
-    data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-    return pb.Tensor(
-        dtype=pb.Dtype.ValueType(dtype_enum),
-        shape=list(tensor.shape),
-        data=data,
-        requires_grad=tensor.requires_grad,
-    )
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
 def _byteswap(tensor: torch.Tensor) -> torch.Tensor:
@@ -163,8 +197,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def encode_point(point: Mapping[str, torch.Tensor]) -> pb.Point:
-    return pb.Point(tensors=[pb.NamedTensor(name=n, tensor=encode_tensor(t)) for n, t in point.items()])
+def encode_point(point: Mapping[str, torch.Tensor], msg: pb.Point | None = None) -> pb.Point:
+    """A point's named tensors, into ``msg`` when given (a request's own field: nothing is copied)."""
+    msg = pb.Point() if msg is None else msg
+    for name, tensor in point.items():
+        fill_tensor(msg.tensors.add(name=name).tensor, tensor)
+    return msg
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -233,8 +271,23 @@ def _finite(field: str, *values: float) -> None:
 
 def encode_duration(seconds: float) -> duration_pb2.Duration:
     msg = duration_pb2.Duration()
-    msg.FromNanoseconds(round(seconds * 1e9))
+    _set_duration(msg, seconds)
     return msg
+
+
+def _set_duration(msg: duration_pb2.Duration, seconds: float) -> None:
+    """``msg.FromNanoseconds(round(seconds * 1e9))`` without its pure-Python detour."""
+    nanos = round(seconds * 1e9)
+    whole, part = divmod(nanos, 1_000_000_000)
+    if whole < 0 and part > 0:  # a Duration's seconds and nanos share one sign
+        whole, part = whole + 1, part - 1_000_000_000
+    msg.seconds = whole
+    msg.nanos = part
+
+
+def _seconds(msg: duration_pb2.Duration) -> float:
+    """``msg.ToNanoseconds() / 1e9``, the same float."""
+    return (msg.seconds * 1_000_000_000 + msg.nanos) / 1e9
 
 
 def encode_value(value: Any) -> pb.Value:
@@ -278,6 +331,11 @@ _ENUM_OPTIONS = {
 _SCALAR_OPTIONS = tuple(
     f.name for f in pb.Options.DESCRIPTOR.fields if f.name not in _ENUM_OPTIONS
 )  # the optional scalars: presence means "set"
+# Per enum option: wire number -> the engine's name for it ("MODE_FULL" -> "full").
+_ENUM_NAMES: Mapping[str, Mapping[int, str]] = {
+    name: {v.number: v.name.removeprefix(prefix).lower() for v in enum.DESCRIPTOR.values}
+    for name, (prefix, enum) in _ENUM_OPTIONS.items()
+}
 
 
 def encode_options(options: Mapping[str, Any] | CheckOptions | None) -> pb.Options:
@@ -303,15 +361,15 @@ def encode_options(options: Mapping[str, Any] | CheckOptions | None) -> pb.Optio
 def decode_options(msg: pb.Options) -> dict[str, Any]:
     """Options -> {name: value} of the fields set (unset fields are left to the engine)."""
     out: dict[str, Any] = {}
-    for name, (prefix, enum) in _ENUM_OPTIONS.items():
-        number = getattr(msg, name)
-        if number:
-            if number not in enum.values():  # proto3 keeps unknown enum numbers
-                raise InvalidRequestError(f"options.{name}", f"unknown value {number}")
-            out[name] = enum.Name(number).removeprefix(prefix).lower()
-    for name in _SCALAR_OPTIONS:
-        if msg.HasField(name):  # type: ignore[arg-type]  # names from the message's own descriptor
-            out[name] = getattr(msg, name)
+    for field, value in msg.ListFields():  # the fields set, scalars present, enums non-zero
+        name = field.name
+        names = _ENUM_NAMES.get(name)
+        if names is None:
+            out[name] = value
+        elif value in names:
+            out[name] = names[value]
+        else:  # proto3 keeps unknown enum numbers
+            raise InvalidRequestError(f"options.{name}", f"unknown value {value}")
     return out
 
 
@@ -328,8 +386,21 @@ _PARTS = {"": pb.COMPLEX_PART_UNSPECIFIED, "re": pb.COMPLEX_PART_REAL, "im": pb.
 _PART_NAMES = {v: k for k, v in _PARTS.items()}
 
 
+_DTYPE_BY_NAME: Mapping[str, int] = {_dtype_name(d): e for d, e in _DTYPE_ENUMS.items()}
+_CHECK_ENUMS = {c: pb.CheckKind.Value("CHECK_KIND_" + c.name) for c in Check}
+_STATUS_ENUMS = {s: pb.Status.Value("STATUS_" + s.name) for s in Status}
+_CHECKS = {number: check for check, number in _CHECK_ENUMS.items()}
+_STATUSES = {number: status for status, number in _STATUS_ENUMS.items()}
+_SCHEME_ENUMS = {
+    v.name.removeprefix("SCHEME_").lower(): v.number for v in pb.Scheme.DESCRIPTOR.values if v.number
+}
+
+
 def _dtype_enum(name: str) -> pb.Dtype.ValueType:
-    return pb.Dtype.ValueType(_DTYPE_ENUMS[dtype_from_name(name)]) if name else pb.DTYPE_UNSPECIFIED
+    if not name:
+        return pb.DTYPE_UNSPECIFIED
+    number = _DTYPE_BY_NAME.get(name)
+    return pb.Dtype.ValueType(_DTYPE_ENUMS[dtype_from_name(name)] if number is None else number)
 
 
 def _mode_name(mode: int, scheme: int) -> str:
@@ -348,22 +419,22 @@ def _report_mode(m: pb.Report) -> str:
     return _mode_name(m.mode, m.scheme)
 
 
-def _doubles(values: Sequence[float] | None) -> pb.DoubleList | None:
-    return None if values is None else pb.DoubleList(values=values)
+def _set_doubles(msg: pb.DoubleList, values: Sequence[float] | None) -> None:
+    if values is not None:
+        msg.SetInParent()  # present even when empty
+        msg.values.extend(values)
 
 
-def _encode_element(e: ElementError) -> pb.ElementError:
-    return pb.ElementError(
-        output_index=e.output_index,
-        input_index=e.input_index,
-        output_part=_PARTS[e.output_part],
-        input_part=_PARTS[e.input_part],
-        analytic=e.analytic,
-        numeric=e.numeric,
-        error_bar=e.error_bar,
-        tolerance=e.tolerance,
-        kink=e.kink,
-    )
+def _encode_element(e: ElementError, msg: pb.ElementError) -> None:
+    msg.output_index.extend(e.output_index)
+    msg.input_index.extend(e.input_index)
+    msg.output_part = _PARTS[e.output_part]
+    msg.input_part = _PARTS[e.input_part]
+    msg.analytic = e.analytic
+    msg.numeric = e.numeric
+    msg.error_bar = e.error_bar
+    msg.tolerance = e.tolerance
+    msg.kink = e.kink
 
 
 def _decode_element(m: pb.ElementError) -> ElementError:
@@ -380,12 +451,18 @@ def _decode_element(m: pb.ElementError) -> ElementError:
     )
 
 
-def _encode_pair(p: PairReport) -> pb.PairReport:
-    msg = pb.PairReport(
+def _set_fields(msg: Any, **values: Any) -> None:
+    """Set many fields at once: a message merged from keyword arguments, where upb does the work."""
+    msg.MergeFrom(type(msg)(**values))
+
+
+def _encode_pair(p: PairReport, msg: pb.PairReport) -> None:
+    _set_fields(
+        msg,
         output=p.output,
         input=p.input,
-        check=pb.CheckKind.Value("CHECK_KIND_" + p.check.name),
-        status=pb.Status.Value("STATUS_" + p.status.name),
+        check=_CHECK_ENUMS[p.check],
+        status=_STATUS_ENUMS[p.status],
         mode=_MODES.get(p.mode, pb.MODE_UNSPECIFIED),
         output_shape=p.output_shape,
         input_shape=p.input_shape,
@@ -396,19 +473,19 @@ def _encode_pair(p: PairReport) -> pb.PairReport:
         checked_count=p.elements_checked,
         failed_count=p.elements_failed,
         kink_count=p.kinks,
-        worst=[_encode_element(e) for e in p.worst],
-        analytic=_doubles(p.analytic),
-        numeric=_doubles(p.numeric),
-        error_bars=_doubles(p.error_bars),
-        taylor_rates=_doubles(p.taylor_rates),
         message=p.message,
     )
+    for e in p.worst:
+        _encode_element(e, msg.worst.add())
+    _set_doubles(msg.analytic, p.analytic)
+    _set_doubles(msg.numeric, p.numeric)
+    _set_doubles(msg.error_bars, p.error_bars)
+    _set_doubles(msg.taylor_rates, p.taylor_rates)
     if p.nondeterminism is not None:
         msg.nondeterminism = p.nondeterminism
     if p.error_map is not None:
         msg.error_map.SetInParent()  # present even when it has no rows
         msg.error_map.rows.extend(pb.DoubleList(values=row) for row in p.error_map)
-    return msg
 
 
 def _decode_pair(m: pb.PairReport) -> PairReport:
@@ -418,8 +495,8 @@ def _decode_pair(m: pb.PairReport) -> PairReport:
     return PairReport(
         output=m.output,
         input=m.input,
-        check=Check[pb.CheckKind.Name(m.check).removeprefix("CHECK_KIND_")],
-        status=Status[pb.Status.Name(m.status).removeprefix("STATUS_")],
+        check=_CHECKS[m.check],
+        status=_STATUSES[m.status],
         mode=_pair_mode(m),
         output_shape=list(m.output_shape),
         input_shape=list(m.input_shape),
@@ -441,22 +518,26 @@ def _decode_pair(m: pb.PairReport) -> PairReport:
     )
 
 
-def encode_report(r: Report) -> pb.Report:
-    msg = pb.Report(
+def encode_report(r: Report, msg: pb.Report | None = None) -> pb.Report:
+    """A Report as a message; into ``msg`` when given (a response's own field: nothing is copied)."""
+    msg = pb.Report() if msg is None else msg
+    for p in r.pairs:
+        _encode_pair(p, msg.pairs.add())
+    _set_fields(
+        msg,
         ok=r.ok,
-        pairs=[_encode_pair(p) for p in r.pairs],
         dtypes=sorted({_dtype_enum(d) for d in r.dtype.split(",") if d}),
         device=pb.DEVICE_CUDA if r.device.startswith("cuda") else pb.DEVICE_CPU,
         device_name=r.device,
         mode=_MODES.get(r.mode, pb.MODE_UNSPECIFIED),
-        scheme=pb.Scheme.Value("SCHEME_" + r.scheme.upper()),
+        scheme=_SCHEME_ENUMS[r.scheme],
         order=r.order,
         function=r.function,
         notes=r.notes,
         served_by=r.served_by,
     )
     for phase, seconds in r.timings.items():
-        msg.timings[phase.removesuffix("_s")].CopyFrom(encode_duration(seconds))
+        _set_duration(msg.timings[phase.removesuffix("_s")], seconds)
     if r.point is not None:
         msg.point = r.point
     if r.error is not None:
@@ -489,8 +570,9 @@ def decode_report(m: pb.Report) -> Report:
         point=m.point if m.HasField("point") else None,
         error=m.error if m.HasField("error") else None,
         notes=list(m.notes),
-        options={k: decode_value(v) for k, v in m.options.items()},
-        timings={f"{phase}_s": d.ToNanoseconds() / 1e9 for phase, d in m.timings.items()},
+        # Map fields by key: their items() is the pure-Python Mapping mixin.
+        options={k: decode_value(m.options[k]) for k in m.options},
+        timings={f"{phase}_s": _seconds(m.timings[phase]) for phase in m.timings},
         served_by=m.served_by,
     )
 

@@ -57,36 +57,51 @@ def _checked(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator
 
 
 class DecodeErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]  # grpc-stubs' generics are stub-only
+    def __init__(self) -> None:
+        # grpc asks for the handler on every call; a method's handler is the same object each
+        # time, so its wrapped twin is built once.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
     ) -> Any:
         handler = continuation(details)
         if handler is None or not details.method.startswith(_OURS):
             return handler
-        deserialize = _safe(handler.request_deserializer)
-        serialize = handler.response_serializer
-        if handler.request_streaming:
-            inner = handler.stream_stream or handler.stream_unary
+        cached = self._wrapped.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _wrap(handler)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
 
-            def streamed(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-                return inner(_checked(requests, context), context)
 
-            make = (
-                grpc.stream_stream_rpc_method_handler
-                if handler.response_streaming
-                else grpc.stream_unary_rpc_method_handler
-            )
-            return make(streamed, request_deserializer=deserialize, response_serializer=serialize)
-        inner = handler.unary_stream or handler.unary_unary
+def _wrap(handler: Any) -> Any:
+    """``handler`` with a deserializer that marks a bad body, and a behaviour that refuses it."""
+    deserialize = _safe(handler.request_deserializer)
+    serialize = handler.response_serializer
+    if handler.request_streaming:
+        inner = handler.stream_stream or handler.stream_unary
 
-        def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            if isinstance(request, _Undecodable):
-                _refuse(context)
-            return inner(request, context)
+        def streamed(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            return inner(_checked(requests, context), context)
 
         make = (
-            grpc.unary_stream_rpc_method_handler
+            grpc.stream_stream_rpc_method_handler
             if handler.response_streaming
-            else grpc.unary_unary_rpc_method_handler
+            else grpc.stream_unary_rpc_method_handler
         )
-        return make(unary, request_deserializer=deserialize, response_serializer=serialize)
+        return make(streamed, request_deserializer=deserialize, response_serializer=serialize)
+    inner = handler.unary_stream or handler.unary_unary
+
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            _refuse(context)
+        return inner(request, context)
+
+    make = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.response_streaming
+        else grpc.unary_unary_rpc_method_handler
+    )
+    return make(unary, request_deserializer=deserialize, response_serializer=serialize)

@@ -112,8 +112,9 @@ def plan_check(request: pb.CheckRequest, settings: Settings, registry: FunctionR
         (sum(t.numel() for t in p.tensors if isinstance(t, torch.Tensor)) for p in points), default=0
     )
     light = largest is not None and largest <= LIGHT_ELEMENTS and inputs <= LIGHT_INPUTS
-    options = _options(request.options, settings)
-    client_options = frozenset(decode_options(request.options))
+    sent = decode_options(request.options)
+    client_options = frozenset(sent)
+    options = _options(sent, settings)
     return CheckPlan(
         label=label,
         fn=fn,
@@ -389,18 +390,26 @@ def _largest_intermediate(expression: Expression, signature: tuple[tuple[str, An
 # ----------------------------------------------------------------------------- options
 
 
-def _options(msg: pb.Options, settings: Settings) -> dict[str, Any]:
-    options = decode_options(msg)
-    for name, value in options.items():
-        # NaN and infinite tolerances or steps would turn every verdict into "ok" or into noise.
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InvalidRequestError(f"options.{name}", f"must be a finite number, got {value}")
+# Clients send the same few option sets over and over; each set is validated once. The wire gives
+# every option one type, so equal keys are equal options (refusals raise, and are not cached).
+@functools.lru_cache(maxsize=1024)
+def _validate_options(items: tuple[tuple[str, Any], ...]) -> None:
     try:
-        CheckOptions(**options)
+        CheckOptions(**dict(items))
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         raise InvalidRequestError(f"options.{loc}" if loc else "options", err["msg"]) from None
+
+
+def _options(sent: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The options a client sent (decoded), validated, with the server's limits and device."""
+    options = dict(sent)
+    for name, value in options.items():
+        # NaN and infinite tolerances or steps would turn every verdict into "ok" or into noise.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidRequestError(f"options.{name}", f"must be a finite number, got {value}")
+    _validate_options(tuple(sorted(options.items())))
     # The server's limits always apply; a client may only ask for lower ones.
     options["max_jacobian_entries"] = min(
         options.get("max_jacobian_entries") or 2**62, settings.max_jacobian_entries

@@ -113,7 +113,10 @@ def execute(
         max_bytes=max_bytes,
         progress=progress,
     )
-    return pb.CheckResponse(reports=[encode_report(r) for r in reports], check_id=check_id)
+    response = pb.CheckResponse(check_id=check_id)
+    for report in reports:
+        encode_report(report, response.reports.add())  # in place: no copy of each report
+    return response
 
 
 def run_plan(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -84,7 +84,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
     # ------------------------------------------------------------------------- Check
 
     def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
-        check_id = uuid.uuid4().hex[:12]
+        check_id = _new_check_id()
         try:
             self._admit()
         except Rejection as exc:
@@ -118,7 +118,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         """plan -> deadline -> run -> encode, in this thread or in a worker process."""
         started = time.perf_counter()
         plan: CheckPlan | None = None
-        reports: list[pb.Report] | None = None
+        response: pb.CheckResponse | None = None
         status = "OK"
         try:
             plan = plan_check(request, self.settings, self.registry)  # validated here, even if isolated
@@ -144,23 +144,25 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                     check_fn=self.check_fn,
                     progress=progress,
                 )
-            reports = list(response.reports)
             return response
         except Exception as exc:
             status = failure_for(exc, check_id).code.name
             raise
         finally:
-            self._log(check_id, request, plan, reports, started, status)
+            self._log(check_id, request, plan, response, started, status)
 
     def _log(
         self,
         check_id: str,
         request: pb.CheckRequest,
         plan: CheckPlan | None,
-        reports: list[pb.Report] | None,
+        response: pb.CheckResponse | None,
         started: float,
         status: str,
     ) -> None:
+        if not log.isEnabledFor(logging.INFO):  # nothing of the line is built when it goes nowhere
+            return
+        reports = None if response is None else response.reports
         function = plan.label if plan else _function_label(request)
         points = len(plan.points) if plan else _point_count(request)
         device = reports[0].device_name if reports else (plan.device if plan else "-")
@@ -187,7 +189,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         """Check, run in a helper thread while this one streams its progress (at most every
         ``_PROGRESS_EVERY`` seconds, and the last step of each point), then the response."""
         request = wrapped.request
-        check_id = uuid.uuid4().hex[:12]
+        check_id = _new_check_id()
         try:
             self._admit()
         except Rejection as exc:
@@ -321,7 +323,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         answers: queue.Queue[Any],
         window: threading.Semaphore,
     ) -> None:
-        check_id = uuid.uuid4().hex[:12]
+        check_id = _new_check_id()
         try:
             remaining = context.time_remaining()
             deadline = Deadline.start(remaining, self.settings.max_check_seconds)
@@ -389,6 +391,10 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             ),
             served_by=self.served_by,
         )
+
+
+def _new_check_id() -> str:
+    return secrets.token_hex(6)  # 12 hex digits, as a uuid4's first 12: no object in between
 
 
 def _printable(text: str) -> str:

@@ -33,6 +33,20 @@ def test_tensor_layout_is_c_contiguous_little_endian() -> None:
     assert msg.data == torch.tensor([1.0, 3.0, 2.0, 4.0]).numpy().astype("<f4").tobytes()
 
 
+@pytest.mark.parametrize(
+    "view",
+    [
+        torch.arange(6.0).reshape(2, 3)[:, ::2],  # strided
+        torch._neg_view(torch.arange(3.0)),  # lazily negated
+        torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64).conj(),  # lazily conjugated
+    ],
+    ids=["strided", "negated", "conjugated"],
+)
+def test_views_travel_as_their_values(view: torch.Tensor) -> None:
+    back = codec.decode_tensor(codec.encode_tensor(view), max_elements=LIMIT)
+    assert torch.equal(back, view.resolve_conj().resolve_neg())
+
+
 def test_scalar_empty_and_requires_grad() -> None:
     scalar = codec.decode_tensor(
         codec.encode_tensor(torch.tensor(9.0, requires_grad=True)), max_elements=LIMIT

@@ -238,3 +238,23 @@ def test_unavailable_target_is_skipped(address: str) -> None:
 def test_dns_target_with_round_robin_policy(address: str) -> None:
     with Client(f"dns:///{address}", retry=True) as c:
         assert c.check("x**2", x=torch.tensor(3.0)).ok
+
+
+def test_light_checks_never_wait_for_a_worker_process() -> None:
+    """Under isolation=auto the seed checks (sized up front, small everywhere) run in the handler
+    thread: with the worker pool closed they still pass, while a check too large to be light,
+    which must go to a worker, is refused."""
+    running = start_server(isolation="auto")
+    try:
+        assert running.server.service.workers is not None
+        running.server.service.workers.close()
+        with Client(running.address, timeout=60) as c:
+            assert c.check("x**2", x=torch.tensor(9.0)).pairs[0].analytic == [18.0]
+            assert c.check("sin(x / 2**1.5)", x=torch.tensor(100.0)).ok
+            u, v = torch.tensor(2.0), torch.tensor(4.0)
+            assert c.check("u*v + u**2 + v**3", u=u, v=v).ok
+            with pytest.raises(gc.ServiceError) as refused:
+                c.check("x * 2", x=torch.linspace(-1, 1, 5000))  # over LIGHT_INPUTS
+            assert refused.value.code == "UNAVAILABLE"
+    finally:
+        running.server.stop(grace=0)
