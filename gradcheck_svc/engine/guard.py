@@ -70,7 +70,7 @@ class _Mode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch leaves
     """A dispatch mode whose ``__torch_dispatch__`` imports nothing on its first op."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
+        super().__init_subclass__(**kwargs)  # type: ignore[no-untyped-call]  # untyped in torch
         raw = cls.__dict__.get("__torch_dispatch__")
         if raw is not None:
             cls.__torch_dispatch__ = _dynamo_disabled_once_loaded(raw)  # type: ignore[method-assign]
@@ -122,7 +122,7 @@ class ByteMeter(_Mode):
         return out
 
 
-class CheckGuard(ByteMeter):  # type: ignore[no-untyped-call]  # torch leaves TorchDispatchMode untyped
+class CheckGuard(ByteMeter):
     """A ByteMeter that enforces a memory budget, a deadline and cancellation at every op."""
 
     def __init__(
