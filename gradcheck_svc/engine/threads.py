@@ -23,6 +23,8 @@ __all__ = ["serial_if_small"]
 # The largest batch a full check builds holds three perturbed copies of every input column, each
 # with its outputs: up to this many elements (2 MiB of float64), it is a small check.
 _SMALL_BATCH = 1 << 18
+# Only where OpenMP runs torch's threads: another backend cannot change the count once it has run.
+_OPENMP: bool = torch.backends.openmp.is_available()  # type: ignore[no-untyped-call]  # untyped in torch
 
 
 def _small(n_inputs: int, n_outputs: int) -> bool:
@@ -32,11 +34,7 @@ def _small(n_inputs: int, n_outputs: int) -> bool:
 @contextlib.contextmanager
 def serial_if_small(n_inputs: int, n_outputs: int) -> Iterator[None]:
     """torch on one thread inside the block when the check is small and no other thread can notice."""
-    if (
-        not _small(n_inputs, n_outputs)
-        or threading.active_count() != 1
-        or not torch.backends.openmp.is_available()
-    ):
+    if not _OPENMP or not _small(n_inputs, n_outputs) or threading.active_count() != 1:
         yield
         return
     before = torch.get_num_threads()
