@@ -2,6 +2,8 @@
 
     python benchmarks/bench_small.py              # in-process rows and fresh-process rows (~1 min)
     python benchmarks/bench_small.py --repeat 400 --fresh 7
+    python benchmarks/bench_small.py --threads 1 --fresh 0   # both tools on one thread: on busy
+                                                             # cores, the ratios without contention
 
 In-process rows: the three seed examples, ``F.linear`` on a 4x16 input (input, weight and bias
 checked) and fast mode on the dense ``sin(tanh(W x))`` at N=1000; float64, default options of both
@@ -147,7 +149,12 @@ def main() -> None:
     parser.add_argument("--dense-repeat", type=int, default=30, help="repeats of the N=1000 fast row")
     parser.add_argument("--fresh", type=int, default=5, help="fresh processes per tool")
     parser.add_argument("--fresh-only", action="store_true", help="only the fresh-process rows")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads for the in-process rows (default: torch's)"
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64, default options")
     rows = []
     for fast in () if args.fresh_only else (False, True):
