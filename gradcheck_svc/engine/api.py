@@ -15,13 +15,14 @@ from gradcheck_svc.engine.edge_inputs import empty_pairs, mark_nonfinite_inputs,
 from gradcheck_svc.engine.expectation import apply_expectation
 from gradcheck_svc.engine.fast import run_fast
 from gradcheck_svc.engine.full import run_full
-from gradcheck_svc.engine.problem import build_problem
+from gradcheck_svc.engine.problem import Problem, build_problem
 from gradcheck_svc.engine.progress import Progress, ProgressFn
 from gradcheck_svc.engine.reference import Reference, choose_reference
 from gradcheck_svc.engine.second_order import second_order_problem
 from gradcheck_svc.engine.taylor import run_taylor
+from gradcheck_svc.engine.threads import serial_if_small
 from gradcheck_svc.errors import GradientMismatch, InvalidOptionError, NotCallableError
-from gradcheck_svc.options import CheckOptions, call_arguments, resolve_options
+from gradcheck_svc.options import CallArguments, CheckOptions, call_arguments, resolve_options
 from gradcheck_svc.report import Report, Status
 
 __all__ = ["assert_grads", "check"]
@@ -88,6 +89,23 @@ def check(
     problem, _ = build_problem(
         fn, inputs, fn_kwargs, input_names=input_names, device=device, upcast=opts.upcast, wrt=call.wrt
     )
+    with serial_if_small(problem.n_inputs, problem.n_outputs):
+        report = _check_problem(problem, fn, inputs, opts, call, device, progress)
+    report.timings["total_s"] = round(time.perf_counter() - started, 6)
+    return apply_expectation(report, call.expect)
+
+
+def _check_problem(
+    problem: Problem,
+    fn: Callable[..., Any],
+    inputs: Sequence[Any],
+    opts: CheckOptions,
+    call: CallArguments,
+    device: torch.device | None,
+    progress: ProgressFn | None,
+) -> Report:
+    """The check of a built problem: reference, analytic and numeric sides, verdicts, report."""
+    fn_kwargs, input_names = call.fn_kwargs, call.input_names
     # The Taylor test and order 2 keep their numeric side in the user's dtype (see reference.py).
     reference = choose_reference(
         problem,
@@ -134,9 +152,9 @@ def check(
 
     if ctx.progress is not None:
         ctx.progress.finish()
-    ctx.timings["total_s"] = time.perf_counter() - started
+    ctx.timings["total_s"] = 0.0  # set by ``check``, in this place among the timings
     leaf_dtypes = sorted({leaf.dtype_name for leaf in problem.leaves})
-    report = Report(
+    return Report(
         ok=all(p.ok for p in pairs),
         pairs=pairs,
         dtype=leaf_dtypes[0] if len(leaf_dtypes) == 1 else ",".join(leaf_dtypes),
@@ -149,7 +167,6 @@ def check(
         options=_resolved_options(opts, ctx),
         timings={k: round(v, 6) for k, v in ctx.timings.items()},
     )
-    return apply_expectation(report, call.expect)
 
 
 def _mode(ctx: Context, opts: CheckOptions) -> str:

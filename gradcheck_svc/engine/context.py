@@ -11,7 +11,7 @@ import torch
 from gradcheck_svc.engine.analytic import Analytic
 from gradcheck_svc.engine.compare import Tolerance
 from gradcheck_svc.engine.evaluate import Evaluator
-from gradcheck_svc.engine.guard import batch_bytes, batch_rows, peak_bytes
+from gradcheck_svc.engine.guard import batch_bytes, batch_rows
 from gradcheck_svc.engine.numeric import NODES, defaults_for
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, Problem
 from gradcheck_svc.engine.progress import Progress
@@ -115,7 +115,7 @@ class Context:
         carries its own intermediates, which input and output sizes alone do not show."""
         if self._eval_bytes is None:
             started = time.perf_counter()
-            self._eval_bytes = peak_bytes(self.evaluator.base)[1]
+            self._eval_bytes = self.evaluator.measured_base()[1]
             self._eval_seconds = time.perf_counter() - started
         return self._eval_bytes
 

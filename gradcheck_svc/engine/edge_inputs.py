@@ -52,11 +52,13 @@ def mark_nonfinite_inputs(
     problem: Problem, f0: torch.Tensor, pairs: list[PairReport], note: Callable[[str], None]
 ) -> None:
     """Name the input elements that were not perturbed; a NaN input that reaches an output fails."""
-    nan_outputs = {block.name for block in problem.outputs if bool(f0[block.rows].isnan().any())}
+    nan_outputs: set[str] | None = None
     for leaf in problem.leaves:
         real = leaf.real
         if bool(real.isfinite().all()):
             continue
+        if nan_outputs is None:
+            nan_outputs = {block.name for block in problem.outputs if bool(f0[block.rows].isnan().any())}
         where = _where(leaf)
         note(f"not perturbed (no finite step exists there): {where}")
         if not bool(real.isnan().any()):

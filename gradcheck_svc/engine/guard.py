@@ -20,6 +20,8 @@ the guard in force on this thread, if any.
 
 from __future__ import annotations
 
+import functools
+import sys
 import threading
 import time
 import weakref
@@ -39,6 +41,45 @@ _active = threading.local()  # the CheckGuard running on this thread, if any
 _ALIASING: dict[Any, bool] = {}  # op -> whether its outputs alias an input (views, in-place, out=)
 
 
+_Dispatch = Callable[..., Any]
+
+
+def _dynamo_disabled_once_loaded(raw: _Dispatch) -> _Dispatch:
+    """``raw`` kept out of torch.compile's tracing, without importing torch._dynamo for it.
+
+    torch wraps every mode's ``__torch_dispatch__`` in ``torch._disable_dynamo``, which imports
+    torch._dynamo (about a second) at the first op. Until something else has imported it, no
+    compiled frame can run, so there is nothing to keep out; from then on, the same wrapper.
+    """
+    disabled: _Dispatch | None = None
+
+    @functools.wraps(raw)
+    def dispatch(*args: Any, **kwargs: Any) -> Any:
+        nonlocal disabled
+        if disabled is None:
+            disable = getattr(sys.modules.get("torch._dynamo"), "disable", None)
+            if disable is None:
+                return raw(*args, **kwargs)
+            disabled = disable(raw, recursive=True, wrapping=False)
+        return disabled(*args, **kwargs)
+
+    return dispatch
+
+
+class _Mode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch leaves TorchDispatchMode untyped
+    """A dispatch mode whose ``__torch_dispatch__`` imports nothing on its first op."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)  # type: ignore[no-untyped-call]  # untyped in torch
+        raw = cls.__dict__.get("__torch_dispatch__")
+        if raw is not None:
+            cls.__torch_dispatch__ = _dynamo_disabled_once_loaded(raw)  # type: ignore[method-assign]
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # done above, lazily
+
+
 def _aliases(func: Any) -> bool:
     known = _ALIASING.get(func)
     if known is None:
@@ -48,7 +89,7 @@ def _aliases(func: Any) -> bool:
     return known
 
 
-class ByteMeter(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch leaves TorchDispatchMode untyped
+class ByteMeter(_Mode):
     """Live and peak bytes of the tensors created by the ops run under it.
 
     Ops whose outputs alias an input (views, in-place and ``out=`` ops) allocate nothing and are
@@ -81,7 +122,7 @@ class ByteMeter(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch le
         return out
 
 
-class CheckGuard(ByteMeter):  # type: ignore[no-untyped-call]  # torch leaves TorchDispatchMode untyped
+class CheckGuard(ByteMeter):
     """A ByteMeter that enforces a memory budget, a deadline and cancellation at every op."""
 
     def __init__(
@@ -159,7 +200,7 @@ def batch_bytes(default: int) -> int:
     return max(1, min(default, guard.max_bytes // 4))
 
 
-class _LargestOutput(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch leaves TorchDispatchMode untyped
+class _LargestOutput(_Mode):
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # torch leaves TorchDispatchMode untyped
         self.largest = 0

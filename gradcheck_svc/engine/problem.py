@@ -10,6 +10,7 @@ differences lose nothing to the upcast).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -73,9 +74,10 @@ class Leaf:
     def real_dtype(self) -> torch.dtype:
         return self.value.real.dtype if self.is_complex else self.dtype
 
-    @property
+    @functools.cached_property
     def real(self) -> torch.Tensor:
-        """Flat real view: (numel,) or (2 * numel,) for complex leaves."""
+        """Flat real view: (numel,) or (2 * numel,) for complex leaves (made once: a check asks
+        for it at every evaluation)."""
         if self.is_complex:
             return torch.view_as_real(self.value.contiguous()).reshape(-1)
         return self.value.reshape(-1)
