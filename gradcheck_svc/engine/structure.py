@@ -165,20 +165,22 @@ def run_structured(ctx: Context, pairs: set[Pair], check: Check_) -> Accumulator
     pending = sorted({i for _, i in pairs})
     done: dict[int, Accumulators] = {}
 
+    made: dict[tuple[int, tuple[int, ...]], _LeafRows] = {}
+
+    def leaf_plan(i: int, levels: Mapping[Pair, int]) -> _LeafRows:
+        mine = sorted(p for p in pairs if p[1] == i)
+        key = (i, tuple(levels[p] for p in mine))
+        if key not in made:
+            chosen = {
+                o: (options[(o, i)][levels[(o, i)]], levels[(o, i)] + 1 < len(options[(o, i)]))
+                for o, _ in mine
+            }
+            made[key] = _leaf_rows(ctx, i, chosen)
+        return made[key]
+
     def plans_at(levels: Mapping[Pair, int], leaves: list[int]) -> dict[int, _LeafRows] | None:
         """Each leaf's row colouring at ``levels``; ``None`` when that would not pay."""
-        plans = {
-            i: _leaf_rows(
-                ctx,
-                i,
-                {
-                    o: (options[(o, j)][levels[(o, j)]], levels[(o, j)] + 1 < len(options[(o, j)]))
-                    for o, j in pairs
-                    if j == i
-                },
-            )
-            for i in leaves
-        }
+        plans = {i: leaf_plan(i, levels) for i in leaves}
         rows_today = sum(problem.outputs[o].size for o in {o for o, i in pairs if i in plans})
         if _MIN_GAIN * sum(c.count for c in _distinct(plans)) > rows_today:
             return None
