@@ -92,7 +92,8 @@ def _leaf_rows(ctx: Context, i: int, chosen: Mapping[int, tuple[PairStructure, b
 
     ``split`` (per output) puts even and odd batches in separate cotangents: a backward that
     couples neighbouring batches then reaches a column no row of its cotangent may reach, which
-    shows without any finite difference. Worth it while a coarser hypothesis is left to try.
+    shows without any finite difference. Worth it while a coarser hypothesis is left to try, and
+    always where it costs one pass more (one row per batch: elementwise).
     """
     problem = ctx.problem
     device = ctx.f0.device
@@ -106,7 +107,7 @@ def _leaf_rows(ctx: Context, i: int, chosen: Mapping[int, tuple[PairStructure, b
         if s.kind == "batch":
             batches = math.prod(block.shape[: s.k])
             per_row, per_col = block.size // batches, n // batches
-            parts = 2 if split and batches > 1 else 1
+            parts = 2 if (split or per_row == 1) and batches > 1 else 1  # one row per batch: 1 pass more
             colour[block.rows] = base + (r % per_row) * parts + (r // per_row) % parts
             count = per_row * parts
             b = torch.arange(batches, device=device).view(-1, 1, 1)
@@ -146,6 +147,47 @@ _EXACT = -1  # an attempt's answer for a leaf: only the exact path will do
 _COARSER = -2  # an attempt's answer for a leaf: try its next hypothesis
 
 
+class _Hypotheses:
+    """Every pair's candidate hypotheses, the one each pair is at, and the row colourings they give."""
+
+    def __init__(self, ctx: Context, pairs: set[Pair], options: dict[Pair, list[PairStructure]]) -> None:
+        self.ctx = ctx
+        self.pairs = pairs
+        self.options = options
+        self.level = dict.fromkeys(pairs, 0)
+        self._made: dict[tuple[int, tuple[int, ...]], _LeafRows] = {}
+
+    def _leaf(self, i: int, levels: Mapping[Pair, int]) -> _LeafRows:
+        mine = sorted(p for p in self.pairs if p[1] == i)
+        key = (i, tuple(levels[p] for p in mine))
+        if key not in self._made:
+            chosen = {p[0]: (self.options[p][levels[p]], levels[p] + 1 < len(self.options[p])) for p in mine}
+            self._made[key] = _leaf_rows(self.ctx, i, chosen)
+        return self._made[key]
+
+    def plans(
+        self, leaves: list[int], levels: Mapping[Pair, int] | None = None
+    ) -> dict[int, _LeafRows] | None:
+        """Each leaf's row colouring (at the current levels by default); ``None`` when it would not pay."""
+        levels = self.level if levels is None else levels
+        plans = {i: self._leaf(i, levels) for i in leaves}
+        outputs = self.ctx.problem.outputs
+        rows_today = sum(outputs[o].size for o in {o for o, i in self.pairs if i in plans})
+        if _MIN_GAIN * sum(c.count for c in _distinct(plans)) > rows_today:
+            return None
+        if sum(p.rows.numel() for p in plans.values()) > _MAX_ENTRIES:
+            return None
+        return plans
+
+    def coarser(self, failing: list[int]) -> dict[Pair, int] | None:
+        """The levels with the ``failing`` leaves one hypothesis coarser, when each has one that pays."""
+        movable = {p for p in self.pairs if p[1] in failing and self.level[p] + 1 < len(self.options[p])}
+        if {i for _, i in movable} != set(failing):
+            return None
+        levels = {p: self.level[p] + (p in movable) for p in self.pairs}
+        return levels if self.plans(failing, levels) is not None else None
+
+
 def run_structured(ctx: Context, pairs: set[Pair], check: Check_) -> Accumulators | None:
     """Check ``pairs`` with the analytic Jacobian taken by hypothesised structure.
 
@@ -161,50 +203,36 @@ def run_structured(ctx: Context, pairs: set[Pair], check: Check_) -> Accumulator
     options = {p: candidates(problem.outputs[p[0]].shape, problem.leaves[p[1]].shape) for p in pairs}
     if not all(options.values()):
         return None
-    level = dict.fromkeys(pairs, 0)
-    pending = sorted({i for _, i in pairs})
+    # Progress counts the columns of the path that answers: the exact one, if this one gives up.
+    progress, ctx.progress = ctx.progress, None
+    try:
+        found = _search(ctx, _Hypotheses(ctx, pairs, options), check)
+    finally:
+        ctx.progress = progress
+    if found is not None and progress is not None:
+        progress.advance(sum(problem.leaves[i].size for i in {i for _, i in pairs}))
+    return found
+
+
+def _search(ctx: Context, hypotheses: _Hypotheses, check: Check_) -> Accumulators | None:
+    """Attempts, each leaf that the backward refutes one hypothesis coarser than the last."""
+    pending = sorted({i for _, i in hypotheses.pairs})
     done: dict[int, Accumulators] = {}
-
-    made: dict[tuple[int, tuple[int, ...]], _LeafRows] = {}
-
-    def leaf_plan(i: int, levels: Mapping[Pair, int]) -> _LeafRows:
-        mine = sorted(p for p in pairs if p[1] == i)
-        key = (i, tuple(levels[p] for p in mine))
-        if key not in made:
-            chosen = {
-                o: (options[(o, i)][levels[(o, i)]], levels[(o, i)] + 1 < len(options[(o, i)]))
-                for o, _ in mine
-            }
-            made[key] = _leaf_rows(ctx, i, chosen)
-        return made[key]
-
-    def plans_at(levels: Mapping[Pair, int], leaves: list[int]) -> dict[int, _LeafRows] | None:
-        """Each leaf's row colouring at ``levels``; ``None`` when that would not pay."""
-        plans = {i: leaf_plan(i, levels) for i in leaves}
-        rows_today = sum(problem.outputs[o].size for o in {o for o, i in pairs if i in plans})
-        if _MIN_GAIN * sum(c.count for c in _distinct(plans)) > rows_today:
-            return None
-        if sum(p.rows.numel() for p in plans.values()) > _MAX_ENTRIES:
-            return None
-        return plans
-
-    def coarser(failing: list[int]) -> dict[Pair, int] | None:
-        """The levels with ``failing`` leaves one hypothesis coarser, when they have one that pays."""
-        if not all(any(p[1] == i and level[p] + 1 < len(options[p]) for p in pairs) for i in failing):
-            return None
-        levels = {
-            p: level[p] + 1 if p[1] in failing and level[p] + 1 < len(options[p]) else level[p] for p in pairs
-        }
-        return levels if plans_at(levels, failing) is not None else None
-
     started = time.perf_counter()
     tried = False
     for attempt in range(_MAX_ATTEMPTS):
-        plans = plans_at(level, pending)
+        plans = hypotheses.plans(pending)
         if plans is None:
             break
         tried = True
-        outcome = _attempt(ctx, pairs, plans, check, attempt, lambda failing: coarser(failing) is not None)
+        outcome = _attempt(
+            ctx,
+            hypotheses.pairs,
+            plans,
+            check,
+            attempt,
+            lambda failing: hypotheses.coarser(failing) is not None,
+        )
         if any(v == _EXACT for v in outcome.values() if isinstance(v, int)):
             break
         done.update({i: v for i, v in outcome.items() if not isinstance(v, int)})
@@ -212,10 +240,10 @@ def run_structured(ctx: Context, pairs: set[Pair], check: Check_) -> Accumulator
         if not pending:
             ctx.timed("structured_analytic_s", started)
             return {key: acc for i in sorted(done) for key, acc in done[i].items()}
-        levels = coarser(pending)
+        levels = hypotheses.coarser(pending)
         if levels is None:
-            break  # a failing leaf has no coarser hypothesis left that would pay
-        level = levels
+            break  # a refuted leaf has no coarser hypothesis left that would pay
+        hypotheses.level = levels
     if tried:
         ctx.note(
             "the block structure the shapes suggest did not hold for every input (or a group failed): "
