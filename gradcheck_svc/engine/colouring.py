@@ -29,11 +29,20 @@ from gradcheck_svc.engine.numeric import NODES, Differences, differences, steps
 if TYPE_CHECKING:  # only the type: this module stays free of the driver's imports at run time
     from gradcheck_svc.engine.context import Context
 
-__all__ = ["ColouredLeaf", "colour_by_stride", "plan_groups", "run_coloured"]
+__all__ = ["ColouredLeaf", "GroupsDisagree", "colour_by_stride", "plan_groups", "run_coloured"]
 
 _MAX_TRIES = 48  # strides tried after the lower bound (the densest row)
 _MIN_GAIN = 3  # colour only when it saves at least this factor in evaluations
 _WEIGHT_BITS = 7  # weights (2^7 + r) / 2^8: few bits keep x + t * w * h exact
+
+
+class GroupsDisagree(Exception):
+    """A column group of leaf ``leaf`` failed while ``run_coloured`` ran strict: control flow
+    inside the engine, caught by its caller, never raised to users."""
+
+    def __init__(self, leaf: int) -> None:
+        super().__init__(f"a column group of leaf {leaf} disagreed")
+        self.leaf = leaf
 
 
 def colour_by_stride(rows: torch.Tensor, cols: torch.Tensor, n: int) -> int | None:
@@ -96,12 +105,16 @@ def run_coloured(
     index: int,
     jac_t: torch.Tensor,
     accumulators: list[tuple[slice, PairAccumulator, Tolerance]],
+    *,
+    strict: bool = False,
 ) -> torch.Tensor | None:
     """Check leaf ``index`` by groups; return the columns still to be perturbed by full mode.
 
     ``jac_t`` is the analytic Jacobian of the leaf, transposed ``(n, M)``; ``accumulators``
     gives, per output block checked against this leaf, its rows, accumulator and tolerance.
-    ``None`` means nothing was done (no useful colouring): every column is left.
+    ``None`` means nothing was done (no useful colouring): every column is left. ``strict``:
+    raise ``GroupsDisagree`` at the first failing group instead of re-checking its columns (the
+    caller has an exact path to fall back on).
     """
     problem = ctx.numeric_problem
     leaf = problem.leaves[index]
@@ -162,6 +175,8 @@ def run_coloured(
             step_of,
             failed_groups[g0:g1],
         )
+        if strict and bool(failed_groups[g0:g1].any()):
+            raise GroupsDisagree(index)
     if bool(failed_groups.any()):
         ctx.note("a column group disagreed with the analytic pattern; its columns were re-checked one by one")
         # Each column of a failing group on its own: every row it moves reads that column's

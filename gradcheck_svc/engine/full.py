@@ -23,6 +23,7 @@ from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.guard import batch_bytes
 from gradcheck_svc.engine.numeric import Differences, differences, perturb, steps
 from gradcheck_svc.engine.probes import onehot
+from gradcheck_svc.engine.structure import run_structured
 from gradcheck_svc.report import Check
 
 __all__ = ["DENSE_ENTRIES", "run_full"]
@@ -84,6 +85,22 @@ def run_full(
     selection = _Selection.of(len(problem.outputs), len(problem.leaves), pairs)
     n_sel = sum(problem.leaves[i].size for i in selection.leaves)
     ctx.check_limits(problem.n_outputs * n_sel, 3 * n_sel)
+    if problem.n_outputs * n_sel <= DENSE_ENTRIES:
+        # Block-structured Jacobians: a few compressed backward passes, verified by the groups.
+        structured = run_structured(
+            ctx,
+            selection.pairs,
+            lambda chosen, jac: _check_leaves(
+                ctx,
+                _Selection.of(len(problem.outputs), len(problem.leaves), chosen),
+                jac,
+                None,
+                _Accumulators(ctx),
+                strict=True,
+            ),
+        )
+        if structured is not None:
+            return dict(structured)
     accumulators = _Accumulators(ctx)
     jac: dict[int, torch.Tensor] | None = None
     wide_jac: dict[int, torch.Tensor] | None = None
@@ -96,6 +113,20 @@ def run_full(
         if ctx.wide_analytic is not None:
             wide_jac = _dense_rows(ctx, ctx.wide_analytic, chunks, selection.leaves)
         ctx.timed("analytic_s", start)
+    return _check_leaves(ctx, selection, jac, wide_jac, accumulators)
+
+
+def _check_leaves(
+    ctx: Context,
+    selection: _Selection,
+    jac: dict[int, torch.Tensor] | None,
+    wide_jac: dict[int, torch.Tensor] | None,
+    accumulators: _Accumulators,
+    *,
+    strict: bool = False,
+) -> dict[tuple[Check, int, int], PairAccumulator]:
+    """The numeric side and the verdict, leaf by leaf (``strict``: see ``run_coloured``)."""
+    problem = ctx.problem
     for i in selection.leaves:
         positions = ctx.numeric_problem.leaves[i].finite_positions()  # +-inf and NaN have no step
         if jac is not None and _colourable(ctx, i, positions):
@@ -109,7 +140,7 @@ def run_full(
                 )
                 for o in selection.outputs_of(i)
             ]
-            left = run_coloured(ctx, i, jac[i], blocks)
+            left = run_coloured(ctx, i, jac[i], blocks, strict=strict)
             positions = positions if left is None else left
             ctx.timed("numeric_s", start)
         for chunk, cols in enumerate(_column_chunks(ctx, i, positions)):
