@@ -10,7 +10,7 @@ chunks so no pair ever needs its whole Jacobian in memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -18,7 +18,16 @@ from gradcheck_svc.engine.numeric import Differences
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, flat_index
 from gradcheck_svc.report import Check, ElementError, PairReport, Status
 
-__all__ = ["Judgement", "PairAccumulator", "Tolerance", "judge", "merge_wide", "pair_fields", "pair_status"]
+__all__ = [
+    "Judgement",
+    "PairAccumulator",
+    "Tolerance",
+    "clear_passes",
+    "judge",
+    "merge_wide",
+    "pair_fields",
+    "pair_status",
+]
 
 _KEEP_FULL = 4096  # pairs with at most this many entries keep their whole Jacobians
 _MAP_BINS = 128  # error maps are max-pooled to at most this many bins per side
@@ -138,6 +147,33 @@ def _judge_finite(
         else:
             failed[candidates] |= inside
     return Judgement(tolerance, error, ratio, failed, kink, torch.zeros_like(failed))
+
+
+def clear_passes(
+    analytic: torch.Tensor, check: Differences, tol: Tolerance, extra: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Elements whose verdict the central difference D settles alone: a pass by a wide margin.
+
+    The third node's Richardson value R is within its bar's truncation part T = |R - D| of D,
+    and the bar tolerated grows by ``bars * T``: with ``bars >= 1 + rtol``,
+    ``|a - D| <= atol + rtol |D| + bars * noise`` implies ``|a - R| <= tolerance(R)`` whatever
+    T is. ``check`` carries the noise part of the bar alone; the test asks for half of that
+    tolerance, a margin for what D stands in for (the block's largest |numeric| in atol, the
+    noise floor's terms). Kinks are ``Central.smooth``'s to rule out. None when ``bars`` is too
+    small for the argument: every element then takes the third node.
+    """
+    if tol.bars < 1.0 + tol.rtol:
+        return None
+    half = replace(
+        tol,
+        atol=tol.atol / 2 if tol.atol is not None else None,
+        atol_factor=tol.atol_factor / 2,
+        rtol=tol.rtol / 2,
+        bars=tol.bars / 2,
+        slack=tol.slack / 2,
+    )
+    verdict = judge(analytic, check, half, extra=extra / 2 if extra is not None else None)
+    return ~(verdict.failed | verdict.nonfinite | verdict.kink)
 
 
 def merge_wide(

@@ -18,11 +18,23 @@ import torch
 from gradcheck_svc.engine.agreement import largest_change
 from gradcheck_svc.engine.analytic import Analytic
 from gradcheck_svc.engine.colouring import run_coloured
-from gradcheck_svc.engine.compare import PairAccumulator, judge, merge_wide
+from gradcheck_svc.engine.compare import PairAccumulator, clear_passes, judge, merge_wide
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.guard import batch_bytes
-from gradcheck_svc.engine.numeric import Differences, differences, perturb, steps
+from gradcheck_svc.engine.numeric import (
+    NODES,
+    Central,
+    Differences,
+    central,
+    differences,
+    node_offsets,
+    noise_sample,
+    perturb,
+    sampled_noise,
+    steps,
+)
 from gradcheck_svc.engine.probes import onehot
+from gradcheck_svc.engine.problem import OutputBlock
 from gradcheck_svc.report import Check
 
 __all__ = ["DENSE_ENTRIES", "run_full"]
@@ -249,14 +261,25 @@ def _judge_columns(
     selection: _Selection,
     accumulators: _Accumulators,
 ) -> None:
-    """Finite differences of columns ``cols`` of leaf ``i``, judged against the analytic columns."""
+    """Finite differences of columns ``cols`` of leaf ``i``, judged against the analytic columns.
+
+    A first pass evaluates ``x - h`` and ``x + h`` for every column (and ``x + 2h`` for the
+    noise sample's). A column whose every element the central difference passes by a wide
+    margin, with no sign of a kink, is reported with it; the others take the third node and
+    are judged on the Richardson value and its bars.
+    """
     problem = ctx.problem
     numeric_leaf = ctx.numeric_problem.leaves[i]
     base = numeric_leaf.real
+    device = base.device
+    c = cols.numel()
     t0 = time.perf_counter()
     h = steps(base[cols], ctx.eps(numeric_leaf))
-    batch, offsets = perturb(base, cols, h)
-    evaluated = ctx.evaluate(i, batch)
+    offsets = node_offsets(base, cols, h)
+    sample = noise_sample(c).to(device)
+    batch = perturb(base, [(NODES[0], cols, h), (NODES[1], cols, h), (NODES[2], cols[sample], h[sample])])
+    evaluated = ctx.evaluate(i, batch, columns=c)
+    del batch
     ctx.timed("numeric_s", t0)
 
     # Rows that no perturbation moved and whose analytic entries are all zero agree trivially
@@ -268,33 +291,72 @@ def _judge_columns(
     for extra in (columns.forward, columns.wide):
         if extra is not None:
             active |= (extra != 0).any(dim=0)
+    # x + 2h outputs, filled where evaluated: the sample now, the doubtful columns below.
+    plus2 = torch.empty(c, evaluated.shape[1], dtype=evaluated.dtype, device=device)
+    plus2[sample] = evaluated[2 * c :]
+    pair = evaluated[: 2 * c]
+    x_scale = torch.maximum(base[cols].detach().abs().to(torch.float64), h)
+
+    def first_pass(rows: torch.Tensor | None) -> Central:
+        part = (lambda t: t) if rows is None else (lambda t: t[:, rows])
+        f0_part = f0 if rows is None else f0[rows]
+        median = None
+        if sample.numel():
+            nodes = torch.cat([pair[:c][sample], pair[c:][sample], plus2[sample]])
+            median = sampled_noise(part(nodes), f0_part, offsets[:, sample])
+        return central(part(pair), f0_part, offsets, median, ctx.numeric_machine_eps, x_scale)
+
     active_rows = active.nonzero().squeeze(1)
     all_active = active_rows.numel() == problem.n_outputs
+    first = first_pass(None if all_active else active_rows)
+    doubtful = _doubtful_columns(ctx, i, columns, first, active_rows, all_active, selection)
+    in_sample = torch.zeros(c, dtype=torch.bool, device=device)
+    in_sample[sample] = True
+    third = (doubtful & ~in_sample).nonzero().squeeze(1)
+    ctx.timed("compare_s", t0)
+    if third.numel():
+        t0 = time.perf_counter()
+        plus2[third] = ctx.evaluate(i, perturb(base, [(NODES[2], cols[third], h[third])]), columns=0)
+        ctx.timed("numeric_s", t0)
+        moved = (plus2[third] != f0).any(dim=0)
+        if not all_active and bool((moved & ~active).any()):
+            # Rows only the third node moved are judged too: their first pass reads 0 == 0.
+            active_rows = (active | moved).nonzero().squeeze(1)
+            all_active = active_rows.numel() == problem.n_outputs
+            first = first_pass(None if all_active else active_rows)
+
+    t0 = time.perf_counter()
 
     def active_part(t: torch.Tensor) -> torch.Tensor:
         return t if all_active else t[:, active_rows]
 
-    diff = differences(
-        active_part(evaluated),
-        f0 if all_active else f0[active_rows],
-        offsets,
-        ctx.numeric_machine_eps,
-        torch.maximum(base[cols].detach().abs().to(torch.float64), h),
-    )
+    diff = first.reported
+    redo = doubtful.nonzero().squeeze(1)
+    if redo.numel():
+        nodes = torch.cat([pair[:c][redo], pair[c:][redo], plus2[redo]])
+        full = differences(
+            active_part(nodes),
+            f0 if all_active else f0[active_rows],
+            offsets[:, redo],
+            ctx.numeric_machine_eps,
+            x_scale[redo],
+            sigma=first.sigma,
+        )
+        # Every block is an (M, c) view of (c, M) memory: a column is a contiguous row there.
+        for mine, theirs in zip(_parts(diff), _parts(full), strict=True):
+            mine.T[redo] = theirs.T
     analytic = active_part(columns.reverse).T
     forward = active_part(columns.forward).T if columns.forward is not None else None
     wide = active_part(columns.wide).T if columns.wide is not None else None
     leaf = problem.leaves[i]
     for o in selection.outputs_of(i):
         block = problem.outputs[o]
-        # Active rows are sorted, so each output's rows form one slice of them.
-        lo = int(torch.searchsorted(active_rows, block.offset))
-        hi = int(torch.searchsorted(active_rows, block.rows.stop))
+        lo, hi = _block_slice(active_rows, block, all_active)
         rows_in_block = active_rows[lo:hi] - block.offset
         tol = ctx.tolerance(block, leaf)
         d_o = diff.rows(slice(lo, hi))
         a_o = analytic[lo:hi]
-        skipped = (block.size - (hi - lo)) * cols.numel()
+        skipped = (block.size - (hi - lo)) * c
         reverse = accumulators.of(Check.REVERSE, o, i)
         allowance = ctx.rounding_allowance(active_rows[lo:hi], d_o.value)
         verdict = judge(a_o, d_o, tol, extra=allowance)
@@ -317,6 +379,51 @@ def _judge_columns(
             fwd.checked += skipped
             vs.checked += skipped
     ctx.timed("compare_s", t0)
+
+
+def _block_slice(active_rows: torch.Tensor, block: OutputBlock, all_active: bool) -> tuple[int, int]:
+    """The slice of the (sorted) active rows that falls in output ``block``."""
+    if all_active:
+        return block.offset, block.rows.stop
+    lo = int(torch.searchsorted(active_rows, block.offset))
+    return lo, int(torch.searchsorted(active_rows, block.rows.stop))
+
+
+def _doubtful_columns(
+    ctx: Context,
+    i: int,
+    columns: _Columns,
+    first: Central,
+    active_rows: torch.Tensor,
+    all_active: bool,
+    selection: _Selection,
+) -> torch.Tensor:
+    """Columns some element of which the first pass does not clearly pass, against every
+    analytic side judged (reverse, forward, the float64 run of the backward): ``(c,)`` bool."""
+    problem = ctx.problem
+    leaf = problem.leaves[i]
+    clear = first.smooth.clone()
+    sides = [(columns.reverse, ctx.tolerance, True)]
+    if columns.forward is not None:
+        sides.append((columns.forward, ctx.tolerance, False))
+    if columns.wide is not None:
+        sides.append((columns.wide, ctx.wide_tolerance, False))
+    for o in selection.outputs_of(i):
+        block = problem.outputs[o]
+        lo, hi = _block_slice(active_rows, block, all_active)
+        check = first.check.rows(slice(lo, hi))
+        for values, tolerance, rounding in sides:
+            a_o = (values if all_active else values[:, active_rows]).T[lo:hi]
+            allowance = ctx.rounding_allowance(active_rows[lo:hi], check.value) if rounding else None
+            passed = clear_passes(a_o, check, tolerance(block, leaf), extra=allowance)
+            if passed is None:
+                return torch.ones(first.smooth.shape[1], dtype=torch.bool, device=clear.device)
+            clear[lo:hi] &= passed
+    return ~clear.all(dim=0)
+
+
+def _parts(d: Differences) -> tuple[torch.Tensor, ...]:
+    return (d.value, d.bar, d.forward, d.backward, d.one_sided_bar)
 
 
 def _exact(values: torch.Tensor) -> Differences:
