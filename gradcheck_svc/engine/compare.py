@@ -10,15 +10,17 @@ chunks so no pair ever needs its whole Jacobian in memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import math
+from dataclasses import dataclass, field
 
 import torch
 
-from gradcheck_svc.engine.numeric import Differences
+from gradcheck_svc.engine.numeric import SMOOTH_SPREAD, Central, Differences
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, flat_index
 from gradcheck_svc.report import Check, ElementError, PairReport, Status
 
 __all__ = [
+    "ClearTest",
     "Judgement",
     "PairAccumulator",
     "Tolerance",
@@ -149,31 +151,59 @@ def _judge_finite(
     return Judgement(tolerance, error, ratio, failed, kink, torch.zeros_like(failed))
 
 
+@dataclass
+class ClearTest:
+    """Which elements the central difference passes by a wide margin (see ``clear_passes``)."""
+
+    clear: torch.Tensor  # (m, c) bool
+    error: torch.Tensor  # |a - D|
+    half: torch.Tensor  # half the tolerance, the noise part of the Richardson bar standing for the bar
+    spread: torch.Tensor  # |D+ - D-|
+    bars: float
+
+    def verdict(self) -> Judgement:
+        """The verdict of a block every element of which passed clearly, against D with the bars
+        of ``Central.reported``: what ``judge`` gives there, without its passes over the block."""
+        tolerance = self.half.mul_(2).add_(self.spread, alpha=self.bars * SMOOTH_SPREAD / 6)
+        ratio = torch.div(self.error, tolerance).masked_fill_(self.error == 0, 0.0)
+        nothing = torch.zeros_like(self.clear)
+        return Judgement(tolerance, self.error, ratio, nothing, nothing, nothing)
+
+
 def clear_passes(
-    analytic: torch.Tensor, check: Differences, tol: Tolerance, extra: torch.Tensor | None = None
-) -> torch.Tensor | None:
+    analytic: torch.Tensor, first: Central, tol: Tolerance, extra: torch.Tensor | None = None
+) -> ClearTest | None:
     """Elements whose verdict the central difference D settles alone: a pass by a wide margin.
 
     The third node's Richardson value R is within its bar's truncation part T = |R - D| of D,
-    and the bar tolerated grows by ``bars * T``: with ``bars >= 1 + rtol``,
+    and the tolerance grows by ``bars * T``: with ``bars >= 1 + rtol``,
     ``|a - D| <= atol + rtol |D| + bars * noise`` implies ``|a - R| <= tolerance(R)`` whatever
-    T is. ``check`` carries the noise part of the bar alone; the test asks for half of that
-    tolerance, a margin for what D stands in for (the block's largest |numeric| in atol, the
-    noise floor's terms). Kinks are ``Central.smooth``'s to rule out. None when ``bars`` is too
-    small for the argument: every element then takes the third node.
+    T is. The test asks for half of that tolerance, a margin for what D stands in for (the
+    block's largest |numeric| in atol, the noise floor's terms). Kinks are ruled out by
+    ``first.smooth``; non-finite values are never clear. None when ``bars`` is too small for
+    the argument: every element then takes the third node.
     """
     if tol.bars < 1.0 + tol.rtol:
         return None
-    half = replace(
-        tol,
-        atol=tol.atol / 2 if tol.atol is not None else None,
-        atol_factor=tol.atol_factor / 2,
-        rtol=tol.rtol / 2,
-        bars=tol.bars / 2,
-        slack=tol.slack / 2,
-    )
-    verdict = judge(analytic, check, half, extra=extra / 2 if extra is not None else None)
-    return ~(verdict.failed | verdict.nonfinite | verdict.kink)
+    value = first.value
+    atol: float
+    if tol.atol is not None:
+        atol = tol.atol
+    else:
+        atol = (
+            tol.atol_factor * float(torch.linalg.vector_norm(value, ord=float("inf")))
+            if value.numel()
+            else 0.0
+        )
+    if not math.isfinite(atol):
+        atol = float("nan")  # a non-finite D in the block: nothing is clear
+    half = first.magnitude.mul(tol.rtol / 2)
+    half.addr_(first.sigma, first.noise_gain, alpha=tol.bars / 2).add_((atol + tol.slack) / 2)
+    if extra is not None:
+        half.add_(extra.nan_to_num(nan=0.0, posinf=0.0), alpha=0.5)
+    error = torch.sub(analytic, value).abs_()
+    clear = (error <= half).logical_and_(first.smooth)
+    return ClearTest(clear, error, half, first.spread, tol.bars)
 
 
 def merge_wide(

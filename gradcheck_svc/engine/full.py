@@ -9,6 +9,7 @@ chunk whatever the size of the Jacobian.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 from gradcheck_svc.engine.agreement import largest_change
 from gradcheck_svc.engine.analytic import Analytic
 from gradcheck_svc.engine.colouring import run_coloured
-from gradcheck_svc.engine.compare import PairAccumulator, clear_passes, judge, merge_wide
+from gradcheck_svc.engine.compare import ClearTest, PairAccumulator, clear_passes, judge, merge_wide
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.guard import batch_bytes
 from gradcheck_svc.engine.numeric import (
@@ -41,6 +42,7 @@ __all__ = ["DENSE_ENTRIES", "run_full"]
 
 DENSE_ENTRIES = 1 << 25  # analytic Jacobians up to this many entries are held densely (256 MiB)
 _ROW_BYTES = 128 * 2**20
+_RERUN_ROWS = 512  # rows the nondeterminism re-run of the backward covers, at least (or all)
 
 Pair = tuple[int, int]  # (output block index, leaf index)
 
@@ -151,7 +153,11 @@ def _row_chunks(ctx: Context, selection: _Selection) -> list[torch.Tensor]:
     n_total = sum(problem.leaves[i].size for i in selection.leaves)
     per_row = max(1, 8 * (n_total + m), 3 * ctx.eval_bytes)  # a backward holds about 3 forward peaks
     per_chunk = max(1, min(rows.numel(), batch_bytes(_ROW_BYTES) // per_row))
-    return [rows[start : start + per_chunk].to(ctx.f0.device) for start in range(0, rows.numel(), per_chunk)]
+    # The nondeterminism check runs the first batch again: on a large Jacobian, a first batch of
+    # a fraction of the rows keeps that re-run from nearly doubling the analytic side.
+    head = per_chunk if rows.numel() <= _RERUN_ROWS else min(per_chunk, max(_RERUN_ROWS, rows.numel() // 8))
+    bounds = [0, *range(head, rows.numel(), per_chunk), rows.numel()]
+    return [rows[a:b].to(ctx.f0.device) for a, b in itertools.pairwise(bounds)]
 
 
 def _dense_rows(
@@ -266,7 +272,7 @@ def _judge_columns(
     A first pass evaluates ``x - h`` and ``x + h`` for every column (and ``x + 2h`` for the
     noise sample's). A column whose every element the central difference passes by a wide
     margin, with no sign of a kink, is reported with it; the others take the third node and
-    are judged on the Richardson value and its bars.
+    are judged on the Richardson value and its bars, as every column once was.
     """
     problem = ctx.problem
     numeric_leaf = ctx.numeric_problem.leaves[i]
@@ -291,25 +297,24 @@ def _judge_columns(
     for extra in (columns.forward, columns.wide):
         if extra is not None:
             active |= (extra != 0).any(dim=0)
-    # x + 2h outputs, filled where evaluated: the sample now, the doubtful columns below.
-    plus2 = torch.empty(c, evaluated.shape[1], dtype=evaluated.dtype, device=device)
-    plus2[sample] = evaluated[2 * c :]
     pair = evaluated[: 2 * c]
+    plus2 = torch.empty(c, evaluated.shape[1], dtype=evaluated.dtype, device=device)  # x + 2h, where taken
+    plus2[sample] = evaluated[2 * c :]
     x_scale = torch.maximum(base[cols].detach().abs().to(torch.float64), h)
 
-    def first_pass(rows: torch.Tensor | None) -> Central:
-        part = (lambda t: t) if rows is None else (lambda t: t[:, rows])
-        f0_part = f0 if rows is None else f0[rows]
+    def first_pass(rows: _Rows) -> Central:
         median = None
         if sample.numel():
             nodes = torch.cat([pair[:c][sample], pair[c:][sample], plus2[sample]])
-            median = sampled_noise(part(nodes), f0_part, offsets[:, sample])
-        return central(part(pair), f0_part, offsets, median, ctx.numeric_machine_eps, x_scale)
+            median = sampled_noise(rows.part(nodes), rows.part(f0), offsets[:, sample])
+        return central(rows.part(pair), rows.part(f0), offsets, median, ctx.numeric_machine_eps, x_scale)
 
-    active_rows = active.nonzero().squeeze(1)
-    all_active = active_rows.numel() == problem.n_outputs
-    first = first_pass(None if all_active else active_rows)
-    doubtful = _doubtful_columns(ctx, i, columns, first, active_rows, all_active, selection)
+    rows = _Rows.of(active)
+    first = first_pass(rows)
+    tests = _clear_tests(ctx, i, columns, first, rows, selection)
+    doubtful = ~torch.stack([t.clear.all(dim=0) for t in tests.values()]).all(dim=0) if tests else None
+    if doubtful is None:
+        doubtful = torch.ones(c, dtype=torch.bool, device=device)
     in_sample = torch.zeros(c, dtype=torch.bool, device=device)
     in_sample[sample] = True
     third = (doubtful & ~in_sample).nonzero().squeeze(1)
@@ -319,46 +324,48 @@ def _judge_columns(
         plus2[third] = ctx.evaluate(i, perturb(base, [(NODES[2], cols[third], h[third])]), columns=0)
         ctx.timed("numeric_s", t0)
         moved = (plus2[third] != f0).any(dim=0)
-        if not all_active and bool((moved & ~active).any()):
-            # Rows only the third node moved are judged too: their first pass reads 0 == 0.
-            active_rows = (active | moved).nonzero().squeeze(1)
-            all_active = active_rows.numel() == problem.n_outputs
-            first = first_pass(None if all_active else active_rows)
+        if bool((moved & ~active).any()):
+            # Rows only the third node moved are judged too (their first pass reads 0 == 0).
+            rows = _Rows.of(active | moved)
+            first = first_pass(rows)
+            tests = {}
 
     t0 = time.perf_counter()
-
-    def active_part(t: torch.Tensor) -> torch.Tensor:
-        return t if all_active else t[:, active_rows]
-
-    diff = first.reported
     redo = doubtful.nonzero().squeeze(1)
+    lean = not redo.numel() and columns.forward is None and columns.wide is None and bool(tests)
+    diff = first.reported(writable=bool(redo.numel()))
     if redo.numel():
         nodes = torch.cat([pair[:c][redo], pair[c:][redo], plus2[redo]])
         full = differences(
-            active_part(nodes),
-            f0 if all_active else f0[active_rows],
+            rows.part(nodes),
+            rows.part(f0),
             offsets[:, redo],
             ctx.numeric_machine_eps,
             x_scale[redo],
-            sigma=first.sigma,
+            first.sigma,
         )
         # Every block is an (M, c) view of (c, M) memory: a column is a contiguous row there.
         for mine, theirs in zip(_parts(diff), _parts(full), strict=True):
             mine.T[redo] = theirs.T
-    analytic = active_part(columns.reverse).T
-    forward = active_part(columns.forward).T if columns.forward is not None else None
-    wide = active_part(columns.wide).T if columns.wide is not None else None
+    analytic = rows.part(columns.reverse).T
+    forward = rows.part(columns.forward).T if columns.forward is not None else None
+    wide = rows.part(columns.wide).T if columns.wide is not None else None
     leaf = problem.leaves[i]
     for o in selection.outputs_of(i):
         block = problem.outputs[o]
-        lo, hi = _block_slice(active_rows, block, all_active)
-        rows_in_block = active_rows[lo:hi] - block.offset
+        lo, hi = rows.slice(block)
+        rows_in_block = rows.index[lo:hi] - block.offset
         tol = ctx.tolerance(block, leaf)
         d_o = diff.rows(slice(lo, hi))
         a_o = analytic[lo:hi]
         skipped = (block.size - (hi - lo)) * c
         reverse = accumulators.of(Check.REVERSE, o, i)
-        allowance = ctx.rounding_allowance(active_rows[lo:hi], d_o.value)
+        if lean:
+            # Every element passed clearly: the verdict the test already holds.
+            reverse.add(cols, a_o, d_o, tests[o].verdict(), rows=rows_in_block)
+            reverse.checked += skipped
+            continue
+        allowance = ctx.rounding_allowance(rows.index[lo:hi], d_o.value)
         verdict = judge(a_o, d_o, tol, extra=allowance)
         if wide is not None:
             w_o = wide[lo:hi]
@@ -381,45 +388,57 @@ def _judge_columns(
     ctx.timed("compare_s", t0)
 
 
-def _block_slice(active_rows: torch.Tensor, block: OutputBlock, all_active: bool) -> tuple[int, int]:
-    """The slice of the (sorted) active rows that falls in output ``block``."""
-    if all_active:
-        return block.offset, block.rows.stop
-    lo = int(torch.searchsorted(active_rows, block.offset))
-    return lo, int(torch.searchsorted(active_rows, block.rows.stop))
+@dataclass
+class _Rows:
+    """The output rows a column chunk judges: all of them, or the sorted active ones."""
+
+    index: torch.Tensor
+    every: bool
+
+    @classmethod
+    def of(cls, active: torch.Tensor) -> _Rows:
+        index = active.nonzero().squeeze(1)
+        return cls(index, index.numel() == active.numel())
+
+    def part(self, t: torch.Tensor) -> torch.Tensor:
+        """Those rows of ``t`` (last dimension)."""
+        return t if self.every else t[..., self.index]
+
+    def slice(self, block: OutputBlock) -> tuple[int, int]:
+        """The slice of the judged rows that falls in output ``block``."""
+        if self.every:
+            return block.offset, block.rows.stop
+        lo = int(torch.searchsorted(self.index, block.offset))
+        return lo, int(torch.searchsorted(self.index, block.rows.stop))
 
 
-def _doubtful_columns(
-    ctx: Context,
-    i: int,
-    columns: _Columns,
-    first: Central,
-    active_rows: torch.Tensor,
-    all_active: bool,
-    selection: _Selection,
-) -> torch.Tensor:
-    """Columns some element of which the first pass does not clearly pass, against every
-    analytic side judged (reverse, forward, the float64 run of the backward): ``(c,)`` bool."""
+def _clear_tests(
+    ctx: Context, i: int, columns: _Columns, first: Central, rows: _Rows, selection: _Selection
+) -> dict[int, ClearTest]:
+    """The clear-pass test of each output's block, against every analytic side judged (reverse,
+    forward, the float64 run of the backward), the reverse side's kept per output. Empty when
+    the tolerance allows no such test: every column then takes the third node."""
     problem = ctx.problem
     leaf = problem.leaves[i]
-    clear = first.smooth.clone()
-    sides = [(columns.reverse, ctx.tolerance, True)]
-    if columns.forward is not None:
-        sides.append((columns.forward, ctx.tolerance, False))
-    if columns.wide is not None:
-        sides.append((columns.wide, ctx.wide_tolerance, False))
+    sides = [(columns.forward, ctx.tolerance), (columns.wide, ctx.wide_tolerance)]
+    tests: dict[int, ClearTest] = {}
     for o in selection.outputs_of(i):
         block = problem.outputs[o]
-        lo, hi = _block_slice(active_rows, block, all_active)
-        check = first.check.rows(slice(lo, hi))
-        for values, tolerance, rounding in sides:
-            a_o = (values if all_active else values[:, active_rows]).T[lo:hi]
-            allowance = ctx.rounding_allowance(active_rows[lo:hi], check.value) if rounding else None
-            passed = clear_passes(a_o, check, tolerance(block, leaf), extra=allowance)
-            if passed is None:
-                return torch.ones(first.smooth.shape[1], dtype=torch.bool, device=clear.device)
-            clear[lo:hi] &= passed
-    return ~clear.all(dim=0)
+        lo, hi = rows.slice(block)
+        first_o = first.rows(slice(lo, hi))
+        a_o = rows.part(columns.reverse).T[lo:hi]
+        allowance = ctx.rounding_allowance(rows.index[lo:hi], first_o.value)
+        test = clear_passes(a_o, first_o, ctx.tolerance(block, leaf), extra=allowance)
+        if test is None:
+            return {}
+        for values, tolerance in sides:
+            if values is not None:
+                other = clear_passes(rows.part(values).T[lo:hi], first_o, tolerance(block, leaf))
+                if other is None:
+                    return {}
+                test.clear &= other.clear
+        tests[o] = test
+    return tests
 
 
 def _parts(d: Differences) -> tuple[torch.Tensor, ...]:

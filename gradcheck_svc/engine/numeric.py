@@ -28,6 +28,7 @@ import torch
 __all__ = [
     "DTYPE_DEFAULTS",
     "NODES",
+    "SMOOTH_SPREAD",
     "Central",
     "DTypeDefaults",
     "Differences",
@@ -48,7 +49,7 @@ _NOISE_COLUMNS = 128
 _FLOOR_ULPS = 4.0
 # The largest change of a derivative across the step, relative to its size, that still counts
 # as smooth at the scale of the step (the first pass may then decide alone).
-_SMOOTH_SPREAD = 2.0**-5
+SMOOTH_SPREAD = 2.0**-5
 _KINK_BARS = 4.0  # as the verdict's: one-sided bars the one-sided differences must be apart at a kink
 
 
@@ -206,15 +207,15 @@ def sampled_noise(evaluated: torch.Tensor, f0: torch.Tensor, offsets: torch.Tens
 def row_noise(
     median: torch.Tensor | None,
     f0: torch.Tensor,
-    value: torch.Tensor,
+    magnitude: torch.Tensor,
     x_scale: torch.Tensor,
     machine_eps: float,
 ) -> torch.Tensor:
     """Each output's evaluation noise sigma: the sampled median (if any), and at least a few
     ulps of the output and of the terms that make it up (|J_ij| |x_j| summed over the block
-    ``value`` (M, c)): the size of the rounding error of a dot product, whatever the
-    cancellation in f(x)."""
-    terms = torch.nan_to_num(value.abs() @ x_scale, nan=0.0, posinf=0.0)
+    ``magnitude`` (M, c) of |J|): the size of the rounding error of a dot product, whatever
+    the cancellation in f(x)."""
+    terms = torch.nan_to_num(magnitude @ x_scale, nan=0.0, posinf=0.0)
     floor = _FLOOR_ULPS * machine_eps * (torch.nan_to_num(f0.abs(), nan=0.0, posinf=0.0) + terms)
     return floor if median is None else torch.maximum(median, floor)
 
@@ -247,7 +248,7 @@ def differences(
             median = _median_noise(
                 truncation[:, picked], h[picked], d_minus[:, picked], d_plus[:, picked], d_plus2[:, picked]
             )
-        sigma = row_noise(median, f0, richardson, x_scale, machine_eps)
+        sigma = row_noise(median, f0, richardson.abs(), x_scale, machine_eps)
     noise_gain = _noise_gain(offsets[0], offsets[1], offsets[2])
     bar = truncation.addr_(sigma, noise_gain)  # truncation + 1.5 sigma |w|, in place
     one_sided_bar = one_sided.addr_(sigma, 1.5 * (2**0.5) / h)
@@ -256,18 +257,44 @@ def differences(
 
 @dataclass
 class Central:
-    """The first pass, ``x - h`` and ``x + h`` alone, as ``(M, c)`` blocks.
+    """The first pass, ``x - h`` and ``x + h`` alone: ``(M, c)`` blocks, views of ``(c, M)``
+    memory like ``differences``' (``sigma`` is per output, the gains per column)."""
 
-    ``check`` is what the clear-pass test judges: the central difference D with the noise part
-    of the Richardson bar alone (a lower bound of the bar the third node would give) and a
-    one-sided bar wide enough that the kink test cannot fire (``smooth`` answers for kinks).
-    ``reported`` is what a clear pass is reported with: D and an honest bar.
-    """
-
-    check: Differences
-    reported: Differences
+    value: torch.Tensor  # D, the central difference
+    magnitude: torch.Tensor  # |D|
+    spread: torch.Tensor  # |D+ - D-|
     smooth: torch.Tensor  # no sign of a kink, nor of any feature at the scale of the step
     sigma: torch.Tensor  # (M,) each output's evaluation noise
+    noise_gain: torch.Tensor  # (c,) the Richardson value's noise per unit sigma (1.5 |w|)
+    side_gain: torch.Tensor  # (c,) a one-sided difference's noise per unit sigma
+
+    def rows(self, rows: slice) -> Central:
+        """The block of output rows ``rows``."""
+        return Central(
+            self.value[rows],
+            self.magnitude[rows],
+            self.spread[rows],
+            self.smooth[rows],
+            self.sigma[rows],
+            self.noise_gain,
+            self.side_gain,
+        )
+
+    def reported(self, *, writable: bool = False) -> Differences:
+        """D with the bars a clear pass is reported with.
+
+        The bar: the noise part of the Richardson bar (more than D's own noise, so that the
+        tolerance a clear pass was judged with is never more than the one reported) and D's
+        truncation error on the scale ``smooth`` vouches for, h^2 |f'''| / 6, at most
+        ``SMOOTH_SPREAD / 6`` of the spread. A clear pass shows no kink: D stands for both
+        one-sided differences (the kink test reads nothing there), each a copy of its own when
+        the block is ``writable`` (third-node columns are written in).
+        """
+        bar = torch.outer(self.noise_gain, self.sigma).T.add_(self.spread, alpha=SMOOTH_SPREAD / 6)
+        if not writable:
+            return Differences(self.value, bar, self.value, self.value, bar)
+        side = torch.outer(self.side_gain, self.sigma).T.add_(self.spread, alpha=0.5)
+        return Differences(self.value, bar, self.value.clone(), self.value.clone(), side)
 
 
 def central(
@@ -278,38 +305,30 @@ def central(
     machine_eps: float,
     x_scale: torch.Tensor,
 ) -> Central:
-    """Central and one-sided differences from outputs at ``x - h, x + h`` (``(2 * c, M)``,
-    node-major), with ``offsets`` the ``(3, c)`` offsets of all ``NODES``, and each output's
-    noise from the sampled ``median`` (``sampled_noise``) and the floor (``row_noise``).
+    """Central difference and the spread of the one-sided ones from outputs at ``x - h, x + h``
+    (``(2 * c, M)``, node-major), with ``offsets`` the ``(3, c)`` offsets of all ``NODES``, and
+    each output's noise from the sampled ``median`` (``sampled_noise``) and the floor
+    (``row_noise``).
 
     A kink puts D+ and D- apart by the jump of the derivative whatever the step; a smooth f by
     about h |f''|. ``smooth`` asks that the derivative change across the step by at most
-    ``_SMOOTH_SPREAD`` of its size, or by no more than noise: f then shows no feature at the
-    scale of h, which the kink test (|D+ - D-| beyond several |D+(2h) - D+(h)|, about
-    h |f''| / 2 on a smooth f) needs in order to fire. On that scale D's truncation error,
-    h^2 |f'''| / 6, is at most ``_SMOOTH_SPREAD / 6`` of the spread: the reported bar's part.
+    ``SMOOTH_SPREAD`` of its size, plus noise: f then shows no feature at the scale of h, which
+    the kink test (|D+ - D-| beyond several |D+(2h) - D+(h)|, about h |f''| / 2 on a smooth f)
+    needs in order to fire. Few passes over the block: it is as large as the Jacobian chunk.
     """
     c = offsets.shape[1]
-    nodes = evaluated.reshape(2, c, -1)
-    d_minus = torch.sub(f0, nodes[0]).T  # f(x) - f(x - h)
-    d_plus = torch.sub(nodes[1], f0).T  # f(x + h) - f(x)
-    t_minus, t_plus = offsets[0], offsets[1]
+    minus, plus = evaluated[:c], evaluated[c : 2 * c]
+    t_minus, t_plus = offsets[0].unsqueeze(1), offsets[1].unsqueeze(1)
+    d_plus = torch.sub(plus, f0)  # f(x + h) - f(x)
+    d_minus = torch.sub(f0, minus)  # f(x) - f(x - h)
     value = torch.add(d_plus, d_minus).div_(t_plus - t_minus)
-    forward = d_plus / t_plus
-    backward = d_minus / (-t_minus)
-    spread = torch.sub(forward, backward).abs_()
-    sigma = row_noise(median, f0, value, x_scale, machine_eps)
-    side_noise = torch.outer(1.5 * (2**0.5) / t_plus, sigma).T  # (c, M) memory, like the rest
-    size = torch.maximum(forward.abs(), backward.abs())
-    smooth = (spread <= size.mul_(_SMOOTH_SPREAD)) | (spread <= side_noise * (2 * _KINK_BARS))
-    lower_bar = torch.outer(_noise_gain(t_minus, t_plus, offsets[2]), sigma).T
-    check = Differences(value, lower_bar, forward, backward, spread)
-    span_gain = 1.5 * (2**0.5) / (t_plus - t_minus)
-    reported = Differences(
-        value,
-        torch.outer(span_gain, sigma).T.add_(spread, alpha=_SMOOTH_SPREAD / 6),
-        forward,
-        backward,
-        side_noise.add_(spread, alpha=0.5),
-    )
-    return Central(check, reported, smooth, sigma)
+    # D+ - D- = d_plus / t_plus - d_minus / (-t_minus)
+    spread = d_plus.div_(t_plus).addcdiv_(d_minus, t_minus).abs_()
+    del d_minus
+    magnitude = value.abs()
+    sigma = row_noise(median, f0, magnitude.T, x_scale, machine_eps)
+    side_gain = 1.5 * (2**0.5) / offsets[1]
+    limit = torch.mul(magnitude, SMOOTH_SPREAD).addr_(side_gain, sigma, alpha=2 * _KINK_BARS)
+    smooth = spread <= limit
+    noise_gain = _noise_gain(offsets[0], offsets[1], offsets[2])
+    return Central(value.T, magnitude.T, spread.T, smooth.T, sigma, noise_gain, side_gain)
