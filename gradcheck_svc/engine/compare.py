@@ -377,18 +377,21 @@ class PairAccumulator:
             rank = torch.where(failed, _FAILED, torch.where(kink, _KINK, _PASSED))
         for level in (_FAILED, _KINK, _PASSED) if rank is not None else (_PASSED,):
             if rank is None:
-                key, count = ratio.reshape(-1), ratio.numel()
+                key, count = ratio, ratio.numel()
             else:
                 chosen = rank == level
-                key, count = torch.where(chosen, ratio, -1.0).reshape(-1), int(chosen.sum())
+                key, count = torch.where(chosen, ratio, -1.0), int(chosen.sum())
             if count:
-                top = torch.topk(key, min(self.max_worst, count)).indices
+                # Blocks come as (m, c) views of (c, m) memory: flattened in that order, no copy.
+                by_column = not scattered and key.dim() == 2 and key.T.is_contiguous()
+                flat = key.T.reshape(-1) if by_column else key.reshape(-1)
+                top = torch.topk(flat, min(self.max_worst, count)).indices
                 if scattered:
                     at: tuple[torch.Tensor, ...] = (top,)
                     out_rows, in_cols = rows[top], columns[top]
                 else:
-                    width = diff.value.shape[1]
-                    at = (top // width, top % width)
+                    height, width = key.shape
+                    at = (top % height, top // height) if by_column else (top // width, top % width)
                     out_rows, in_cols = rows[at[0]], columns[at[1]]
                 self._keep(level, at, out_rows, in_cols, analytic, diff, verdict)
         self._worst.sort(key=lambda item: (-item[0], -item[1]))

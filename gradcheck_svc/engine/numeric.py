@@ -193,7 +193,8 @@ def _median_noise(
     moved = (d_plus != 0) | (d_minus != 0) | (d_plus2 != 0)
     sample = truncation * h
     noise_samples = torch.where(moved & torch.isfinite(sample), sample, torch.nan)
-    sigma = torch.nan_to_num(noise_samples.nanmedian(dim=1).values, nan=0.0) / 0.502
+    # A median along contiguous memory: the samples come as (M, s) views of (s, M) memory.
+    sigma = torch.nan_to_num(noise_samples.contiguous().nanmedian(dim=1).values, nan=0.0) / 0.502
     return torch.where(moved.sum(dim=1) >= _MIN_NOISE_SAMPLES, sigma, torch.zeros_like(sigma))
 
 
