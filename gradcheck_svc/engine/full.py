@@ -31,6 +31,7 @@ from gradcheck_svc.engine.numeric import (
     node_offsets,
     noise_sample,
     perturb,
+    row_noise,
     sampled_noise,
     steps,
 )
@@ -302,15 +303,16 @@ def _judge_columns(
     plus2[sample] = evaluated[2 * c :]
     x_scale = torch.maximum(base[cols].detach().abs().to(torch.float64), h)
 
-    def first_pass(rows: _Rows) -> Central:
+    def first_pass(rows: _Rows) -> tuple[Central, torch.Tensor | None]:
         median = None
         if sample.numel():
             nodes = torch.cat([pair[:c][sample], pair[c:][sample], plus2[sample]])
             median = sampled_noise(rows.part(nodes), rows.part(f0), offsets[:, sample])
-        return central(rows.part(pair), rows.part(f0), offsets, median, ctx.numeric_machine_eps, x_scale)
+        eps = ctx.numeric_machine_eps
+        return central(rows.part(pair), rows.part(f0), offsets, median, eps, x_scale), median
 
     rows = _Rows.of(active)
-    first = first_pass(rows)
+    first, median = first_pass(rows)
     tests = _clear_tests(ctx, i, columns, first, rows, selection)
     doubtful = ~torch.stack([t.clear.all(dim=0) for t in tests.values()]).all(dim=0) if tests else None
     if doubtful is None:
@@ -327,7 +329,7 @@ def _judge_columns(
         if bool((moved & ~active).any()):
             # Rows only the third node moved are judged too (their first pass reads 0 == 0).
             rows = _Rows.of(active | moved)
-            first = first_pass(rows)
+            first, median = first_pass(rows)
             tests = {}
 
     t0 = time.perf_counter()
@@ -335,14 +337,16 @@ def _judge_columns(
     lean = not redo.numel() and columns.forward is None and columns.wide is None and bool(tests)
     diff = first.reported(writable=bool(redo.numel()))
     if redo.numel():
+
+        def noise(richardson: torch.Tensor) -> torch.Tensor:
+            # The noise floor's terms as the three-node columns have always had them: |R| there.
+            magnitude = first.magnitude.clone()
+            magnitude[:, redo] = richardson
+            return row_noise(median, rows.part(f0), magnitude, x_scale, ctx.numeric_machine_eps)
+
         nodes = torch.cat([pair[:c][redo], pair[c:][redo], plus2[redo]])
         full = differences(
-            rows.part(nodes),
-            rows.part(f0),
-            offsets[:, redo],
-            ctx.numeric_machine_eps,
-            x_scale[redo],
-            first.sigma,
+            rows.part(nodes), rows.part(f0), offsets[:, redo], ctx.numeric_machine_eps, x_scale[redo], noise
         )
         # Every block is an (M, c) view of (c, M) memory: a column is a contiguous row there.
         for mine, theirs in zip(_parts(diff), _parts(full), strict=True):

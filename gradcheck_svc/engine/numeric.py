@@ -17,10 +17,17 @@ median over the perturbed elements of a chunk gives each output element's
 evaluation noise. Steps are powers of two scaled to ``max(|x|, 1)`` and to the
 dtype; the offsets actually applied (after rounding ``x + h`` to the dtype)
 are used in every formula, so float32 perturbations lose nothing.
+
+Full mode's column path takes the third node only where it can change a
+verdict (``central``): a first pass evaluates ``x - h`` and ``x + h`` (and
+``x + 2h`` for the noise sample's columns); a column whose every element the
+central difference passes by a wide margin, with no sign of a kink, is
+reported with ``D``; the others get ``x + 2h`` and everything above.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -227,13 +234,13 @@ def differences(
     offsets: torch.Tensor,
     machine_eps: float,
     x_scale: torch.Tensor,
-    sigma: torch.Tensor | None = None,
+    sigma: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Differences:
     """From outputs at the nodes (``(3 * c, M)``, node-major) to a numeric block ``(M, c)``.
 
     ``x_scale`` is ``max(|x_j|, h_j)`` per perturbed column (or per direction in fast mode).
-    ``sigma`` is each output's noise when the caller has it (``row_noise``); by default it is
-    estimated from these columns' sample (``noise_sample``).
+    ``sigma`` is each output's noise when the caller has it, or a function of |R| that gives
+    it (``row_noise``); by default it is estimated from these columns' sample (``noise_sample``).
     The returned tensors are transposed views of ``(c, M)`` memory: callers keep every
     operand in that layout so elementwise ops stay on dense memory.
     """
@@ -241,7 +248,9 @@ def differences(
         evaluated, f0, offsets
     )
     h = offsets[1]  # (c,)
-    if sigma is None:
+    if callable(sigma):
+        sigma = sigma(richardson.abs())
+    elif sigma is None:
         # A median needs a few dozen samples, not thousands: an even subsample of columns.
         picked = noise_sample(offsets.shape[1]).to(offsets.device)
         median = None
