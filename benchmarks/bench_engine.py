@@ -153,7 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="N=1000 only")
     parser.add_argument(
-        "--sizes", type=int, nargs="+", help="N of the dense full/fast rows (default 1000 3000; --quick: 1000)"
+        "--sizes", type=int, nargs="+", help="N of the dense rows (default 1000 3000; --quick: 1000)"
     )
     parser.add_argument(
         "--sections", default="full,small,higher,memory", help="comma-separated: full,small,higher,memory"
