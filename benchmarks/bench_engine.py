@@ -2,6 +2,7 @@
 
     python benchmarks/bench_engine.py            # all scenarios (a few minutes on 2 cores)
     python benchmarks/bench_engine.py --quick    # N=1000 only, no N=3000
+    python benchmarks/bench_engine.py --sections full --sizes 3000   # the N=3000 rows alone
 
 Ratios, not absolute times: the machines are noisy. Each row runs the same
 function on the same inputs with default options of both tools (float64),
@@ -152,6 +153,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="N=1000 only")
     parser.add_argument(
+        "--sizes", type=int, nargs="+", help="N of the dense rows (default 1000 3000; --quick: 1000)"
+    )
+    parser.add_argument(
         "--sections", default="full,small,higher,memory", help="comma-separated: full,small,higher,memory"
     )
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
@@ -169,7 +173,7 @@ def main() -> None:
     sections = set(args.sections.split(","))
     rows: list[dict] = []
     if "full" in sections:
-        rows += full_and_fast([1000] if args.quick else [1000, 3000])
+        rows += full_and_fast(args.sizes or ([1000] if args.quick else [1000, 3000]))
     if "higher" in sections:
         rows += higher_order(1000)
     if "small" in sections:

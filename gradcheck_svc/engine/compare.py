@@ -10,15 +10,26 @@ chunks so no pair ever needs its whole Jacobian in memory.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-from gradcheck_svc.engine.numeric import Differences
+from gradcheck_svc.engine.numeric import SMOOTH_SPREAD, Central, Differences
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, flat_index
 from gradcheck_svc.report import Check, ElementError, PairReport, Status
 
-__all__ = ["Judgement", "PairAccumulator", "Tolerance", "judge", "merge_wide", "pair_fields", "pair_status"]
+__all__ = [
+    "ClearTest",
+    "Judgement",
+    "PairAccumulator",
+    "Tolerance",
+    "clear_passes",
+    "judge",
+    "merge_wide",
+    "pair_fields",
+    "pair_status",
+]
 
 _KEEP_FULL = 4096  # pairs with at most this many entries keep their whole Jacobians
 _MAP_BINS = 128  # error maps are max-pooled to at most this many bins per side
@@ -138,6 +149,61 @@ def _judge_finite(
         else:
             failed[candidates] |= inside
     return Judgement(tolerance, error, ratio, failed, kink, torch.zeros_like(failed))
+
+
+@dataclass
+class ClearTest:
+    """Which elements the central difference passes by a wide margin (see ``clear_passes``)."""
+
+    clear: torch.Tensor  # (m, c) bool
+    error: torch.Tensor  # |a - D|
+    half: torch.Tensor  # half the tolerance, the noise part of the Richardson bar standing for the bar
+    spread: torch.Tensor  # |D+ - D-|
+    bars: float
+
+    def verdict(self) -> Judgement:
+        """The verdict of a block every element of which passed clearly, against D with the bars
+        of ``Central.reported``: what ``judge`` gives there, without its passes over the block."""
+        tolerance = self.half.mul_(2).add_(self.spread, alpha=self.bars * SMOOTH_SPREAD / 6)
+        ratio = torch.div(self.error, tolerance).masked_fill_(self.error == 0, 0.0)
+        nothing = torch.zeros_like(self.clear)
+        return Judgement(tolerance, self.error, ratio, nothing, nothing, nothing)
+
+
+def clear_passes(
+    analytic: torch.Tensor, first: Central, tol: Tolerance, extra: torch.Tensor | None = None
+) -> ClearTest | None:
+    """Elements whose verdict the central difference D settles alone: a pass by a wide margin.
+
+    The third node's Richardson value R is within its bar's truncation part T = |R - D| of D,
+    and the tolerance grows by ``bars * T``: with ``bars >= 1 + rtol``,
+    ``|a - D| <= atol + rtol |D| + bars * noise`` implies ``|a - R| <= tolerance(R)`` whatever
+    T is. The test asks for half of that tolerance, a margin for what D stands in for (the
+    block's largest |numeric| in atol, the noise floor's terms). Kinks are ruled out by
+    ``first.smooth``; non-finite values are never clear. None when ``bars`` is too small for
+    the argument: every element then takes the third node.
+    """
+    if tol.bars < 1.0 + tol.rtol:
+        return None
+    value = first.value
+    atol: float
+    if tol.atol is not None:
+        atol = tol.atol
+    else:
+        atol = (
+            tol.atol_factor * float(torch.linalg.vector_norm(value, ord=float("inf")))
+            if value.numel()
+            else 0.0
+        )
+    if not math.isfinite(atol):
+        atol = float("nan")  # a non-finite D in the block: nothing is clear
+    half = first.magnitude.mul(tol.rtol / 2)
+    half.addr_(first.sigma, first.noise_gain, alpha=tol.bars / 2).add_((atol + tol.slack) / 2)
+    if extra is not None:
+        half.add_(extra.nan_to_num(nan=0.0, posinf=0.0), alpha=0.5)
+    error = torch.sub(analytic, value).abs_()
+    clear = (error <= half).logical_and_(first.smooth)
+    return ClearTest(clear, error, half, first.spread, tol.bars)
 
 
 def merge_wide(
@@ -311,18 +377,21 @@ class PairAccumulator:
             rank = torch.where(failed, _FAILED, torch.where(kink, _KINK, _PASSED))
         for level in (_FAILED, _KINK, _PASSED) if rank is not None else (_PASSED,):
             if rank is None:
-                key, count = ratio.reshape(-1), ratio.numel()
+                key, count = ratio, ratio.numel()
             else:
                 chosen = rank == level
-                key, count = torch.where(chosen, ratio, -1.0).reshape(-1), int(chosen.sum())
+                key, count = torch.where(chosen, ratio, -1.0), int(chosen.sum())
             if count:
-                top = torch.topk(key, min(self.max_worst, count)).indices
+                # Blocks come as (m, c) views of (c, m) memory: flattened in that order, no copy.
+                by_column = not scattered and key.dim() == 2 and key.T.is_contiguous()
+                flat = key.T.reshape(-1) if by_column else key.reshape(-1)
+                top = torch.topk(flat, min(self.max_worst, count)).indices
                 if scattered:
                     at: tuple[torch.Tensor, ...] = (top,)
                     out_rows, in_cols = rows[top], columns[top]
                 else:
-                    width = diff.value.shape[1]
-                    at = (top // width, top % width)
+                    height, width = key.shape
+                    at = (top % height, top // height) if by_column else (top // width, top % width)
                     out_rows, in_cols = rows[at[0]], columns[at[1]]
                 self._keep(level, at, out_rows, in_cols, analytic, diff, verdict)
         self._worst.sort(key=lambda item: (-item[0], -item[1]))

@@ -17,10 +17,17 @@ median over the perturbed elements of a chunk gives each output element's
 evaluation noise. Steps are powers of two scaled to ``max(|x|, 1)`` and to the
 dtype; the offsets actually applied (after rounding ``x + h`` to the dtype)
 are used in every formula, so float32 perturbations lose nothing.
+
+Full mode's column path takes the third node only where it can change a
+verdict (``central``): a first pass evaluates ``x - h`` and ``x + h`` (and
+``x + 2h`` for the noise sample's columns); a column whose every element the
+central difference passes by a wide margin, with no sign of a kink, is
+reported with ``D``; the others get ``x + 2h`` and everything above.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,11 +35,18 @@ import torch
 __all__ = [
     "DTYPE_DEFAULTS",
     "NODES",
+    "SMOOTH_SPREAD",
+    "Central",
     "DTypeDefaults",
     "Differences",
+    "central",
     "defaults_for",
     "differences",
+    "node_offsets",
+    "noise_sample",
     "perturb",
+    "row_noise",
+    "sampled_noise",
     "steps",
 ]
 
@@ -40,6 +54,10 @@ NODES = (-1.0, 1.0, 2.0)  # multiples of h, besides the shared f(x)
 _MIN_NOISE_SAMPLES = 4
 _NOISE_COLUMNS = 128
 _FLOOR_ULPS = 4.0
+# The largest change of a derivative across the step, relative to its size, that still counts
+# as smooth at the scale of the step (the first pass may then decide alone).
+SMOOTH_SPREAD = 2.0**-5
+_KINK_BARS = 4.0  # as the verdict's: one-sided bars the one-sided differences must be apart at a kink
 
 
 @dataclass(frozen=True)
@@ -71,18 +89,32 @@ def steps(values: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.exp2(torch.round(torch.log2(scale)))
 
 
-def perturb(base: torch.Tensor, columns: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Perturbed copies of ``base``: node-major rows ``(3 * c, n)``, and actual offsets ``(3, c)``."""
-    c = columns.numel()
+def node_offsets(base: torch.Tensor, columns: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The offsets actually applied at each of ``NODES`` once ``x + node h`` is rounded to the
+    dtype: ``(3, c)``, exact (both sides are representable in float64)."""
     x = base.detach().to(torch.float64)[columns]
-    batch = base.detach().unsqueeze(0).repeat(len(NODES) * c, 1)
-    offsets = torch.empty(len(NODES), c, dtype=torch.float64, device=base.device)
-    rows = torch.arange(c, device=base.device)
-    for k, node in enumerate(NODES):
-        moved = (x + node * h).to(base.dtype)
-        offsets[k] = moved.to(torch.float64) - x  # exact: both are representable in float64
-        batch[k * c + rows, columns] = moved
-    return batch, offsets
+    return torch.stack([(x + node * h).to(base.dtype).to(torch.float64) - x for node in NODES])
+
+
+def perturb(base: torch.Tensor, parts: list[tuple[float, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Perturbed copies of ``base``, one row per column of each part ``(node, columns, h)``, in
+    the order given: ``(total columns, n)``."""
+    x = base.detach().to(torch.float64)
+    batch = base.detach().unsqueeze(0).repeat(sum(columns.numel() for _, columns, _ in parts), 1)
+    start = 0
+    for node, columns, h in parts:
+        rows = torch.arange(start, start + columns.numel(), device=base.device)
+        batch[rows, columns] = (x[columns] + node * h).to(base.dtype)
+        start += columns.numel()
+    return batch
+
+
+def noise_sample(c: int) -> torch.Tensor:
+    """Positions, among ``c`` perturbed columns, of the even subsample whose third differences
+    estimate the evaluation noise; empty when there are too few columns for a median."""
+    if c < _MIN_NOISE_SAMPLES:
+        return torch.empty(0, dtype=torch.long)
+    return torch.arange(0, c, max(1, c // _NOISE_COLUMNS))
 
 
 def _derivative_weights(
@@ -120,19 +152,15 @@ class Differences:
         )
 
 
-def differences(
-    evaluated: torch.Tensor,
-    f0: torch.Tensor,
-    offsets: torch.Tensor,
-    machine_eps: float,
-    x_scale: torch.Tensor,
-) -> Differences:
-    """From outputs at the nodes (``(3 * c, M)``, node-major) to a numeric block ``(M, c)``.
+def _noise_gain(t_minus: torch.Tensor, t_plus: torch.Tensor, t_plus2: torch.Tensor) -> torch.Tensor:
+    """1.5 times the norm of the Richardson weights (f(x)'s included): R's noise per unit sigma."""
+    w_minus, w_plus, w_plus2 = _derivative_weights(t_minus, t_plus, t_plus2)
+    return 1.5 * torch.sqrt(w_minus**2 + (w_minus + w_plus + w_plus2) ** 2 + w_plus**2 + w_plus2**2)
 
-    ``x_scale`` is ``max(|x_j|, h_j)`` per perturbed column (or per direction in fast mode).
-    The returned tensors are transposed views of ``(c, M)`` memory: callers keep every
-    operand in that layout so elementwise ops stay on dense memory.
-    """
+
+def _three_node(evaluated: torch.Tensor, f0: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """R, |R - D|, |D+(2h) - D+(h)|, D+, D- and the differences from f(x): ``(M, c)`` views
+    of ``(c, M)`` memory, from node-major outputs ``(3 * c, M)``."""
     c = offsets.shape[1]
     nodes = evaluated.reshape(3, c, -1)
     # Differences from f(x); every formula below is a per-column combination of these.
@@ -151,29 +179,166 @@ def differences(
     forward = d_plus / t_plus
     backward = d_minus / (-t_minus)
     one_sided = (d_plus2 / t_plus2).sub_(forward).abs_()  # |D+(2h) - D+(h)|
+    return richardson, truncation, one_sided, forward, backward, d_minus, d_plus, d_plus2
 
-    h = t_plus  # (c,)
-    # R - D is a third difference: for smooth f at these steps, mostly evaluation noise.
-    # Its median over the elements an output depends on estimates that output's noise.
-    # Elements it does not depend on leave it bit-for-bit unchanged and are left out; with
-    # fewer than a few samples (elementwise functions) the median would be the element's own
-    # value, kink included, so only the floor below is used. A median needs a few dozen
-    # samples, not thousands: an even subsample of columns is used.
-    if c >= _MIN_NOISE_SAMPLES:
-        picked = slice(None, None, max(1, c // _NOISE_COLUMNS))
-        moved = (d_plus[:, picked] != 0) | (d_minus[:, picked] != 0) | (d_plus2[:, picked] != 0)
-        sample = truncation[:, picked] * h[picked]
-        noise_samples = torch.where(moved & torch.isfinite(sample), sample, torch.nan)
-        sigma = torch.nan_to_num(noise_samples.nanmedian(dim=1).values, nan=0.0) / 0.502
-        sigma = torch.where(moved.sum(dim=1) >= _MIN_NOISE_SAMPLES, sigma, torch.zeros_like(sigma))
-    else:
-        sigma = torch.zeros_like(f0)
-    # Floor: a few ulps of the output and of the terms that make it up (|J_ij| |x_j| summed),
-    # the size of the rounding error of a dot product, whatever the cancellation in f(x).
-    terms = torch.nan_to_num(richardson.abs() @ x_scale, nan=0.0, posinf=0.0)
+
+def _median_noise(
+    truncation: torch.Tensor,
+    h: torch.Tensor,
+    d_minus: torch.Tensor,
+    d_plus: torch.Tensor,
+    d_plus2: torch.Tensor,
+) -> torch.Tensor:
+    """Each output's evaluation noise from the third differences R - D of a column sample.
+
+    R - D is a third difference: for smooth f at these steps, mostly evaluation noise. Its
+    median over the elements an output depends on estimates that output's noise. Elements it
+    does not depend on leave it bit-for-bit unchanged and are left out; with fewer than a few
+    samples (elementwise functions) the median would be the element's own value, kink
+    included: 0 there, and the floor of ``row_noise`` alone applies.
+    """
+    moved = (d_plus != 0) | (d_minus != 0) | (d_plus2 != 0)
+    sample = truncation * h
+    noise_samples = torch.where(moved & torch.isfinite(sample), sample, torch.nan)
+    # A median along contiguous memory: the samples come as (M, s) views of (s, M) memory.
+    sigma = torch.nan_to_num(noise_samples.contiguous().nanmedian(dim=1).values, nan=0.0) / 0.502
+    return torch.where(moved.sum(dim=1) >= _MIN_NOISE_SAMPLES, sigma, torch.zeros_like(sigma))
+
+
+def sampled_noise(evaluated: torch.Tensor, f0: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The median part of each output's noise from the sample columns' three nodes (``(3 * s, M)``
+    node-major, offsets ``(3, s)``)."""
+    _, truncation, _, _, _, d_minus, d_plus, d_plus2 = _three_node(evaluated, f0, offsets)
+    return _median_noise(truncation, offsets[1], d_minus, d_plus, d_plus2)
+
+
+def row_noise(
+    median: torch.Tensor | None,
+    f0: torch.Tensor,
+    magnitude: torch.Tensor,
+    x_scale: torch.Tensor,
+    machine_eps: float,
+) -> torch.Tensor:
+    """Each output's evaluation noise sigma: the sampled median (if any), and at least a few
+    ulps of the output and of the terms that make it up (|J_ij| |x_j| summed over the block
+    ``magnitude`` (M, c) of |J|): the size of the rounding error of a dot product, whatever
+    the cancellation in f(x)."""
+    terms = torch.nan_to_num(magnitude @ x_scale, nan=0.0, posinf=0.0)
     floor = _FLOOR_ULPS * machine_eps * (torch.nan_to_num(f0.abs(), nan=0.0, posinf=0.0) + terms)
-    sigma = torch.maximum(sigma, floor)
-    noise_gain = 1.5 * torch.sqrt(w_minus**2 + (w_minus + w_plus + w_plus2) ** 2 + w_plus**2 + w_plus2**2)
+    return floor if median is None else torch.maximum(median, floor)
+
+
+def differences(
+    evaluated: torch.Tensor,
+    f0: torch.Tensor,
+    offsets: torch.Tensor,
+    machine_eps: float,
+    x_scale: torch.Tensor,
+    sigma: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Differences:
+    """From outputs at the nodes (``(3 * c, M)``, node-major) to a numeric block ``(M, c)``.
+
+    ``x_scale`` is ``max(|x_j|, h_j)`` per perturbed column (or per direction in fast mode).
+    ``sigma`` is each output's noise when the caller has it, or a function of |R| that gives
+    it (``row_noise``); by default it is estimated from these columns' sample (``noise_sample``).
+    The returned tensors are transposed views of ``(c, M)`` memory: callers keep every
+    operand in that layout so elementwise ops stay on dense memory.
+    """
+    richardson, truncation, one_sided, forward, backward, d_minus, d_plus, d_plus2 = _three_node(
+        evaluated, f0, offsets
+    )
+    h = offsets[1]  # (c,)
+    if callable(sigma):
+        sigma = sigma(richardson.abs())
+    elif sigma is None:
+        # A median needs a few dozen samples, not thousands: an even subsample of columns.
+        picked = noise_sample(offsets.shape[1]).to(offsets.device)
+        median = None
+        if picked.numel():
+            median = _median_noise(
+                truncation[:, picked], h[picked], d_minus[:, picked], d_plus[:, picked], d_plus2[:, picked]
+            )
+        sigma = row_noise(median, f0, richardson.abs(), x_scale, machine_eps)
+    noise_gain = _noise_gain(offsets[0], offsets[1], offsets[2])
     bar = truncation.addr_(sigma, noise_gain)  # truncation + 1.5 sigma |w|, in place
     one_sided_bar = one_sided.addr_(sigma, 1.5 * (2**0.5) / h)
     return Differences(richardson, bar, forward, backward, one_sided_bar)
+
+
+@dataclass
+class Central:
+    """The first pass, ``x - h`` and ``x + h`` alone: ``(M, c)`` blocks, views of ``(c, M)``
+    memory like ``differences``' (``sigma`` is per output, the gains per column)."""
+
+    value: torch.Tensor  # D, the central difference
+    magnitude: torch.Tensor  # |D|
+    spread: torch.Tensor  # |D+ - D-|
+    smooth: torch.Tensor  # no sign of a kink, nor of any feature at the scale of the step
+    sigma: torch.Tensor  # (M,) each output's evaluation noise
+    noise_gain: torch.Tensor  # (c,) the Richardson value's noise per unit sigma (1.5 |w|)
+    side_gain: torch.Tensor  # (c,) a one-sided difference's noise per unit sigma
+
+    def rows(self, rows: slice) -> Central:
+        """The block of output rows ``rows``."""
+        return Central(
+            self.value[rows],
+            self.magnitude[rows],
+            self.spread[rows],
+            self.smooth[rows],
+            self.sigma[rows],
+            self.noise_gain,
+            self.side_gain,
+        )
+
+    def reported(self, *, writable: bool = False) -> Differences:
+        """D with the bars a clear pass is reported with.
+
+        The bar: the noise part of the Richardson bar (more than D's own noise, so that the
+        tolerance a clear pass was judged with is never more than the one reported) and D's
+        truncation error on the scale ``smooth`` vouches for, h^2 |f'''| / 6, at most
+        ``SMOOTH_SPREAD / 6`` of the spread. A clear pass shows no kink: D stands for both
+        one-sided differences (the kink test reads nothing there), each a copy of its own when
+        the block is ``writable`` (third-node columns are written in).
+        """
+        bar = torch.outer(self.noise_gain, self.sigma).T.add_(self.spread, alpha=SMOOTH_SPREAD / 6)
+        if not writable:
+            return Differences(self.value, bar, self.value, self.value, bar)
+        side = torch.outer(self.side_gain, self.sigma).T.add_(self.spread, alpha=0.5)
+        return Differences(self.value, bar, self.value.clone(), self.value.clone(), side)
+
+
+def central(
+    evaluated: torch.Tensor,
+    f0: torch.Tensor,
+    offsets: torch.Tensor,
+    median: torch.Tensor | None,
+    machine_eps: float,
+    x_scale: torch.Tensor,
+) -> Central:
+    """Central difference and the spread of the one-sided ones from outputs at ``x - h, x + h``
+    (``(2 * c, M)``, node-major), with ``offsets`` the ``(3, c)`` offsets of all ``NODES``, and
+    each output's noise from the sampled ``median`` (``sampled_noise``) and the floor
+    (``row_noise``).
+
+    A kink puts D+ and D- apart by the jump of the derivative whatever the step; a smooth f by
+    about h |f''|. ``smooth`` asks that the derivative change across the step by at most
+    ``SMOOTH_SPREAD`` of its size, plus noise: f then shows no feature at the scale of h, which
+    the kink test (|D+ - D-| beyond several |D+(2h) - D+(h)|, about h |f''| / 2 on a smooth f)
+    needs in order to fire. Few passes over the block: it is as large as the Jacobian chunk.
+    """
+    c = offsets.shape[1]
+    minus, plus = evaluated[:c], evaluated[c : 2 * c]
+    t_minus, t_plus = offsets[0].unsqueeze(1), offsets[1].unsqueeze(1)
+    d_plus = torch.sub(plus, f0)  # f(x + h) - f(x)
+    d_minus = torch.sub(f0, minus)  # f(x) - f(x - h)
+    value = torch.add(d_plus, d_minus).div_(t_plus - t_minus)
+    # D+ - D- = d_plus / t_plus - d_minus / (-t_minus)
+    spread = d_plus.div_(t_plus).addcdiv_(d_minus, t_minus).abs_()
+    del d_minus
+    magnitude = value.abs()
+    sigma = row_noise(median, f0, magnitude.T, x_scale, machine_eps)
+    side_gain = 1.5 * (2**0.5) / offsets[1]
+    limit = torch.mul(magnitude, SMOOTH_SPREAD).addr_(side_gain, sigma, alpha=2 * _KINK_BARS)
+    smooth = spread <= limit
+    noise_gain = _noise_gain(offsets[0], offsets[1], offsets[2])
+    return Central(value.T, magnitude.T, spread.T, smooth.T, sigma, noise_gain, side_gain)
