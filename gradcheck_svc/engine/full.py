@@ -42,6 +42,8 @@ from gradcheck_svc.report import Check
 
 __all__ = ["DENSE_ENTRIES", "run_full"]
 
+_ADAPTIVE_COLUMNS = 256  # column chunks from this size take the third node only where in doubt
+
 DENSE_ENTRIES = 1 << 25  # analytic Jacobians up to this many entries are held densely (256 MiB)
 _ROW_BYTES = 128 * 2**20
 _RERUN_ROWS = 512  # rows the nondeterminism re-run of the backward covers, at least (or all)
@@ -306,7 +308,6 @@ def _judge_columns(
     margin, with no sign of a kink, is reported with it; the others take the third node and
     are judged on the Richardson value and its bars, as every column once was.
     """
-    problem = ctx.problem
     numeric_leaf = ctx.numeric_problem.leaves[i]
     base = numeric_leaf.real
     device = base.device
@@ -314,7 +315,10 @@ def _judge_columns(
     t0 = time.perf_counter()
     h = steps(base[cols], ctx.eps(numeric_leaf))
     offsets = node_offsets(base, cols, h)
-    sample = noise_sample(c).to(device)
+    # Below a few hundred columns the noise sample takes every column (and under four, none at
+    # all): every column then takes the third node in the first pass, with no test to pay for.
+    three_nodes = c < _ADAPTIVE_COLUMNS
+    sample = torch.arange(c, device=device) if three_nodes else noise_sample(c).to(device)
     batch = perturb(base, [(NODES[0], cols, h), (NODES[1], cols, h), (NODES[2], cols[sample], h[sample])])
     evaluated = ctx.evaluate(i, batch, columns=c)
     del batch
@@ -343,6 +347,11 @@ def _judge_columns(
         return central(rows.part(pair), rows.part(f0), offsets, median, eps, x_scale), median
 
     rows = _Rows.of(active)
+    if three_nodes:
+        diff = differences(rows.part(evaluated), rows.part(f0), offsets, ctx.numeric_machine_eps, x_scale)
+        ctx.timed("compare_s", t0)
+        _judge_blocks(ctx, i, cols, columns, selection, accumulators, rows, diff, None)
+        return
     first, median = first_pass(rows)
     tests = _clear_tests(ctx, i, columns, first, rows, selection)
     doubtful = ~torch.stack([t.clear.all(dim=0) for t in tests.values()]).all(dim=0) if tests else None
@@ -382,6 +391,26 @@ def _judge_columns(
         # Every block is an (M, c) view of (c, M) memory: a column is a contiguous row there.
         for mine, theirs in zip(_parts(diff), _parts(full), strict=True):
             mine.T[redo] = theirs.T
+    ctx.timed("compare_s", t0)
+    _judge_blocks(ctx, i, cols, columns, selection, accumulators, rows, diff, tests if lean else None)
+
+
+def _judge_blocks(
+    ctx: Context,
+    i: int,
+    cols: torch.Tensor,
+    columns: _Columns,
+    selection: _Selection,
+    accumulators: _Accumulators,
+    rows: _Rows,
+    diff: Differences,
+    clear: dict[int, ClearTest] | None,
+) -> None:
+    """Judge the numeric block ``diff`` of columns ``cols`` against every analytic side, output
+    by output. ``clear``: every element passed the first-pass test, whose verdicts stand."""
+    problem = ctx.problem
+    c = cols.numel()
+    t0 = time.perf_counter()
     analytic = rows.part(columns.reverse).T
     forward = rows.part(columns.forward).T if columns.forward is not None else None
     wide = rows.part(columns.wide).T if columns.wide is not None else None
@@ -395,9 +424,9 @@ def _judge_columns(
         a_o = analytic[lo:hi]
         skipped = (block.size - (hi - lo)) * c
         reverse = accumulators.of(Check.REVERSE, o, i)
-        if lean:
+        if clear is not None:
             # Every element passed clearly: the verdict the test already holds.
-            reverse.add(cols, a_o, d_o, tests[o].verdict(), rows=rows_in_block)
+            reverse.add(cols, a_o, d_o, clear[o].verdict(), rows=rows_in_block)
             reverse.checked += skipped
             continue
         allowance = ctx.rounding_allowance(rows.index[lo:hi], d_o.value)
