@@ -111,6 +111,40 @@ def test_fn_that_fails_in_float64_falls_back_and_says_why():
     assert any("does not run on float64 copies" in n for n in report.notes)
 
 
+class _TanhOffByOnePercent(torch.autograd.Function):
+    """tanh whose backward is 1% off at one element (when ``bug``)."""
+
+    @staticmethod
+    def forward(ctx, x, bug):
+        ctx.save_for_backward(x)
+        ctx.bug = bug
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        d = 1 - torch.tanh(x) ** 2
+        if ctx.bug:
+            d = d.clone()
+            d[7] *= 1.01
+        return g * d, None
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_float32_differences_resolve_a_one_percent_error(seed):
+    # A float32 constant in the closure keeps fn off float64 copies: the differences are float32,
+    # with a step large enough that their noise stays well below a 1% error.
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(40, 40, generator=g) / 40**0.5
+    x = torch.randn(40, generator=g) * 2
+    x[7] = 0.3  # where tanh' is not tiny, so the 1% is 1% of a sizeable column
+    correct = gc.check(lambda x: w @ _TanhOffByOnePercent.apply(x, False), x)
+    assert correct.ok and correct.options["reference"] == "float32", str(correct)
+    wrong = gc.check(lambda x: w @ _TanhOffByOnePercent.apply(x, True), x)
+    assert not wrong.ok
+    assert {tuple(el.input_index) for p in wrong.pairs for el in p.worst if not el.kink} == {(7,)}
+
+
 def test_float64_inputs_need_no_reference_note():
     report = gc.check(lambda x: x**2, torch.tensor(9.0, dtype=torch.float64))
     assert report.ok and report.options["reference"] == "float64"
