@@ -8,7 +8,9 @@ write (tanh-GeLU with bias, sparsemax, SiLU, softplus, softmax, logsumexp, a lay
 normalisation, a smooth clip, linear + tanh) and planted-bug twins of each (a dropped factor in one
 term, 1% on one term, a sign, a transposed matrix, a missing broadcast reduction). Each is checked
 at ``--seeds`` random points per dtype and mode with default options. ``auto`` runs a larger input
-with a lowered ``fast_threshold`` so that auto really picks fast mode.
+with a lowered ``fast_threshold`` so that auto really picks fast mode. ``--own-dtype`` makes every
+function refuse any dtype but the one it is checked in (as a function holding float32 constants
+does), so the finite differences stay in that dtype instead of coming from float64 copies.
 
 The table: false alarms = correct functions failing (should be 0), caught = buggy twins failing
 (should be all of them).
@@ -20,6 +22,7 @@ import argparse
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,7 +46,19 @@ MODE_OPTIONS = {
 }
 
 
-def run(seeds: int, dtypes: list[str], modes: list[str], verbose: bool) -> int:
+def _only_in(dtype: torch.dtype, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``fn`` refusing floating inputs of any other dtype, as code written for one dtype does."""
+
+    def call(*inputs: torch.Tensor) -> torch.Tensor:
+        if any(t.is_floating_point() and t.dtype != dtype for t in inputs):
+            raise TypeError(f"written for {dtype} inputs only")
+        return fn(*inputs)
+
+    call.__name__ = call.__qualname__ = getattr(fn, "__name__", "fn")
+    return call
+
+
+def run(seeds: int, dtypes: list[str], modes: list[str], verbose: bool, own_dtype: bool = False) -> int:
     rows = []
     misses: dict[tuple[str, str], list[str]] = defaultdict(list)
     for dtype_name in dtypes:
@@ -55,7 +70,8 @@ def run(seeds: int, dtypes: list[str], modes: list[str], verbose: bool) -> int:
             for case in CASES:
                 for seed in range(seeds):
                     inputs = make_inputs(case, seed, dtype, shape)
-                    report = gc.check(case.bound(), *inputs, seed=seed, **options)
+                    bind = (lambda *b, d=dtype, c=case: _only_in(d, c.bound(*b))) if own_dtype else case.bound
+                    report = gc.check(bind(), *inputs, seed=seed, **options)
                     correct_runs += 1
                     if not report.ok:
                         false_alarms += 1
@@ -63,7 +79,7 @@ def run(seeds: int, dtypes: list[str], modes: list[str], verbose: bool) -> int:
                         if verbose:
                             print(report)
                     for bug in case.bugs:
-                        report = gc.check(case.bound(bug), *inputs, seed=seed, **options)
+                        report = gc.check(bind(bug), *inputs, seed=seed, **options)
                         bug_runs += 1
                         if report.ok:
                             misses[(dtype_name, mode)].append(f"missed {case.name}[{bug}] seed {seed}")
@@ -82,6 +98,7 @@ def run(seeds: int, dtypes: list[str], modes: list[str], verbose: bool) -> int:
             )
     print(
         f"{len(CASES)} correct functions, {sum(len(c.bugs) for c in CASES)} buggy twins, {seeds} seeds each"
+        + (", every function refusing dtypes other than its own (in-dtype differences)" if own_dtype else "")
     )
     print(f"{'dtype':<9} {'mode':<5} {'false alarms':>16} {'caught':>16} {'time':>8}")
     for dtype_name, mode, fa, n_ok, c, n_bug, seconds in rows:
@@ -103,8 +120,11 @@ def main() -> int:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--modes", nargs="+", default=list(MODE_OPTIONS), choices=list(MODE_OPTIONS))
     parser.add_argument("--verbose", action="store_true", help="print the report of every false alarm")
+    parser.add_argument(
+        "--own-dtype", action="store_true", help="functions refuse float64 copies: in-dtype differences"
+    )
     args = parser.parse_args()
-    return run(args.seeds, args.dtypes, args.modes, args.verbose)
+    return run(args.seeds, args.dtypes, args.modes, args.verbose, args.own_dtype)
 
 
 if __name__ == "__main__":
