@@ -157,18 +157,17 @@ class Context:
     def tolerance(self, output: OutputBlock, leaf: Leaf) -> Tolerance:
         """The tolerance of the user's analytic values against the numeric side.
 
-        Against float64 differences, a low-precision backward may differ from the exact
-        derivative by several units of its dtype, of the element and of the block it sums
-        from (an ulp of the terms, not of the result, where they cancel): at least
-        ``_ROUNDING_RTOL`` and ``_ROUNDING_ATOL`` units. Small bugs below that are the float64
-        run's to catch (``wide_tolerance``).
+        A low-precision backward may differ from the exact derivative by several units of its
+        dtype, of the element and of the block it sums from (an ulp of the terms, not of the
+        result, where they cancel): at least ``_ROUNDING_RTOL`` and ``_ROUNDING_ATOL`` units,
+        whether the differences are float64 or in the dtype (their error bars cover their own
+        rounding, not the backward's). With a float64 reference, small bugs below that are the
+        float64 run's to catch (``wide_tolerance``). In float64 both floors are below the defaults.
         """
         d = defaults_for(output.dtype, leaf.dtype)
         o = self.options
-        rtol, atol_factor = d.rtol, d.atol
-        if self.wide_analytic is not None:
-            rtol = max(rtol, _ROUNDING_RTOL * d.machine_eps)
-            atol_factor = max(atol_factor, _ROUNDING_ATOL * d.machine_eps)
+        rtol = max(d.rtol, _ROUNDING_RTOL * d.machine_eps)
+        atol_factor = max(d.atol, _ROUNDING_ATOL * d.machine_eps)
         return Tolerance(
             atol=o.atol,
             atol_factor=atol_factor,
