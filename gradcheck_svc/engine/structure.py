@@ -19,9 +19,10 @@ caught at once; the rest is verified as before: the numeric side's grouped finit
 rebuilt from the hypothesis, so a wrong hypothesis, a backward with a term outside it, or a true
 Jacobian with one, each shows up as a mismatch or a moved row the rebuilt Jacobian says is unreached.
 
-Any failing group sends the failing leaf to the next coarser hypothesis; a kink, a non-finite
-value, a changed re-run, or no coarser hypothesis left, and everything this pass recorded is
-dropped: the caller runs the exact path (dense rows), so every element a report names stays exact.
+A leaf whose backward reaches a column the hypothesis rules out goes to the next coarser one.
+A failing group, a kink, a non-finite value, a changed re-run, or no coarser hypothesis left, and
+everything this pass recorded is dropped: the caller runs the exact path (dense rows), so every
+element a report names stays exact.
 """
 
 from __future__ import annotations
