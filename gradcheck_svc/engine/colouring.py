@@ -256,7 +256,7 @@ def _check_groups(
         j_known = a_block[r_known, g_known]
         r_abs = r_known + rows.start
         per_step = step_of[j_known]
-        element = Differences(*(t[r_abs, g_known] / per_step for t in _parts(diff)))
+        element = Differences(*(t[r_abs, g_known] / per_step for t in diff.parts()))
         analytic = jac_t[j_known, r_abs]
         verdict = _flat(judge(analytic.unsqueeze(0), _as_row(element), tol))
         if not singletons:
@@ -266,9 +266,9 @@ def _check_groups(
         # Rows the analytic side says no column of the group reaches, yet the group moved.
         r_free, g_free = ((a_block < 0) & moved[rows]).nonzero(as_tuple=True)
         if r_free.numel():
-            free = Differences(*(t[r_free + rows.start, g_free] for t in _parts(diff)))
+            free = Differences(*(t[r_free + rows.start, g_free] for t in diff.parts()))
             if singletons:  # exact: the element (row, the group's one column), analytic zero
-                free = Differences(*(t / step[g_free] for t in _parts(free)))
+                free = Differences(*(t / step[g_free] for t in free.parts()))
             v_free = _flat(judge(torch.zeros_like(free.value).unsqueeze(0), _as_row(free), tol))
             if singletons:
                 verdicts.append(
@@ -281,16 +281,12 @@ def _check_groups(
     recorded: dict[int, int] = {}
     for acc, r_known, j_known, g_known, analytic, element, verdict in verdicts:
         ok = ~failed_groups[g_known]
-        kept = Differences(*(t[ok] for t in _parts(element)))
+        kept = element.rows(ok)
         acc.add_entries(r_known[ok], j_known[ok], analytic[ok], kept, _select(verdict, ok))
         recorded[id(acc)] = recorded.get(id(acc), 0) + int(ok.sum())
     for _, acc, _ in accumulators:
         # Entries the analytic side and the grouped differences both put at zero count as checked.
         acc.checked += acc.output.size * n_passed - recorded.get(id(acc), 0)
-
-
-def _parts(d: Differences) -> tuple[torch.Tensor, ...]:
-    return (d.value, d.bar, d.forward, d.backward, d.one_sided_bar)
 
 
 def _flat(v: Judgement) -> Judgement:
@@ -302,4 +298,4 @@ def _select(v: Judgement, keep: torch.Tensor) -> Judgement:
 
 
 def _as_row(d: Differences) -> Differences:
-    return Differences(*(t.unsqueeze(0) for t in (d.value, d.bar, d.forward, d.backward, d.one_sided_bar)))
+    return Differences(*(t.unsqueeze(0) for t in d.parts()))

@@ -150,10 +150,12 @@ class Differences:
     backward: torch.Tensor
     one_sided_bar: torch.Tensor
 
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        """The five tensors, in field order."""
+        return (self.value, self.bar, self.forward, self.backward, self.one_sided_bar)
+
     def rows(self, rows: slice | torch.Tensor) -> Differences:
-        return Differences(
-            *(t[rows] for t in (self.value, self.bar, self.forward, self.backward, self.one_sided_bar))
-        )
+        return Differences(*(t[rows] for t in self.parts()))
 
 
 def _noise_gain(t_minus: torch.Tensor, t_plus: torch.Tensor, t_plus2: torch.Tensor) -> torch.Tensor:
