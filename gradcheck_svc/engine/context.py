@@ -22,6 +22,7 @@ from gradcheck_svc.options import CheckOptions
 __all__ = ["Context"]
 
 _CHUNK_BYTES = 192 * 2**20  # memory for one batch of perturbed inputs and their outputs
+_ROW_BYTES = 128 * 2**20  # memory for one batch of cotangents through the backward
 # A low-precision backward against float64 differences: units of its machine epsilon allowed,
 # relative to the element and to the block's largest value.
 _ROUNDING_RTOL = 16.0
@@ -217,6 +218,12 @@ class Context:
             kinks_fail=o.kinks == "fail",
             slack=o.nondet_tol,
         )
+
+    def rows_per_backward(self, n_inputs: int, limit: int) -> int:
+        """Cotangents per batched backward over ``n_inputs`` input elements, at most ``limit``:
+        a backward holds about three forward peaks."""
+        per_row = max(1, 8 * (n_inputs + self.problem.n_outputs), 3 * self.eval_bytes)
+        return max(1, min(limit, batch_bytes(_ROW_BYTES) // per_row))
 
     def chunk_size(self, leaf: Leaf) -> int:
         if self.options.chunk_size is not None:

@@ -21,7 +21,6 @@ from gradcheck_svc.engine.analytic import Analytic
 from gradcheck_svc.engine.colouring import run_coloured
 from gradcheck_svc.engine.compare import ClearTest, PairAccumulator, clear_passes, judge, merge_wide
 from gradcheck_svc.engine.context import Context
-from gradcheck_svc.engine.guard import batch_bytes
 from gradcheck_svc.engine.numeric import (
     NODES,
     Central,
@@ -45,7 +44,6 @@ __all__ = ["DENSE_ENTRIES", "run_full"]
 _ADAPTIVE_COLUMNS = 256  # column chunks from this size take the third node only where in doubt
 
 DENSE_ENTRIES = 1 << 25  # analytic Jacobians up to this many entries are held densely (256 MiB)
-_ROW_BYTES = 128 * 2**20
 _RERUN_ROWS = 512  # rows the nondeterminism re-run of the backward covers, at least (or all)
 
 Pair = tuple[int, int]  # (output block index, leaf index)
@@ -180,13 +178,11 @@ class _Columns:
 def _row_chunks(ctx: Context, selection: _Selection) -> list[torch.Tensor]:
     """The selected outputs' rows, in batches sized to memory."""
     problem = ctx.problem
-    m = problem.n_outputs
     rows = torch.cat(
         [torch.arange(problem.outputs[o].offset, problem.outputs[o].rows.stop) for o in selection.outputs]
     )
     n_total = sum(problem.leaves[i].size for i in selection.leaves)
-    per_row = max(1, 8 * (n_total + m), 3 * ctx.eval_bytes)  # a backward holds about 3 forward peaks
-    per_chunk = max(1, min(rows.numel(), batch_bytes(_ROW_BYTES) // per_row))
+    per_chunk = ctx.rows_per_backward(n_total, rows.numel())
     # The nondeterminism check runs the first batch again: on a large Jacobian, a first batch of
     # a fraction of the rows keeps that re-run from nearly doubling the analytic side.
     head = per_chunk if rows.numel() <= _RERUN_ROWS else min(per_chunk, max(_RERUN_ROWS, rows.numel() // 8))
@@ -333,10 +329,17 @@ def _judge_columns(
     for extra in (columns.forward, columns.wide):
         if extra is not None:
             active |= (extra != 0).any(dim=0)
+    x_scale = torch.maximum(base[cols].detach().abs().to(torch.float64), h)
+    rows = _Rows.of(active)
+    if three_nodes:
+        diff = differences(rows.part(evaluated), rows.part(f0), offsets, ctx.numeric_machine_eps, x_scale)
+        ctx.timed("compare_s", t0)
+        _judge_blocks(ctx, i, cols, columns, selection, accumulators, rows, diff, None)
+        return
+
     pair = evaluated[: 2 * c]
     plus2 = torch.empty(c, evaluated.shape[1], dtype=evaluated.dtype, device=device)  # x + 2h, where taken
     plus2[sample] = evaluated[2 * c :]
-    x_scale = torch.maximum(base[cols].detach().abs().to(torch.float64), h)
 
     def first_pass(rows: _Rows) -> tuple[Central, torch.Tensor | None]:
         median = None
@@ -346,16 +349,11 @@ def _judge_columns(
         eps = ctx.numeric_machine_eps
         return central(rows.part(pair), rows.part(f0), offsets, median, eps, x_scale), median
 
-    rows = _Rows.of(active)
-    if three_nodes:
-        diff = differences(rows.part(evaluated), rows.part(f0), offsets, ctx.numeric_machine_eps, x_scale)
-        ctx.timed("compare_s", t0)
-        _judge_blocks(ctx, i, cols, columns, selection, accumulators, rows, diff, None)
-        return
     first, median = first_pass(rows)
     tests = _clear_tests(ctx, i, columns, first, rows, selection)
-    doubtful = ~torch.stack([t.clear.all(dim=0) for t in tests.values()]).all(dim=0) if tests else None
-    if doubtful is None:
+    if tests:
+        doubtful = ~torch.stack([t.clear.all(dim=0) for t in tests.values()]).all(dim=0)
+    else:
         doubtful = torch.ones(c, dtype=torch.bool, device=device)
     in_sample = torch.zeros(c, dtype=torch.bool, device=device)
     in_sample[sample] = True
@@ -389,7 +387,7 @@ def _judge_columns(
             rows.part(nodes), rows.part(f0), offsets[:, redo], ctx.numeric_machine_eps, x_scale[redo], noise
         )
         # Every block is an (M, c) view of (c, M) memory: a column is a contiguous row there.
-        for mine, theirs in zip(_parts(diff), _parts(full), strict=True):
+        for mine, theirs in zip(diff.parts(), full.parts(), strict=True):
             mine.T[redo] = theirs.T
     ctx.timed("compare_s", t0)
     _judge_blocks(ctx, i, cols, columns, selection, accumulators, rows, diff, tests if lean else None)
@@ -503,10 +501,6 @@ def _clear_tests(
                 test.clear &= other.clear
         tests[o] = test
     return tests
-
-
-def _parts(d: Differences) -> tuple[torch.Tensor, ...]:
-    return (d.value, d.bar, d.forward, d.backward, d.one_sided_bar)
 
 
 def _exact(values: torch.Tensor) -> Differences:

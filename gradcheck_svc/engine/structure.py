@@ -38,7 +38,6 @@ import torch
 from gradcheck_svc.engine.agreement import largest_change
 from gradcheck_svc.engine.colouring import GroupsDisagree
 from gradcheck_svc.engine.compare import PairAccumulator
-from gradcheck_svc.engine.guard import batch_bytes
 from gradcheck_svc.report import Check
 
 if TYPE_CHECKING:  # only the type: this module stays free of the driver's imports at run time
@@ -50,7 +49,6 @@ ENABLED = True  # off: full mode always takes the analytic Jacobian row by row
 _MIN_GAIN = 3  # compress only when it saves at least this factor in backward passes
 _MAX_ATTEMPTS = 4  # hypotheses tried (the failing leaf coarsened each time) before the exact path
 _MAX_ENTRIES = 1 << 23  # hypothesised non-zeros held as index pairs
-_ROW_BYTES = 128 * 2**20  # memory for one batch of cotangents, as for dense rows
 
 Pair = tuple[int, int]  # (output block index, leaf index)
 Accumulators = Mapping[tuple[Check, int, int], PairAccumulator]
@@ -174,7 +172,7 @@ class _Hypotheses:
         plans = {i: self._leaf(i, levels) for i in leaves}
         outputs = self.ctx.problem.outputs
         rows_today = sum(outputs[o].size for o in {o for o, i in self.pairs if i in plans})
-        if _MIN_GAIN * sum(c.count for c in _distinct(plans)) > rows_today:
+        if _MIN_GAIN * sum(c.count for c in _distinct(plans)[0]) > rows_today:
             return None
         if sum(p.rows.numel() for p in plans.values()) > _MAX_ENTRIES:
             return None
@@ -254,13 +252,19 @@ def _search(ctx: Context, hypotheses: _Hypotheses, check: Check_) -> Accumulator
     return None
 
 
-def _distinct(plans: Mapping[int, _LeafRows]) -> list[_LeafRows]:
-    """The row colourings of the leaves without repeats: leaves that share one share its passes."""
+def _distinct(plans: Mapping[int, _LeafRows]) -> tuple[list[_LeafRows], dict[int, int]]:
+    """The row colourings of the leaves without repeats (leaves that share one share its passes),
+    and the position of each leaf's colouring among them."""
     found: list[_LeafRows] = []
-    for plan in plans.values():
-        if not any(plan.count == c.count and torch.equal(plan.colour, c.colour) for c in found):
+    which: dict[int, int] = {}
+    for i, plan in plans.items():
+        which[i] = next(
+            (k for k, c in enumerate(found) if c.count == plan.count and torch.equal(c.colour, plan.colour)),
+            len(found),
+        )
+        if which[i] == len(found):
             found.append(plan)
-    return found
+    return found, which
 
 
 def _attempt(
@@ -276,7 +280,7 @@ def _attempt(
     value, a re-run of the backward that changed). Leaves the backward already refutes, with no
     coarser hypothesis to go to, end the attempt before any finite difference is taken."""
     problem = ctx.problem
-    colourings = _distinct(plans)
+    colourings, which = _distinct(plans)
     m = problem.n_outputs
     device = ctx.f0.device
     start = time.perf_counter()
@@ -291,9 +295,7 @@ def _attempt(
         offsets.append(offsets[-1] + c.count)
     cotangents = torch.cat(blocks)
 
-    n_total = sum(problem.leaves[i].size for i in plans)
-    per_row = max(1, 8 * (n_total + m), 3 * ctx.eval_bytes)
-    per_chunk = max(1, min(cotangents.shape[0], batch_bytes(_ROW_BYTES) // per_row))
+    per_chunk = ctx.rows_per_backward(sum(problem.leaves[i].size for i in plans), cotangents.shape[0])
     grads: dict[int, list[torch.Tensor]] = {i: [] for i in plans}
     first: list[torch.Tensor] = []
     for c0 in range(0, cotangents.shape[0], per_chunk):
@@ -305,12 +307,7 @@ def _attempt(
     outcome: dict[int, Accumulators | int] = {}
     jac: dict[int, torch.Tensor] = {}
     for i, plan in plans.items():
-        which = next(
-            k
-            for k, c in enumerate(colourings)
-            if c.count == plan.count and torch.equal(c.colour, plan.colour)
-        )
-        g = torch.cat(grads[i])[offsets[which] : offsets[which + 1]]  # (count, n_i)
+        g = torch.cat(grads[i])[offsets[which[i]] : offsets[which[i] + 1]]  # (count, n_i)
         if not bool(torch.isfinite(g).all()):
             outcome[i] = _EXACT
             continue
