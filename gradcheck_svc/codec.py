@@ -67,10 +67,7 @@ _ITEMSIZES: Mapping[torch.dtype, int] = {d: d.itemsize for d in DTYPES.values()}
 _NUMPY_DTYPES: Mapping[torch.dtype, np.dtype[Any]] = {
     d: np.dtype(str(d).removeprefix("torch."))
     for d in DTYPES.values()
-    if d.is_floating_point and d != torch.bfloat16
-} | {
-    d: np.dtype(str(d).removeprefix("torch."))
-    for d in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
+    if not d.is_complex and d != torch.bfloat16
 }
 _BIG_ENDIAN = sys.byteorder == "big"
 MAX_DIMS = 32
