@@ -6,10 +6,11 @@ Three ways to get the same answer for d/dx sin(x / 2**1.5) at x = 100 (float32):
 
 - in-process  ``gc.check`` on the compiled expression, in this process;
 - service     ``Client.check`` against a ``gradcheck-svc`` server in a subprocess;
-- echo        a generic gRPC handler in that same server process, called on the service client's
-              own channel, that answers the serialized CheckRequest with the serialized
-              CheckResponse of a real check: the same bytes both ways, no work. It is the floor
-              any gRPC service pays on this machine.
+- echo        a handler in that same server process, called on the service client's own channel,
+              that answers the CheckRequest with the CheckResponse of a real check: the same
+              messages both ways, no work. It is registered and (de)serialized as the service's
+              own methods are (a registered method, protobuf parsing and serializing at both
+              ends), so it is the floor any gRPC service with these messages pays on this machine.
 
 Latency: one client, calls interleaved (the three in a shuffled order each round, so neither drift
 nor a fixed neighbour favours one), after a warm-up; p50, p90 and p99. Throughput: ``--clients``
@@ -42,9 +43,11 @@ import torch
 import gradcheck_svc as gc
 from gradcheck_svc.client import Client, build_request
 from gradcheck_svc.specs import compile_expression
+from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
 EXPRESSION = "sin(x / 2**1.5)"
-ECHO, SET_REPLY = "/bench.Echo/Echo", "/bench.Echo/SetReply"
+ECHO_SERVICE = "bench.Echo"
+ECHO, SET_REPLY = f"/{ECHO_SERVICE}/Echo", f"/{ECHO_SERVICE}/SetReply"
 
 
 # ----------------------------------------------------------------------------- the server side
@@ -55,24 +58,33 @@ def serve(device: str) -> None:
     from gradcheck_svc.server import create_server
     from gradcheck_svc.settings import Settings
 
-    reply = [b""]
+    reply = [pb.CheckResponse()]
 
-    def set_reply(request: bytes, context: grpc.ServicerContext) -> bytes:
+    def set_reply(request: pb.CheckResponse, context: grpc.ServicerContext) -> pb.CheckResponse:
         reply[0] = request
-        return b""
+        return pb.CheckResponse()
 
-    class Echo(grpc.GenericRpcHandler):
-        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-            if details.method == ECHO:
-                return grpc.unary_unary_rpc_method_handler(lambda request, context: reply[0])
-            if details.method == SET_REPLY:
-                return grpc.unary_unary_rpc_method_handler(set_reply)
-            return None
+    def echo(request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
+        return reply[0]
 
     server, port = create_server(
         Settings(port=0, device=device, max_concurrent_checks=64, log_level="WARNING")
     )
-    server.grpc_server.add_generic_rpc_handlers((Echo(),))
+    # Registered like the service's own methods (the generated code registers them), so neither
+    # way pays the generic-handler lookup the other does not.
+    handlers = {
+        "Echo": grpc.unary_unary_rpc_method_handler(
+            echo,
+            request_deserializer=pb.CheckRequest.FromString,
+            response_serializer=pb.CheckResponse.SerializeToString,
+        ),
+        "SetReply": grpc.unary_unary_rpc_method_handler(
+            set_reply,
+            request_deserializer=pb.CheckResponse.FromString,
+            response_serializer=pb.CheckResponse.SerializeToString,
+        ),
+    }
+    server.grpc_server.add_registered_method_handlers(ECHO_SERVICE, handlers)
     server.start()
     print(port, flush=True)
     sys.stdin.read()  # the parent closes our stdin when it is done
@@ -183,9 +195,8 @@ def main() -> int:
 def run(args: argparse.Namespace, target: str, server: psutil.Process) -> int:
     x = torch.tensor(100.0)
     fn = compile_expression(EXPRESSION)
-    request_bytes = build_request(
-        EXPRESSION, points=[{"x": x}], options={"device": args.device}
-    ).SerializeToString()
+    request = build_request(EXPRESSION, points=[{"x": x}], options={"device": args.device})
+    request_bytes = request.SerializeToString()
 
     def in_process() -> Callable[[], object]:
         return lambda: gc.check(fn, x, input_names=["x"], device=args.device)
@@ -198,10 +209,16 @@ def run(args: argparse.Namespace, target: str, server: psutil.Process) -> int:
         return lambda: client.check(EXPRESSION, x=x, options={"device": args.device})
 
     def echo(channel: grpc.Channel | None = None) -> Callable[[], object]:
-        call = (channel or grpc.insecure_channel(target)).unary_unary(ECHO)
-        return lambda: call(request_bytes, timeout=600)  # the Client's default deadline
+        # As the generated stub builds its methods: serializers both ways, a registered method.
+        call = (channel or grpc.insecure_channel(target)).unary_unary(
+            ECHO,
+            request_serializer=pb.CheckRequest.SerializeToString,
+            response_deserializer=pb.CheckResponse.FromString,
+            _registered_method=True,
+        )
+        return lambda: call(request, timeout=600)  # the Client's default deadline
 
-    # The echo answers with the bytes of a real response to this very request.
+    # The echo answers with a real response to this very request.
     with grpc.insecure_channel(target) as channel:
         response = channel.unary_unary("/gradcheck_svc.v1.GradcheckService/Check")(request_bytes, timeout=60)
         channel.unary_unary(SET_REPLY)(response, timeout=10)
