@@ -6,10 +6,11 @@ Three ways to get the same answer for d/dx sin(x / 2**1.5) at x = 100 (float32):
 
 - in-process  ``gc.check`` on the compiled expression, in this process;
 - service     ``Client.check`` against a ``gradcheck-svc`` server in a subprocess;
-- echo        a generic gRPC handler in that same server process, called on the service client's
-              own channel, that answers the serialized CheckRequest with the serialized
-              CheckResponse of a real check: the same bytes both ways, no work. It is the floor
-              any gRPC service pays on this machine.
+- echo        a handler in that same server process, called on the service client's own channel,
+              that answers the CheckRequest with the CheckResponse of a real check: the same
+              messages both ways, no work. It is registered and (de)serialized as the service's
+              own methods are (a registered method, protobuf parsing and serializing at both
+              ends), so it is the floor any gRPC service with these messages pays on this machine.
 
 Latency: one client, calls interleaved (the three in a shuffled order each round, so neither drift
 nor a fixed neighbour favours one), after a warm-up; p50, p90 and p99. Throughput: ``--clients``
@@ -42,9 +43,11 @@ import torch
 import gradcheck_svc as gc
 from gradcheck_svc.client import Client, build_request
 from gradcheck_svc.specs import compile_expression
+from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
 EXPRESSION = "sin(x / 2**1.5)"
-ECHO, SET_REPLY = "/bench.Echo/Echo", "/bench.Echo/SetReply"
+ECHO_SERVICE = "bench.Echo"
+ECHO, SET_REPLY = f"/{ECHO_SERVICE}/Echo", f"/{ECHO_SERVICE}/SetReply"
 
 
 # ----------------------------------------------------------------------------- the server side
@@ -55,24 +58,33 @@ def serve(device: str) -> None:
     from gradcheck_svc.server import create_server
     from gradcheck_svc.settings import Settings
 
-    reply = [b""]
+    reply = [pb.CheckResponse()]
 
-    def set_reply(request: bytes, context: grpc.ServicerContext) -> bytes:
+    def set_reply(request: pb.CheckResponse, context: grpc.ServicerContext) -> pb.CheckResponse:
         reply[0] = request
-        return b""
+        return pb.CheckResponse()
 
-    class Echo(grpc.GenericRpcHandler):
-        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-            if details.method == ECHO:
-                return grpc.unary_unary_rpc_method_handler(lambda request, context: reply[0])
-            if details.method == SET_REPLY:
-                return grpc.unary_unary_rpc_method_handler(set_reply)
-            return None
+    def echo(request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
+        return reply[0]
 
     server, port = create_server(
         Settings(port=0, device=device, max_concurrent_checks=64, log_level="WARNING")
     )
-    server.grpc_server.add_generic_rpc_handlers((Echo(),))
+    # Registered like the service's own methods (the generated code registers them), so neither
+    # way pays the generic-handler lookup the other does not.
+    handlers = {
+        "Echo": grpc.unary_unary_rpc_method_handler(
+            echo,
+            request_deserializer=pb.CheckRequest.FromString,
+            response_serializer=pb.CheckResponse.SerializeToString,
+        ),
+        "SetReply": grpc.unary_unary_rpc_method_handler(
+            set_reply,
+            request_deserializer=pb.CheckResponse.FromString,
+            response_serializer=pb.CheckResponse.SerializeToString,
+        ),
+    }
+    server.grpc_server.add_registered_method_handlers(ECHO_SERVICE, handlers)
     server.start()
     print(port, flush=True)
     sys.stdin.read()  # the parent closes our stdin when it is done
@@ -158,61 +170,94 @@ def main() -> int:
     )
     parser.add_argument("--cpu-calls", type=int, default=500, help="calls per way for CPU time")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        default=None,
+        help="a source tree holding another gradcheck_svc package (e.g. `git archive` of an older "
+        "commit): a second server runs from it, and its service and echo join the latency "
+        "interleaving, so both servers are compared in one run (the client is this tree's)",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(args.device)
         return 0
 
-    server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", "--device", args.device],
+    servers = [start_server(args.device)]
+    try:
+        if args.baseline_tree is not None:
+            servers.append(start_server(args.device, args.baseline_tree.resolve()))
+        targets = [target for _, target in servers]
+        return run(args, targets[0], psutil.Process(servers[0][0].pid), *targets[1:])
+    finally:
+        for process, _ in servers:
+            assert process.stdin is not None
+            process.stdin.close()
+            process.wait(30)
+
+
+def start_server(device: str, tree: Path | None = None) -> tuple[subprocess.Popen[str], str]:
+    """A server subprocess (its gradcheck_svc from ``tree`` when given) and its address."""
+    env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--serve", "--device", device],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        env=env,
     )
-    try:
-        assert server.stdout is not None
-        target = f"127.0.0.1:{int(server.stdout.readline())}"
-        return run(args, target, psutil.Process(server.pid))
-    finally:
-        assert server.stdin is not None
-        server.stdin.close()
-        server.wait(30)
+    assert process.stdout is not None
+    return process, f"127.0.0.1:{int(process.stdout.readline())}"
 
 
-def run(args: argparse.Namespace, target: str, server: psutil.Process) -> int:
+def run(args: argparse.Namespace, target: str, server: psutil.Process, baseline: str | None = None) -> int:
     x = torch.tensor(100.0)
     fn = compile_expression(EXPRESSION)
-    request_bytes = build_request(
-        EXPRESSION, points=[{"x": x}], options={"device": args.device}
-    ).SerializeToString()
+    request = build_request(EXPRESSION, points=[{"x": x}], options={"device": args.device})
+    request_bytes = request.SerializeToString()
 
     def in_process() -> Callable[[], object]:
         return lambda: gc.check(fn, x, input_names=["x"], device=args.device)
 
     clients: list[Client] = []  # the latest service client: the echo for latency shares its channel
 
-    def service() -> Callable[[], object]:
-        client = Client(target)
+    def service(address: str = target) -> Callable[[], object]:
+        client = Client(address)
         clients.append(client)
         return lambda: client.check(EXPRESSION, x=x, options={"device": args.device})
 
     def echo(channel: grpc.Channel | None = None) -> Callable[[], object]:
-        call = (channel or grpc.insecure_channel(target)).unary_unary(ECHO)
-        return lambda: call(request_bytes, timeout=600)  # the Client's default deadline
+        # As the generated stub builds its methods: serializers both ways, a registered method.
+        call = (channel or grpc.insecure_channel(target)).unary_unary(
+            ECHO,
+            request_serializer=pb.CheckRequest.SerializeToString,
+            response_deserializer=pb.CheckResponse.FromString,
+            _registered_method=True,
+        )
+        return lambda: call(request, timeout=600)  # the Client's default deadline
 
-    # The echo answers with the bytes of a real response to this very request.
-    with grpc.insecure_channel(target) as channel:
-        response = channel.unary_unary("/gradcheck_svc.v1.GradcheckService/Check")(request_bytes, timeout=60)
-        channel.unary_unary(SET_REPLY)(response, timeout=10)
+    # Each echo answers with a real response of its own server to this very request.
+    responses = []
+    for address in (target, baseline) if baseline else (target,):
+        with grpc.insecure_channel(address) as channel:
+            check = channel.unary_unary("/gradcheck_svc.v1.GradcheckService/Check")
+            responses.append(check(request_bytes, timeout=60))
+            channel.unary_unary(SET_REPLY)(responses[-1], timeout=10)
+    response = responses[0]
     report = service()()
     assert isinstance(report, gc.Report) and report.ok and report.device.startswith(args.device), report
 
     makers = {"in-process": in_process, "service": service, "echo": echo}
     calls = {"in-process": in_process(), "service": service()}
     calls["echo"] = echo(clients[-1]._channels[0].channel)
+    if baseline:  # latency only: the baseline server's service and echo, interleaved with the rest
+        calls["baseline service"] = service(baseline)
+        calls["baseline echo"] = echo(clients[-1]._channels[0].channel)
     latency(calls, 100)  # warm-up
     times = latency(calls, args.iterations)
+    compared = {name: times.pop(name) for name in ("baseline service", "baseline echo") if name in times}
+    calls = {name: call for name, call in calls.items() if name in makers}
     cpu = cpu_per_call(calls, server, args.cpu_calls)
     rates = {name: throughput(make, args.clients, args.seconds) for name, make in makers.items()}
 
@@ -263,6 +308,18 @@ def run(args: argparse.Namespace, target: str, server: psutil.Process) -> int:
     print(f"service throughput / echo throughput: {ratio:.2f} (goal >= 0.5)")
     in_ratio = figures["service"]["throughput_per_s"] / figures["in-process"]["throughput_per_s"]
     print(f"service throughput / in-process throughput: {in_ratio:.2f}")
+    if compared:
+        base = {name: statistics.median(samples) * 1e3 for name, samples in compared.items()}
+        base_overhead = base["baseline service"] - figures["in-process"]["p50_ms"]
+        print()
+        print(f"baseline server ({args.baseline_tree}), in the same latency interleaving:")
+        print(f"{'baseline service':<18} p50 {base['baseline service']:.3f} ms")
+        print(f"{'baseline echo':<18} p50 {base['baseline echo']:.3f} ms")
+        print(
+            f"baseline p50 overhead over in-process: {base_overhead:.3f} ms = "
+            f"{base_overhead / base['baseline echo']:.2f} of its echo round trips; this tree's: "
+            f"{overhead:.3f} ms = {trips:.2f}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"figures": figures, "overhead_echo_round_trips": overhead / echo_p50,

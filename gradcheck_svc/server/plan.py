@@ -100,21 +100,25 @@ def runs_in_worker(isolation: str, operator_code: bool, light: bool = False) -> 
 
 
 def plan_check(request: pb.CheckRequest, settings: Settings, registry: FunctionRegistry) -> CheckPlan:
+    """Validate in this order: the function, the points, the options."""
     label, fn, expression = _function(request.function, settings, registry)
-    points = _fill(request.function, _points(request, settings, expression))
-    operator_code = expression is None and not registry.get(request.function.registered.name).builtin
-    largest: int | None = None  # elements of the largest tensor one evaluation creates, if known
-    if expression is not None:
+    if expression is not None:  # the common light case: nothing of the registry is involved
+        points = _points(request, settings, expression)
         largest = _check_intermediates(expression, points, settings)
-    elif not operator_code:
-        largest = _check_builtin_sizes(fn, points, settings)
-    inputs = max(
-        (sum(t.numel() for t in p.tensors if isinstance(t, torch.Tensor)) for p in points), default=0
-    )
-    light = largest is not None and largest <= LIGHT_ELEMENTS and inputs <= LIGHT_INPUTS
-    sent = decode_options(request.options)
-    client_options = frozenset(sent)
-    options = _options(sent, settings)
+        client_options, options = _request_options(request.options, settings)
+        return CheckPlan(
+            label=label,
+            fn=fn,
+            points=points,
+            options=options,
+            client_options=client_options,
+            light=_light(largest, points),
+        )
+    points = _fill(request.function, _points(request, settings, expression))
+    operator_code = not registry.get(request.function.registered.name).builtin
+    # elements of the largest tensor one evaluation creates, if known
+    largest = None if operator_code else _check_builtin_sizes(fn, points, settings)
+    client_options, options = _request_options(request.options, settings)
     return CheckPlan(
         label=label,
         fn=fn,
@@ -124,8 +128,15 @@ def plan_check(request: pb.CheckRequest, settings: Settings, registry: FunctionR
         operator_code=operator_code,
         fn_kwargs=_module_params(request.function, registry),
         build_fn=_module_builder(request.function, registry, settings),
-        light=light,
+        light=_light(largest, points),
     )
+
+
+def _light(largest: int | None, points: list[PlannedPoint]) -> bool:
+    inputs = max(
+        (sum(t.numel() for t in p.tensors if isinstance(t, torch.Tensor)) for p in points), default=0
+    )
+    return largest is not None and largest <= LIGHT_ELEMENTS and inputs <= LIGHT_INPUTS
 
 
 # ----------------------------------------------------------------------------- function
@@ -402,7 +413,33 @@ def _validate_options(items: tuple[tuple[str, Any], ...]) -> None:
         raise InvalidRequestError(f"options.{loc}" if loc else "options", err["msg"]) from None
 
 
-def _options(sent: dict[str, Any], settings: Settings) -> dict[str, Any]:
+def _request_options(msg: pb.Options, settings: Settings) -> tuple[frozenset[str], dict[str, Any]]:
+    """The names of the options the client set, and the options the engine gets (a fresh dict)."""
+    data = msg.SerializeToString()
+    server = (settings.max_jacobian_entries, settings.max_evaluations, settings.device)
+    if len(data) > _CACHED_OPTIONS_BYTES:  # unknown fields, say: decoded each time, never kept
+        return _options_on_wire.__wrapped__(data, *server)
+    names, options = _options_on_wire(data, *server)
+    return names, dict(options)
+
+
+# Every known option set fits; a longer message (unknown fields) would only fill the cache.
+_CACHED_OPTIONS_BYTES = 512
+
+
+# Clients send the same few option sets over and over, byte for byte (Options holds scalars and
+# enums only: equal sets are equal bytes); each is decoded and validated once. Refusals raise and
+# are not cached.
+@functools.lru_cache(maxsize=1024)
+def _options_on_wire(
+    data: bytes, max_jacobian_entries: int, max_evaluations: int, device: str
+) -> tuple[frozenset[str], dict[str, Any]]:
+    sent = decode_options(pb.Options.FromString(data))
+    limits = {"max_jacobian_entries": max_jacobian_entries, "max_evaluations": max_evaluations}
+    return frozenset(sent), _options(sent, limits, device)
+
+
+def _options(sent: dict[str, Any], limits: dict[str, int], default_device: str) -> dict[str, Any]:
     """The options a client sent (decoded), validated, with the server's limits and device."""
     options = dict(sent)
     for name, value in options.items():
@@ -411,11 +448,9 @@ def _options(sent: dict[str, Any], settings: Settings) -> dict[str, Any]:
             raise InvalidRequestError(f"options.{name}", f"must be a finite number, got {value}")
     _validate_options(tuple(sorted(options.items())))
     # The server's limits always apply; a client may only ask for lower ones.
-    options["max_jacobian_entries"] = min(
-        options.get("max_jacobian_entries") or 2**62, settings.max_jacobian_entries
-    )
-    options["max_evaluations"] = min(options.get("max_evaluations") or 2**62, settings.max_evaluations)
-    device = options.get("device") or settings.device
+    for name, limit in limits.items():
+        options[name] = min(options.get(name) or 2**62, limit)
+    device = options.get("device") or default_device
     if device == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailableError("device 'cuda' was asked for, but this server has no CUDA device")
     if options.get("compare_devices") and not torch.cuda.is_available():

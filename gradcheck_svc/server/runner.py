@@ -103,19 +103,30 @@ def execute(
     check_fn: CheckFn = gc.check,
     progress: PointProgress | None = None,
 ) -> pb.CheckResponse:
-    """Run a validated plan and encode its reports: what both a server thread and a worker do."""
+    """Run a validated plan and encode its reports: what both a server thread and a worker do.
+
+    Each report is encoded with what the service adds (its point, the replica, the function's
+    label) and only the options the client set or the engine resolved, straight from the engine's
+    Report: no copy of it in between."""
     reports = run_plan(
         plan,
         deadline=deadline,
         cancelled=cancelled,
-        served_by=served_by,
         check_fn=check_fn,
         max_bytes=max_bytes,
         progress=progress,
     )
     response = pb.CheckResponse(check_id=check_id)
-    for report in reports:
-        encode_report(report, response.reports.add())  # in place: no copy of each report
+    for index, report in enumerate(reports):
+        # Options the server imposed (limits, its default device) stay out of the report, so a
+        # report from the service equals the one the same call gives in-process; the step the
+        # engine resolved ("eps", the numeric "reference") are figures of the check and stay.
+        msg = encode_report(
+            report, response.reports.add(), options=reported_options(report, plan.client_options)
+        )
+        msg.point = index
+        msg.served_by = served_by
+        msg.function = plan.label
     return response
 
 
@@ -124,11 +135,11 @@ def run_plan(
     *,
     deadline: Deadline,
     cancelled: Callable[[], bool],
-    served_by: str,
     max_bytes: int,
     check_fn: CheckFn = gc.check,
     progress: PointProgress | None = None,
 ) -> list[Report]:
+    """The engine's report for each point, in order (``execute`` adds the service's fields)."""
     reports = []
     if plan.build_fn is not None:  # a registered module, built here (in the worker when isolated)
         plan = replace(plan, fn=_guarded(plan.build_fn, deadline, cancelled, max_bytes), build_fn=None)
@@ -138,18 +149,7 @@ def run_plan(
         if deadline.passed():
             raise deadline.rejection()
         extra = {} if progress is None else {"progress": functools.partial(progress, index)}
-        report = _guarded_point(plan, point, deadline, cancelled, check_fn, max_bytes, extra)
-        # Options the server imposed (limits, its default device) stay out of the report, so a
-        # report from the service equals the one the same call gives in-process; the step the
-        # engine resolved ("eps", the numeric "reference") are figures of the check and stay.
-        kept = reported_options(report, plan.client_options)
-        update: dict[str, Any] = {
-            "point": index,
-            "served_by": served_by,
-            "function": plan.label,
-            "options": kept,
-        }
-        reports.append(report.model_copy(update=update))
+        reports.append(_guarded_point(plan, point, deadline, cancelled, check_fn, max_bytes, extra))
     return reports
 
 
