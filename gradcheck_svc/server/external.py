@@ -15,7 +15,6 @@ import math
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -40,7 +39,7 @@ from gradcheck_svc.errors import (
 from gradcheck_svc.options import CheckOptions
 from gradcheck_svc.report import Report
 from gradcheck_svc.server.external_source import NAME, NAME_RULE, ClientFailed, ExchangeEnded, StreamSource
-from gradcheck_svc.server.runner import Deadline, reported_options
+from gradcheck_svc.server.runner import Deadline, new_check_id, reported_options
 from gradcheck_svc.server.status import Rejection, failure_for
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
@@ -67,7 +66,7 @@ _UNSUPPORTED = {
 def check_external(
     service: GradcheckService, requests: Iterator[pb.CheckExternalRequest], context: grpc.ServicerContext
 ) -> Iterator[pb.CheckExternalResponse]:
-    check_id = uuid.uuid4().hex[:12]
+    check_id = new_check_id()
     started = time.perf_counter()
     label, outcome = "-", "OK"
     run: _Run | None = None
@@ -95,8 +94,9 @@ def check_external(
             raise
         yield from run.messages()
     except Exception as exc:
-        outcome = failure_for(exc, check_id).code.name
-        context.abort_with_status(rpc_status.to_status(failure_for(exc, check_id).to_status()))
+        failure = failure_for(exc, check_id)
+        outcome = failure.code.name
+        context.abort_with_status(rpc_status.to_status(failure.to_status()))
     finally:
         # Here, not after `yield from`: a client may close the stream on the report, and then
         # no code after the last yield runs.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
@@ -41,7 +42,7 @@ from gradcheck_svc.server.plan import CheckPlan, PlannedPoint
 from gradcheck_svc.server.status import Rejection
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
-__all__ = ["Deadline", "PointProgress", "execute", "run_plan"]
+__all__ = ["Deadline", "PointProgress", "execute", "new_check_id", "run_plan"]
 
 log = logging.getLogger("gradcheck_svc.server")
 
@@ -234,3 +235,8 @@ def _error_report(plan: CheckPlan, point: PlannedPoint, message: str) -> Report:
         function=plan.label,
         options={k: v for k, v in plan.options.items() if k in plan.client_options},
     )
+
+
+def new_check_id() -> str:
+    """A check's id in logs and error messages: 12 hex digits from the OS's random source."""
+    return secrets.token_hex(6)  # no uuid object in between

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from gradcheck_svc.server.external import check_external
 from gradcheck_svc.server.isolation import WorkerPool
 from gradcheck_svc.server.limiter import CheckSlots
 from gradcheck_svc.server.plan import CheckPlan, plan_check, runs_in_worker
-from gradcheck_svc.server.runner import Deadline, PointProgress, execute
+from gradcheck_svc.server.runner import Deadline, PointProgress, execute, new_check_id
 from gradcheck_svc.server.status import Rejection, failure_for
 from gradcheck_svc.settings import Settings
 from gradcheck_svc.specs import EXPRESSION_FUNCTIONS, FunctionRegistry
@@ -84,7 +83,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
     # ------------------------------------------------------------------------- Check
 
     def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
-        check_id = _new_check_id()
+        check_id = new_check_id()
         try:
             self._admit()
         except Rejection as exc:
@@ -146,7 +145,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                 )
             return response
         except Exception as exc:
-            status = failure_for(exc, check_id).code.name
+            status = failure_for(exc, check_id, quiet=True).code.name  # logged where it is answered
             raise
         finally:
             self._log(check_id, request, plan, response, started, status)
@@ -189,7 +188,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         """Check, run in a helper thread while this one streams its progress (at most every
         ``_PROGRESS_EVERY`` seconds, and the last step of each point), then the response."""
         request = wrapped.request
-        check_id = _new_check_id()
+        check_id = new_check_id()
         try:
             self._admit()
         except Rejection as exc:
@@ -323,7 +322,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         answers: queue.Queue[Any],
         window: threading.Semaphore,
     ) -> None:
-        check_id = _new_check_id()
+        check_id = new_check_id()
         try:
             remaining = context.time_remaining()
             deadline = Deadline.start(remaining, self.settings.max_check_seconds)
@@ -391,10 +390,6 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             ),
             served_by=self.served_by,
         )
-
-
-def _new_check_id() -> str:
-    return secrets.token_hex(6)  # 12 hex digits, as a uuid4's first 12: no object in between
 
 
 def _printable(text: str) -> str:

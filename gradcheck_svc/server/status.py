@@ -151,8 +151,13 @@ def limit_of(exc: BaseException) -> tuple[str, str] | None:
     return None
 
 
-def failure_for(exc: BaseException, check_id: str = "") -> RpcFailure:
-    """The status for an exception that ends a whole request."""
+def failure_for(exc: BaseException, check_id: str = "", *, quiet: bool = False) -> RpcFailure:
+    """The status for an exception that ends a whole request.
+
+    An internal error is logged with its traceback unless ``quiet``: a caller that only wants the
+    status's name, before the exception reaches the handler that answers with it, passes ``quiet``
+    so that the error is logged once.
+    """
     bad = grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, Rejection):
         return RpcFailure(
@@ -191,7 +196,8 @@ def failure_for(exc: BaseException, check_id: str = "") -> RpcFailure:
         )
     if isinstance(exc, CheckCancelledError):
         return RpcFailure(grpc.StatusCode.CANCELLED, str(exc) or "check cancelled", "CANCELLED")
-    log.error("check %s failed with an internal error", check_id, exc_info=exc)
+    if not quiet:
+        log.error("check %s failed with an internal error", check_id, exc_info=exc)
     return RpcFailure(
         grpc.StatusCode.INTERNAL, f"internal error in check {check_id}: {type(exc).__name__}", "INTERNAL"
     )

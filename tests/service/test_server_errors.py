@@ -13,11 +13,13 @@ import service_test_ops
 import torch
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from service_servers import Running, start_server
+from service_servers import Running, make_registry, start_server
 
 from gradcheck_svc.client import Client, Registered, build_request
 from gradcheck_svc.codec import encode_point
 from gradcheck_svc.errors import ServiceError
+from gradcheck_svc.server import create_server
+from gradcheck_svc.settings import Settings
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 from gradcheck_svc.v1 import gradcheck_pb2_grpc as pb_grpc
 
@@ -386,3 +388,32 @@ def test_server_survives_a_burst_of_bad_requests(client: Client, stub: pb_grpc.G
     for t in threads:
         t.join()
     assert client.check("x**2", x=torch.tensor(9.0)).ok
+
+
+# ----------------------------------------------------------------------------- INTERNAL
+
+
+def test_an_internal_error_is_answered_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    def broken_engine(*args: object, **kwargs: object) -> object:
+        return None  # not a Report: encoding it fails inside the server
+
+    server, port = create_server(
+        Settings(host="127.0.0.1", port=0, entry_points=False, device="cpu"),
+        registry=make_registry(),
+        check_fn=broken_engine,
+    )
+    server.start(warm_up=False)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, caplog.at_level("ERROR"):
+            stub = pb_grpc.GradcheckServiceStub(channel)
+            ids = []
+            for _ in range(2):  # the server keeps answering
+                code, message, _ = rejected(stub, expression_request("x**2", x=x64(9)))
+                assert code == grpc.StatusCode.INTERNAL and "internal error in check " in message
+                ids.append(message.split("internal error in check ")[1].split(":")[0])
+        logged = [r for r in caplog.records if "internal error" in r.getMessage()]
+        assert len(logged) == 2 and len(set(ids)) == 2
+        for check_id, record in zip(ids, logged, strict=True):
+            assert check_id in record.getMessage() and record.exc_info  # once each, with its traceback
+    finally:
+        server.stop(grace=None)
