@@ -7,9 +7,13 @@ one only as an infinite difference, and equal values (infinities included) as no
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["largest_change", "within"]
+__all__ = ["largest_change", "within", "within_ulps"]
+
+_FEW = 64  # tensors up to this many elements are compared on Python floats (no torch op to pay)
 
 
 def within(a: torch.Tensor, b: torch.Tensor, allowed: torch.Tensor | float) -> bool:
@@ -23,3 +27,24 @@ def largest_change(first: torch.Tensor, again: torch.Tensor) -> float:
     delta = (again - first).abs().nan_to_num(nan=float("inf"))
     delta.masked_fill_((again == first) | (again.isnan() & first.isnan()), 0.0)
     return float(delta.max()) if delta.numel() else 0.0
+
+
+def within_ulps(
+    a: torch.Tensor, b: torch.Tensor, unit: float, *, ulps: float = 64.0, both: bool = False
+) -> bool:
+    """``within`` with an allowance of ``ulps`` units ``unit`` of each element's magnitude plus
+    the largest magnitude (non-finite magnitudes count 0): that of ``b``, or of the larger of
+    the two with ``both``. The same arithmetic on lists for a few elements."""
+    if a.numel() > _FEW or a.shape != b.shape:
+        scale = (torch.maximum(a.abs(), b.abs()) if both else b.abs()).nan_to_num(nan=0.0, posinf=0.0)
+        allowed = ulps * unit * (scale + (scale.max() if scale.numel() else 0.0))
+        return within(a, b, allowed)
+    first, again = a.reshape(-1).tolist(), b.reshape(-1).tolist()
+    scale = [max(abs(x), abs(y)) if both else abs(y) for x, y in zip(first, again, strict=True)]
+    scale = [0.0 if math.isnan(v) or v == math.inf else v for v in scale]
+    largest = max(scale, default=0.0)
+    factor = ulps * unit
+    return all(
+        abs(x - y) <= factor * (s + largest) or x == y or (math.isnan(x) and math.isnan(y))
+        for x, y, s in zip(first, again, scale, strict=True)
+    )

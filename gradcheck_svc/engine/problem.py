@@ -86,12 +86,16 @@ class Leaf:
     def size(self) -> int:
         return self.value.numel() * (2 if self.is_complex else 1)
 
+    @functools.cached_property
+    def all_finite(self) -> bool:
+        """Whether every element is finite (asked by several steps of a check; the value is fixed)."""
+        return bool(torch.isfinite(self.real).all())
+
     def finite_positions(self) -> torch.Tensor:
         """Positions of ``real`` that can be perturbed: +-inf and NaN have no finite step."""
-        finite = torch.isfinite(self.real)
-        if bool(finite.all()):
+        if self.all_finite:
             return torch.arange(self.size, device=self.value.device)
-        return finite.nonzero().squeeze(1)
+        return torch.isfinite(self.real).nonzero().squeeze(1)
 
     def nonfinite_elements(self) -> tuple[list[tuple[list[int], str, float]], int]:
         """Up to a few non-finite elements as (index, part, value), and how many there are."""
