@@ -20,7 +20,7 @@ from gradcheck_svc.engine.progress import Progress, ProgressFn
 from gradcheck_svc.engine.reference import Reference, choose_reference
 from gradcheck_svc.engine.second_order import second_order_problem
 from gradcheck_svc.engine.taylor import run_taylor
-from gradcheck_svc.engine.threads import serial_if_small
+from gradcheck_svc.engine.threads import largest_batch, serial_if_small
 from gradcheck_svc.engine.tiny import run_tiny
 from gradcheck_svc.errors import GradientMismatch, InvalidOptionError, NotCallableError
 from gradcheck_svc.options import CallArguments, CheckOptions, call_arguments, resolve_options
@@ -90,7 +90,7 @@ def check(
     problem, _ = build_problem(
         fn, inputs, fn_kwargs, input_names=input_names, device=device, upcast=opts.upcast, wrt=call.wrt
     )
-    with serial_if_small(problem.n_inputs, problem.n_outputs):
+    with serial_if_small(_largest_batch(problem, opts)):
         report = _check_problem(problem, fn, inputs, opts, call, device, progress)
     report.timings["total_s"] = round(time.perf_counter() - started, 6)
     return apply_expectation(report, call.expect)
@@ -169,6 +169,14 @@ def _check_problem(
         options=_resolved_options(opts, ctx),
         timings={k: round(v, 6) for k, v in ctx.timings.items()},
     )
+
+
+def _largest_batch(problem: Problem, opts: CheckOptions) -> int:
+    """Elements of the largest batch the check builds: fast mode perturbs its projections, full
+    mode every column (as ``_mode`` will choose)."""
+    n, m = problem.n_inputs, problem.n_outputs
+    fast = opts.mode == "fast" or (opts.mode == "auto" and n * m > opts.fast_threshold)
+    return largest_batch(n, m, opts.projections * len(problem.leaves) if fast else n)
 
 
 def _mode(ctx: Context, opts: CheckOptions) -> str:

@@ -21,6 +21,7 @@ import time
 import torch
 
 from gradcheck_svc.engine import structure
+from gradcheck_svc.engine.agreement import largest_change
 from gradcheck_svc.engine.compare import Tolerance, pair_fields, pair_status
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.numeric import NODES
@@ -28,7 +29,16 @@ from gradcheck_svc.engine.probes import onehot
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, flat_index
 from gradcheck_svc.report import Check, ElementError, PairReport
 
-__all__ = ["ENABLED", "TINY_COLUMNS", "TINY_ENTRIES", "run_tiny"]
+__all__ = [
+    "ENABLED",
+    "TINY_COLUMNS",
+    "TINY_ENTRIES",
+    "FloatDifferences",
+    "FloatVerdict",
+    "differences_on_floats",
+    "judge_floats",
+    "run_tiny",
+]
 
 ENABLED = True  # off: tiny checks take the column path (tests compare the two)
 
@@ -102,7 +112,7 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
     nondeterminism: list[float | None] = [None] * len(problem.leaves)
     if options.check_nondeterminism:
         again = ctx.analytic.rows(cotangents)
-        nondeterminism = [_largest_change(g.tolist(), a.tolist()) for g, a in zip(grads, again, strict=True)]
+        nondeterminism = [largest_change(g, a) for g, a in zip(grads, again, strict=True)]
     ctx.timed("analytic_s", start)
 
     reports: list[PairReport] = []
@@ -119,7 +129,7 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
             for r in range(m)
         ]
         rows = [r for r in range(m) if active[r]]
-        diff = _differences(evaluated, f0, offsets, ctx.numeric_machine_eps, x_scale, rows)
+        diff = differences_on_floats(evaluated, f0, offsets, ctx.numeric_machine_eps, x_scale, rows)
         for block in problem.outputs:
             mine = [k for k, r in enumerate(rows) if block.offset <= r < block.offset + block.size]
             pair = _Pair(block, leaf, options.max_worst)
@@ -135,18 +145,6 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
         ctx.timed("compare_s", start)
     ctx.timed("analytic_s", time.perf_counter())  # the column path's per-chunk analytic timing
     return reports
-
-
-def _largest_change(first: list[list[float]], again: list[list[float]]) -> float:
-    """``agreement.largest_change`` on lists: max |again - first| over changed elements."""
-    largest = 0.0
-    for row_a, row_b in zip(first, again, strict=True):
-        for a, b in zip(row_a, row_b, strict=True):
-            if a == b or (math.isnan(a) and math.isnan(b)):
-                continue
-            delta = abs(b - a)
-            largest = max(largest, math.inf if math.isnan(delta) else delta)
-    return largest
 
 
 def _evaluate_leaf(ctx: Context, i: int) -> tuple[int, list[list[float]], list[list[float]], list[float]]:
@@ -179,7 +177,7 @@ def _weight(a: float, b: float, c: float) -> float:
     return b * c / (a * (a - b) * (a - c))
 
 
-class _Diff:
+class FloatDifferences:
     """Per judged row and column: R, its bar, D+, D- and the one-sided bar (``Differences``)."""
 
     def __init__(self, rows: int, c: int) -> None:
@@ -190,24 +188,25 @@ class _Diff:
         self.one_sided_bar = [[0.0] * c for _ in range(rows)]
 
 
-def _rows_of(diff: _Diff, mine: list[int]) -> _Diff:
-    part = _Diff(0, 0)
+def _rows_of(diff: FloatDifferences, mine: list[int]) -> FloatDifferences:
+    part = FloatDifferences(0, 0)
     for name in ("value", "bar", "forward", "backward", "one_sided_bar"):
         setattr(part, name, [getattr(diff, name)[k] for k in mine])
     return part
 
 
-def _differences(
+def differences_on_floats(
     evaluated: list[list[float]],
     f0: list[float],
     offsets: list[list[float]],
     machine_eps: float,
     x_scale: list[float],
     rows: list[int],
-) -> _Diff:
-    """``numeric.differences`` of the judged ``rows`` (noise from every column, as there)."""
+) -> FloatDifferences:
+    """``numeric.differences`` of the judged ``rows`` (noise from every column, as there) from
+    outputs at the nodes (``3 * c`` lists, node-major) and offsets ``(3, c)``: ``(rows, c)`` lists."""
     c = len(x_scale)
-    diff = _Diff(len(rows), c)
+    diff = FloatDifferences(len(rows), c)
     minus, plus, plus2 = evaluated[:c], evaluated[c : 2 * c], evaluated[2 * c :]
     weights, gains = [], []
     for j in range(c):
@@ -259,7 +258,7 @@ def _differences(
     return diff
 
 
-class _Verdict:
+class FloatVerdict:
     """One element's judgement (``compare.Judgement``)."""
 
     __slots__ = ("error", "failed", "kink", "nonfinite", "ratio", "tolerance")
@@ -273,8 +272,13 @@ def _clean(value: float) -> float:
     return 0.0 if math.isnan(value) or math.isinf(value) else value
 
 
-def _judge(analytic: list[list[float]], diff: _Diff, tol: Tolerance) -> list[list[_Verdict]]:
-    """``compare.judge`` of a block, element by element."""
+def judge_floats(
+    analytic: list[list[float]],
+    diff: FloatDifferences,
+    tol: Tolerance,
+    scale: list[list[float]] | None = None,
+) -> list[list[FloatVerdict]]:
+    """``compare.judge`` of a block, element by element (``scale``: per element, as there)."""
     finite = [
         [math.isfinite(a) and math.isfinite(n) for a, n in zip(ra, rn, strict=True)]
         for ra, rn in zip(analytic, diff.value, strict=True)
@@ -293,17 +297,29 @@ def _judge(analytic: list[list[float]], diff: _Diff, tol: Tolerance) -> list[lis
         return (a, *(_clean(v) for v in fields))
 
     values = [[cleaned(k, j) for j in range(len(row))] for k, row in enumerate(analytic)]
+    atols: list[list[float]] | None = None
     if tol.atol is not None:
-        atol = tol.atol
+        atol = tol.atol + tol.slack
+    elif scale is not None:
+        atol = 0.0
+        atols = [
+            [
+                tol.atol_factor * (scale[k][j] if every else _clean(scale[k][j]) if finite[k][j] else 0.0)
+                + tol.slack
+                for j in range(len(row))
+            ]
+            for k, row in enumerate(values)
+        ]
     else:
         block = max((abs(v[1]) for row in values for v in row), default=0.0)
-        atol = tol.atol_factor * block
-    atol = atol + tol.slack
+        atol = tol.atol_factor * block + tol.slack
     kink_bars = max(tol.bars, _KINK_BARS)
     verdicts = []
     for k, row in enumerate(values):
         out = []
         for j, (a, n, bar, fwd, bwd, side) in enumerate(row):
+            if atols is not None:
+                atol = atols[k][j]
             tolerance = abs(n) * tol.rtol + bar * tol.bars + atol
             error = abs(a - n)
             ratio = 0.0 if error == 0 else error / tolerance
@@ -313,7 +329,7 @@ def _judge(analytic: list[list[float]], diff: _Diff, tol: Tolerance) -> list[lis
                 margin = side * kink_bars + atol
                 kink = min(fwd, bwd) - margin <= a <= max(fwd, bwd) + margin
                 failed = (failed and not kink) if not tol.kinks_fail else (failed or kink)
-            verdict = _Verdict(tolerance, error, ratio, failed, kink)
+            verdict = FloatVerdict(tolerance, error, ratio, failed, kink)
             if not every and not finite[k][j]:
                 a0, n0 = analytic[k][j], diff.value[k][j]
                 same = (a0 == n0) or (math.isnan(a0) and math.isnan(n0))
@@ -335,10 +351,12 @@ class _Pair:
         self.map: list[float] | None = None
         self.worst: list[tuple[int, float, ElementError]] = []
 
-    def add(self, c: int, rows: list[int], analytic: list[list[float]], diff: _Diff, tol: Tolerance) -> None:
+    def add(
+        self, c: int, rows: list[int], analytic: list[list[float]], diff: FloatDifferences, tol: Tolerance
+    ) -> None:
         if not rows:
             return
-        verdicts = _judge(analytic, diff, tol)
+        verdicts = judge_floats(analytic, diff, tol)
         flat = [(k, j) for j in range(c) for k in range(len(rows))]  # (m, c) views of (c, m) memory
         self.checked += len(flat)
         n_failed = sum(verdicts[k][j].failed for k, j in flat)
@@ -385,7 +403,9 @@ class _Pair:
         self.worst.sort(key=lambda item: (-item[0], -item[1]))
         del self.worst[self.max_worst :]
 
-    def _keep(self, rank: int, row: int, col: int, analytic: float, diff: _Diff, k: int, v: _Verdict) -> None:
+    def _keep(
+        self, rank: int, row: int, col: int, analytic: float, diff: FloatDifferences, k: int, v: FloatVerdict
+    ) -> None:
         out_index, out_part = flat_index(row, self.output.shape, self.output.is_complex)
         in_index, in_part = flat_index(col, self.leaf.shape, self.leaf.is_complex)
         element = ElementError(

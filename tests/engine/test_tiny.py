@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import gradcheck_svc as gc
-from gradcheck_svc.engine import api, tiny
+from gradcheck_svc.engine import api, fast, tiny
 
 
 class _OffByOnePercent(torch.autograd.Function):
@@ -187,3 +187,27 @@ def test_problems_the_tiny_path_leaves_to_the_column_path(monkeypatch: pytest.Mo
         tiny_report, column_report, took_tiny = _both(monkeypatch, fn, inputs, **options)
         assert not took_tiny
         assert not list(_differences(tiny_report, column_report))
+
+
+@pytest.mark.parametrize("seed", range(80))
+@pytest.mark.parametrize("options", [{}, {"error_bars": 2.5, "kinks": "fail", "projections": 3}])
+def test_fast_mode_judged_on_floats_reports_what_tensors_report(
+    monkeypatch: pytest.MonkeyPatch, seed: int, options: dict[str, Any]
+) -> None:
+    kind, fn, inputs = _problem(seed)
+    on_floats = gc.check(fn, *inputs, mode="fast", **options).model_dump()
+
+    def on_tensors(
+        ctx: Any, block: Any, leaf: Any, analytic: Any, projected: Any, terms: Any, nondet: float
+    ) -> Any:
+        return fast._judged(ctx, block, leaf, analytic, projected, terms, None, None, nondet)
+
+    monkeypatch.setattr(fast, "_judged_on_floats", on_tensors)
+    monkeypatch.setattr(fast, "TINY_ENTRIES", 0)  # the differences on tensors too
+    tensors = gc.check(fn, *inputs, mode="fast", **options).model_dump()
+    on_floats.pop("timings")
+    tensors.pop("timings")
+    differing = list(_differences(on_floats, tensors))
+    if kind == "random":
+        differing = [d for d in differing if ".status" in d or d.startswith(".ok") or ".notes" in d]
+    assert not differing, differing[:5]
