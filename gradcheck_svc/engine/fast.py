@@ -37,9 +37,10 @@ def run_fast(ctx: Context) -> list[PairReport]:
     n_out = len(problem.outputs)
     ctx.check_limits(n_out * count * len(problem.leaves), 3 * count * len(problem.leaves))
 
-    # Numeric side: J u for each leaf and direction, with error bars: (M, P) per leaf.
+    # Numeric side: J u for each leaf and direction, with error bars: per leaf the five parts of
+    # its Differences, (5, P, M) (each part an (M, P) block transposed).
     directions: list[torch.Tensor] = []
-    numeric: list[Differences] = []
+    numeric: list[torch.Tensor] = []
     t0 = time.perf_counter()
     for i, leaf in enumerate(ctx.numeric_problem.leaves):
         ctx.poll()
@@ -50,15 +51,16 @@ def run_fast(ctx: Context) -> list[PairReport]:
         offsets = torch.tensor(NODES, dtype=torch.float64, device=device).unsqueeze(1).expand(3, count) * t
         evaluated = ctx.evaluate(i, batch)
         directions.append(u)
-        x_scale = torch.full((count,), 1.0, dtype=torch.float64, device=device)
         if count * problem.n_outputs <= TINY_ENTRIES:
             numeric.append(
                 _differences_on_floats(evaluated, ctx.numeric_f0, offsets, ctx.numeric_machine_eps)
             )
         else:
-            numeric.append(
-                differences(evaluated, ctx.numeric_f0, offsets.contiguous(), ctx.numeric_machine_eps, x_scale)
+            x_scale = torch.full((count,), 1.0, dtype=torch.float64, device=device)
+            found = differences(
+                evaluated, ctx.numeric_f0, offsets.contiguous(), ctx.numeric_machine_eps, x_scale
             )
+            numeric.append(torch.stack([part.T for part in found.parts()]))
     ctx.timed("numeric_s", t0)
 
     # Analytic side: J^T v for seeded cotangents, one set per output block.
@@ -74,38 +76,34 @@ def run_fast(ctx: Context) -> list[PairReport]:
     failing: list[tuple[int, int]] = []
     for o, block in enumerate(problem.outputs):
         v = cotangents[o * count : (o + 1) * count, block.rows]  # (P, m_o)
+        # Values and one-sided differences project on v, error bars on |v|: one product for all five.
+        weights = torch.stack([v, v.abs(), v, v, v.abs()])
         for i, leaf in enumerate(problem.leaves):
-            d = numeric[i].rows(block.rows)  # (m_o, P)
+            parts = numeric[i][:, :, block.rows]  # (5, P, m_o)
             u = directions[i]
             g = grads[i][o * count : (o + 1) * count]  # (P, n_i)
-            analytic = (g * u).sum(dim=1).unsqueeze(0)  # (1, P)
-            projected = Differences(
-                value=(v * d.value.T).sum(dim=1).unsqueeze(0),
-                bar=(v.abs() * d.bar.T).sum(dim=1).unsqueeze(0),
-                forward=(v * d.forward.T).sum(dim=1).unsqueeze(0),
-                backward=(v * d.backward.T).sum(dim=1).unsqueeze(0),
-                one_sided_bar=(v.abs() * d.one_sided_bar.T).sum(dim=1).unsqueeze(0),
-            )
+            gu = g * u
+            analytic = gu.sum(dim=1).unsqueeze(0)  # (1, P)
+            projected = Differences(*(weights * parts).sum(dim=2).unsqueeze(1).unbind(0))
             # The user's dtype rounds each term v_i J_ij u_j: the scale of its rounding is that of
             # the terms summed, from both sides, not of the (possibly cancelling) projection.
-            terms = (g * u).abs().sum(dim=1) + (v.abs() * d.value.T.abs()).sum(dim=1)
-            allowance = ctx.rounding_allowance(block.rows, d.value)  # (m_o, P) or None
+            terms = gu.abs().sum(dim=1) + (weights[1] * parts[0].abs()).sum(dim=1)
             nondet = 0.0
             if again is not None and g.numel():
                 nondet = largest_change(g, again[i][o * count : (o + 1) * count])
+            allowance = ctx.rounding_allowance(block.rows, parts[0].T)  # (m_o, P) or None
             if allowance is None and wide_grads is None:
                 # A few scalars per pair: judged on floats, with judge's arithmetic (tiny.py).
                 report = _judged_on_floats(ctx, block, leaf, analytic, projected, terms, nondet)
             else:
                 if allowance is not None:
-                    allowance = (v.abs() * allowance.T).sum(dim=1).unsqueeze(0)
+                    allowance = (weights[1] * allowance.T).sum(dim=1).unsqueeze(0)
                 wide = None
                 if wide_grads is not None:
                     wide = (wide_grads[i][o * count : (o + 1) * count] * u).sum(dim=1).unsqueeze(0)
                 report = _judged(ctx, block, leaf, analytic, projected, terms, allowance, wide, nondet)
             reports.append(report)
-            status = report.status
-            if status in (Status.FAIL, Status.NONFINITE):
+            if report.status in (Status.FAIL, Status.NONFINITE):
                 failing.append((o, i))
 
     if failing:
@@ -115,20 +113,18 @@ def run_fast(ctx: Context) -> list[PairReport]:
 
 def _differences_on_floats(
     evaluated: torch.Tensor, f0: torch.Tensor, offsets: torch.Tensor, machine_eps: float
-) -> Differences:
-    """``numeric.differences`` of a few projections on floats (tiny.py), as ``(M, P)`` views of
-    ``(P, M)`` memory like its own, so the projections below sum in the same order."""
+) -> torch.Tensor:
+    """``numeric.differences`` of a few projections on floats (tiny.py): its five parts, ``(5, P, M)``."""
     count, m = offsets.shape[1], f0.numel()
     found = differences_on_floats(
         evaluated.tolist(), f0.tolist(), offsets.tolist(), machine_eps, [1.0] * count, list(range(m))
     )
     fields = (found.value, found.bar, found.forward, found.backward, found.one_sided_bar)
-    parts = torch.tensor(
+    return torch.tensor(
         [[[block[k][j] for k in range(m)] for j in range(count)] for block in fields],
         dtype=torch.float64,
         device=f0.device,
     )
-    return Differences(*(part.T for part in parts.unbind(0)))
 
 
 def _judged(

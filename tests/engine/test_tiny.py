@@ -72,7 +72,7 @@ def _problem(seed: int) -> tuple[str, Callable[..., torch.Tensor], tuple[torch.T
         "random": lambda: ((lambda x: (x * torch.rand((), dtype=torch.float64)).sum()), (x,)),
         "affine": lambda: (
             (lambda x, b: w @ x.reshape(-1) + b),
-            (x, torch.randn(w.shape[0], dtype=torch.float64)),
+            (x, torch.randn(w.shape[0], generator=g, dtype=torch.float64)),
         ),
         "max": lambda: ((lambda x: x.max() * one), (torch.ones(shape, dtype=torch.float64),)),
         "zero": lambda: ((lambda x: (x**3).sum() * 0), (x,)),
