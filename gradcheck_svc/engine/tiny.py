@@ -25,7 +25,6 @@ from gradcheck_svc.engine.agreement import largest_change
 from gradcheck_svc.engine.compare import Tolerance, pair_fields, pair_status
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.numeric import NODES
-from gradcheck_svc.engine.probes import onehot
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, flat_index
 from gradcheck_svc.report import Check, ElementError, PairReport
 
@@ -100,7 +99,7 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
     if ctx.rows_per_backward(n, m) < m:
         return None
     ctx.poll()
-    cotangents = onehot(torch.arange(m, device=ctx.f0.device), m)
+    cotangents = torch.eye(m, dtype=torch.float64, device=ctx.f0.device)  # probes.onehot of every row
     grads = ctx.analytic.rows(cotangents)
     jac_t = [g.T.tolist() for g in grads]  # per leaf, (n_i, M)
     f0 = ctx.numeric_f0.tolist()
