@@ -17,7 +17,7 @@ __all__ = ["onehot", "random_cotangents", "random_directions"]
 
 _LEVEL_VALUES = (0.5, 0.75, 1.0)
 _LEVELS = torch.tensor(_LEVEL_VALUES, dtype=torch.float64)
-_FEW = 256  # directions of up to this many elements are drawn into Python floats
+_FEW = 64  # directions of up to this many elements are drawn into Python floats
 
 
 def onehot(positions: torch.Tensor, size: int) -> torch.Tensor:

@@ -203,7 +203,7 @@ def test_fast_mode_judged_on_floats_reports_what_tensors_report(
         return fast._judged(ctx, block, leaf, analytic, projected, terms, None, None, nondet)
 
     monkeypatch.setattr(fast, "_judged_on_floats", on_tensors)
-    monkeypatch.setattr(fast, "TINY_ENTRIES", 0)  # the differences on tensors too
+    monkeypatch.setattr(fast, "_FLOAT_ENTRIES", 0)  # the differences on tensors too
     tensors = gc.check(fn, *inputs, mode="fast", **options).model_dump()
     on_floats.pop("timings")
     tensors.pop("timings")
