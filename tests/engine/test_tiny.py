@@ -130,7 +130,16 @@ def _both(
 
 
 @pytest.mark.parametrize("seed", range(120))
-@pytest.mark.parametrize("options", [{}, {"error_bars": 2.5, "kinks": "fail"}, {"atol": 1e-9, "rtol": 1e-6}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"error_bars": 2.5, "kinks": "fail"},
+        {"atol": 1e-9, "rtol": 1e-6},
+        {"order": 2},
+        {"check_nondeterminism": False, "max_worst": 1, "eps": 1e-4, "nondet_tol": 1e-3},
+    ],
+)
 def test_tiny_reports_equal_the_column_paths(
     monkeypatch: pytest.MonkeyPatch, seed: int, options: dict[str, Any]
 ) -> None:
