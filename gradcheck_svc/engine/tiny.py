@@ -118,8 +118,6 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
 
     reports: list[PairReport] = []
     for i, leaf in enumerate(problem.leaves):
-        start = time.perf_counter()
-        ctx.timed("numeric_s", start)  # where the column path times its colouring attempt
         ctx.poll()
         columns, evaluated, offsets, x_scale = _evaluate_leaf(ctx, i)
         start = time.perf_counter()
@@ -144,7 +142,6 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
             pair.checked += (block.size - len(mine)) * columns
             reports.append(pair.report(nondeterminism[i], options.nondet_tol))
         ctx.timed("compare_s", start)
-    ctx.timed("analytic_s", time.perf_counter())  # the column path's per-chunk analytic timing
     return reports
 
 
