@@ -44,15 +44,24 @@ def within_ulps(
     the largest magnitude (non-finite magnitudes count 0): that of ``b``, or of the larger of
     the two with ``both``. The same arithmetic on lists for a few elements."""
     if a.numel() > _FEW or a.shape != b.shape:
-        scale = (torch.maximum(a.abs(), b.abs()) if both else b.abs()).nan_to_num(nan=0.0, posinf=0.0)
-        allowed = ulps * unit * (scale + (scale.max() if scale.numel() else 0.0))
+        size = (torch.maximum(a.abs(), b.abs()) if both else b.abs()).nan_to_num(nan=0.0, posinf=0.0)
+        allowed = ulps * unit * (size + (size.max() if size.numel() else 0.0))
         return within(a, b, allowed)
-    first, again = a.reshape(-1).tolist(), b.reshape(-1).tolist()
-    scale = [max(abs(x), abs(y)) if both else abs(y) for x, y in zip(first, again, strict=True)]
-    scale = [0.0 if math.isnan(v) or v == math.inf else v for v in scale]
+    first: list[float] = a.reshape(-1).tolist()
+    again: list[float] = b.reshape(-1).tolist()
+    scale = [_magnitude(x, y) if both else _magnitude(y, y) for x, y in zip(first, again, strict=True)]
     largest = max(scale, default=0.0)
     factor = ulps * unit
     return all(
         abs(x - y) <= factor * (s + largest) or x == y or (math.isnan(x) and math.isnan(y))
         for x, y, s in zip(first, again, scale, strict=True)
     )
+
+
+def _magnitude(x: float, y: float) -> float:
+    """max(|x|, |y|) as torch.maximum then nan_to_num(nan=0, posinf=0) give it: NaN in either, or
+    an infinite magnitude, counts 0."""
+    if math.isnan(x) or math.isnan(y):
+        return 0.0
+    m = max(abs(x), abs(y))
+    return 0.0 if m == math.inf else m

@@ -288,11 +288,12 @@ def judge_floats(
     def cleaned(k: int, j: int) -> tuple[float, float, float, float, float, float]:
         a, n = analytic[k][j], diff.value[k][j]
         fields = (n, diff.bar[k][j], diff.forward[k][j], diff.backward[k][j], diff.one_sided_bar[k][j])
-        if every:
-            return (a, *fields)
-        if not finite[k][j]:
-            return (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-        return (a, *(_clean(v) for v in fields))
+        if not every:
+            if not finite[k][j]:
+                return (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+            n, bar, forward, backward, side = (_clean(v) for v in fields)
+            return (a, n, bar, forward, backward, side)
+        return (a, *fields)
 
     values = [[cleaned(k, j) for j in range(len(row))] for k, row in enumerate(analytic)]
     atols: list[list[float]] | None = None
