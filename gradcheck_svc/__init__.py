@@ -76,5 +76,7 @@ def __getattr__(name: str) -> Any:
     if name in ("check", "assert_grads"):
         from gradcheck_svc.engine import api
 
-        return getattr(api, name)
+        value = getattr(api, name)
+        globals()[name] = value  # imported once: later lookups skip this hook
+        return value
     raise AttributeError(f"module 'gradcheck_svc' has no attribute {name!r}")

@@ -7,9 +7,13 @@ one only as an infinite difference, and equal values (infinities included) as no
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["largest_change", "within"]
+__all__ = ["largest_change", "within", "within_ulps"]
+
+_FEW = 64  # tensors up to this many elements are compared on Python floats (no torch op to pay)
 
 
 def within(a: torch.Tensor, b: torch.Tensor, allowed: torch.Tensor | float) -> bool:
@@ -20,6 +24,44 @@ def within(a: torch.Tensor, b: torch.Tensor, allowed: torch.Tensor | float) -> b
 
 def largest_change(first: torch.Tensor, again: torch.Tensor) -> float:
     """max |again - first| over the elements that changed; 0 for empty tensors."""
+    if first.numel() <= _FEW and first.shape == again.shape:
+        largest = 0.0
+        for a, b in zip(first.reshape(-1).tolist(), again.reshape(-1).tolist(), strict=True):
+            if a == b or (math.isnan(a) and math.isnan(b)):
+                continue
+            delta = abs(b - a)
+            largest = max(largest, math.inf if math.isnan(delta) else delta)
+        return largest
     delta = (again - first).abs().nan_to_num(nan=float("inf"))
     delta.masked_fill_((again == first) | (again.isnan() & first.isnan()), 0.0)
     return float(delta.max()) if delta.numel() else 0.0
+
+
+def within_ulps(
+    a: torch.Tensor, b: torch.Tensor, unit: float, *, ulps: float = 64.0, both: bool = False
+) -> bool:
+    """``within`` with an allowance of ``ulps`` units ``unit`` of each element's magnitude plus
+    the largest magnitude (non-finite magnitudes count 0): that of ``b``, or of the larger of
+    the two with ``both``. The same arithmetic on lists for a few elements."""
+    if a.numel() > _FEW or a.shape != b.shape:
+        size = (torch.maximum(a.abs(), b.abs()) if both else b.abs()).nan_to_num(nan=0.0, posinf=0.0)
+        allowed = ulps * unit * (size + (size.max() if size.numel() else 0.0))
+        return within(a, b, allowed)
+    first: list[float] = a.reshape(-1).tolist()
+    again: list[float] = b.reshape(-1).tolist()
+    scale = [_magnitude(x, y) if both else _magnitude(y, y) for x, y in zip(first, again, strict=True)]
+    largest = max(scale, default=0.0)
+    factor = ulps * unit
+    return all(
+        abs(x - y) <= factor * (s + largest) or x == y or (math.isnan(x) and math.isnan(y))
+        for x, y, s in zip(first, again, scale, strict=True)
+    )
+
+
+def _magnitude(x: float, y: float) -> float:
+    """max(|x|, |y|) as torch.maximum then nan_to_num(nan=0, posinf=0) give it: NaN in either, or
+    an infinite magnitude, counts 0."""
+    if math.isnan(x) or math.isnan(y):
+        return 0.0
+    m = max(abs(x), abs(y))
+    return 0.0 if m == math.inf else m

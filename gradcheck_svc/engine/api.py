@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from gradcheck_svc.engine.agreement import within
+from gradcheck_svc.engine.agreement import within_ulps
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.devices import compare_devices, resolve_device
 from gradcheck_svc.engine.edge_inputs import empty_pairs, mark_nonfinite_inputs, note_skipped_outputs
@@ -20,7 +20,8 @@ from gradcheck_svc.engine.progress import Progress, ProgressFn
 from gradcheck_svc.engine.reference import Reference, choose_reference
 from gradcheck_svc.engine.second_order import second_order_problem
 from gradcheck_svc.engine.taylor import run_taylor
-from gradcheck_svc.engine.threads import serial_if_small
+from gradcheck_svc.engine.threads import largest_batch, serial_if_small
+from gradcheck_svc.engine.tiny import run_tiny
 from gradcheck_svc.errors import GradientMismatch, InvalidOptionError, NotCallableError
 from gradcheck_svc.options import CallArguments, CheckOptions, call_arguments, resolve_options
 from gradcheck_svc.report import Report, Status
@@ -89,7 +90,7 @@ def check(
     problem, _ = build_problem(
         fn, inputs, fn_kwargs, input_names=input_names, device=device, upcast=opts.upcast, wrt=call.wrt
     )
-    with serial_if_small(problem.n_inputs, problem.n_outputs):
+    with serial_if_small(_largest_batch(problem, opts)):
         report = _check_problem(problem, fn, inputs, opts, call, device, progress)
     report.timings["total_s"] = round(time.perf_counter() - started, 6)
     return apply_expectation(report, call.expect)
@@ -137,7 +138,8 @@ def _check_problem(
         pairs = run_taylor(ctx)
         mode = "taylor"
     elif mode == "full":
-        pairs = [a.report() for a in run_full(ctx).values()]
+        tiny = run_tiny(ctx)
+        pairs = tiny if tiny is not None else [a.report() for a in run_full(ctx).values()]
     else:
         pairs = run_fast(ctx)
     mark_nonfinite_inputs(problem, ctx.f0, pairs, ctx.note)
@@ -167,6 +169,14 @@ def _check_problem(
         options=_resolved_options(opts, ctx),
         timings={k: round(v, 6) for k, v in ctx.timings.items()},
     )
+
+
+def _largest_batch(problem: Problem, opts: CheckOptions) -> int:
+    """Elements of the largest batch the check builds: fast mode perturbs its projections, full
+    mode every column (as ``_mode`` will choose)."""
+    n, m = problem.n_inputs, problem.n_outputs
+    fast = opts.mode == "fast" or (opts.mode == "auto" and n * m > opts.fast_threshold)
+    return largest_batch(n, m, opts.projections * len(problem.leaves) if fast else n)
 
 
 def _mode(ctx: Context, opts: CheckOptions) -> str:
@@ -205,9 +215,7 @@ def _resolved_options(opts: CheckOptions, ctx: Context) -> dict[str, object]:
 def _same_values(first: torch.Tensor, again: torch.Tensor, unit: float) -> bool:
     # With autograd on, a library may pick another kernel and round differently: a few ulps
     # are not nondeterminism (and smaller noise shows up in the error bars anyway).
-    scale = first.abs().nan_to_num(nan=0.0, posinf=0.0)
-    allowed = 64 * unit * (scale + (scale.max() if scale.numel() else 0.0))
-    return within(again, first, allowed)
+    return within_ulps(again, first, unit)
 
 
 def _forward_is_nondeterministic(ctx: Context) -> bool:

@@ -54,9 +54,9 @@ def mark_nonfinite_inputs(
     """Name the input elements that were not perturbed; a NaN input that reaches an output fails."""
     nan_outputs: set[str] | None = None
     for leaf in problem.leaves:
-        real = leaf.real
-        if bool(real.isfinite().all()):
+        if leaf.all_finite:
             continue
+        real = leaf.real
         if nan_outputs is None:
             nan_outputs = {block.name for block in problem.outputs if bool(f0[block.rows].isnan().any())}
         where = _where(leaf)

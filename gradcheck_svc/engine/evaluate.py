@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from gradcheck_svc.engine.agreement import within
+from gradcheck_svc.engine.agreement import within_ulps
 from gradcheck_svc.engine.guard import peak_bytes
 from gradcheck_svc.engine.plain_forward import batched_plain_forward
 from gradcheck_svc.engine.problem import Problem
@@ -120,9 +120,7 @@ class Evaluator:
         eps = max(torch.finfo(leaf.real_dtype).eps for leaf in self.problem.leaves)
 
         def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-            scale = torch.maximum(a.abs(), b.abs()).nan_to_num(nan=0.0, posinf=0.0)
-            allowed = 64 * eps * (scale + (scale.max() if scale.numel() else 0.0))
-            return within(a, b, allowed)
+            return within_ulps(a, b, eps, both=True)
 
         last = batch[-1]
         plain = self._measured_base

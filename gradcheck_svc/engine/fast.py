@@ -11,6 +11,7 @@ re-checked in full mode, so the message still points at elements.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -19,11 +20,17 @@ from gradcheck_svc.engine.agreement import largest_change
 from gradcheck_svc.engine.compare import judge, merge_wide, pair_fields, pair_status
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.full import DENSE_ENTRIES, run_full
-from gradcheck_svc.engine.numeric import NODES, Differences, differences, steps
+from gradcheck_svc.engine.numeric import NODES, Differences, differences
 from gradcheck_svc.engine.probes import random_cotangents, random_directions
+from gradcheck_svc.engine.problem import Leaf, OutputBlock
+from gradcheck_svc.engine.tiny import FloatDifferences, differences_on_floats, judge_floats
 from gradcheck_svc.report import Check, PairReport, Status
 
 __all__ = ["run_fast"]
+
+# Projected outputs (P x M) up to this many take their differences on floats: there a few dozen
+# elements cost less in Python than the tensor formulas' hundred-odd ops.
+_FLOAT_ENTRIES = 48
 
 
 def run_fast(ctx: Context) -> list[PairReport]:
@@ -34,23 +41,30 @@ def run_fast(ctx: Context) -> list[PairReport]:
     n_out = len(problem.outputs)
     ctx.check_limits(n_out * count * len(problem.leaves), 3 * count * len(problem.leaves))
 
-    # Numeric side: J u for each leaf and direction, with error bars: (M, P) per leaf.
+    # Numeric side: J u for each leaf and direction, with error bars: per leaf the five parts of
+    # its Differences, (5, P, M) (each part an (M, P) block transposed).
     directions: list[torch.Tensor] = []
-    numeric: list[Differences] = []
+    numeric: list[torch.Tensor] = []
     t0 = time.perf_counter()
     for i, leaf in enumerate(ctx.numeric_problem.leaves):
         ctx.poll()
         u = random_directions(leaf.real, count, generator)
-        t = float(steps(torch.zeros(1), ctx.eps(leaf))[0])
+        t = 2.0 ** round(math.log2(ctx.eps(leaf)))  # numeric.steps at x = 0
         base = leaf.real.detach().to(torch.float64)
         batch = torch.cat([(base + node * t * u).to(leaf.real_dtype) for node in NODES])
         offsets = torch.tensor(NODES, dtype=torch.float64, device=device).unsqueeze(1).expand(3, count) * t
         evaluated = ctx.evaluate(i, batch)
         directions.append(u)
-        x_scale = torch.full((count,), 1.0, dtype=torch.float64, device=device)
-        numeric.append(
-            differences(evaluated, ctx.numeric_f0, offsets.contiguous(), ctx.numeric_machine_eps, x_scale)
-        )
+        if count * problem.n_outputs <= _FLOAT_ENTRIES:
+            numeric.append(
+                _differences_on_floats(evaluated, ctx.numeric_f0, offsets, ctx.numeric_machine_eps)
+            )
+        else:
+            x_scale = torch.full((count,), 1.0, dtype=torch.float64, device=device)
+            found = differences(
+                evaluated, ctx.numeric_f0, offsets.contiguous(), ctx.numeric_machine_eps, x_scale
+            )
+            numeric.append(torch.stack([part.T for part in found.parts()]))
     ctx.timed("numeric_s", t0)
 
     # Analytic side: J^T v for seeded cotangents, one set per output block.
@@ -66,68 +80,152 @@ def run_fast(ctx: Context) -> list[PairReport]:
     failing: list[tuple[int, int]] = []
     for o, block in enumerate(problem.outputs):
         v = cotangents[o * count : (o + 1) * count, block.rows]  # (P, m_o)
+        # Values and one-sided differences project on v, error bars on |v|: one product for all five.
+        weights = torch.stack([v, v.abs(), v, v, v.abs()])
         for i, leaf in enumerate(problem.leaves):
-            d = numeric[i].rows(block.rows)  # (m_o, P)
+            parts = numeric[i][:, :, block.rows]  # (5, P, m_o)
             u = directions[i]
             g = grads[i][o * count : (o + 1) * count]  # (P, n_i)
-            analytic = (g * u).sum(dim=1).unsqueeze(0)  # (1, P)
-            projected = Differences(
-                value=(v * d.value.T).sum(dim=1).unsqueeze(0),
-                bar=(v.abs() * d.bar.T).sum(dim=1).unsqueeze(0),
-                forward=(v * d.forward.T).sum(dim=1).unsqueeze(0),
-                backward=(v * d.backward.T).sum(dim=1).unsqueeze(0),
-                one_sided_bar=(v.abs() * d.one_sided_bar.T).sum(dim=1).unsqueeze(0),
-            )
+            gu = g * u
+            analytic = gu.sum(dim=1).unsqueeze(0)  # (1, P)
+            projected = Differences(*(weights * parts).sum(dim=2).unsqueeze(1).unbind(0))
             # The user's dtype rounds each term v_i J_ij u_j: the scale of its rounding is that of
             # the terms summed, from both sides, not of the (possibly cancelling) projection.
-            terms = (g * u).abs().sum(dim=1) + (v.abs() * d.value.T.abs()).sum(dim=1)
-            allowance = ctx.rounding_allowance(block.rows, d.value)  # (m_o, P) or None
-            if allowance is not None:
-                allowance = (v.abs() * allowance.T).sum(dim=1).unsqueeze(0)
-            verdict = judge(
-                analytic, projected, ctx.tolerance(block, leaf), scale=terms.unsqueeze(0), extra=allowance
-            )
-            wide_only = 0
-            if wide_grads is not None:
-                wide = (wide_grads[i][o * count : (o + 1) * count] * u).sum(dim=1).unsqueeze(0)
-                wide_verdict = judge(wide, projected, ctx.screen_tolerance(), scale=terms.unsqueeze(0))
-                analytic, verdict, only_wide = merge_wide(analytic, verdict, wide, wide_verdict)
-                wide_only = int(only_wide.sum())
+            terms = gu.abs().sum(dim=1) + (weights[1] * parts[0].abs()).sum(dim=1)
             nondet = 0.0
             if again is not None and g.numel():
                 nondet = largest_change(g, again[i][o * count : (o + 1) * count])
-            status = pair_status(
-                nonfinite=bool(verdict.nonfinite.any()),
-                nondeterministic=nondet > options.nondet_tol,
-                failed=bool(verdict.failed.any()),
-                kinks=bool(verdict.kink.any()),
-            )
-            error = (analytic - projected.value).abs()
-            finite = torch.isfinite(error)
-            rel = error / projected.value.abs().clamp(min=1e-300)
-            reports.append(
-                PairReport(
-                    **pair_fields(block, leaf),
-                    check=Check.REVERSE,
-                    status=status,
-                    mode="fast",
-                    max_abs_error=float(error[finite].max()) if bool(finite.any()) else 0.0,
-                    max_rel_error=float(rel[finite].max()) if bool(finite.any()) else 0.0,
-                    max_error_ratio=float(verdict.ratio.max()),
-                    elements_checked=count,
-                    elements_failed=int(verdict.failed.sum()),
-                    kinks=int(verdict.kink.sum()),
-                    nondeterminism=nondet if options.check_nondeterminism else None,
-                    message=f"{count} random projections v^T J u"
-                    + (f"; {wide_only} fail only in the float64 run of the backward" if wide_only else ""),
-                )
-            )
-            if status in (Status.FAIL, Status.NONFINITE):
+            allowance = ctx.rounding_allowance(block.rows, parts[0].T)  # (m_o, P) or None
+            if allowance is None and wide_grads is None:
+                # A few scalars per pair: judged on floats, with judge's arithmetic (tiny.py).
+                report = _judged_on_floats(ctx, block, leaf, analytic, projected, terms, nondet)
+            else:
+                if allowance is not None:
+                    allowance = (weights[1] * allowance.T).sum(dim=1).unsqueeze(0)
+                wide = None
+                if wide_grads is not None:
+                    wide = (wide_grads[i][o * count : (o + 1) * count] * u).sum(dim=1).unsqueeze(0)
+                report = _judged(ctx, block, leaf, analytic, projected, terms, allowance, wide, nondet)
+            reports.append(report)
+            if report.status in (Status.FAIL, Status.NONFINITE):
                 failing.append((o, i))
 
     if failing:
         reports = _recheck_in_full(ctx, reports, failing)
     return reports
+
+
+def _differences_on_floats(
+    evaluated: torch.Tensor, f0: torch.Tensor, offsets: torch.Tensor, machine_eps: float
+) -> torch.Tensor:
+    """``numeric.differences`` of a few projections on floats (tiny.py): its five parts, ``(5, P, M)``."""
+    count, m = offsets.shape[1], f0.numel()
+    found = differences_on_floats(
+        evaluated.tolist(), f0.tolist(), offsets.tolist(), machine_eps, [1.0] * count, list(range(m))
+    )
+    fields = (found.value, found.bar, found.forward, found.backward, found.one_sided_bar)
+    return torch.tensor(
+        [[[block[k][j] for k in range(m)] for j in range(count)] for block in fields],
+        dtype=torch.float64,
+        device=f0.device,
+    )
+
+
+def _judged(
+    ctx: Context,
+    block: OutputBlock,
+    leaf: Leaf,
+    analytic: torch.Tensor,
+    projected: Differences,
+    terms: torch.Tensor,
+    allowance: torch.Tensor | None,
+    wide: torch.Tensor | None,
+    nondet: float,
+) -> PairReport:
+    """One pair's projections ``(1, P)`` judged on tensors: with the projected rounding
+    ``allowance`` of a low-precision forward, and ``wide``, the float64 run of the backward
+    projected, where there is one."""
+    options = ctx.options
+    count = options.projections
+    verdict = judge(
+        analytic, projected, ctx.tolerance(block, leaf), scale=terms.unsqueeze(0), extra=allowance
+    )
+    wide_only = 0
+    if wide is not None:
+        wide_verdict = judge(wide, projected, ctx.screen_tolerance(), scale=terms.unsqueeze(0))
+        analytic, verdict, only_wide = merge_wide(analytic, verdict, wide, wide_verdict)
+        wide_only = int(only_wide.sum())
+    status = pair_status(
+        nonfinite=bool(verdict.nonfinite.any()),
+        nondeterministic=nondet > options.nondet_tol,
+        failed=bool(verdict.failed.any()),
+        kinks=bool(verdict.kink.any()),
+    )
+    error = (analytic - projected.value).abs()
+    finite = torch.isfinite(error)
+    rel = error / projected.value.abs().clamp(min=1e-300)
+    return PairReport(
+        **pair_fields(block, leaf),
+        check=Check.REVERSE,
+        status=status,
+        mode="fast",
+        max_abs_error=float(error[finite].max()) if bool(finite.any()) else 0.0,
+        max_rel_error=float(rel[finite].max()) if bool(finite.any()) else 0.0,
+        max_error_ratio=float(verdict.ratio.max()),
+        elements_checked=count,
+        elements_failed=int(verdict.failed.sum()),
+        kinks=int(verdict.kink.sum()),
+        nondeterminism=nondet if options.check_nondeterminism else None,
+        message=_message(count, wide_only),
+    )
+
+
+def _judged_on_floats(
+    ctx: Context,
+    block: OutputBlock,
+    leaf: Leaf,
+    analytic: torch.Tensor,
+    projected: Differences,
+    terms: torch.Tensor,
+    nondet: float,
+) -> PairReport:
+    """``_judged`` without a float64 reference or rounding allowance, on the P scalars as floats."""
+    options = ctx.options
+    count = options.projections
+    values = torch.cat([analytic, *projected.parts(), terms.unsqueeze(0)]).tolist()
+    a, value, bar, forward, backward, one_sided_bar, scale = ([row] for row in values)
+    numeric = FloatDifferences(0, 0)
+    numeric.value, numeric.bar, numeric.forward, numeric.backward = value, bar, forward, backward
+    numeric.one_sided_bar = one_sided_bar
+    verdicts = judge_floats(a, numeric, ctx.tolerance(block, leaf), scale=scale)[0]
+    errors = [abs(x - y) for x, y in zip(a[0], value[0], strict=True)]
+    finite = [(e, e / max(abs(y), 1e-300)) for e, y in zip(errors, value[0], strict=True) if math.isfinite(e)]
+    status = pair_status(
+        nonfinite=any(v.nonfinite for v in verdicts),
+        nondeterministic=nondet > options.nondet_tol,
+        failed=any(v.failed for v in verdicts),
+        kinks=any(v.kink for v in verdicts),
+    )
+    return PairReport(
+        **pair_fields(block, leaf),
+        check=Check.REVERSE,
+        status=status,
+        mode="fast",
+        max_abs_error=max((e for e, _ in finite), default=0.0),
+        max_rel_error=max((r for _, r in finite), default=0.0),
+        max_error_ratio=max(v.ratio for v in verdicts),
+        elements_checked=count,
+        elements_failed=sum(v.failed for v in verdicts),
+        kinks=sum(v.kink for v in verdicts),
+        nondeterminism=nondet if options.check_nondeterminism else None,
+        message=_message(count, 0),
+    )
+
+
+def _message(count: int, wide_only: int) -> str:
+    return f"{count} random projections v^T J u" + (
+        f"; {wide_only} fail only in the float64 run of the backward" if wide_only else ""
+    )
 
 
 def _recheck_in_full(

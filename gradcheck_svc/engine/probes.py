@@ -7,13 +7,17 @@ here so every driver draws them the same way.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from gradcheck_svc.engine.problem import OutputBlock
 
 __all__ = ["onehot", "random_cotangents", "random_directions"]
 
-_LEVELS = torch.tensor([0.5, 0.75, 1.0], dtype=torch.float64)
+_LEVEL_VALUES = (0.5, 0.75, 1.0)
+_LEVELS = torch.tensor(_LEVEL_VALUES, dtype=torch.float64)
+_FEW = 64  # directions of up to this many elements are drawn into Python floats
 
 
 def onehot(positions: torch.Tensor, size: int) -> torch.Tensor:
@@ -30,11 +34,30 @@ def random_directions(base: torch.Tensor, count: int, generator: torch.Generator
     perturbation applied is the one the analytic side projects on.
     """
     n = base.numel()
-    level = _LEVELS[torch.randint(0, 3, (count, n), generator=generator)]
-    sign = torch.randint(0, 2, (count, n), generator=generator).to(torch.float64) * 2 - 1
-    scale = torch.exp2(torch.round(torch.log2(base.detach().to("cpu", torch.float64).abs().clamp(min=1.0))))
-    scale = torch.where(scale.isfinite(), scale, 0.0)  # +-inf and NaN elements are not moved
-    return (level * sign * scale).to(base.device)
+    level = torch.randint(0, 3, (count, n), generator=generator)
+    sign = torch.randint(0, 2, (count, n), generator=generator)
+    if count * n <= _FEW:
+        # The same draws and products on floats: a few elements cost no torch ops.
+        scale = [_power_of_two_scale(x) for x in base.detach().tolist()]
+        rows = [
+            [_LEVEL_VALUES[lv] * (sg * 2.0 - 1) * sc for lv, sg, sc in zip(lr, sr, scale, strict=True)]
+            for lr, sr in zip(level.tolist(), sign.tolist(), strict=True)
+        ]
+        return torch.tensor(rows, dtype=torch.float64, device=base.device).reshape(count, n)
+    scales = torch.exp2(torch.round(torch.log2(base.detach().to("cpu", torch.float64).abs().clamp(min=1.0))))
+    scales = torch.where(scales.isfinite(), scales, 0.0)  # +-inf and NaN elements are not moved
+    return (_LEVELS[level] * (sign.to(torch.float64) * 2 - 1) * scales).to(base.device)
+
+
+def _power_of_two_scale(x: float) -> float:
+    """The power of two nearest max(|x|, 1) in the exponent, as the tensor formula; 0 where
+    that is not finite (+-inf and NaN elements are not moved)."""
+    if not math.isfinite(x):
+        return 0.0
+    try:
+        return 2.0 ** round(math.log2(max(abs(x), 1.0)))
+    except OverflowError:
+        return 0.0
 
 
 def random_cotangents(

@@ -11,6 +11,7 @@ differences lose nothing to the upcast).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -29,6 +30,7 @@ from gradcheck_svc.errors import (
 __all__ = ["Leaf", "OutputBlock", "Problem", "build_problem", "flat_index"]
 
 _LISTED = 3  # elements named one by one in notes about an input
+_FEW = 64  # a leaf of up to this many elements is read as Python floats where that saves torch ops
 
 
 def _differentiable(t: Any) -> bool:
@@ -86,12 +88,18 @@ class Leaf:
     def size(self) -> int:
         return self.value.numel() * (2 if self.is_complex else 1)
 
+    @functools.cached_property
+    def all_finite(self) -> bool:
+        """Whether every element is finite (asked by several steps of a check; the value is fixed)."""
+        if self.size <= _FEW:
+            return all(math.isfinite(v) for v in self.real.tolist())
+        return bool(torch.isfinite(self.real).all())
+
     def finite_positions(self) -> torch.Tensor:
         """Positions of ``real`` that can be perturbed: +-inf and NaN have no finite step."""
-        finite = torch.isfinite(self.real)
-        if bool(finite.all()):
+        if self.all_finite:
             return torch.arange(self.size, device=self.value.device)
-        return finite.nonzero().squeeze(1)
+        return torch.isfinite(self.real).nonzero().squeeze(1)
 
     def nonfinite_elements(self) -> tuple[list[tuple[list[int], str, float]], int]:
         """Up to a few non-finite elements as (index, part, value), and how many there are."""
@@ -184,7 +192,8 @@ class Problem:
 
     def flatten_output(self, out: Any) -> torch.Tensor:
         """The checked output tensors of one call as one flat float64 vector."""
-        tensors = [t for t in pytree.tree_leaves(out) if _differentiable(t)]
+        found = [out] if isinstance(out, torch.Tensor) else pytree.tree_leaves(out)
+        tensors = [t for t in found if _differentiable(t)]
         if self.kept_outputs is not None:
             tensors = [t for t, kept in zip(tensors, self.kept_outputs, strict=True) if kept]
         parts = [_flat_real(t) for t in tensors]
@@ -204,6 +213,13 @@ def _output_name(out: Any, path: Any) -> str:
     return "output" if isinstance(out, torch.Tensor) else "output" + pytree.keystr(path)
 
 
+def _paths(out: Any) -> list[tuple[Any, Any]]:
+    """The output's leaves with their pytree paths (a lone tensor without walking a tree)."""
+    if isinstance(out, torch.Tensor):
+        return [((), out)]
+    return pytree.tree_flatten_with_path(out)[0]
+
+
 def _select_outputs(problem: Problem, out: Any) -> None:
     """Skip outputs autograd marks non-differentiable, as torch.autograd.gradcheck does.
 
@@ -211,7 +227,7 @@ def _select_outputs(problem: Problem, out: Any) -> None:
     gradient by design. Only when some output does require grad: if none does, every output is
     kept and its (zero) autograd Jacobian is compared, which catches a forgotten graph.
     """
-    paths = [(p, t) for p, t in pytree.tree_flatten_with_path(out)[0] if _differentiable(t)]
+    paths = [(p, t) for p, t in _paths(out) if _differentiable(t)]
     kept = [t.requires_grad for _, t in paths]
     if any(kept) and not all(kept):
         problem.kept_outputs = kept
@@ -221,7 +237,7 @@ def _select_outputs(problem: Problem, out: Any) -> None:
 
 
 def _output_blocks(out: Any, kept: list[bool] | None) -> list[OutputBlock]:
-    paths, _ = pytree.tree_flatten_with_path(out)
+    paths = _paths(out)
     blocks: list[OutputBlock] = []
     offset = 0
     position = -1

@@ -18,23 +18,27 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["serial_if_small"]
+__all__ = ["largest_batch", "serial_if_small"]
 
-# The largest batch a full check builds holds three perturbed copies of every input column, each
-# with its outputs: up to this many elements (2 MiB of float64), it is a small check.
+# A check whose largest batch (three perturbed copies of every column it perturbs at once, each
+# with its outputs) holds up to this many elements (2 MiB of float64) is a small check.
 _SMALL_BATCH = 1 << 18
 # Only where OpenMP runs torch's threads: another backend cannot change the count once it has run.
 _OPENMP: bool = torch.backends.openmp.is_available()  # type: ignore[no-untyped-call]  # untyped in torch
 
 
-def _small(n_inputs: int, n_outputs: int) -> bool:
-    return 3 * n_inputs * (n_inputs + n_outputs) <= _SMALL_BATCH
+def largest_batch(n_inputs: int, n_outputs: int, perturbed: int) -> int:
+    """Elements of the largest batch a check builds when it perturbs ``perturbed`` directions at
+    once (every column in full mode, the projections in fast mode): three nodes each, inputs
+    and outputs."""
+    return 3 * perturbed * (n_inputs + n_outputs)
 
 
 @contextlib.contextmanager
-def serial_if_small(n_inputs: int, n_outputs: int) -> Iterator[None]:
-    """torch on one thread inside the block when the check is small and no other thread can notice."""
-    if not _OPENMP or not _small(n_inputs, n_outputs) or threading.active_count() != 1:
+def serial_if_small(batch_elements: int) -> Iterator[None]:
+    """torch on one thread inside the block when the check is small (its largest batch holds at
+    most ``_SMALL_BATCH`` elements) and no other thread can notice."""
+    if not _OPENMP or batch_elements > _SMALL_BATCH or threading.active_count() != 1:
         yield
         return
     before = torch.get_num_threads()

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from gradcheck_svc.engine.agreement import largest_change, within
+from gradcheck_svc.engine.agreement import largest_change, within, within_ulps
 
 INF, NAN = math.inf, math.nan
 
@@ -29,3 +29,29 @@ def test_finite_changes_are_measured_and_allowed_up_to_the_allowance() -> None:
     assert largest_change(first, again) == 0.5
     assert within(first, again, 0.5) and not within(first, again, 0.25)
     assert largest_change(torch.zeros(0), torch.zeros(0)) == 0.0
+
+
+def _within_ulps_on_tensors(a: torch.Tensor, b: torch.Tensor, unit: float, both: bool) -> bool:
+    scale = (torch.maximum(a.abs(), b.abs()) if both else b.abs()).nan_to_num(nan=0.0, posinf=0.0)
+    return within(a, b, 64 * unit * (scale + (scale.max() if scale.numel() else 0.0)))
+
+
+def test_within_ulps_on_floats_agrees_with_the_tensor_arithmetic() -> None:
+    g = torch.Generator().manual_seed(0)
+    unit = 2.0**-52
+    specials = torch.tensor([0.0, INF, -INF, NAN, 1e300], dtype=torch.float64)
+    for trial in range(300):
+        n = 1 + trial % 9
+        a = torch.randn(n, generator=g, dtype=torch.float64) * 10.0 ** float(trial % 7 - 3)
+        if trial % 4 == 0:
+            a[trial % n] = specials[trial % 5]
+        ulps = torch.randint(-300, 300, (n,), generator=g).to(torch.float64)
+        b = a + ulps * unit * a.abs()
+        if trial % 6 == 0:
+            b[0] = NAN if trial % 12 == 0 else b[0] * 1.01
+        if trial % 10 == 5:  # NaN on one side beside a large value: its magnitude counts 0
+            a[0], b[0], b[-1] = 1e6, NAN, b[-1] * (1 + 1e-12)
+        for both in (False, True):
+            assert within_ulps(a, b, unit, both=both) == _within_ulps_on_tensors(a, b, unit, both)
+    big = torch.randn(100, generator=g, dtype=torch.float64)  # past the float threshold: tensors
+    assert within_ulps(big, big * (1 + 8 * unit), unit) and not within_ulps(big, big * 1.001, unit)

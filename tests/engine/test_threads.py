@@ -17,7 +17,7 @@ import json, sys, threading
 import torch
 import gradcheck_svc as gc
 
-size, other_thread = int(sys.argv[1]), sys.argv[2] == "1"
+size, other_thread, mode = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
 torch.set_num_threads(2)
 seen = set()
 
@@ -29,7 +29,7 @@ stop = threading.Event()
 waiter = threading.Thread(target=stop.wait)
 if other_thread:
     waiter.start()
-ok = gc.check(fn, torch.randn(size, dtype=torch.float64)).ok
+ok = gc.check(fn, torch.randn(size, dtype=torch.float64), mode=mode).ok
 stop.set()
 if other_thread:
     waiter.join()
@@ -37,10 +37,10 @@ print(json.dumps(dict(ok=ok, seen=sorted(seen), after=torch.get_num_threads())))
 """
 
 
-def _threads_seen(size: int, other_thread: bool = False) -> dict:
+def _threads_seen(size: int, other_thread: bool = False, mode: str = "auto") -> dict:
     """The thread counts fn saw during a check of ``size`` elements, and the count after it."""
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(size), "1" if other_thread else "0"],
+        [sys.executable, "-c", _CHILD, str(size), "1" if other_thread else "0", mode],
         capture_output=True,
         text=True,
         check=True,
@@ -61,6 +61,13 @@ def test_a_small_check_runs_on_one_thread_and_restores_the_count(size):
 def test_a_large_check_keeps_the_threads():
     result = _threads_seen(400)
     assert result["seen"] == [2]
+    assert result["after"] == 2
+
+
+def test_fast_mode_on_a_large_input_perturbs_few_directions_on_one_thread():
+    # The same 400 elements that keep the threads in full mode: fast mode's batches are a few rows.
+    result = _threads_seen(400, mode="fast")
+    assert result["seen"] == [1, 2]
     assert result["after"] == 2
 
 

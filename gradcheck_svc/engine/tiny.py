@@ -1,0 +1,459 @@
+"""Full mode for tiny problems: the judging arithmetic on Python floats.
+
+A check of a few dozen Jacobian elements costs what its torch ops cost to dispatch, not what
+they compute: differences, error bars, noise, the kink test, tolerances and the report take a
+few hundred ops on tensors of a handful of numbers. Here the backward and the evaluations are
+the column path's own calls (``Context.evaluate``, ``Analytic.rows``), their values come to
+Python once, and every element is judged with the formulas of ``numeric.differences`` and
+``compare.judge``, written out per element in the same order of operations, into the report
+``PairAccumulator`` would build. Tests hold the reports to the column path's on random small
+problems (kinks, non-finite values, nondeterminism, wrong backwards).
+
+Only the column path is mirrored: a problem that the block-structure or colouring paths could
+take, or that needs a float64 reference, forward mode or chunks, goes to ``full.run_full``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from gradcheck_svc.engine import structure
+from gradcheck_svc.engine.agreement import largest_change
+from gradcheck_svc.engine.compare import Tolerance, pair_fields, pair_status
+from gradcheck_svc.engine.context import Context
+from gradcheck_svc.engine.numeric import NODES
+from gradcheck_svc.engine.problem import Leaf, OutputBlock, flat_index
+from gradcheck_svc.report import Check, ElementError, PairReport
+
+__all__ = [
+    "ENABLED",
+    "TINY_COLUMNS",
+    "TINY_ENTRIES",
+    "FloatDifferences",
+    "FloatVerdict",
+    "differences_on_floats",
+    "judge_floats",
+    "run_tiny",
+]
+
+ENABLED = True  # off: tiny checks take the column path (tests compare the two)
+
+TINY_COLUMNS = 64  # input elements in all, at most
+# Jacobian entries in all, at most: the float arithmetic costs some microseconds per entry, the
+# tensor path's few hundred ops a fixed millisecond or two.
+TINY_ENTRIES = 128
+
+# As in numeric.py and compare.py (the column path these formulas mirror).
+_MIN_NOISE_SAMPLES = 4
+_FLOOR_ULPS = 4.0
+_KINK_BARS = 4.0
+_COLOUR_GAIN = 3  # colouring.py's _MIN_GAIN: it leaves a leaf alone when a row has more non-zeros
+_FAILED, _KINK, _PASSED = 2, 1, 0
+
+
+def _applies(ctx: Context) -> bool:
+    """Whether the check is one the column path alone would answer, and tiny."""
+    problem, o = ctx.problem, ctx.options
+    if not ENABLED:
+        return False
+    if ctx.wide_analytic is not None or ctx.forward_rounding is not None or o.forward_ad:
+        return False
+    if ctx.numeric_problem is not problem or problem.n_inputs > TINY_COLUMNS:
+        return False
+    if problem.n_inputs * problem.n_outputs > TINY_ENTRIES or problem.n_outputs == 0:
+        return False
+    leaves, outputs = problem.leaves, problem.outputs
+    # float64 throughout: a perturbed value is then the float64 sum, as Python computes it.
+    if any(leaf.dtype != torch.float64 or leaf.size == 0 for leaf in leaves):
+        return False
+    if any(b.dtype != torch.float64 for b in outputs):
+        return False
+    if o.chunk_size is not None and o.chunk_size < max(leaf.size for leaf in leaves):
+        return False
+    # The structure path gives up at once when some pair has no hypothesis (its shapes allow none).
+    if structure.ENABLED and all(
+        structure.candidates(b.shape, leaf.shape) for b in outputs for leaf in leaves
+    ):
+        return False
+    return all(leaf.all_finite for leaf in leaves)
+
+
+def _colouring_declines(jac_t: list[list[float]], size: int, f0_finite: bool) -> bool:
+    """``colouring.run_coloured`` returns at once: f(x) not finite, or a row with more
+    non-zeros (NaN counts as one) than colouring the leaf would pay for."""
+    if not f0_finite:
+        return True
+    widest = max(sum(1 for column in jac_t if column[r] != 0) for r in range(len(jac_t[0])))
+    return widest > size // _COLOUR_GAIN
+
+
+def run_tiny(ctx: Context) -> list[PairReport] | None:
+    """Every pair of a tiny problem, as ``full.run_full`` reports it; None where it does not apply."""
+    if not _applies(ctx):
+        return None
+    problem, options = ctx.problem, ctx.options
+    m, n = problem.n_outputs, problem.n_inputs
+    ctx.check_limits(m * n, 3 * n)
+    start = time.perf_counter()
+    if ctx.rows_per_backward(n, m) < m:
+        return None
+    ctx.poll()
+    cotangents = torch.eye(m, dtype=torch.float64, device=ctx.f0.device)  # probes.onehot of every row
+    grads = ctx.analytic.rows(cotangents)
+    jac_t = [g.T.tolist() for g in grads]  # per leaf, (n_i, M)
+    f0 = ctx.numeric_f0.tolist()
+    f0_finite = all(math.isfinite(v) for v in f0)
+    if not all(
+        _colouring_declines(j, leaf.size, f0_finite) for j, leaf in zip(jac_t, problem.leaves, strict=True)
+    ):
+        return None
+    nondeterminism: list[float | None] = [None] * len(problem.leaves)
+    if options.check_nondeterminism:
+        again = ctx.analytic.rows(cotangents)
+        nondeterminism = [largest_change(g, a) for g, a in zip(grads, again, strict=True)]
+    ctx.timed("analytic_s", start)
+
+    reports: list[PairReport] = []
+    for i, leaf in enumerate(problem.leaves):
+        ctx.poll()
+        columns, evaluated, offsets, x_scale = _evaluate_leaf(ctx, i)
+        start = time.perf_counter()
+        active = [
+            any(row[r] != f0[r] for row in evaluated)
+            or any(column[r] != 0 for column in jac_t[i])
+            or not math.isfinite(f0[r])
+            for r in range(m)
+        ]
+        rows = [r for r in range(m) if active[r]]
+        diff = differences_on_floats(evaluated, f0, offsets, ctx.numeric_machine_eps, x_scale, rows)
+        for block in problem.outputs:
+            mine = [k for k, r in enumerate(rows) if block.offset <= r < block.offset + block.size]
+            pair = _Pair(block, leaf, options.max_worst)
+            pair.add(
+                columns,
+                [rows[k] - block.offset for k in mine],
+                [[jac_t[i][j][rows[k]] for j in range(columns)] for k in mine],
+                _rows_of(diff, mine),
+                ctx.tolerance(block, leaf),
+            )
+            pair.checked += (block.size - len(mine)) * columns
+            reports.append(pair.report(nondeterminism[i], options.nondet_tol))
+        ctx.timed("compare_s", start)
+    return reports
+
+
+def _evaluate_leaf(ctx: Context, i: int) -> tuple[int, list[list[float]], list[list[float]], list[float]]:
+    """The column path's perturbations of leaf ``i`` (every column at ``NODES``), evaluated.
+
+    Steps, offsets and perturbed copies as ``numeric.steps``, ``node_offsets`` and ``perturb``
+    make them, on floats: in float64 ``x + node * h`` rounds once either way.
+    """
+    leaf = ctx.numeric_problem.leaves[i]
+    start = time.perf_counter()
+    eps = ctx.eps(leaf)
+    x = leaf.real.tolist()
+    c = len(x)
+    h = [2.0 ** round(math.log2(max(abs(v), 1.0) * eps)) for v in x]
+    offsets = [[(x[j] + node * h[j]) - x[j] for j in range(c)] for node in NODES]
+    rows = []
+    for node in NODES:
+        for j in range(c):
+            row = list(x)
+            row[j] = x[j] + node * h[j]
+            rows.append(row)
+    batch = torch.tensor(rows, dtype=torch.float64, device=leaf.real.device)
+    evaluated = ctx.evaluate(i, batch, columns=c).tolist()
+    ctx.timed("numeric_s", start)
+    x_scale = [max(abs(v), step) for v, step in zip(x, h, strict=True)]
+    return c, evaluated, offsets, x_scale
+
+
+def _weight(a: float, b: float, c: float) -> float:
+    return b * c / (a * (a - b) * (a - c))
+
+
+class FloatDifferences:
+    """Per judged row and column: R, its bar, D+, D- and the one-sided bar (``Differences``)."""
+
+    def __init__(self, rows: int, c: int) -> None:
+        self.value = [[0.0] * c for _ in range(rows)]
+        self.bar = [[0.0] * c for _ in range(rows)]
+        self.forward = [[0.0] * c for _ in range(rows)]
+        self.backward = [[0.0] * c for _ in range(rows)]
+        self.one_sided_bar = [[0.0] * c for _ in range(rows)]
+
+
+def _rows_of(diff: FloatDifferences, mine: list[int]) -> FloatDifferences:
+    part = FloatDifferences(0, 0)
+    for name in ("value", "bar", "forward", "backward", "one_sided_bar"):
+        setattr(part, name, [getattr(diff, name)[k] for k in mine])
+    return part
+
+
+def differences_on_floats(
+    evaluated: list[list[float]],
+    f0: list[float],
+    offsets: list[list[float]],
+    machine_eps: float,
+    x_scale: list[float],
+    rows: list[int],
+) -> FloatDifferences:
+    """``numeric.differences`` of the judged ``rows`` (noise from every column, as there) from
+    outputs at the nodes (``3 * c`` lists, node-major) and offsets ``(3, c)``: ``(rows, c)`` lists."""
+    c = len(x_scale)
+    diff = FloatDifferences(len(rows), c)
+    minus, plus, plus2 = evaluated[:c], evaluated[c : 2 * c], evaluated[2 * c :]
+    weights, gains = [], []
+    for j in range(c):
+        t_m, t_p, t_p2 = offsets[0][j], offsets[1][j], offsets[2][j]
+        w_m, w_p, w_p2 = _weight(t_m, t_p, t_p2), _weight(t_p, t_m, t_p2), _weight(t_p2, t_m, t_p)
+        weights.append((w_m, w_p, w_p2, 1.0 / (t_p - t_m)))
+        total = w_m + w_p + w_p2
+        gains.append(1.5 * math.sqrt(w_m * w_m + total * total + w_p * w_p + w_p2 * w_p2))
+    truncation = [[0.0] * c for _ in rows]
+    moved_count = [0] * len(rows)
+    samples: list[list[float]] = [[] for _ in rows]
+    for k, r in enumerate(rows):
+        for j in range(c):
+            t_m, t_p, t_p2 = offsets[0][j], offsets[1][j], offsets[2][j]
+            w_m, w_p, w_p2, inv_span = weights[j]
+            d_minus = f0[r] - minus[j][r]
+            d_plus = plus[j][r] - f0[r]
+            d_plus2 = plus2[j][r] - f0[r]
+            diff.value[k][j] = d_plus * w_p + d_minus * -w_m + d_plus2 * w_p2
+            trunc = abs(d_plus * (w_p - inv_span) + d_minus * (-w_m - inv_span) + d_plus2 * w_p2)
+            truncation[k][j] = trunc
+            forward = d_plus / t_p
+            diff.forward[k][j] = forward
+            diff.backward[k][j] = d_minus / -t_m
+            diff.one_sided_bar[k][j] = abs(d_plus2 / t_p2 - forward)
+            if d_plus != 0 or d_minus != 0 or d_plus2 != 0:
+                moved_count[k] += 1
+                sample = trunc * t_p
+                if math.isfinite(sample):
+                    samples[k].append(sample)
+    side_gain = [1.5 * (2**0.5) / offsets[1][j] for j in range(c)]
+    for k, r in enumerate(rows):
+        median = 0.0
+        if c >= _MIN_NOISE_SAMPLES and moved_count[k] >= _MIN_NOISE_SAMPLES and samples[k]:
+            ordered = sorted(samples[k])
+            median = ordered[(len(ordered) - 1) // 2] / 0.502  # torch's median: the lower middle
+        terms = 0.0
+        for j in range(c):
+            terms += abs(diff.value[k][j]) * x_scale[j]
+        if not math.isfinite(terms):
+            terms = 0.0 if math.isnan(terms) or terms > 0 else terms
+        scale = abs(f0[r])
+        scale = 0.0 if math.isnan(scale) or math.isinf(scale) else scale
+        floor = _FLOOR_ULPS * machine_eps * (scale + terms)
+        sigma = max(median, floor) if c >= _MIN_NOISE_SAMPLES else floor
+        for j in range(c):
+            diff.bar[k][j] = truncation[k][j] + sigma * gains[j]
+            diff.one_sided_bar[k][j] += sigma * side_gain[j]
+    return diff
+
+
+class FloatVerdict:
+    """One element's judgement (``compare.Judgement``)."""
+
+    __slots__ = ("error", "failed", "kink", "nonfinite", "ratio", "tolerance")
+
+    def __init__(self, tolerance: float, error: float, ratio: float, failed: bool, kink: bool) -> None:
+        self.tolerance, self.error, self.ratio = tolerance, error, ratio
+        self.failed, self.kink, self.nonfinite = failed, kink, False
+
+
+def _clean(value: float) -> float:
+    return 0.0 if math.isnan(value) or math.isinf(value) else value
+
+
+def judge_floats(
+    analytic: list[list[float]],
+    diff: FloatDifferences,
+    tol: Tolerance,
+    scale: list[list[float]] | None = None,
+) -> list[list[FloatVerdict]]:
+    """``compare.judge`` of a block, element by element (``scale``: per element, as there)."""
+    finite = [
+        [math.isfinite(a) and math.isfinite(n) for a, n in zip(ra, rn, strict=True)]
+        for ra, rn in zip(analytic, diff.value, strict=True)
+    ]
+    every = all(all(row) for row in finite) and all(
+        math.isfinite(v) for t in (diff.bar, diff.one_sided_bar) for row in t for v in row
+    )
+
+    def cleaned(k: int, j: int) -> tuple[float, float, float, float, float, float]:
+        a, n = analytic[k][j], diff.value[k][j]
+        fields = (n, diff.bar[k][j], diff.forward[k][j], diff.backward[k][j], diff.one_sided_bar[k][j])
+        if not every:
+            if not finite[k][j]:
+                return (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+            n, bar, forward, backward, side = (_clean(v) for v in fields)
+            return (a, n, bar, forward, backward, side)
+        return (a, *fields)
+
+    values = [[cleaned(k, j) for j in range(len(row))] for k, row in enumerate(analytic)]
+    atols: list[list[float]] | None = None
+    if tol.atol is not None:
+        atol = tol.atol + tol.slack
+    elif scale is not None:
+        atol = 0.0
+        atols = [
+            [
+                tol.atol_factor * (scale[k][j] if every else _clean(scale[k][j]) if finite[k][j] else 0.0)
+                + tol.slack
+                for j in range(len(row))
+            ]
+            for k, row in enumerate(values)
+        ]
+    else:
+        block = max((abs(v[1]) for row in values for v in row), default=0.0)
+        atol = tol.atol_factor * block + tol.slack
+    kink_bars = max(tol.bars, _KINK_BARS)
+    verdicts = []
+    for k, row in enumerate(values):
+        out = []
+        for j, (a, n, bar, fwd, bwd, side) in enumerate(row):
+            if atols is not None:
+                atol = atols[k][j]
+            tolerance = abs(n) * tol.rtol + bar * tol.bars + atol
+            error = abs(a - n)
+            ratio = 0.0 if error == 0 else error / tolerance
+            failed = error > tolerance
+            kink = False
+            if abs(fwd - bwd) > side * kink_bars * 2 + atol:
+                margin = side * kink_bars + atol
+                kink = min(fwd, bwd) - margin <= a <= max(fwd, bwd) + margin
+                failed = (failed and not kink) if not tol.kinks_fail else (failed or kink)
+            verdict = FloatVerdict(tolerance, error, ratio, failed, kink)
+            if not every and not finite[k][j]:
+                a0, n0 = analytic[k][j], diff.value[k][j]
+                same = (a0 == n0) or (math.isnan(a0) and math.isnan(n0))
+                if math.isfinite(a0) or math.isfinite(n0) or not same:
+                    verdict.ratio, verdict.failed, verdict.nonfinite = math.inf, True, True
+            out.append(verdict)
+        verdicts.append(out)
+    return verdicts
+
+
+class _Pair:
+    """``compare.PairAccumulator`` for one block per pair, on lists."""
+
+    def __init__(self, output: OutputBlock, leaf: Leaf, max_worst: int) -> None:
+        self.output, self.leaf, self.max_worst = output, leaf, max_worst
+        self.checked = self.failed = self.kinks = self.nonfinite = 0
+        self.max_abs = self.max_rel = self.max_ratio = 0.0
+        self.full = {k: [0.0] * (output.size * leaf.size) for k in ("a", "n", "b")}
+        self.map: list[float] | None = None
+        self.worst: list[tuple[int, float, ElementError]] = []
+
+    def add(
+        self, c: int, rows: list[int], analytic: list[list[float]], diff: FloatDifferences, tol: Tolerance
+    ) -> None:
+        if not rows:
+            return
+        verdicts = judge_floats(analytic, diff, tol)
+        flat = [(k, j) for j in range(c) for k in range(len(rows))]  # (m, c) views of (c, m) memory
+        self.checked += len(flat)
+        n_failed = sum(verdicts[k][j].failed for k, j in flat)
+        n_kinks = sum(verdicts[k][j].kink for k, j in flat)
+        self.failed += n_failed
+        self.kinks += n_kinks
+        self.nonfinite += sum(verdicts[k][j].nonfinite for k, j in flat)
+        errors = [verdicts[k][j].error for k, j in flat]
+        self.max_abs = max(self.max_abs, max(errors))
+        rel = [
+            0.0 if e == 0 or diff.value[k][j] == 0 else e / abs(diff.value[k][j])
+            for e, (k, j) in zip(errors, flat, strict=True)
+        ]
+        self.max_rel = max(self.max_rel, max(rel))
+        self.max_ratio = max(self.max_ratio, max(verdicts[k][j].ratio for k, j in flat))
+        width = self.leaf.size
+        for k, j in flat:
+            at = rows[k] * width + j
+            self.full["a"][at] = analytic[k][j]
+            self.full["n"][at] = diff.value[k][j]
+            self.full["b"][at] = diff.bar[k][j]
+        if n_failed:
+            self.map = [0.0] * (self.output.size * width)
+            for k, j in flat:
+                self.map[rows[k] * width + j] = max(0.0, min(verdicts[k][j].ratio, 1e300))
+        ratios = [verdicts[k][j].ratio for k, j in flat]
+        ranked = n_failed or n_kinks
+        for level in (_FAILED, _KINK, _PASSED) if ranked else (_PASSED,):
+            if ranked:
+                rank = [
+                    _FAILED if verdicts[k][j].failed else _KINK if verdicts[k][j].kink else _PASSED
+                    for k, j in flat
+                ]
+                key = [r if g == level else -1.0 for r, g in zip(ratios, rank, strict=True)]
+                count = rank.count(level)
+            else:
+                key, count = ratios, len(ratios)
+            if count:
+                # torch.topk, as the accumulator: its order among equal ratios is the report's.
+                top = torch.tensor(key, dtype=torch.float64).topk(min(self.max_worst, count)).indices
+                for t in top.tolist():
+                    k, j = flat[t]
+                    self._keep(level, rows[k], j, analytic[k][j], diff, k, verdicts[k][j])
+        self.worst.sort(key=lambda item: (-item[0], -item[1]))
+        del self.worst[self.max_worst :]
+
+    def _keep(
+        self, rank: int, row: int, col: int, analytic: float, diff: FloatDifferences, k: int, v: FloatVerdict
+    ) -> None:
+        out_index, out_part = flat_index(row, self.output.shape, self.output.is_complex)
+        in_index, in_part = flat_index(col, self.leaf.shape, self.leaf.is_complex)
+        element = ElementError(
+            output_index=out_index,
+            input_index=in_index,
+            output_part=out_part,
+            input_part=in_part,
+            analytic=analytic,
+            numeric=diff.value[k][col],
+            error_bar=diff.bar[k][col],
+            tolerance=v.tolerance,
+            kink=v.kink,
+        )
+        self.worst.append((rank, v.ratio, element))
+
+    def report(self, nondeterminism: float | None, nondet_tol: float) -> PairReport:
+        status = pair_status(
+            nonfinite=bool(self.nonfinite),
+            nondeterministic=nondeterminism is not None and nondeterminism > nondet_tol,
+            failed=bool(self.failed),
+            kinks=bool(self.kinks),
+        )
+        error_map = None
+        if status.failed:
+            values = self.map or [0.0] * (self.output.size * self.leaf.size)
+            width = self.leaf.size
+            error_map = [values[r * width : (r + 1) * width] for r in range(self.output.size)]
+        if self.failed:
+            worst = [el for rank, _, el in self.worst if rank == _FAILED]
+        elif self.kinks:
+            worst = [el for rank, _, el in self.worst if rank == _KINK]
+        else:
+            worst = [el for _, _, el in self.worst[:1]]
+        return PairReport(
+            **pair_fields(self.output, self.leaf),
+            check=Check.REVERSE,
+            status=status,
+            mode="full",
+            max_abs_error=self.max_abs,
+            max_rel_error=self.max_rel,
+            max_error_ratio=self.max_ratio,
+            elements_checked=self.checked,
+            elements_failed=self.failed,
+            kinks=self.kinks,
+            worst=worst,
+            analytic=self.full["a"],
+            numeric=self.full["n"],
+            error_bars=self.full["b"],
+            nondeterminism=nondeterminism,
+            error_map=error_map,
+            message="",
+        )
