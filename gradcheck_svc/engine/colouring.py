@@ -240,23 +240,35 @@ def _check_groups(
     evaluated = ctx.evaluate(index, batch, columns=0 if singletons else columns.numel())
     offsets = torch.tensor(NODES, dtype=torch.float64, device=device).unsqueeze(1).expand(3, k).contiguous()
     f0 = ctx.numeric_f0
-    diff = differences(evaluated, f0, offsets, ctx.numeric_machine_eps, x_scale)  # (M, k)
-    moved = (evaluated.reshape(3, k, -1) != f0).any(dim=0).T  # (M, k)
-    del evaluated, batch, direction
-
-    # Which column each (row, group) reads, from the analytic pattern: -1 where none.
     pc, pr, pg = entries
-    assigned = torch.full((ctx.problem.n_outputs, k), -1, dtype=torch.long, device=device)
-    assigned[pr, pg] = pc
+    # Only rows some group moved or the analytic pattern names are differenced: every other row
+    # reads 0 == 0 and records nothing. Each quantity below is per row, so the rows kept get the
+    # values they would get among all rows.
+    moved_any = (evaluated.reshape(3, k, -1) != f0).any(dim=0)  # (k, M)
+    active = moved_any.any(dim=0)
+    active[pr] = True
+    live = active.nonzero().squeeze(1)
+    position = torch.full((f0.numel(),), -1, dtype=torch.long, device=device)
+    position[live] = torch.arange(live.numel(), device=device)
+    diff = differences(evaluated[:, live], f0[live], offsets, ctx.numeric_machine_eps, x_scale)  # (A, k)
+    moved = moved_any[:, live].T  # (A, k)
+    del evaluated, batch, direction, moved_any
+
+    # Which column each (active row, group) reads, from the analytic pattern: -1 where none.
+    assigned = torch.full((live.numel(), k), -1, dtype=torch.long, device=device)
+    assigned[position[pr], pg] = pc
 
     verdicts = []
     for rows, acc, tol in accumulators:
-        a_block = assigned[rows]  # (m_o, k)
-        r_known, g_known = (a_block >= 0).nonzero(as_tuple=True)
-        j_known = a_block[r_known, g_known]
-        r_abs = r_known + rows.start
+        lo = int(torch.searchsorted(live, rows.start))
+        hi = int(torch.searchsorted(live, rows.stop))
+        a_block = assigned[lo:hi]  # (active rows of the block, k)
+        p_known, g_known = (a_block >= 0).nonzero(as_tuple=True)
+        j_known = a_block[p_known, g_known]
+        r_abs = live[lo + p_known]
+        r_known = r_abs - rows.start
         per_step = step_of[j_known]
-        element = Differences(*(t[r_abs, g_known] / per_step for t in diff.parts()))
+        element = Differences(*(t[lo + p_known, g_known] / per_step for t in diff.parts()))
         analytic = jac_t[j_known, r_abs]
         verdict = _flat(judge(analytic.unsqueeze(0), _as_row(element), tol))
         if not singletons:
@@ -264,9 +276,10 @@ def _check_groups(
         verdicts.append((acc, r_known, j_known, g_known, analytic, element, verdict))
 
         # Rows the analytic side says no column of the group reaches, yet the group moved.
-        r_free, g_free = ((a_block < 0) & moved[rows]).nonzero(as_tuple=True)
+        p_free, g_free = ((a_block < 0) & moved[lo:hi]).nonzero(as_tuple=True)
+        r_free = live[lo + p_free] - rows.start
         if r_free.numel():
-            free = Differences(*(t[r_free + rows.start, g_free] for t in diff.parts()))
+            free = Differences(*(t[lo + p_free, g_free] for t in diff.parts()))
             if singletons:  # exact: the element (row, the group's one column), analytic zero
                 free = Differences(*(t / step[g_free] for t in free.parts()))
             v_free = _flat(judge(torch.zeros_like(free.value).unsqueeze(0), _as_row(free), tol))

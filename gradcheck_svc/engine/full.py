@@ -105,13 +105,13 @@ def run_full(
         structured = run_structured(
             ctx,
             selection.pairs,
-            lambda chosen, jac: _check_leaves(
+            lambda chosen, jac, strict: _check_leaves(
                 ctx,
                 _Selection.of(len(problem.outputs), len(problem.leaves), chosen),
                 jac,
                 None,
                 _Accumulators(ctx),
-                strict=True,
+                strict=strict,
             ),
         )
         if structured is not None:

@@ -20,9 +20,14 @@ rebuilt from the hypothesis, so a wrong hypothesis, a backward with a term outsi
 Jacobian with one, each shows up as a mismatch or a moved row the rebuilt Jacobian says is unreached.
 
 A leaf whose backward reaches a column the hypothesis rules out goes to the next coarser one.
-A failing group, a kink, a non-finite value, a changed re-run, or no coarser hypothesis left, and
-everything this pass recorded is dropped: the caller runs the exact path (dense rows), so every
-element a report names stays exact.
+A leaf with a failing group, a kink or a non-finite difference needs exact elements: a second
+pass sums each cotangent's rows with weight one, which gives each entry bit for bit as the
+row-by-row path does where the hypothesis holds for the backward, and a term outside it that
+the first pass hid would be weighted differently in the two rebuilds, so they disagree. When
+they agree, the leaf's groups run as on the exact path (failing groups column by column) with
+that Jacobian, and report the same elements. A disagreement, a non-finite value in the
+backward, a changed re-run, or no coarser hypothesis left, and everything this pass recorded is
+dropped: the caller runs the exact path (dense rows).
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
-from gradcheck_svc.engine.agreement import largest_change
+from gradcheck_svc.engine.agreement import largest_change, within
 from gradcheck_svc.engine.colouring import GroupsDisagree
 from gradcheck_svc.engine.compare import PairAccumulator
+from gradcheck_svc.engine.numeric import defaults_for
 from gradcheck_svc.report import Check
 
 if TYPE_CHECKING:  # only the type: this module stays free of the driver's imports at run time
@@ -49,6 +55,7 @@ ENABLED = True  # off: full mode always takes the analytic Jacobian row by row
 _MIN_GAIN = 3  # compress only when it saves at least this factor in backward passes
 _MAX_ATTEMPTS = 4  # hypotheses tried (the failing leaf coarsened each time) before the exact path
 _MAX_ENTRIES = 1 << 23  # hypothesised non-zeros held as index pairs
+_AGREE_ULPS = 2.0**8  # the two rebuilds may differ by rounding: this many ulps of the values' scale
 
 Pair = tuple[int, int]  # (output block index, leaf index)
 Accumulators = Mapping[tuple[Check, int, int], PairAccumulator]
@@ -141,7 +148,7 @@ def _applicable(ctx: Context, pairs: set[Pair]) -> bool:
     )
 
 
-Check_ = Callable[[list[Pair], dict[int, torch.Tensor]], Accumulators]
+Check_ = Callable[[list[Pair], dict[int, torch.Tensor], bool], Accumulators]
 _EXACT = -1  # an attempt's answer for a leaf: only the exact path will do
 _COARSER = -2  # an attempt's answer for a leaf: try its next hypothesis
 
@@ -190,11 +197,12 @@ class _Hypotheses:
 def run_structured(ctx: Context, pairs: set[Pair], check: Check_) -> Accumulators | None:
     """Check ``pairs`` with the analytic Jacobian taken by hypothesised structure.
 
-    ``check(pairs, jac)`` judges the given pairs of one leaf, with its transposed analytic
-    Jacobian ``(n_i, M)`` in ``jac``, against finite differences into fresh accumulators, raising
-    ``GroupsDisagree`` at a failing column group. Leaves are independent: a leaf whose hypothesis
-    held keeps its verdicts while another tries a coarser one. ``None``: the hypotheses did not
-    apply or did not hold; nothing was recorded, and the caller takes the exact path.
+    ``check(pairs, jac, strict)`` judges the given pairs of one leaf, with its transposed analytic
+    Jacobian ``(n_i, M)`` in ``jac``, against finite differences into fresh accumulators; with
+    ``strict`` it raises ``GroupsDisagree`` at a failing column group. Leaves are independent: a
+    leaf whose hypothesis held keeps its verdicts while another tries a coarser one. ``None``:
+    the hypotheses did not apply or did not hold; nothing was recorded, and the caller takes the
+    exact path.
     """
     if not ENABLED or not pairs or not _applicable(ctx, pairs):
         return None
@@ -327,18 +335,36 @@ def _attempt(
     ):
         return dict.fromkeys(plans, _EXACT)
 
+    doubtful: list[int] = []
     for i in jac:
         # A failing group is not worth a coarser hypothesis: the backward stayed inside this one
         # (no column outside it reached), so the Jacobian it gives is the backward's own, and
-        # it disagrees with f. The exact path finds the elements.
+        # it disagrees with f.
         try:
-            accumulators = check([p for p in sorted(pairs) if p[1] == i], {i: jac[i]})
+            accumulators = check([p for p in sorted(pairs) if p[1] == i], {i: jac[i]}, True)
         except GroupsDisagree:
-            return dict.fromkeys(plans, _EXACT)
+            doubtful.append(i)
+            continue
         if any(acc.failed or acc.kinks or acc.nonfinite for acc in accumulators.values()):
-            return dict.fromkeys(plans, _EXACT)
+            doubtful.append(i)
+            continue
         outcome[i] = accumulators
-    held = [i for i, v in outcome.items() if not isinstance(v, int)]
+    if doubtful:
+        # The elements must be exact: the rebuilt Jacobian, verified by a second pass, is the
+        # one the row-by-row path would take, and the groups then run as they do there.
+        started = time.perf_counter()
+        exact = _verified(ctx, {i: plans[i] for i in doubtful}, jac)
+        ctx.timed("analytic_s", started)
+        if exact is None:
+            return dict.fromkeys(plans, _EXACT)
+        verified, delta = exact
+        for i in doubtful:
+            accumulators = check([p for p in sorted(pairs) if p[1] == i], {i: verified[i]}, False)
+            for (kind, _, _), acc in accumulators.items():
+                if kind is Check.REVERSE and ctx.options.check_nondeterminism:
+                    acc.record_nondeterminism(delta[i], ctx.options.nondet_tol)
+            outcome[i] = accumulators
+    held = [i for i, v in outcome.items() if not isinstance(v, int) and i not in doubtful]
     if held and ctx.options.check_nondeterminism:
         # The very same first batch again (another batch size may round differently); the
         # backward is shared by every pair of a leaf.
@@ -351,3 +377,67 @@ def _attempt(
                 if kind is Check.REVERSE:
                     acc.record_nondeterminism(delta, ctx.options.nondet_tol)
     return outcome
+
+
+def _verified(
+    ctx: Context, plans: Mapping[int, _LeafRows], first: Mapping[int, torch.Tensor]
+) -> tuple[dict[int, torch.Tensor], dict[int, float]] | None:
+    """The Jacobians of ``plans``' leaves exactly as the row-by-row path takes them, or ``None``.
+
+    A second pass sums the rows of each cotangent with weight one: where no two rows of a
+    cotangent reach one column, each entry is that row's own backward entry, bit for bit (only
+    exact zeros are added to it). A term the backward puts at a column that another row of the
+    cotangent reaches would hide in both rebuilds, but weighted differently: the first pass's
+    random weights give ``J[r, c] + (u_s / u_r) J[s, c]``, this one ``J[r, c] + J[s, c]``, so the
+    two disagree unless the term is within rounding of nothing. Disagreement, a column no row may
+    reach, a non-finite value, or a re-run of the first batch that changes beyond ``nondet_tol``:
+    ``None``, and the caller takes the exact path. Also returns each leaf's re-run change.
+    """
+    problem = ctx.problem
+    colourings, which = _distinct(plans)
+    m = problem.n_outputs
+    device = ctx.f0.device
+    blocks, offsets = [], [0]
+    for c in colourings:
+        cot = torch.zeros(c.count, m, dtype=torch.float64, device=device)
+        used = (c.colour >= 0).nonzero().squeeze(1)
+        cot[c.colour[used], used] = 1.0
+        blocks.append(cot)
+        offsets.append(offsets[-1] + c.count)
+    cotangents = torch.cat(blocks)
+    per_chunk = ctx.rows_per_backward(sum(problem.leaves[i].size for i in plans), cotangents.shape[0])
+    grads: dict[int, list[torch.Tensor]] = {i: [] for i in plans}
+    head: list[torch.Tensor] = []
+    for c0 in range(0, cotangents.shape[0], per_chunk):
+        ctx.poll()
+        part = ctx.analytic.rows(cotangents[c0 : c0 + per_chunk])
+        head = head or part
+        for i in plans:
+            grads[i].append(part[i])
+    dtypes = [o.dtype for o in problem.outputs] + [problem.leaves[i].dtype for i in plans]
+    ulp = _AGREE_ULPS * defaults_for(*dtypes).machine_eps
+    verified: dict[int, torch.Tensor] = {}
+    for i, plan in plans.items():
+        g = torch.cat(grads[i])[offsets[which[i]] : offsets[which[i] + 1]]  # (count, n_i)
+        if not bool(torch.isfinite(g).all()):
+            return None
+        colour = plan.colour[plan.rows]
+        reached = torch.zeros_like(g, dtype=torch.bool)
+        reached[colour, plan.cols] = True
+        if bool((g[~reached] != 0).any()):
+            return None
+        values = g[colour, plan.cols]
+        weighted = first[i][plan.cols, plan.rows]
+        scale = g.abs().amax(dim=1)[colour]  # the largest entry the cotangent gave
+        if not within(values, weighted, ulp * (values.abs() + weighted.abs() + scale)):
+            return None
+        jac_i = torch.zeros(problem.leaves[i].size, m, dtype=torch.float64, device=device)
+        jac_i[plan.cols, plan.rows] = values
+        verified[i] = jac_i
+    delta = dict.fromkeys(plans, 0.0)
+    if ctx.options.check_nondeterminism:
+        again = ctx.analytic.rows(cotangents[:per_chunk])
+        delta = {i: largest_change(head[i], again[i]) for i in plans}
+        if max(delta.values()) > ctx.options.nondet_tol:
+            return None
+    return verified, delta
