@@ -39,20 +39,11 @@ from gradcheck_svc.engine.numeric import (
 if TYPE_CHECKING:  # only the type: this module stays free of the driver's imports at run time
     from gradcheck_svc.engine.context import Context
 
-__all__ = ["ColouredLeaf", "GroupsDisagree", "colour_by_stride", "plan_groups", "run_coloured"]
+__all__ = ["ColouredLeaf", "colour_by_stride", "plan_groups", "run_coloured"]
 
 _MAX_TRIES = 48  # strides tried after the lower bound (the densest row)
 _MIN_GAIN = 3  # colour only when it saves at least this factor in evaluations
 _WEIGHT_BITS = 7  # weights (2^7 + r) / 2^8: few bits keep x + t * w * h exact
-
-
-class GroupsDisagree(Exception):
-    """A column group of leaf ``leaf`` failed while ``run_coloured`` ran strict: control flow
-    inside the engine, caught by its caller, never raised to users."""
-
-    def __init__(self, leaf: int) -> None:
-        super().__init__(f"a column group of leaf {leaf} disagreed")
-        self.leaf = leaf
 
 
 def colour_by_stride(rows: torch.Tensor, cols: torch.Tensor, n: int) -> int | None:
@@ -85,15 +76,19 @@ class ColouredLeaf:
 
 
 def plan_groups(
-    base: torch.Tensor, h: torch.Tensor, pattern_t: torch.Tensor, generator: torch.Generator
+    base: torch.Tensor,
+    h: torch.Tensor,
+    entries: tuple[torch.Tensor, torch.Tensor],
+    generator: torch.Generator,
 ) -> tuple[ColouredLeaf, torch.Tensor] | None:
-    """Colour the leaf's columns from the pattern ``(n, M)``; also return the columns left out.
+    """Colour the leaf's columns from the pattern's non-zeros ``(columns, rows)``; also return
+    the columns left out.
 
     Columns whose moved values would round (so the step applied is not the step assumed)
     are left out, to be perturbed one by one. ``None`` when colouring would not pay.
     """
     n = base.numel()
-    cols, rows = pattern_t.nonzero(as_tuple=True)
+    cols, rows = entries
     k = colour_by_stride(rows, cols, n)
     if k is None:
         return None
@@ -115,16 +110,12 @@ def run_coloured(
     index: int,
     jac_t: torch.Tensor,
     accumulators: list[tuple[slice, PairAccumulator, Tolerance]],
-    *,
-    strict: bool = False,
 ) -> torch.Tensor | None:
     """Check leaf ``index`` by groups; return the columns still to be perturbed by full mode.
 
     ``jac_t`` is the analytic Jacobian of the leaf, transposed ``(n, M)``; ``accumulators``
     gives, per output block checked against this leaf, its rows, accumulator and tolerance.
-    ``None`` means nothing was done (no useful colouring): every column is left. ``strict``:
-    raise ``GroupsDisagree`` at the first failing group instead of re-checking its columns (the
-    caller has an exact path to fall back on).
+    ``None`` means nothing was done (no useful colouring): every column is left.
     """
     problem = ctx.numeric_problem
     leaf = problem.leaves[index]
@@ -133,10 +124,10 @@ def run_coloured(
         return None
     h = steps(base, ctx.eps(leaf))
     generator = torch.Generator().manual_seed(ctx.options.seed)
-    pattern = jac_t != 0  # NaN and inf count as non-zeros
-    if int(pattern.sum(dim=0).max()) > leaf.size // _MIN_GAIN:
+    pc, pr = (jac_t != 0).nonzero(as_tuple=True)  # NaN and inf count as non-zeros
+    if pr.numel() and int(torch.bincount(pr).max()) > leaf.size // _MIN_GAIN:
         return None  # a row needs more colours than would pay: dense, leave it to the column path
-    planned = plan_groups(base, h, pattern, generator)
+    planned = plan_groups(base, h, (pc, pr), generator)
     if planned is None:
         return None
     plan, left = planned
@@ -156,7 +147,6 @@ def run_coloured(
         0, plan.group, scale, "amax", include_self=True
     )
     # The pattern's entries in coloured columns, sorted by group so each chunk is one slice.
-    pc, pr = pattern.nonzero(as_tuple=True)
     keep = group_of[pc] >= 0
     pc, pr = pc[keep], pr[keep]
     order = torch.argsort(group_of[pc], stable=True)
@@ -185,8 +175,6 @@ def run_coloured(
             step_of,
             failed_groups[g0:g1],
         )
-        if strict and bool(failed_groups[g0:g1].any()):
-            raise GroupsDisagree(index)
     if bool(failed_groups.any()):
         ctx.note("a column group disagreed with the analytic pattern; its columns were re-checked one by one")
         # Each column of a failing group on its own: every row it moves reads that column's

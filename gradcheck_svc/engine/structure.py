@@ -14,20 +14,18 @@ suggest, and this module hypothesises it per (output, leaf) pair, from shapes al
 Rows that share no column under the hypothesis are summed into one cotangent with random weights
 ``u_r`` (uniform in [0.5, 1.5)), so one backward pass returns ``u_r J[r, c]`` for the one row ``r``
 of the sum that the hypothesis lets reach ``c``. A non-zero where no row of the sum may reach is
-caught at once; the rest is verified as before: the numeric side's grouped finite differences
-(colouring.py, independent random weights) compare every row of every group with the Jacobian
-rebuilt from the hypothesis, so a wrong hypothesis, a backward with a term outside it, or a true
-Jacobian with one, each shows up as a mismatch or a moved row the rebuilt Jacobian says is unreached.
+caught at once (random weights: rows cannot cancel there).
 
 A leaf whose backward reaches a column the hypothesis rules out goes to the next coarser one.
-A leaf with a failing group, a kink or a non-finite difference needs exact elements: a second
-pass sums each cotangent's rows with weight one, which gives each entry bit for bit as the
-row-by-row path does where the hypothesis holds for the backward, and a term outside it that
-the first pass hid would be weighted differently in the two rebuilds, so they disagree. When
-they agree, the leaf's groups run as on the exact path (failing groups column by column) with
-that Jacobian, and report the same elements. A disagreement, a non-finite value in the
-backward, a changed re-run, or no coarser hypothesis left, and everything this pass recorded is
-dropped: the caller runs the exact path (dense rows).
+Otherwise a second pass sums each cotangent's rows with weight one: each entry is then that
+row's own backward entry, bit for bit as the row-by-row path takes it (only exact zeros are
+added to it), and a term of the backward outside the hypothesis that lands on a column another
+row of the cotangent reaches is weighted differently in the two rebuilds, so they disagree.
+When they agree, the Jacobian is the backward's own, and the leaf's column groups run exactly
+as on the exact path (colouring.py, failing groups column by column): every element a report
+names, its values and error bars, is the exact path's. A disagreement, a non-finite value in
+the backward, a changed re-run, or no coarser hypothesis left, and everything this pass
+recorded is dropped: the caller runs the exact path (dense rows).
 """
 
 from __future__ import annotations
@@ -36,12 +34,11 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import torch
 
 from gradcheck_svc.engine.agreement import largest_change, within
-from gradcheck_svc.engine.colouring import GroupsDisagree
 from gradcheck_svc.engine.compare import PairAccumulator
 from gradcheck_svc.engine.numeric import defaults_for
 from gradcheck_svc.report import Check
@@ -148,7 +145,7 @@ def _applicable(ctx: Context, pairs: set[Pair]) -> bool:
     )
 
 
-Check_ = Callable[[list[Pair], dict[int, torch.Tensor], bool], Accumulators]
+Check_ = Callable[[list[Pair], dict[int, torch.Tensor]], Accumulators]
 _EXACT = -1  # an attempt's answer for a leaf: only the exact path will do
 _COARSER = -2  # an attempt's answer for a leaf: try its next hypothesis
 
@@ -197,10 +194,10 @@ class _Hypotheses:
 def run_structured(ctx: Context, pairs: set[Pair], check: Check_) -> Accumulators | None:
     """Check ``pairs`` with the analytic Jacobian taken by hypothesised structure.
 
-    ``check(pairs, jac, strict)`` judges the given pairs of one leaf, with its transposed analytic
-    Jacobian ``(n_i, M)`` in ``jac``, against finite differences into fresh accumulators; with
-    ``strict`` it raises ``GroupsDisagree`` at a failing column group. Leaves are independent: a
-    leaf whose hypothesis held keeps its verdicts while another tries a coarser one. ``None``:
+    ``check(pairs, jac)`` judges the given pairs of one leaf, with its transposed analytic
+    Jacobian ``(n_i, M)`` in ``jac``, against finite differences into fresh accumulators, as the
+    exact path does. Leaves are independent: a leaf whose hypothesis held keeps its verdicts
+    while another tries a coarser one. ``None``:
     the hypotheses did not apply or did not hold; nothing was recorded, and the caller takes the
     exact path.
     """
@@ -305,11 +302,9 @@ def _attempt(
 
     per_chunk = ctx.rows_per_backward(sum(problem.leaves[i].size for i in plans), cotangents.shape[0])
     grads: dict[int, list[torch.Tensor]] = {i: [] for i in plans}
-    first: list[torch.Tensor] = []
     for c0 in range(0, cotangents.shape[0], per_chunk):
         ctx.poll()
         part = ctx.analytic.rows(cotangents[c0 : c0 + per_chunk])
-        first = first or part
         for i in plans:
             grads[i].append(part[i])
     outcome: dict[int, Accumulators | int] = {}
@@ -335,47 +330,23 @@ def _attempt(
     ):
         return dict.fromkeys(plans, _EXACT)
 
-    doubtful: list[int] = []
-    for i in jac:
-        # A failing group is not worth a coarser hypothesis: the backward stayed inside this one
-        # (no column outside it reached), so the Jacobian it gives is the backward's own, and
-        # it disagrees with f.
-        try:
-            accumulators = check([p for p in sorted(pairs) if p[1] == i], {i: jac[i]}, True)
-        except GroupsDisagree:
-            doubtful.append(i)
-            continue
-        if any(acc.failed or acc.kinks or acc.nonfinite for acc in accumulators.values()):
-            doubtful.append(i)
-            continue
-        outcome[i] = accumulators
-    if doubtful:
-        # The elements must be exact: the rebuilt Jacobian, verified by a second pass, is the
-        # one the row-by-row path would take, and the groups then run as they do there.
-        started = time.perf_counter()
-        exact = _verified(ctx, {i: plans[i] for i in doubtful}, jac)
-        ctx.timed("analytic_s", started)
-        if exact is None:
-            return dict.fromkeys(plans, _EXACT)
-        verified, delta = exact
-        for i in doubtful:
-            accumulators = check([p for p in sorted(pairs) if p[1] == i], {i: verified[i]}, False)
+    if not jac:
+        return outcome  # every leaf refuted: each tries a coarser hypothesis
+    # The elements must be exact: the rebuilt Jacobian, verified by a second pass, is the one
+    # the row-by-row path takes, and the groups then run as they run there.
+    started = time.perf_counter()
+    exact = _verified(ctx, {i: plans[i] for i in jac}, jac)
+    ctx.timed("analytic_s", started)
+    if exact is None:
+        return dict.fromkeys(plans, _EXACT)
+    verified, delta = exact
+    for i in verified:
+        accumulators = check([p for p in sorted(pairs) if p[1] == i], {i: verified[i]})
+        if ctx.options.check_nondeterminism:
             for (kind, _, _), acc in accumulators.items():
-                if kind is Check.REVERSE and ctx.options.check_nondeterminism:
-                    acc.record_nondeterminism(delta[i], ctx.options.nondet_tol)
-            outcome[i] = accumulators
-    held = [i for i, v in outcome.items() if not isinstance(v, int) and i not in doubtful]
-    if held and ctx.options.check_nondeterminism:
-        # The very same first batch again (another batch size may round differently); the
-        # backward is shared by every pair of a leaf.
-        again = ctx.analytic.rows(cotangents[:per_chunk])
-        for i in held:
-            delta = largest_change(first[i], again[i])
-            if delta > ctx.options.nondet_tol:
-                return dict.fromkeys(plans, _EXACT)
-            for (kind, _, _), acc in cast(Accumulators, outcome[i]).items():
                 if kind is Check.REVERSE:
-                    acc.record_nondeterminism(delta, ctx.options.nondet_tol)
+                    acc.record_nondeterminism(delta[i], ctx.options.nondet_tol)
+        outcome[i] = accumulators
     return outcome
 
 
