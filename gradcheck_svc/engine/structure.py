@@ -52,7 +52,7 @@ ENABLED = True  # off: full mode always takes the analytic Jacobian row by row
 _MIN_GAIN = 3  # compress only when it saves at least this factor in backward passes
 _MAX_ATTEMPTS = 4  # hypotheses tried (the failing leaf coarsened each time) before the exact path
 _MAX_ENTRIES = 1 << 23  # hypothesised non-zeros held as index pairs
-_AGREE_ULPS = 2.0**8  # the two rebuilds may differ by rounding: this many ulps of the values' scale
+_AGREE_ULPS = 2.0**4  # the two rebuilds may differ by rounding: this many ulps of the values' scale
 
 Pair = tuple[int, int]  # (output block index, leaf index)
 Accumulators = Mapping[tuple[Check, int, int], PairAccumulator]
