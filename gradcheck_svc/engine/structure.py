@@ -281,9 +281,10 @@ def _attempt(
     can_coarsen: Callable[[list[int]], bool],
 ) -> dict[int, Accumulators | int]:
     """One hypothesis per pending leaf; per leaf: its accumulators when the hypothesis held,
-    ``_COARSER`` when it did not, ``_EXACT`` when only the exact path will do (kink, non-finite
-    value, a re-run of the backward that changed). Leaves the backward already refutes, with no
-    coarser hypothesis to go to, end the attempt before any finite difference is taken."""
+    ``_COARSER`` when it did not, ``_EXACT`` when only the exact path will do (a non-finite value
+    in the backward, two rebuilds that disagree, a re-run of the backward that changed). Leaves
+    the backward already refutes, with no coarser hypothesis to go to, end the attempt before
+    any finite difference is taken."""
     problem = ctx.problem
     colourings, which = _distinct(plans)
     m = problem.n_outputs
