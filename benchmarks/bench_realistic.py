@@ -118,7 +118,9 @@ def main() -> None:
             continue
         measured = [run_case(case, buggy=False, repeat=repeat, float32=not args.quick)]
         if case.has_bug:
-            measured.append(run_case(case, buggy=True, repeat=1, float32=False))
+            # Timed like the correct row (median of the repeats): one sample on a shared machine
+            # can be off by a factor of two either way.
+            measured.append(run_case(case, buggy=True, repeat=repeat, float32=False))
         rows += measured
         if args.verbose:
             for row in measured:

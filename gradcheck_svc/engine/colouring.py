@@ -24,25 +24,26 @@ from typing import TYPE_CHECKING
 import torch
 
 from gradcheck_svc.engine.compare import Judgement, PairAccumulator, Tolerance, judge
-from gradcheck_svc.engine.numeric import NODES, Differences, differences, steps
+from gradcheck_svc.engine.numeric import (
+    _FLOOR_ULPS,
+    _MIN_NOISE_SAMPLES,
+    NODES,
+    Differences,
+    _derivative_weights,
+    _noise_gain,
+    noise_sample,
+    perturb,
+    steps,
+)
 
 if TYPE_CHECKING:  # only the type: this module stays free of the driver's imports at run time
     from gradcheck_svc.engine.context import Context
 
-__all__ = ["ColouredLeaf", "GroupsDisagree", "colour_by_stride", "plan_groups", "run_coloured"]
+__all__ = ["ColouredLeaf", "colour_by_stride", "plan_groups", "run_coloured"]
 
 _MAX_TRIES = 48  # strides tried after the lower bound (the densest row)
 _MIN_GAIN = 3  # colour only when it saves at least this factor in evaluations
 _WEIGHT_BITS = 7  # weights (2^7 + r) / 2^8: few bits keep x + t * w * h exact
-
-
-class GroupsDisagree(Exception):
-    """A column group of leaf ``leaf`` failed while ``run_coloured`` ran strict: control flow
-    inside the engine, caught by its caller, never raised to users."""
-
-    def __init__(self, leaf: int) -> None:
-        super().__init__(f"a column group of leaf {leaf} disagreed")
-        self.leaf = leaf
 
 
 def colour_by_stride(rows: torch.Tensor, cols: torch.Tensor, n: int) -> int | None:
@@ -75,15 +76,19 @@ class ColouredLeaf:
 
 
 def plan_groups(
-    base: torch.Tensor, h: torch.Tensor, pattern_t: torch.Tensor, generator: torch.Generator
+    base: torch.Tensor,
+    h: torch.Tensor,
+    entries: tuple[torch.Tensor, torch.Tensor],
+    generator: torch.Generator,
 ) -> tuple[ColouredLeaf, torch.Tensor] | None:
-    """Colour the leaf's columns from the pattern ``(n, M)``; also return the columns left out.
+    """Colour the leaf's columns from the pattern's non-zeros ``(columns, rows)``; also return
+    the columns left out.
 
     Columns whose moved values would round (so the step applied is not the step assumed)
     are left out, to be perturbed one by one. ``None`` when colouring would not pay.
     """
     n = base.numel()
-    cols, rows = pattern_t.nonzero(as_tuple=True)
+    cols, rows = entries
     k = colour_by_stride(rows, cols, n)
     if k is None:
         return None
@@ -105,16 +110,12 @@ def run_coloured(
     index: int,
     jac_t: torch.Tensor,
     accumulators: list[tuple[slice, PairAccumulator, Tolerance]],
-    *,
-    strict: bool = False,
 ) -> torch.Tensor | None:
     """Check leaf ``index`` by groups; return the columns still to be perturbed by full mode.
 
     ``jac_t`` is the analytic Jacobian of the leaf, transposed ``(n, M)``; ``accumulators``
     gives, per output block checked against this leaf, its rows, accumulator and tolerance.
-    ``None`` means nothing was done (no useful colouring): every column is left. ``strict``:
-    raise ``GroupsDisagree`` at the first failing group instead of re-checking its columns (the
-    caller has an exact path to fall back on).
+    ``None`` means nothing was done (no useful colouring): every column is left.
     """
     problem = ctx.numeric_problem
     leaf = problem.leaves[index]
@@ -123,10 +124,10 @@ def run_coloured(
         return None
     h = steps(base, ctx.eps(leaf))
     generator = torch.Generator().manual_seed(ctx.options.seed)
-    pattern = jac_t != 0  # NaN and inf count as non-zeros
-    if int(pattern.sum(dim=0).max()) > leaf.size // _MIN_GAIN:
+    pc, pr = (jac_t != 0).nonzero(as_tuple=True)  # NaN and inf count as non-zeros
+    if pr.numel() and int(torch.bincount(pr).max()) > leaf.size // _MIN_GAIN:
         return None  # a row needs more colours than would pay: dense, leave it to the column path
-    planned = plan_groups(base, h, pattern, generator)
+    planned = plan_groups(base, h, (pc, pr), generator)
     if planned is None:
         return None
     plan, left = planned
@@ -146,7 +147,6 @@ def run_coloured(
         0, plan.group, scale, "amax", include_self=True
     )
     # The pattern's entries in coloured columns, sorted by group so each chunk is one slice.
-    pc, pr = pattern.nonzero(as_tuple=True)
     keep = group_of[pc] >= 0
     pc, pr = pc[keep], pr[keep]
     order = torch.argsort(group_of[pc], stable=True)
@@ -175,8 +175,6 @@ def run_coloured(
             step_of,
             failed_groups[g0:g1],
         )
-        if strict and bool(failed_groups[g0:g1].any()):
-            raise GroupsDisagree(index)
     if bool(failed_groups.any()):
         ctx.note("a column group disagreed with the analytic pattern; its columns were re-checked one by one")
         # Each column of a failing group on its own: every row it moves reads that column's
@@ -232,31 +230,48 @@ def _check_groups(
     """
     leaf = ctx.numeric_problem.leaves[index]
     device = x.device
-    direction = torch.zeros(k, leaf.size, dtype=torch.float64, device=device)
-    direction[group, columns] = step
-    batch = torch.cat([(x + node * direction).to(leaf.real.dtype) for node in NODES])  # node-major
+    if singletons:  # one column per group: copies of x with one element moved (as perturb does)
+        batch = perturb(leaf.real, [(node, columns, step) for node in NODES])
+    else:
+        direction = torch.zeros(k, leaf.size, dtype=torch.float64, device=device)
+        direction[group, columns] = step
+        batch = torch.cat([(x + node * direction).to(leaf.real.dtype) for node in NODES])  # node-major
+        del direction
     # Progress counts the columns a first pass covers; the column-by-column re-check of failing
     # groups goes over columns already counted.
     evaluated = ctx.evaluate(index, batch, columns=0 if singletons else columns.numel())
+    del batch
     offsets = torch.tensor(NODES, dtype=torch.float64, device=device).unsqueeze(1).expand(3, k).contiguous()
     f0 = ctx.numeric_f0
-    diff = differences(evaluated, f0, offsets, ctx.numeric_machine_eps, x_scale)  # (M, k)
-    moved = (evaluated.reshape(3, k, -1) != f0).any(dim=0).T  # (M, k)
-    del evaluated, batch, direction
-
-    # Which column each (row, group) reads, from the analytic pattern: -1 where none.
+    nodes = evaluated.reshape(3, k, -1)
+    # Only the (row, group) entries a group moved or the analytic pattern names are differenced:
+    # every other entry reads 0 == 0 and records nothing, and adds nothing to a row's noise.
+    moved_g, moved_r = (nodes != f0).any(dim=0).nonzero(as_tuple=True)
     pc, pr, pg = entries
-    assigned = torch.full((ctx.problem.n_outputs, k), -1, dtype=torch.long, device=device)
-    assigned[pr, pg] = pc
+    known_key, order = torch.sort(pr * k + pg)
+    moved_key = moved_r * k + moved_g
+    keys = torch.unique(torch.cat([moved_key, known_key]))  # sorted: row-major, as nonzero() is
+    rows_of, groups_of = keys // k, keys % k
+    diff = _entry_differences(nodes, f0, offsets, rows_of, groups_of, x_scale, ctx.numeric_machine_eps)
+    del evaluated, nodes
+    known_at = torch.searchsorted(keys, known_key)
+    is_known = torch.zeros(keys.numel(), dtype=torch.bool, device=device)
+    is_known[known_at] = True
+    column_of = torch.full((keys.numel(),), -1, dtype=torch.long, device=device)
+    column_of[known_at] = pc[order]
+    is_moved = torch.zeros(keys.numel(), dtype=torch.bool, device=device)
+    is_moved[torch.searchsorted(keys, moved_key)] = True
 
     verdicts = []
     for rows, acc, tol in accumulators:
-        a_block = assigned[rows]  # (m_o, k)
-        r_known, g_known = (a_block >= 0).nonzero(as_tuple=True)
-        j_known = a_block[r_known, g_known]
-        r_abs = r_known + rows.start
+        lo = int(torch.searchsorted(keys, rows.start * k))
+        hi = int(torch.searchsorted(keys, rows.stop * k))
+        block = torch.arange(lo, hi, device=device)
+        known = block[is_known[lo:hi]]
+        r_abs, g_known, j_known = rows_of[known], groups_of[known], column_of[known]
+        r_known = r_abs - rows.start
         per_step = step_of[j_known]
-        element = Differences(*(t[r_abs, g_known] / per_step for t in diff.parts()))
+        element = Differences(*(t[known] / per_step for t in diff.parts()))
         analytic = jac_t[j_known, r_abs]
         verdict = _flat(judge(analytic.unsqueeze(0), _as_row(element), tol))
         if not singletons:
@@ -264,9 +279,10 @@ def _check_groups(
         verdicts.append((acc, r_known, j_known, g_known, analytic, element, verdict))
 
         # Rows the analytic side says no column of the group reaches, yet the group moved.
-        r_free, g_free = ((a_block < 0) & moved[rows]).nonzero(as_tuple=True)
-        if r_free.numel():
-            free = Differences(*(t[r_free + rows.start, g_free] for t in diff.parts()))
+        free_at = block[~is_known[lo:hi] & is_moved[lo:hi]]
+        if free_at.numel():
+            r_free, g_free = rows_of[free_at] - rows.start, groups_of[free_at]
+            free = Differences(*(t[free_at] for t in diff.parts()))
             if singletons:  # exact: the element (row, the group's one column), analytic zero
                 free = Differences(*(t / step[g_free] for t in free.parts()))
             v_free = _flat(judge(torch.zeros_like(free.value).unsqueeze(0), _as_row(free), tol))
@@ -287,6 +303,72 @@ def _check_groups(
     for _, acc, _ in accumulators:
         # Entries the analytic side and the grouped differences both put at zero count as checked.
         acc.checked += acc.output.size * n_passed - recorded.get(id(acc), 0)
+
+
+def _entry_differences(
+    nodes: torch.Tensor,
+    f0: torch.Tensor,
+    offsets: torch.Tensor,
+    rows: torch.Tensor,
+    groups: torch.Tensor,
+    x_scale: torch.Tensor,
+    machine_eps: float,
+) -> Differences:
+    """``differences`` of the listed (row, group) entries alone, one value per entry.
+
+    ``nodes`` are the outputs ``(3, k, M)`` at the nodes. A row's noise depends only on the
+    entries its groups moved (the others read exactly 0 and are left out of the median and
+    the floor), so listing every moved entry gives each row the noise the whole block gives it.
+    """
+    k, m, device = nodes.shape[1], f0.numel(), rows.device
+    fr = f0[rows]
+    d_minus = fr - nodes[0, groups, rows]  # f(x) - f(x - h)
+    d_plus = nodes[1, groups, rows] - fr
+    d_plus2 = nodes[2, groups, rows] - fr
+    t_minus, t_plus, t_plus2 = offsets[0], offsets[1], offsets[2]
+    w_minus, w_plus, w_plus2 = (w[groups] for w in _derivative_weights(t_minus, t_plus, t_plus2))
+    richardson = d_plus * w_plus
+    richardson.add_(d_minus * (-w_minus)).add_(d_plus2 * w_plus2)
+    inv_span = (1.0 / (t_plus - t_minus))[groups]
+    truncation = d_plus * (w_plus - inv_span)
+    truncation.add_(d_minus * (-w_minus - inv_span)).add_(d_plus2 * w_plus2).abs_()
+    forward = d_plus / t_plus[groups]
+    backward = d_minus / (-t_minus[groups])
+    one_sided = (d_plus2 / t_plus2[groups]).sub_(forward).abs_()
+
+    # The median of R - D over the sampled groups that moved the row, as _median_noise takes it.
+    h = offsets[1]
+    picked = noise_sample(k).to(rows.device)
+    median: torch.Tensor | None = None
+    if picked.numel():
+        slot = torch.full((k,), -1, dtype=torch.long, device=device)
+        slot[picked] = torch.arange(picked.numel(), device=device)
+        moved = (d_plus != 0) | (d_minus != 0) | (d_plus2 != 0)
+        sampled = ((slot[groups] >= 0) & moved).nonzero().squeeze(1)
+        s_rows = rows[sampled]
+        count = torch.zeros(m, dtype=torch.long, device=device).index_add_(0, s_rows, torch.ones_like(s_rows))
+        median = torch.zeros(m, dtype=torch.float64, device=device)
+        busy = (count >= _MIN_NOISE_SAMPLES).nonzero().squeeze(1)
+        if busy.numel():
+            rank = torch.full((m,), -1, dtype=torch.long, device=device)
+            rank[busy] = torch.arange(busy.numel(), device=device)
+            take = sampled[rank[s_rows] >= 0]
+            sample = truncation[take] * h[groups[take]]
+            table = torch.full((busy.numel(), picked.numel()), torch.nan, dtype=torch.float64, device=device)
+            table[rank[rows[take]], slot[groups[take]]] = torch.where(
+                torch.isfinite(sample), sample, torch.nan
+            )
+            median[busy] = torch.nan_to_num(table.nanmedian(dim=1).values, nan=0.0) / 0.502
+    # The floor of row_noise: a few ulps of f(x) and of the terms |J_ij| |x_j| of the row.
+    terms = torch.zeros(m, dtype=torch.float64, device=device).index_add_(
+        0, rows, richardson.abs() * x_scale[groups]
+    )
+    terms = torch.nan_to_num(terms, nan=0.0, posinf=0.0)
+    floor = _FLOOR_ULPS * machine_eps * (torch.nan_to_num(f0.abs(), nan=0.0, posinf=0.0) + terms)
+    sigma = (floor if median is None else torch.maximum(median, floor))[rows]
+    bar = truncation.add_(sigma * _noise_gain(t_minus, t_plus, t_plus2)[groups])
+    one_sided_bar = one_sided.add_(sigma * (1.5 * (2**0.5) / h)[groups])
+    return Differences(richardson, bar, forward, backward, one_sided_bar)
 
 
 def _flat(v: Judgement) -> Judgement:

@@ -111,7 +111,6 @@ def run_full(
                 jac,
                 None,
                 _Accumulators(ctx),
-                strict=True,
             ),
         )
         if structured is not None:
@@ -137,10 +136,8 @@ def _check_leaves(
     jac: dict[int, torch.Tensor] | None,
     wide_jac: dict[int, torch.Tensor] | None,
     accumulators: _Accumulators,
-    *,
-    strict: bool = False,
 ) -> dict[tuple[Check, int, int], PairAccumulator]:
-    """The numeric side and the verdict, leaf by leaf (``strict``: see ``run_coloured``)."""
+    """The numeric side and the verdict, leaf by leaf."""
     problem = ctx.problem
     for i in selection.leaves:
         positions = ctx.numeric_problem.leaves[i].finite_positions()  # +-inf and NaN have no step
@@ -155,7 +152,7 @@ def _check_leaves(
                 )
                 for o in selection.outputs_of(i)
             ]
-            left = run_coloured(ctx, i, jac[i], blocks, strict=strict)
+            left = run_coloured(ctx, i, jac[i], blocks)
             positions = positions if left is None else left
             ctx.timed("numeric_s", start)
         for chunk, cols in enumerate(_column_chunks(ctx, i, positions)):

@@ -14,15 +14,18 @@ suggest, and this module hypothesises it per (output, leaf) pair, from shapes al
 Rows that share no column under the hypothesis are summed into one cotangent with random weights
 ``u_r`` (uniform in [0.5, 1.5)), so one backward pass returns ``u_r J[r, c]`` for the one row ``r``
 of the sum that the hypothesis lets reach ``c``. A non-zero where no row of the sum may reach is
-caught at once; the rest is verified as before: the numeric side's grouped finite differences
-(colouring.py, independent random weights) compare every row of every group with the Jacobian
-rebuilt from the hypothesis, so a wrong hypothesis, a backward with a term outside it, or a true
-Jacobian with one, each shows up as a mismatch or a moved row the rebuilt Jacobian says is unreached.
+caught at once (random weights: rows cannot cancel there).
 
 A leaf whose backward reaches a column the hypothesis rules out goes to the next coarser one.
-A failing group, a kink, a non-finite value, a changed re-run, or no coarser hypothesis left, and
-everything this pass recorded is dropped: the caller runs the exact path (dense rows), so every
-element a report names stays exact.
+Otherwise a second pass sums each cotangent's rows with weight one: each entry is then that
+row's own backward entry, bit for bit as the row-by-row path takes it (only exact zeros are
+added to it), and a term of the backward outside the hypothesis that lands on a column another
+row of the cotangent reaches is weighted differently in the two rebuilds, so they disagree.
+When they agree, the Jacobian is the backward's own, and the leaf's column groups run exactly
+as on the exact path (colouring.py, failing groups column by column): every element a report
+names, its values and error bars, is the exact path's. A disagreement, a non-finite value in
+the backward, a changed re-run, or no coarser hypothesis left, and everything this pass
+recorded is dropped: the caller runs the exact path (dense rows).
 """
 
 from __future__ import annotations
@@ -31,13 +34,13 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import torch
 
-from gradcheck_svc.engine.agreement import largest_change
-from gradcheck_svc.engine.colouring import GroupsDisagree
+from gradcheck_svc.engine.agreement import largest_change, within
 from gradcheck_svc.engine.compare import PairAccumulator
+from gradcheck_svc.engine.numeric import defaults_for
 from gradcheck_svc.report import Check
 
 if TYPE_CHECKING:  # only the type: this module stays free of the driver's imports at run time
@@ -49,6 +52,7 @@ ENABLED = True  # off: full mode always takes the analytic Jacobian row by row
 _MIN_GAIN = 3  # compress only when it saves at least this factor in backward passes
 _MAX_ATTEMPTS = 4  # hypotheses tried (the failing leaf coarsened each time) before the exact path
 _MAX_ENTRIES = 1 << 23  # hypothesised non-zeros held as index pairs
+_AGREE_ULPS = 2.0**4  # the two rebuilds may differ by rounding: this many ulps of the values' scale
 
 Pair = tuple[int, int]  # (output block index, leaf index)
 Accumulators = Mapping[tuple[Check, int, int], PairAccumulator]
@@ -191,10 +195,11 @@ def run_structured(ctx: Context, pairs: set[Pair], check: Check_) -> Accumulator
     """Check ``pairs`` with the analytic Jacobian taken by hypothesised structure.
 
     ``check(pairs, jac)`` judges the given pairs of one leaf, with its transposed analytic
-    Jacobian ``(n_i, M)`` in ``jac``, against finite differences into fresh accumulators, raising
-    ``GroupsDisagree`` at a failing column group. Leaves are independent: a leaf whose hypothesis
-    held keeps its verdicts while another tries a coarser one. ``None``: the hypotheses did not
-    apply or did not hold; nothing was recorded, and the caller takes the exact path.
+    Jacobian ``(n_i, M)`` in ``jac``, against finite differences into fresh accumulators, as the
+    exact path does. Leaves are independent: a leaf whose hypothesis held keeps its verdicts
+    while another tries a coarser one. ``None``:
+    the hypotheses did not apply or did not hold; nothing was recorded, and the caller takes the
+    exact path.
     """
     if not ENABLED or not pairs or not _applicable(ctx, pairs):
         return None
@@ -276,9 +281,10 @@ def _attempt(
     can_coarsen: Callable[[list[int]], bool],
 ) -> dict[int, Accumulators | int]:
     """One hypothesis per pending leaf; per leaf: its accumulators when the hypothesis held,
-    ``_COARSER`` when it did not, ``_EXACT`` when only the exact path will do (kink, non-finite
-    value, a re-run of the backward that changed). Leaves the backward already refutes, with no
-    coarser hypothesis to go to, end the attempt before any finite difference is taken."""
+    ``_COARSER`` when it did not, ``_EXACT`` when only the exact path will do (a non-finite value
+    in the backward, two rebuilds that disagree, a re-run of the backward that changed). Leaves
+    the backward already refutes, with no coarser hypothesis to go to, end the attempt before
+    any finite difference is taken."""
     problem = ctx.problem
     colourings, which = _distinct(plans)
     m = problem.n_outputs
@@ -297,11 +303,9 @@ def _attempt(
 
     per_chunk = ctx.rows_per_backward(sum(problem.leaves[i].size for i in plans), cotangents.shape[0])
     grads: dict[int, list[torch.Tensor]] = {i: [] for i in plans}
-    first: list[torch.Tensor] = []
     for c0 in range(0, cotangents.shape[0], per_chunk):
         ctx.poll()
         part = ctx.analytic.rows(cotangents[c0 : c0 + per_chunk])
-        first = first or part
         for i in plans:
             grads[i].append(part[i])
     outcome: dict[int, Accumulators | int] = {}
@@ -327,27 +331,85 @@ def _attempt(
     ):
         return dict.fromkeys(plans, _EXACT)
 
-    for i in jac:
-        # A failing group is not worth a coarser hypothesis: the backward stayed inside this one
-        # (no column outside it reached), so the Jacobian it gives is the backward's own, and
-        # it disagrees with f. The exact path finds the elements.
-        try:
-            accumulators = check([p for p in sorted(pairs) if p[1] == i], {i: jac[i]})
-        except GroupsDisagree:
-            return dict.fromkeys(plans, _EXACT)
-        if any(acc.failed or acc.kinks or acc.nonfinite for acc in accumulators.values()):
-            return dict.fromkeys(plans, _EXACT)
-        outcome[i] = accumulators
-    held = [i for i, v in outcome.items() if not isinstance(v, int)]
-    if held and ctx.options.check_nondeterminism:
-        # The very same first batch again (another batch size may round differently); the
-        # backward is shared by every pair of a leaf.
-        again = ctx.analytic.rows(cotangents[:per_chunk])
-        for i in held:
-            delta = largest_change(first[i], again[i])
-            if delta > ctx.options.nondet_tol:
-                return dict.fromkeys(plans, _EXACT)
-            for (kind, _, _), acc in cast(Accumulators, outcome[i]).items():
+    if not jac:
+        return outcome  # every leaf refuted: each tries a coarser hypothesis
+    # The elements must be exact: the rebuilt Jacobian, verified by a second pass, is the one
+    # the row-by-row path takes, and the groups then run as they run there.
+    started = time.perf_counter()
+    exact = _verified(ctx, {i: plans[i] for i in jac}, jac)
+    ctx.timed("analytic_s", started)
+    if exact is None:
+        return dict.fromkeys(plans, _EXACT)
+    verified, delta = exact
+    for i in verified:
+        accumulators = check([p for p in sorted(pairs) if p[1] == i], {i: verified[i]})
+        if ctx.options.check_nondeterminism:
+            for (kind, _, _), acc in accumulators.items():
                 if kind is Check.REVERSE:
-                    acc.record_nondeterminism(delta, ctx.options.nondet_tol)
+                    acc.record_nondeterminism(delta[i], ctx.options.nondet_tol)
+        outcome[i] = accumulators
     return outcome
+
+
+def _verified(
+    ctx: Context, plans: Mapping[int, _LeafRows], first: Mapping[int, torch.Tensor]
+) -> tuple[dict[int, torch.Tensor], dict[int, float]] | None:
+    """The Jacobians of ``plans``' leaves exactly as the row-by-row path takes them, or ``None``.
+
+    A second pass sums the rows of each cotangent with weight one: where no two rows of a
+    cotangent reach one column, each entry is that row's own backward entry, bit for bit (only
+    exact zeros are added to it). A term the backward puts at a column that another row of the
+    cotangent reaches would hide in both rebuilds, but weighted differently: the first pass's
+    random weights give ``J[r, c] + (u_s / u_r) J[s, c]``, this one ``J[r, c] + J[s, c]``, so the
+    two disagree unless the term is within rounding of nothing. Disagreement, a column no row may
+    reach, a non-finite value, or a re-run of the first batch that changes beyond ``nondet_tol``:
+    ``None``, and the caller takes the exact path. Also returns each leaf's re-run change.
+    """
+    problem = ctx.problem
+    colourings, which = _distinct(plans)
+    m = problem.n_outputs
+    device = ctx.f0.device
+    blocks, offsets = [], [0]
+    for c in colourings:
+        cot = torch.zeros(c.count, m, dtype=torch.float64, device=device)
+        used = (c.colour >= 0).nonzero().squeeze(1)
+        cot[c.colour[used], used] = 1.0
+        blocks.append(cot)
+        offsets.append(offsets[-1] + c.count)
+    cotangents = torch.cat(blocks)
+    per_chunk = ctx.rows_per_backward(sum(problem.leaves[i].size for i in plans), cotangents.shape[0])
+    grads: dict[int, list[torch.Tensor]] = {i: [] for i in plans}
+    head: list[torch.Tensor] = []
+    for c0 in range(0, cotangents.shape[0], per_chunk):
+        ctx.poll()
+        part = ctx.analytic.rows(cotangents[c0 : c0 + per_chunk])
+        head = head or part
+        for i in plans:
+            grads[i].append(part[i])
+    dtypes = [o.dtype for o in problem.outputs] + [problem.leaves[i].dtype for i in plans]
+    ulp = _AGREE_ULPS * defaults_for(*dtypes).machine_eps
+    verified: dict[int, torch.Tensor] = {}
+    for i, plan in plans.items():
+        g = torch.cat(grads[i])[offsets[which[i]] : offsets[which[i] + 1]]  # (count, n_i)
+        if not bool(torch.isfinite(g).all()):
+            return None
+        colour = plan.colour[plan.rows]
+        reached = torch.zeros_like(g, dtype=torch.bool)
+        reached[colour, plan.cols] = True
+        if bool((g[~reached] != 0).any()):
+            return None
+        values = g[colour, plan.cols]
+        weighted = first[i][plan.cols, plan.rows]
+        scale = g.abs().amax(dim=1)[colour]  # the largest entry the cotangent gave
+        if not within(values, weighted, ulp * (values.abs() + weighted.abs() + scale)):
+            return None
+        jac_i = torch.zeros(problem.leaves[i].size, m, dtype=torch.float64, device=device)
+        jac_i[plan.cols, plan.rows] = values
+        verified[i] = jac_i
+    delta = dict.fromkeys(plans, 0.0)
+    if ctx.options.check_nondeterminism:
+        again = ctx.analytic.rows(cotangents[:per_chunk])
+        delta = {i: largest_change(head[i], again[i]) for i in plans}
+        if max(delta.values()) > ctx.options.nondet_tol:
+            return None
+    return verified, delta

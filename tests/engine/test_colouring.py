@@ -277,3 +277,32 @@ def test_failures_come_before_kinks_in_the_worst_elements():
     (pair,) = gc.check(ReluOneWrong.apply, x, max_worst=3).pairs
     assert pair.status == gc.Status.FAIL
     assert [e.input_index for e in pair.worst] == [[63]]
+
+
+@pytest.mark.parametrize("density", [0.05, 0.6, 1.0])
+def test_entry_differences_equal_the_dense_block_at_every_listed_entry(density):
+    # Groups difference only the entries they moved (and those the pattern names); each row's
+    # noise, median and floor, comes from its moved entries alone, as in the dense block.
+    from gradcheck_svc.engine.colouring import _entry_differences
+    from gradcheck_svc.engine.numeric import differences
+
+    g = torch.Generator().manual_seed(5)
+    k, m = 40, 30
+    f0 = torch.randn(m, generator=g, dtype=torch.float64)
+    h = torch.exp2(-torch.randint(14, 18, (k,), generator=g).to(torch.float64))
+    offsets = torch.stack([-h, h, 2 * h])
+    slope = torch.randn(k, m, generator=g, dtype=torch.float64)
+    mask = torch.rand(k, m, generator=g) < density
+    noise = 1e-13 * torch.randn(3, k, m, generator=g, dtype=torch.float64)
+    nodes = f0 + mask * (offsets.unsqueeze(2) * slope + noise)
+    x_scale = torch.rand(k, generator=g, dtype=torch.float64) + 0.5
+    eps = 2.0**-52
+    dense = differences(nodes.reshape(3 * k, m), f0, offsets, eps, x_scale)  # (M, k)
+    moved_g, moved_r = (nodes != f0).any(dim=0).nonzero(as_tuple=True)
+    extra_r, extra_g = torch.tensor([0, 7, 29]), torch.tensor([3, 0, 39])  # unmoved, named by a pattern
+    rows, groups = torch.cat([moved_r, extra_r]), torch.cat([moved_g, extra_g])
+    keys = torch.unique(rows * k + groups)
+    rows, groups = keys // k, keys % k
+    sparse = _entry_differences(nodes, f0, offsets, rows, groups, x_scale, eps)
+    for mine, theirs in zip(sparse.parts(), dense.parts(), strict=True):
+        torch.testing.assert_close(mine, theirs[rows, groups], rtol=1e-14, atol=0.0)
