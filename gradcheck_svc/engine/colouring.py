@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from gradcheck_svc.engine.compare import Judgement, PairAccumulator, Tolerance, judge
-from gradcheck_svc.engine.numeric import NODES, Differences, differences, steps
+from gradcheck_svc.engine.numeric import NODES, Differences, Probes, differences, steps
 
 if TYPE_CHECKING:  # only the type: this module stays free of the driver's imports at run time
     from gradcheck_svc.engine.context import Context
@@ -107,6 +107,7 @@ def run_coloured(
     accumulators: list[tuple[slice, PairAccumulator, Tolerance]],
     *,
     strict: bool = False,
+    directions: Probes | None = None,
 ) -> torch.Tensor | None:
     """Check leaf ``index`` by groups; return the columns still to be perturbed by full mode.
 
@@ -114,7 +115,8 @@ def run_coloured(
     gives, per output block checked against this leaf, its rows, accumulator and tolerance.
     ``None`` means nothing was done (no useful colouring): every column is left. ``strict``:
     raise ``GroupsDisagree`` at the first failing group instead of re-checking its columns (the
-    caller has an exact path to fall back on).
+    caller has an exact path to fall back on). ``directions``: every output's noise samples
+    along random directions (``numeric.probe_noise``), joined to each group's.
     """
     problem = ctx.numeric_problem
     leaf = problem.leaves[index]
@@ -174,6 +176,7 @@ def run_coloured(
             (pc[lo:hi], pr[lo:hi], group_of[pc[lo:hi]] - g0),
             step_of,
             failed_groups[g0:g1],
+            directions=directions,
         )
         if strict and bool(failed_groups[g0:g1].any()):
             raise GroupsDisagree(index)
@@ -203,6 +206,7 @@ def run_coloured(
                 step_of,
                 torch.zeros(cols.numel(), dtype=torch.bool, device=device),
                 singletons=True,
+                directions=directions,
             )
             position[cols] = -1
     return left
@@ -224,6 +228,7 @@ def _check_groups(
     failed_groups: torch.Tensor,
     *,
     singletons: bool = False,
+    directions: Probes | None = None,
 ) -> None:
     """Evaluate, verify and record ``k`` groups; marks the groups that must go column by column.
 
@@ -240,7 +245,7 @@ def _check_groups(
     evaluated = ctx.evaluate(index, batch, columns=0 if singletons else columns.numel())
     offsets = torch.tensor(NODES, dtype=torch.float64, device=device).unsqueeze(1).expand(3, k).contiguous()
     f0 = ctx.numeric_f0
-    diff = differences(evaluated, f0, offsets, ctx.numeric_machine_eps, x_scale)  # (M, k)
+    diff = differences(evaluated, f0, offsets, ctx.numeric_machine_eps, x_scale, directions=directions)
     moved = (evaluated.reshape(3, k, -1) != f0).any(dim=0).T  # (M, k)
     del evaluated, batch, direction
 
@@ -258,7 +263,7 @@ def _check_groups(
         per_step = step_of[j_known]
         element = Differences(*(t[r_abs, g_known] / per_step for t in diff.parts()))
         analytic = jac_t[j_known, r_abs]
-        verdict = _flat(judge(analytic.unsqueeze(0), _as_row(element), tol))
+        verdict = _flat(judge(analytic.unsqueeze(0), _as_row(element), tol, elements=True))
         if not singletons:
             failed_groups[g_known[verdict.failed | verdict.nonfinite]] = True
         verdicts.append((acc, r_known, j_known, g_known, analytic, element, verdict))
@@ -269,7 +274,9 @@ def _check_groups(
             free = Differences(*(t[r_free + rows.start, g_free] for t in diff.parts()))
             if singletons:  # exact: the element (row, the group's one column), analytic zero
                 free = Differences(*(t / step[g_free] for t in free.parts()))
-            v_free = _flat(judge(torch.zeros_like(free.value).unsqueeze(0), _as_row(free), tol))
+            v_free = _flat(
+                judge(torch.zeros_like(free.value).unsqueeze(0), _as_row(free), tol, elements=singletons)
+            )
             if singletons:
                 verdicts.append(
                     (acc, r_free, columns[g_free], g_free, torch.zeros_like(free.value), free, v_free)

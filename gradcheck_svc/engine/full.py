@@ -22,14 +22,17 @@ from gradcheck_svc.engine.colouring import run_coloured
 from gradcheck_svc.engine.compare import ClearTest, PairAccumulator, clear_passes, judge, merge_wide
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.numeric import (
+    DTYPE_DEFAULTS,
     NODES,
     Central,
     Differences,
+    Probes,
     central,
     differences,
     node_offsets,
     noise_sample,
     perturb,
+    probe_noise,
     row_noise,
     sampled_noise,
     steps,
@@ -144,6 +147,7 @@ def _check_leaves(
     problem = ctx.problem
     for i in selection.leaves:
         positions = ctx.numeric_problem.leaves[i].finite_positions()  # +-inf and NaN have no step
+        noise = _probe_noise(ctx, i, positions)
         if jac is not None and _colourable(ctx, i, positions):
             # Columns that share no output row are perturbed together; what is left goes one by one.
             start = time.perf_counter()
@@ -155,13 +159,36 @@ def _check_leaves(
                 )
                 for o in selection.outputs_of(i)
             ]
-            left = run_coloured(ctx, i, jac[i], blocks, strict=strict)
+            left = run_coloured(ctx, i, jac[i], blocks, strict=strict, directions=noise)
             positions = positions if left is None else left
             ctx.timed("numeric_s", start)
         for chunk, cols in enumerate(_column_chunks(ctx, i, positions)):
             columns = _analytic_columns(ctx, i, cols, jac, wide_jac, selection, accumulators, chunk == 0)
-            _judge_columns(ctx, i, cols, columns, selection, accumulators)
+            _judge_columns(ctx, i, cols, columns, selection, accumulators, noise)
     return dict(accumulators)
+
+
+def _probe_noise(ctx: Context, i: int, positions: torch.Tensor) -> Probes | None:
+    """Where the differences stay in a low precision (fn does not run on float64 copies), every
+    output's noise samples along a few random directions over leaf ``i`` (``probe_noise``).
+    None in float64, whose rounding the column sample and the floor cover."""
+    if ctx.numeric_machine_eps <= DTYPE_DEFAULTS[torch.float64].machine_eps or not positions.numel():
+        return None
+    start = time.perf_counter()
+    base = ctx.numeric_problem.leaves[i].real
+    generator = torch.Generator().manual_seed(ctx.options.seed + i)
+    h = steps(base[positions], ctx.eps(ctx.numeric_problem.leaves[i]))
+    samples = probe_noise(
+        lambda batch: ctx.evaluate(i, batch, columns=0),
+        base,
+        positions,
+        h,
+        ctx.numeric_f0,
+        ctx.numeric_machine_eps,
+        generator,
+    )
+    ctx.timed("numeric_s", start)
+    return samples
 
 
 @dataclass
@@ -296,6 +323,7 @@ def _judge_columns(
     columns: _Columns,
     selection: _Selection,
     accumulators: _Accumulators,
+    noise: Probes | None = None,
 ) -> None:
     """Finite differences of columns ``cols`` of leaf ``i``, judged against the analytic columns.
 
@@ -331,8 +359,22 @@ def _judge_columns(
             active |= (extra != 0).any(dim=0)
     x_scale = torch.maximum(base[cols].detach().abs().to(torch.float64), h)
     rows = _Rows.of(active)
+
+    def probed(rows: _Rows) -> Probes | None:
+        """The probe directions' noise samples of ``rows``."""
+        if noise is None:
+            return None
+        return noise if rows.every else noise.rows(rows.index)
+
     if three_nodes:
-        diff = differences(rows.part(evaluated), rows.part(f0), offsets, ctx.numeric_machine_eps, x_scale)
+        diff = differences(
+            rows.part(evaluated),
+            rows.part(f0),
+            offsets,
+            ctx.numeric_machine_eps,
+            x_scale,
+            directions=probed(rows),
+        )
         ctx.timed("compare_s", t0)
         _judge_blocks(ctx, i, cols, columns, selection, accumulators, rows, diff, None)
         return
@@ -345,7 +387,7 @@ def _judge_columns(
         median = None
         if sample.numel():
             nodes = torch.cat([pair[:c][sample], pair[c:][sample], plus2[sample]])
-            median = sampled_noise(rows.part(nodes), rows.part(f0), offsets[:, sample])
+            median = sampled_noise(rows.part(nodes), rows.part(f0), offsets[:, sample], probed(rows))
         eps = ctx.numeric_machine_eps
         return central(rows.part(pair), rows.part(f0), offsets, median, eps, x_scale), median
 
@@ -428,10 +470,10 @@ def _judge_blocks(
             reverse.checked += skipped
             continue
         allowance = ctx.rounding_allowance(rows.index[lo:hi], d_o.value)
-        verdict = judge(a_o, d_o, tol, extra=allowance)
+        verdict = judge(a_o, d_o, tol, extra=allowance, elements=True)
         if wide is not None:
             w_o = wide[lo:hi]
-            wide_verdict = judge(w_o, d_o, ctx.wide_tolerance(block, leaf))
+            wide_verdict = judge(w_o, d_o, ctx.wide_tolerance(block, leaf), elements=True)
             shown, verdict, only_wide = merge_wide(a_o, verdict, w_o, wide_verdict)
             reverse.wide_only += int(only_wide.sum())
         else:
@@ -441,7 +483,7 @@ def _judge_blocks(
         if forward is not None:
             f_o = forward[lo:hi]
             fwd = accumulators.of(Check.FORWARD, o, i)
-            fwd.add(cols, f_o, d_o, judge(f_o, d_o, tol), rows=rows_in_block)
+            fwd.add(cols, f_o, d_o, judge(f_o, d_o, tol, elements=True), rows=rows_in_block)
             exact = _exact(a_o)
             vs = accumulators.of(Check.FORWARD_VS_REVERSE, o, i)
             vs.add(cols, f_o, exact, judge(f_o, exact, tol), rows=rows_in_block)
