@@ -57,6 +57,7 @@ class Judgement:
     failed: torch.Tensor
     kink: torch.Tensor
     nonfinite: torch.Tensor
+    clean: bool = False  # known to have no failed, kink or non-finite element (no need to count)
 
 
 def _all_finite(*tensors: torch.Tensor) -> bool:
@@ -210,7 +211,7 @@ class ClearTest:
         tolerance = self.half.mul_(2).add_(self.spread, alpha=self.bars * SMOOTH_SPREAD / 6)
         ratio = torch.div(self.error, tolerance).masked_fill_(self.error == 0, 0.0)
         nothing = torch.zeros_like(self.clear)
-        return Judgement(tolerance, self.error, ratio, nothing, nothing, nothing)
+        return Judgement(tolerance, self.error, ratio, nothing, nothing, nothing, clean=True)
 
 
 def clear_passes(
@@ -379,16 +380,21 @@ class PairAccumulator:
         )
 
         self.checked += numeric.numel()
-        n_failed = int(failed.sum())
+        n_failed = 0 if verdict.clean else int(failed.sum())
         self.failed += n_failed
-        self.kinks += int(kink.sum())
-        self.nonfinite += int(verdict.nonfinite.sum())
+        if not verdict.clean:
+            self.kinks += int(kink.sum())
+            self.nonfinite += int(verdict.nonfinite.sum())
         if not numeric.numel():
             return
         self.max_abs = max(self.max_abs, float(error.max()))
-        # Relative error only where it means something: a numeric value of exactly 0 has none.
-        rel = torch.where((error == 0) | (numeric == 0), 0.0, error / numeric.abs())
-        self.max_rel = max(self.max_rel, float(rel.max()))
+        # Relative error only where it means something: a numeric value of exactly 0 has none
+        # (error / 0 is inf or NaN there, masked; error 0 over a non-zero value is 0 already).
+        largest_rel = float(torch.div(error, numeric.abs()).masked_fill_(numeric == 0, 0.0).max())
+        if math.isnan(largest_rel):  # a non-finite numeric value, whose error reads 0
+            rel = torch.where((error == 0) | (numeric == 0), 0.0, error / numeric.abs())
+            largest_rel = float(rel.max())
+        self.max_rel = max(self.max_rel, largest_rel)
         self.max_ratio = max(self.max_ratio, float(ratio.max()))
 
         if self._full is not None:
@@ -416,7 +422,7 @@ class PairAccumulator:
 
         # Keep the worst elements: failing ones first, then kinks, then the rest, by err/tol.
         rank = None
-        if n_failed or bool(kink.any()):
+        if n_failed or (not verdict.clean and bool(kink.any())):
             rank = torch.where(failed, _FAILED, torch.where(kink, _KINK, _PASSED))
         for level in (_FAILED, _KINK, _PASSED) if rank is not None else (_PASSED,):
             if rank is None:

@@ -162,9 +162,10 @@ def _check_leaves(
             left = run_coloured(ctx, i, jac[i], blocks, strict=strict, directions=noise)
             positions = positions if left is None else left
             ctx.timed("numeric_s", start)
+        measured = _Measured()
         for chunk, cols in enumerate(_column_chunks(ctx, i, positions)):
             columns = _analytic_columns(ctx, i, cols, jac, wide_jac, selection, accumulators, chunk == 0)
-            _judge_columns(ctx, i, cols, columns, selection, accumulators, noise)
+            _judge_columns(ctx, i, cols, columns, selection, accumulators, noise, measured)
     return dict(accumulators)
 
 
@@ -324,13 +325,16 @@ def _judge_columns(
     selection: _Selection,
     accumulators: _Accumulators,
     noise: Probes | None = None,
+    measured: _Measured | None = None,
 ) -> None:
     """Finite differences of columns ``cols`` of leaf ``i``, judged against the analytic columns.
 
     A first pass evaluates ``x - h`` and ``x + h`` for every column (and ``x + 2h`` for the
     noise sample's). A column whose every element the central difference passes by a wide
     margin, with no sign of a kink, is reported with it; the others take the third node and
-    are judged on the Richardson value and its bars, as every column once was.
+    are judged on the Richardson value and its bars, as every column once was. ``measured``
+    holds the noise earlier chunks of the leaf sampled: an output's noise is its own, whichever
+    columns move it, so a chunk whose outputs all have one takes no sample of its own.
     """
     numeric_leaf = ctx.numeric_problem.leaves[i]
     base = numeric_leaf.real
@@ -343,7 +347,12 @@ def _judge_columns(
     # all): every column then takes the third node in the first pass, with no test to pay for.
     three_nodes = c < _ADAPTIVE_COLUMNS
     sample = torch.arange(c, device=device) if three_nodes else noise_sample(c).to(device)
-    batch = perturb(base, [(NODES[0], cols, h), (NODES[1], cols, h), (NODES[2], cols[sample], h[sample])])
+    # Later chunks of a leaf evaluate the sample's third node only if some output needs it.
+    deferred = not three_nodes and measured is not None and measured.sigma is not None
+    parts = [(NODES[0], cols, h), (NODES[1], cols, h)]
+    if not deferred:
+        parts.append((NODES[2], cols[sample], h[sample]))
+    batch = perturb(base, parts)
     evaluated = ctx.evaluate(i, batch, columns=c)
     del batch
     ctx.timed("numeric_s", t0)
@@ -381,13 +390,31 @@ def _judge_columns(
 
     pair = evaluated[: 2 * c]
     plus2 = torch.empty(c, evaluated.shape[1], dtype=evaluated.dtype, device=device)  # x + 2h, where taken
-    plus2[sample] = evaluated[2 * c :]
+    taken = torch.zeros(c, dtype=torch.bool, device=device)  # the columns whose x + 2h is in plus2
+    if not deferred:
+        plus2[sample] = evaluated[2 * c :]
+        taken[sample] = True
 
     def first_pass(rows: _Rows) -> tuple[Central, torch.Tensor | None]:
+        nonlocal t0
         median = None
-        if sample.numel():
+        known = measured.of(rows.index) if measured is not None and deferred else None
+        if known is not None:
+            median = known
+        elif sample.numel():
+            missing = sample[~taken[sample]]
+            if missing.numel():
+                started = time.perf_counter()
+                plus2[missing] = ctx.evaluate(
+                    i, perturb(base, [(NODES[2], cols[missing], h[missing])]), columns=0
+                )
+                taken[missing] = True
+                ctx.timed("numeric_s", started)
+                t0 += time.perf_counter() - started
             nodes = torch.cat([pair[:c][sample], pair[c:][sample], plus2[sample]])
             median = sampled_noise(rows.part(nodes), rows.part(f0), offsets[:, sample], probed(rows))
+            if measured is not None:
+                measured.record(rows.index, median, f0.numel())
         eps = ctx.numeric_machine_eps
         return central(rows.part(pair), rows.part(f0), offsets, median, eps, x_scale), median
 
@@ -397,9 +424,7 @@ def _judge_columns(
         doubtful = ~torch.stack([t.clear.all(dim=0) for t in tests.values()]).all(dim=0)
     else:
         doubtful = torch.ones(c, dtype=torch.bool, device=device)
-    in_sample = torch.zeros(c, dtype=torch.bool, device=device)
-    in_sample[sample] = True
-    third = (doubtful & ~in_sample).nonzero().squeeze(1)
+    third = (doubtful & ~taken).nonzero().squeeze(1)
     ctx.timed("compare_s", t0)
     if third.numel():
         t0 = time.perf_counter()
@@ -490,6 +515,25 @@ def _judge_blocks(
             fwd.checked += skipped
             vs.checked += skipped
     ctx.timed("compare_s", t0)
+
+
+@dataclass
+class _Measured:
+    """Each output's sampled noise median over the chunks of one leaf so far: 0 where none."""
+
+    sigma: torch.Tensor | None = None
+
+    def record(self, index: torch.Tensor, median: torch.Tensor, outputs: int) -> None:
+        if self.sigma is None:
+            self.sigma = torch.zeros(outputs, dtype=median.dtype, device=median.device)
+        self.sigma[index] = torch.maximum(self.sigma[index], median)
+
+    def of(self, index: torch.Tensor) -> torch.Tensor | None:
+        """The medians of outputs ``index``, or None when some of them has none yet."""
+        if self.sigma is None:
+            return None
+        known = self.sigma[index]
+        return known if bool((known > 0).all()) else None
 
 
 @dataclass
