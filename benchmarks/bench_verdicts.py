@@ -2,6 +2,7 @@
 
     python benchmarks/bench_verdicts.py                  # 50 seeds, float64/float32/float16/bfloat16
     python benchmarks/bench_verdicts.py --seeds 10 --dtypes float32 --modes fast
+    python benchmarks/bench_verdicts.py --seeds 50 --first-seed 50   # seeds 50..99
 
 The corpus (tests/engine/corpus.py) holds correct custom autograd.Functions of the kinds people
 write (tanh-GeLU with bias, sparsemax, SiLU, softplus, softmax, logsumexp, a layer-norm-like row
@@ -58,7 +59,14 @@ def _only_in(dtype: torch.dtype, fn: Callable[..., torch.Tensor]) -> Callable[..
     return call
 
 
-def run(seeds: int, dtypes: list[str], modes: list[str], verbose: bool, own_dtype: bool = False) -> int:
+def run(
+    seeds: int,
+    dtypes: list[str],
+    modes: list[str],
+    verbose: bool,
+    own_dtype: bool = False,
+    first_seed: int = 0,
+) -> int:
     rows = []
     misses: dict[tuple[str, str], list[str]] = defaultdict(list)
     for dtype_name in dtypes:
@@ -68,7 +76,7 @@ def run(seeds: int, dtypes: list[str], modes: list[str], verbose: bool, own_dtyp
             started = time.perf_counter()
             correct_runs = false_alarms = bug_runs = caught = 0
             for case in CASES:
-                for seed in range(seeds):
+                for seed in range(first_seed, first_seed + seeds):
                     inputs = make_inputs(case, seed, dtype, shape)
                     bind = (lambda *b, d=dtype, c=case: _only_in(d, c.bound(*b))) if own_dtype else case.bound
                     report = gc.check(bind(), *inputs, seed=seed, **options)
@@ -98,6 +106,7 @@ def run(seeds: int, dtypes: list[str], modes: list[str], verbose: bool, own_dtyp
             )
     print(
         f"{len(CASES)} correct functions, {sum(len(c.bugs) for c in CASES)} buggy twins, {seeds} seeds each"
+        + (f" (from seed {first_seed})" if first_seed else "")
         + (", every function refusing dtypes other than its own (in-dtype differences)" if own_dtype else "")
     )
     print(f"{'dtype':<9} {'mode':<5} {'false alarms':>16} {'caught':>16} {'time':>8}")
@@ -117,6 +126,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, default=50)
+    parser.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0)")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--modes", nargs="+", default=list(MODE_OPTIONS), choices=list(MODE_OPTIONS))
     parser.add_argument("--verbose", action="store_true", help="print the report of every false alarm")
@@ -124,7 +134,7 @@ def main() -> int:
         "--own-dtype", action="store_true", help="functions refuse float64 copies: in-dtype differences"
     )
     args = parser.parse_args()
-    return run(args.seeds, args.dtypes, args.modes, args.verbose, args.own_dtype)
+    return run(args.seeds, args.dtypes, args.modes, args.verbose, args.own_dtype, args.first_seed)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ by column, so every element the report names comes from its own column.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,8 +30,10 @@ from gradcheck_svc.engine.numeric import (
     _MIN_NOISE_SAMPLES,
     NODES,
     Differences,
+    Probes,
     _derivative_weights,
     _noise_gain,
+    differences,
     noise_sample,
     perturb,
     steps,
@@ -110,12 +113,16 @@ def run_coloured(
     index: int,
     jac_t: torch.Tensor,
     accumulators: list[tuple[slice, PairAccumulator, Tolerance]],
+    *,
+    directions: Probes | None = None,
 ) -> torch.Tensor | None:
     """Check leaf ``index`` by groups; return the columns still to be perturbed by full mode.
 
     ``jac_t`` is the analytic Jacobian of the leaf, transposed ``(n, M)``; ``accumulators``
     gives, per output block checked against this leaf, its rows, accumulator and tolerance.
     ``None`` means nothing was done (no useful colouring): every column is left.
+    ``directions``: every output's noise samples along random directions
+    (``numeric.probe_noise``), joined to each group's.
     """
     problem = ctx.numeric_problem
     leaf = problem.leaves[index]
@@ -174,6 +181,7 @@ def run_coloured(
             (pc[lo:hi], pr[lo:hi], group_of[pc[lo:hi]] - g0),
             step_of,
             failed_groups[g0:g1],
+            directions=directions,
         )
     if bool(failed_groups.any()):
         ctx.note("a column group disagreed with the analytic pattern; its columns were re-checked one by one")
@@ -201,6 +209,7 @@ def run_coloured(
                 step_of,
                 torch.zeros(cols.numel(), dtype=torch.bool, device=device),
                 singletons=True,
+                directions=directions,
             )
             position[cols] = -1
     return left
@@ -222,6 +231,7 @@ def _check_groups(
     failed_groups: torch.Tensor,
     *,
     singletons: bool = False,
+    directions: Probes | None = None,
 ) -> None:
     """Evaluate, verify and record ``k`` groups; marks the groups that must go column by column.
 
@@ -252,7 +262,12 @@ def _check_groups(
     moved_key = moved_r * k + moved_g
     keys = torch.unique(torch.cat([moved_key, known_key]))  # sorted: row-major, as nonzero() is
     rows_of, groups_of = keys // k, keys % k
-    diff = _entry_differences(nodes, f0, offsets, rows_of, groups_of, x_scale, ctx.numeric_machine_eps)
+    if directions is None:
+        diff = _entry_differences(nodes, f0, offsets, rows_of, groups_of, x_scale, ctx.numeric_machine_eps)
+    else:  # low precision in its own dtype: the directions' samples join each row's noise
+        dense = differences(evaluated, f0, offsets, ctx.numeric_machine_eps, x_scale, directions=directions)
+        diff = Differences(*(t[rows_of, groups_of] for t in dense.parts()))
+        del dense
     del evaluated, nodes
     known_at = torch.searchsorted(keys, known_key)
     is_known = torch.zeros(keys.numel(), dtype=torch.bool, device=device)
@@ -273,7 +288,7 @@ def _check_groups(
         per_step = step_of[j_known]
         element = Differences(*(t[known] / per_step for t in diff.parts()))
         analytic = jac_t[j_known, r_abs]
-        verdict = _flat(judge(analytic.unsqueeze(0), _as_row(element), tol))
+        verdict = _flat(judge(analytic.unsqueeze(0), _as_row(element), tol, elements=True))
         if not singletons:
             failed_groups[g_known[verdict.failed | verdict.nonfinite]] = True
         verdicts.append((acc, r_known, j_known, g_known, analytic, element, verdict))
@@ -285,7 +300,9 @@ def _check_groups(
             free = Differences(*(t[free_at] for t in diff.parts()))
             if singletons:  # exact: the element (row, the group's one column), analytic zero
                 free = Differences(*(t / step[g_free] for t in free.parts()))
-            v_free = _flat(judge(torch.zeros_like(free.value).unsqueeze(0), _as_row(free), tol))
+            v_free = _flat(
+                judge(torch.zeros_like(free.value).unsqueeze(0), _as_row(free), tol, elements=singletons)
+            )
             if singletons:
                 verdicts.append(
                     (acc, r_free, columns[g_free], g_free, torch.zeros_like(free.value), free, v_free)
@@ -372,11 +389,24 @@ def _entry_differences(
 
 
 def _flat(v: Judgement) -> Judgement:
-    return Judgement(*(t.squeeze(0) for t in (v.tolerance, v.error, v.ratio, v.failed, v.kink, v.nonfinite)))
+    return _each(v, lambda t: t.squeeze(0))
 
 
 def _select(v: Judgement, keep: torch.Tensor) -> Judgement:
-    return Judgement(*(t[keep] for t in (v.tolerance, v.error, v.ratio, v.failed, v.kink, v.nonfinite)))
+    return _each(v, lambda t: t[keep])
+
+
+def _each(v: Judgement, part: Callable[[torch.Tensor], torch.Tensor]) -> Judgement:
+    """``v`` with ``part`` of each per-element tensor (its ``clean`` mark stays as it was)."""
+    return Judgement(
+        tolerance=part(v.tolerance),
+        error=part(v.error),
+        ratio=part(v.ratio),
+        failed=part(v.failed),
+        kink=part(v.kink),
+        nonfinite=part(v.nonfinite),
+        clean=v.clean,
+    )
 
 
 def _as_row(d: Differences) -> Differences:

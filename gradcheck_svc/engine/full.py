@@ -22,14 +22,17 @@ from gradcheck_svc.engine.colouring import run_coloured
 from gradcheck_svc.engine.compare import ClearTest, PairAccumulator, clear_passes, judge, merge_wide
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.numeric import (
+    DTYPE_DEFAULTS,
     NODES,
     Central,
     Differences,
+    Probes,
     central,
     differences,
     node_offsets,
     noise_sample,
     perturb,
+    probe_noise,
     row_noise,
     sampled_noise,
     steps,
@@ -141,6 +144,7 @@ def _check_leaves(
     problem = ctx.problem
     for i in selection.leaves:
         positions = ctx.numeric_problem.leaves[i].finite_positions()  # +-inf and NaN have no step
+        noise = _probe_noise(ctx, i, positions)
         if jac is not None and _colourable(ctx, i, positions):
             # Columns that share no output row are perturbed together; what is left goes one by one.
             start = time.perf_counter()
@@ -152,13 +156,37 @@ def _check_leaves(
                 )
                 for o in selection.outputs_of(i)
             ]
-            left = run_coloured(ctx, i, jac[i], blocks)
+            left = run_coloured(ctx, i, jac[i], blocks, directions=noise)
             positions = positions if left is None else left
             ctx.timed("numeric_s", start)
+        measured = _Measured()
         for chunk, cols in enumerate(_column_chunks(ctx, i, positions)):
             columns = _analytic_columns(ctx, i, cols, jac, wide_jac, selection, accumulators, chunk == 0)
-            _judge_columns(ctx, i, cols, columns, selection, accumulators)
+            _judge_columns(ctx, i, cols, columns, selection, accumulators, noise, measured)
     return dict(accumulators)
+
+
+def _probe_noise(ctx: Context, i: int, positions: torch.Tensor) -> Probes | None:
+    """Where the differences stay in a low precision (fn does not run on float64 copies), every
+    output's noise samples along a few random directions over leaf ``i`` (``probe_noise``).
+    None in float64, whose rounding the column sample and the floor cover."""
+    if ctx.numeric_machine_eps <= DTYPE_DEFAULTS[torch.float64].machine_eps or not positions.numel():
+        return None
+    start = time.perf_counter()
+    base = ctx.numeric_problem.leaves[i].real
+    generator = torch.Generator().manual_seed(ctx.options.seed + i)
+    h = steps(base[positions], ctx.eps(ctx.numeric_problem.leaves[i]))
+    samples = probe_noise(
+        lambda batch: ctx.evaluate(i, batch, columns=0),
+        base,
+        positions,
+        h,
+        ctx.numeric_f0,
+        ctx.numeric_machine_eps,
+        generator,
+    )
+    ctx.timed("numeric_s", start)
+    return samples
 
 
 @dataclass
@@ -293,13 +321,17 @@ def _judge_columns(
     columns: _Columns,
     selection: _Selection,
     accumulators: _Accumulators,
+    noise: Probes | None = None,
+    measured: _Measured | None = None,
 ) -> None:
     """Finite differences of columns ``cols`` of leaf ``i``, judged against the analytic columns.
 
     A first pass evaluates ``x - h`` and ``x + h`` for every column (and ``x + 2h`` for the
     noise sample's). A column whose every element the central difference passes by a wide
     margin, with no sign of a kink, is reported with it; the others take the third node and
-    are judged on the Richardson value and its bars, as every column once was.
+    are judged on the Richardson value and its bars, as every column once was. ``measured``
+    holds the noise earlier chunks of the leaf sampled: an output's noise is its own, whichever
+    columns move it, so a chunk whose outputs all have one takes no sample of its own.
     """
     numeric_leaf = ctx.numeric_problem.leaves[i]
     base = numeric_leaf.real
@@ -312,7 +344,12 @@ def _judge_columns(
     # all): every column then takes the third node in the first pass, with no test to pay for.
     three_nodes = c < _ADAPTIVE_COLUMNS
     sample = torch.arange(c, device=device) if three_nodes else noise_sample(c).to(device)
-    batch = perturb(base, [(NODES[0], cols, h), (NODES[1], cols, h), (NODES[2], cols[sample], h[sample])])
+    # Later chunks of a leaf evaluate the sample's third node only if some output needs it.
+    deferred = not three_nodes and measured is not None and measured.sigma is not None
+    parts = [(NODES[0], cols, h), (NODES[1], cols, h)]
+    if not deferred:
+        parts.append((NODES[2], cols[sample], h[sample]))
+    batch = perturb(base, parts)
     evaluated = ctx.evaluate(i, batch, columns=c)
     del batch
     ctx.timed("numeric_s", t0)
@@ -328,21 +365,53 @@ def _judge_columns(
             active |= (extra != 0).any(dim=0)
     x_scale = torch.maximum(base[cols].detach().abs().to(torch.float64), h)
     rows = _Rows.of(active)
+
+    def probed(rows: _Rows) -> Probes | None:
+        """The probe directions' noise samples of ``rows``."""
+        if noise is None:
+            return None
+        return noise if rows.every else noise.rows(rows.index)
+
     if three_nodes:
-        diff = differences(rows.part(evaluated), rows.part(f0), offsets, ctx.numeric_machine_eps, x_scale)
+        diff = differences(
+            rows.part(evaluated),
+            rows.part(f0),
+            offsets,
+            ctx.numeric_machine_eps,
+            x_scale,
+            directions=probed(rows),
+        )
         ctx.timed("compare_s", t0)
         _judge_blocks(ctx, i, cols, columns, selection, accumulators, rows, diff, None)
         return
 
     pair = evaluated[: 2 * c]
     plus2 = torch.empty(c, evaluated.shape[1], dtype=evaluated.dtype, device=device)  # x + 2h, where taken
-    plus2[sample] = evaluated[2 * c :]
+    taken = torch.zeros(c, dtype=torch.bool, device=device)  # the columns whose x + 2h is in plus2
+    if not deferred:
+        plus2[sample] = evaluated[2 * c :]
+        taken[sample] = True
 
     def first_pass(rows: _Rows) -> tuple[Central, torch.Tensor | None]:
+        nonlocal t0
         median = None
-        if sample.numel():
+        known = measured.of(rows.index) if measured is not None and deferred else None
+        if known is not None:
+            median = known
+        elif sample.numel():
+            missing = sample[~taken[sample]]
+            if missing.numel():
+                started = time.perf_counter()
+                plus2[missing] = ctx.evaluate(
+                    i, perturb(base, [(NODES[2], cols[missing], h[missing])]), columns=0
+                )
+                taken[missing] = True
+                ctx.timed("numeric_s", started)
+                t0 += time.perf_counter() - started
             nodes = torch.cat([pair[:c][sample], pair[c:][sample], plus2[sample]])
-            median = sampled_noise(rows.part(nodes), rows.part(f0), offsets[:, sample])
+            median = sampled_noise(rows.part(nodes), rows.part(f0), offsets[:, sample], probed(rows))
+            if measured is not None:
+                measured.record(rows.index, median, f0.numel())
         eps = ctx.numeric_machine_eps
         return central(rows.part(pair), rows.part(f0), offsets, median, eps, x_scale), median
 
@@ -352,9 +421,7 @@ def _judge_columns(
         doubtful = ~torch.stack([t.clear.all(dim=0) for t in tests.values()]).all(dim=0)
     else:
         doubtful = torch.ones(c, dtype=torch.bool, device=device)
-    in_sample = torch.zeros(c, dtype=torch.bool, device=device)
-    in_sample[sample] = True
-    third = (doubtful & ~in_sample).nonzero().squeeze(1)
+    third = (doubtful & ~taken).nonzero().squeeze(1)
     ctx.timed("compare_s", t0)
     if third.numel():
         t0 = time.perf_counter()
@@ -373,7 +440,7 @@ def _judge_columns(
     diff = first.reported(writable=bool(redo.numel()))
     if redo.numel():
 
-        def noise(richardson: torch.Tensor) -> torch.Tensor:
+        def redo_noise(richardson: torch.Tensor) -> torch.Tensor:
             # The noise floor's terms as the three-node columns have always had them: |R| there.
             magnitude = first.magnitude.clone()
             magnitude[:, redo] = richardson
@@ -381,7 +448,12 @@ def _judge_columns(
 
         nodes = torch.cat([pair[:c][redo], pair[c:][redo], plus2[redo]])
         full = differences(
-            rows.part(nodes), rows.part(f0), offsets[:, redo], ctx.numeric_machine_eps, x_scale[redo], noise
+            rows.part(nodes),
+            rows.part(f0),
+            offsets[:, redo],
+            ctx.numeric_machine_eps,
+            x_scale[redo],
+            redo_noise,
         )
         # Every block is an (M, c) view of (c, M) memory: a column is a contiguous row there.
         for mine, theirs in zip(diff.parts(), full.parts(), strict=True):
@@ -425,10 +497,10 @@ def _judge_blocks(
             reverse.checked += skipped
             continue
         allowance = ctx.rounding_allowance(rows.index[lo:hi], d_o.value)
-        verdict = judge(a_o, d_o, tol, extra=allowance)
+        verdict = judge(a_o, d_o, tol, extra=allowance, elements=True)
         if wide is not None:
             w_o = wide[lo:hi]
-            wide_verdict = judge(w_o, d_o, ctx.wide_tolerance(block, leaf))
+            wide_verdict = judge(w_o, d_o, ctx.wide_tolerance(block, leaf), elements=True)
             shown, verdict, only_wide = merge_wide(a_o, verdict, w_o, wide_verdict)
             reverse.wide_only += int(only_wide.sum())
         else:
@@ -438,13 +510,32 @@ def _judge_blocks(
         if forward is not None:
             f_o = forward[lo:hi]
             fwd = accumulators.of(Check.FORWARD, o, i)
-            fwd.add(cols, f_o, d_o, judge(f_o, d_o, tol), rows=rows_in_block)
+            fwd.add(cols, f_o, d_o, judge(f_o, d_o, tol, elements=True), rows=rows_in_block)
             exact = _exact(a_o)
             vs = accumulators.of(Check.FORWARD_VS_REVERSE, o, i)
             vs.add(cols, f_o, exact, judge(f_o, exact, tol), rows=rows_in_block)
             fwd.checked += skipped
             vs.checked += skipped
     ctx.timed("compare_s", t0)
+
+
+@dataclass
+class _Measured:
+    """Each output's sampled noise median over the chunks of one leaf so far: 0 where none."""
+
+    sigma: torch.Tensor | None = None
+
+    def record(self, index: torch.Tensor, median: torch.Tensor, outputs: int) -> None:
+        if self.sigma is None:
+            self.sigma = torch.zeros(outputs, dtype=median.dtype, device=median.device)
+        self.sigma[index] = torch.maximum(self.sigma[index], median)
+
+    def of(self, index: torch.Tensor) -> torch.Tensor | None:
+        """The medians of outputs ``index``, or None when some of them has none yet."""
+        if self.sigma is None:
+            return None
+        known = self.sigma[index]
+        return known if bool((known > 0).all()) else None
 
 
 @dataclass

@@ -39,12 +39,14 @@ __all__ = [
     "Central",
     "DTypeDefaults",
     "Differences",
+    "Probes",
     "central",
     "defaults_for",
     "differences",
     "node_offsets",
     "noise_sample",
     "perturb",
+    "probe_noise",
     "row_noise",
     "sampled_noise",
     "steps",
@@ -53,6 +55,8 @@ __all__ = [
 NODES = (-1.0, 1.0, 2.0)  # multiples of h, besides the shared f(x)
 _MIN_NOISE_SAMPLES = 4
 _NOISE_COLUMNS = 128
+_NOISE_DIRECTIONS = 8  # random directions that measure each output's noise in low precision
+_CEILING_ULPS = 2.0**10  # units of the largest |f(x)| that a rounding noise sample stays below
 _FLOOR_ULPS = 4.0
 # The largest change of a derivative across the step, relative to its size, that still counts
 # as smooth at the scale of the step (the first pass may then decide alone).
@@ -119,6 +123,90 @@ def noise_sample(c: int) -> torch.Tensor:
     if c < _MIN_NOISE_SAMPLES:
         return torch.empty(0, dtype=torch.long)
     return torch.arange(0, c, max(1, c // _NOISE_COLUMNS))
+
+
+def probe_noise(
+    evaluate: Callable[[torch.Tensor], torch.Tensor],
+    base: torch.Tensor,
+    columns: torch.Tensor,
+    h: torch.Tensor,
+    f0: torch.Tensor,
+    machine_eps: float,
+    generator: torch.Generator,
+) -> Probes:
+    """Noise samples of every output along a few random directions ``s * h`` (random ``s`` over
+    ``columns``, each column's own step), NaN where no direction moved it.
+
+    Where the differences stay in a low precision, an output moved by fewer than a few columns
+    (an elementwise function) has too few third differences for a median, and its own one can
+    be small by chance while the forward rounds at the scale of its intermediates, not of its
+    value (``1 + tanh(u)`` cancelling in a GeLU tail). Along each direction every output moves
+    at about the columns' steps, so each direction adds one third difference per output, scaled
+    as ``|R - D| h`` of a column: the samples join the columns' median (``differences``,
+    ``sampled_noise``).
+    """
+    # Random signs and sizes: an output moved by one column sees a stencil of its own along
+    # each direction, hence rounding of its own. Sizes (2^7 + r) / 2^8 keep the nodes exact;
+    # a column's sizes differ from direction to direction, so no two nodes are the same point.
+    shape = (_NOISE_DIRECTIONS, columns.numel())
+    signs = torch.randint(0, 2, shape, generator=generator).to(torch.float64) * 2 - 1
+    first = torch.randint(0, 2**7, (1, columns.numel()), generator=generator)
+    spread = torch.arange(_NOISE_DIRECTIONS).unsqueeze(1) * (2**7 // _NOISE_DIRECTIONS)
+    sizes = (((first + spread) % 2**7).to(torch.float64) + 2**7) / 2**8
+    step = (signs * sizes).to(base.device) * h
+    x = base.detach().to(torch.float64)[columns]
+    batch = base.detach().unsqueeze(0).repeat(len(NODES) * _NOISE_DIRECTIONS, 1)
+    for k, node in enumerate(NODES):
+        batch[k * _NOISE_DIRECTIONS : (k + 1) * _NOISE_DIRECTIONS, columns] = (x + node * step).to(base.dtype)
+    minus, plus, plus2 = evaluate(batch).reshape(len(NODES), _NOISE_DIRECTIONS, -1)
+    third = (plus2 - 3 * plus + 3 * f0 - minus).abs_().div_(6)
+    # An output that some directions move and others leave bit-for-bit unchanged rounds to the
+    # same value across a whole stencil: a zero sample of coarse rounding, not a missing one.
+    moved = ((minus != f0) | (plus != f0) | (plus2 != f0)).any(dim=0, keepdim=True)
+    samples = torch.where(moved & torch.isfinite(third), third, torch.nan).T
+    return Probes(
+        samples,
+        _granularity(torch.cat([f0.unsqueeze(0), minus, plus, plus2])),
+        _rounding_ceiling(f0, machine_eps),
+    )
+
+
+def _granularity(values: torch.Tensor) -> torch.Tensor:
+    """Per output, the smallest non-zero change among its values at distinct points ``(p, M)``
+    where some of them repeat exactly (else 0).
+
+    An output that takes the very same value at distinct points, yet moves elsewhere, is
+    resolved no finer than its smallest step: its rounding there is no noise a third
+    difference sees but a staircase as smooth as f (``(x^2 + 1024) - 1024`` in float32 takes a
+    few levels over a stencil, on a parabola of their own).
+    """
+    ordered = torch.sort(torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), dim=0).values
+    gaps = ordered[1:] - ordered[:-1]
+    repeats = (gaps == 0).any(dim=0)
+    smallest = torch.where(gaps > 0, gaps, torch.inf).min(dim=0).values
+    return torch.where(repeats & torch.isfinite(smallest), smallest, 0.0)
+
+
+@dataclass(frozen=True)
+class Probes:
+    """``probe_noise``'s samples ``(M, k)``, each output's rounding granularity ``(M,)`` and
+    the largest sample rounding can explain."""
+
+    samples: torch.Tensor
+    granularity: torch.Tensor
+    ceiling: float
+
+    def rows(self, index: torch.Tensor) -> Probes:
+        return Probes(self.samples[index], self.granularity[index], self.ceiling)
+
+
+def _rounding_ceiling(f0: torch.Tensor, machine_eps: float) -> float:
+    """The largest noise sample rounding can explain: ``_CEILING_ULPS`` units of the largest
+    |f(x)|. Intermediates far above every output value (a cancellation) round at their own
+    scale, hence the wide margin; a kink's sample (the jump of f' times the step) is far above."""
+    finite = f0[torch.isfinite(f0)]
+    largest = float(finite.abs().max()) if finite.numel() else 0.0
+    return _CEILING_ULPS * machine_eps * largest
 
 
 def _derivative_weights(
@@ -194,8 +282,10 @@ def _median_noise(
     d_minus: torch.Tensor,
     d_plus: torch.Tensor,
     d_plus2: torch.Tensor,
+    directions: Probes | None = None,
 ) -> torch.Tensor:
-    """Each output's evaluation noise from the third differences R - D of a column sample.
+    """Each output's evaluation noise from the third differences R - D of a column sample,
+    and from the ``directions``' samples (``probe_noise``) when given.
 
     R - D is a third difference: for smooth f at these steps, mostly evaluation noise. Its
     median over the elements an output depends on estimates that output's noise. Elements it
@@ -206,16 +296,42 @@ def _median_noise(
     moved = (d_plus != 0) | (d_minus != 0) | (d_plus2 != 0)
     sample = truncation * h
     noise_samples = torch.where(moved & torch.isfinite(sample), sample, torch.nan)
-    # A median along contiguous memory: the samples come as (M, s) views of (s, M) memory.
-    sigma = torch.nan_to_num(noise_samples.contiguous().nanmedian(dim=1).values, nan=0.0) / 0.502
-    return torch.where(moved.sum(dim=1) >= _MIN_NOISE_SAMPLES, sigma, torch.zeros_like(sigma))
+    if directions is None:
+        # A median along contiguous memory: the samples come as (M, s) views of (s, M) memory.
+        sigma = torch.nan_to_num(noise_samples.contiguous().nanmedian(dim=1).values, nan=0.0) / 0.502
+        return torch.where(moved.sum(dim=1) >= _MIN_NOISE_SAMPLES, sigma, torch.zeros_like(sigma))
+    columns = moved.sum(dim=1)
+    sigma = torch.zeros_like(columns, dtype=sample.dtype)
+    if noise_samples.shape[1]:
+        sigma = torch.nan_to_num(noise_samples.contiguous().nanmedian(dim=1).values, nan=0.0) / 0.502
+    # Outputs that few columns move (elementwise) take the directions' samples as well, and
+    # their mean: such an output may round in steps (a low-precision intermediate that changes
+    # by a unit every few steps h), so that most stencils see no step and a median sees none,
+    # yet D errs by a unit over 2h wherever its stencil holds one. The mean weighs the steps
+    # by how often they occur (for Gaussian noise, E|sample| = 0.594 sigma). Outputs that many
+    # columns move keep their columns' median: all of their columns move along each
+    # direction, so a kink crossed along a few directions would inflate the mean. A sample
+    # above ``ceiling`` is a feature (a kink, a support boundary), not rounding: left out.
+    pooled = torch.cat([noise_samples, directions.samples], dim=1)
+    pooled = pooled.masked_fill(pooled > directions.ceiling, torch.nan)
+    mean = torch.nan_to_num(pooled.nanmean(dim=1), nan=0.0) / 0.594
+    few = (~pooled.isnan()).sum(dim=1) >= _MIN_NOISE_SAMPLES
+    # A staircase the third differences cannot see: half its step (the largest rounding error).
+    steps = directions.granularity.masked_fill(directions.granularity > directions.ceiling, 0.0) / 2
+    few_columns = torch.maximum(torch.where(few, mean, 0.0), steps)
+    return torch.where(columns >= _MIN_NOISE_SAMPLES, sigma, few_columns)
 
 
-def sampled_noise(evaluated: torch.Tensor, f0: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def sampled_noise(
+    evaluated: torch.Tensor,
+    f0: torch.Tensor,
+    offsets: torch.Tensor,
+    directions: Probes | None = None,
+) -> torch.Tensor:
     """The median part of each output's noise from the sample columns' three nodes (``(3 * s, M)``
-    node-major, offsets ``(3, s)``)."""
+    node-major, offsets ``(3, s)``) and the ``directions``' samples, if any."""
     _, truncation, _, _, _, d_minus, d_plus, d_plus2 = _three_node(evaluated, f0, offsets)
-    return _median_noise(truncation, offsets[1], d_minus, d_plus, d_plus2)
+    return _median_noise(truncation, offsets[1], d_minus, d_plus, d_plus2, directions)
 
 
 def row_noise(
@@ -241,12 +357,14 @@ def differences(
     machine_eps: float,
     x_scale: torch.Tensor,
     sigma: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
+    directions: Probes | None = None,
 ) -> Differences:
     """From outputs at the nodes (``(3 * c, M)``, node-major) to a numeric block ``(M, c)``.
 
     ``x_scale`` is ``max(|x_j|, h_j)`` per perturbed column (or per direction in fast mode).
     ``sigma`` is each output's noise when the caller has it, or a function of |R| that gives
-    it (``row_noise``); by default it is estimated from these columns' sample (``noise_sample``).
+    it (``row_noise``); by default it is estimated from these columns' sample (``noise_sample``)
+    and the ``directions``' noise samples (``probe_noise``), if any.
     The returned tensors are transposed views of ``(c, M)`` memory: callers keep every
     operand in that layout so elementwise ops stay on dense memory.
     """
@@ -258,11 +376,19 @@ def differences(
         sigma = sigma(richardson.abs())
     elif sigma is None:
         # A median needs a few dozen samples, not thousands: an even subsample of columns.
-        picked = noise_sample(offsets.shape[1]).to(offsets.device)
+        c = offsets.shape[1]
+        # With the directions' samples, every column of a few joins them (see _median_noise).
+        picked = noise_sample(c) if directions is None or c >= _MIN_NOISE_SAMPLES else torch.arange(c)
+        picked = picked.to(offsets.device)
         median = None
-        if picked.numel():
+        if picked.numel() or directions is not None:
             median = _median_noise(
-                truncation[:, picked], h[picked], d_minus[:, picked], d_plus[:, picked], d_plus2[:, picked]
+                truncation[:, picked],
+                h[picked],
+                d_minus[:, picked],
+                d_plus[:, picked],
+                d_plus2[:, picked],
+                directions,
             )
         sigma = row_noise(median, f0, richardson.abs(), x_scale, machine_eps)
     noise_gain = _noise_gain(offsets[0], offsets[1], offsets[2])
