@@ -20,6 +20,7 @@ The table: false alarms = correct functions failing (should be 0), caught = bugg
 from __future__ import annotations
 
 import argparse
+import collections
 import sys
 import time
 from collections import defaultdict
@@ -118,6 +119,9 @@ def run(
     for (dtype_name, mode), lines in misses.items():
         shown = lines[:12]
         print(f"\n{dtype_name} {mode}: " + "; ".join(shown) + (" ..." if len(lines) > len(shown) else ""))
+        # Which functions the misses and false alarms come from, counted over every seed.
+        by_case = collections.Counter(line.rsplit(" seed ", 1)[0] for line in lines)
+        print("  in all: " + ", ".join(f"{name} x{n}" for name, n in by_case.most_common()))
     return 0 if not misses else 1
 
 
