@@ -22,9 +22,10 @@ import torch
 
 from gradcheck_svc.engine import structure
 from gradcheck_svc.engine.agreement import largest_change
-from gradcheck_svc.engine.compare import Tolerance, pair_fields, pair_status
+from gradcheck_svc.engine.colouring import _MIN_GAIN  # a leaf is left alone when a row has more non-zeros
+from gradcheck_svc.engine.compare import _KINK_BARS, Tolerance, pair_fields, pair_status
 from gradcheck_svc.engine.context import Context
-from gradcheck_svc.engine.numeric import NODES
+from gradcheck_svc.engine.numeric import _FLOOR_ULPS, _MIN_NOISE_SAMPLES, NODES
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, flat_index
 from gradcheck_svc.report import Check, ElementError, PairReport
 
@@ -46,11 +47,6 @@ TINY_COLUMNS = 64  # input elements in all, at most
 # tensor path's few hundred ops a fixed millisecond or two.
 TINY_ENTRIES = 128
 
-# As in numeric.py and compare.py (the column path these formulas mirror).
-_MIN_NOISE_SAMPLES = 4
-_FLOOR_ULPS = 4.0
-_KINK_BARS = 4.0
-_COLOUR_GAIN = 3  # colouring.py's _MIN_GAIN: it leaves a leaf alone when a row has more non-zeros
 _FAILED, _KINK, _PASSED = 2, 1, 0
 
 
@@ -87,7 +83,7 @@ def _colouring_declines(jac_t: list[list[float]], size: int, f0_finite: bool) ->
     if not f0_finite:
         return True
     widest = max(sum(1 for column in jac_t if column[r] != 0) for r in range(len(jac_t[0])))
-    return widest > size // _COLOUR_GAIN
+    return widest > size // _MIN_GAIN
 
 
 def run_tiny(ctx: Context) -> list[PairReport] | None:
