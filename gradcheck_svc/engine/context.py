@@ -28,10 +28,13 @@ _ROW_BYTES = 128 * 2**20  # memory for one batch of cotangents through the backw
 _ROUNDING_RTOL = 16.0
 _ROUNDING_ATOL = 32.0
 _FORWARD_ROUNDING = 4.0  # times the forward's relative rounding, per output element
-# A batch of at most this many perturbed copies is evaluated by plain calls, one at a time: at
-# most that many calls of fn, against a vmap call plus the plain call that verifies it and the
-# one that measures its memory (scalar inputs, one projection in fast mode).
+# A batch of at most this many perturbed copies (scalar inputs, one projection in fast mode) of a
+# problem of at most PLAIN_ELEMENTS input and output elements is evaluated by plain calls, one at
+# a time: that many calls of fn cost less than a vmap call plus the plain call that verifies it and
+# the one that measures its memory. In larger problems, one batched call shares the work of the
+# copies (a matrix read once for all of them) and vmap stays.
 PLAIN_ROWS = 4
+PLAIN_ELEMENTS = 512
 # Cotangents this few go through the backward without sizing: at most this many backward
 # passes' memory at once (the rows of a scalar or tiny output).
 _UNSIZED_ROWS = 4
@@ -139,7 +142,8 @@ class Context:
 
     def _leaf_batch(self, index: int, batch: torch.Tensor) -> torch.Tensor:
         """Evaluate in slices whose copies, intermediates included, fit the batch memory."""
-        if batch.shape[0] <= PLAIN_ROWS:
+        problem = self.numeric_problem
+        if batch.shape[0] <= PLAIN_ROWS and problem.n_inputs + problem.n_outputs <= PLAIN_ELEMENTS:
             return self.evaluator.plain_batch(index, batch)
         rows = batch_rows(self.eval_bytes, self._eval_seconds, _CHUNK_BYTES)
         if batch.shape[0] <= rows:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import math
+import random
 import weakref
 from typing import Any
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 import gradcheck_svc as gcs
-from gradcheck_svc.engine import api
+from gradcheck_svc.engine import api, tiny
 
 D = torch.float64
 
@@ -92,3 +94,13 @@ def test_inputs_that_are_not_one_tensor_each_still_reach_fn_as_given() -> None:
     report = gcs.check(fn, x, [a, b], None, 0.5)
     assert report.ok
     assert [p.analytic[0] for p in report.pairs] == pytest.approx([6.0, 4.0, 3.0])
+
+
+def test_the_worst_elements_are_picked_in_torchs_order() -> None:
+    """The float path ranks the worst elements as torch.topk does, ties included."""
+    rng = random.Random(0)
+    for _ in range(3000):
+        size = rng.randint(1, 12)
+        key = [rng.choice([0.0, 1.0, -1.0, rng.random(), 10 * rng.random(), math.inf]) for _ in range(size)]
+        k = rng.randint(1, size)
+        assert tiny._top(key, k) == torch.tensor(key, dtype=D).topk(k).indices.tolist(), (key, k)
