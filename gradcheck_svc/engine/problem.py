@@ -363,7 +363,14 @@ def build_problem(
             params[name] = b
 
     tree = (list(inputs), params)
-    paths, spec = pytree.tree_flatten_with_path(tree)
+    flat_arguments = not isinstance(fn, torch.nn.Module) and all(isinstance(t, torch.Tensor) for t in inputs)
+    if flat_arguments:
+        # Tensors only, no module: the paths pytree would give, without walking a tree (the spec
+        # is not needed: ``Problem.call`` passes a flat argument list as it is).
+        paths = [((pytree.SequenceKey(0), pytree.SequenceKey(i)), t) for i, t in enumerate(inputs)]
+        spec = None
+    else:
+        paths, spec = pytree.tree_flatten_with_path(tree)
     any_requires_grad = any(
         isinstance(t, torch.Tensor) and t.requires_grad and _differentiable(t)
         for (path, t) in paths
@@ -404,7 +411,7 @@ def build_problem(
 
     problem = Problem(fn=fn, leaves=leaves, _spec=spec, _template=template, _slots=slots, _kwargs=kwargs)
     # (a None input is a pytree node without leaves, a list input a node with several)
-    problem.flat_arguments = (
+    problem.flat_arguments = flat_arguments or (
         not isinstance(fn, torch.nn.Module)
         and len(paths) == len(inputs)
         and all(len(path) == 2 for path, _ in paths)

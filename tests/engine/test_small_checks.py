@@ -104,3 +104,13 @@ def test_the_worst_elements_are_picked_in_torchs_order() -> None:
         key = [rng.choice([0.0, 1.0, -1.0, rng.random(), 10 * rng.random(), math.inf]) for _ in range(size)]
         k = rng.randint(1, size)
         assert tiny._top(key, k) == torch.tensor(key, dtype=D).topk(k).indices.tolist(), (key, k)
+
+
+def test_tensor_inputs_reach_fn_in_place_of_their_names() -> None:
+    """Positional tensors, some not differentiated, reach fn in order; names and checked inputs follow."""
+    x, w = torch.tensor([1.0, 2.0], dtype=D), torch.tensor([3.0, -1.0], dtype=D)
+    index = torch.tensor([1, 0])
+    report = gcs.check(lambda x, i, w: (x[i] * w).sum(), x, index, w, input_names=["x", "i", "w"])
+    assert report.ok
+    analytic = {p.input: p.analytic for p in report.pairs}
+    assert analytic == {"x": pytest.approx([-1.0, 3.0]), "w": pytest.approx([2.0, 1.0])}
