@@ -11,6 +11,7 @@ import torch
 from gradcheck_svc.engine.analytic import Analytic
 from gradcheck_svc.engine.compare import Tolerance
 from gradcheck_svc.engine.evaluate import Evaluator
+from gradcheck_svc.engine.external import ExternalFunction
 from gradcheck_svc.engine.guard import batch_bytes, batch_rows
 from gradcheck_svc.engine.numeric import NODES, defaults_for
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, Problem
@@ -82,6 +83,7 @@ class Context:
     numeric_repeats: list[torch.Tensor] = field(default_factory=list, init=False)
     _eval_bytes: int | None = field(default=None, init=False)
     _eval_seconds: float = field(default=0.0, init=False)
+    _plain_calls: bool = field(default=False, init=False)  # see PLAIN_ROWS
 
     def __post_init__(self) -> None:
         self.analytic = Analytic(self.problem, self.notes.add)
@@ -95,6 +97,10 @@ class Context:
             self.reference = Reference(self.problem, "", "")
         numeric = self.reference.problem
         self.evaluator = Evaluator(numeric, self.notes.add)
+        # An external function's every call is a round trip, which its vmap rule batches into one.
+        self._plain_calls = numeric.n_inputs + numeric.n_outputs <= PLAIN_ELEMENTS and not isinstance(
+            numeric.fn, ExternalFunction
+        )
         self.wide_analytic = None
         self.forward_rounding = None
         if numeric is self.problem:
@@ -142,8 +148,7 @@ class Context:
 
     def _leaf_batch(self, index: int, batch: torch.Tensor) -> torch.Tensor:
         """Evaluate in slices whose copies, intermediates included, fit the batch memory."""
-        problem = self.numeric_problem
-        if batch.shape[0] <= PLAIN_ROWS and problem.n_inputs + problem.n_outputs <= PLAIN_ELEMENTS:
+        if batch.shape[0] <= PLAIN_ROWS and self._plain_calls:
             return self.evaluator.plain_batch(index, batch)
         rows = batch_rows(self.eval_bytes, self._eval_seconds, _CHUNK_BYTES)
         if batch.shape[0] <= rows:

@@ -114,3 +114,34 @@ def test_tensor_inputs_reach_fn_in_place_of_their_names() -> None:
     assert report.ok
     analytic = {p.input: p.analytic for p in report.pairs}
     assert analytic == {"x": pytest.approx([-1.0, 3.0]), "w": pytest.approx([2.0, 1.0])}
+
+
+class _CountingSine:
+    """An external source of sin: every evaluate call would be a round trip."""
+
+    output_names = ["output"]  # noqa: RUF012 - the protocol's attribute
+    has_jvp = False
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def evaluate(self, inputs: Any) -> list[torch.Tensor]:
+        self.batches.append(inputs[0].shape[0])
+        return [torch.sin(inputs[0])]
+
+    def vjp(self, inputs: Any, cotangents: Any, wanted: Any) -> list[torch.Tensor | None]:
+        return [cotangents[0] * torch.cos(inputs[0])]
+
+    def jvp(self, inputs: Any, tangents: Any) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("mode", ["full", "fast"])
+def test_an_external_scalar_function_keeps_its_perturbations_in_one_batch(mode: str) -> None:
+    """Plain calls are for functions whose calls are cheap, not for round trips."""
+    from gradcheck_svc.engine.external import external_function
+
+    source = _CountingSine()
+    report = gcs.check(external_function(source, "sine"), torch.tensor(0.5, dtype=D), mode=mode)
+    assert report.ok
+    assert max(source.batches) > 1  # the perturbed copies travel together
