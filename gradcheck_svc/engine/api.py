@@ -205,7 +205,8 @@ def _progress_total(ctx: Context, opts: CheckOptions, mode: str) -> int:
 
 def _resolved_options(opts: CheckOptions, ctx: Context) -> dict[str, object]:
     """The options set, the relative finite-difference step each leaf used, and the reference."""
-    resolved: dict[str, object] = opts.model_dump(exclude_defaults=True)
+    # Nothing set, nothing but defaults: the dump (a pydantic serialisation) would be empty.
+    resolved: dict[str, object] = opts.model_dump(exclude_defaults=True) if opts.model_fields_set else {}
     steps = [ctx.eps(leaf) for leaf in ctx.numeric_problem.leaves]
     resolved["eps"] = steps[0] if len(set(steps)) == 1 else steps
     resolved["reference"] = ctx.reference.name if ctx.reference is not None else ""

@@ -11,6 +11,7 @@ import torch
 from gradcheck_svc.engine.analytic import Analytic
 from gradcheck_svc.engine.compare import Tolerance
 from gradcheck_svc.engine.evaluate import Evaluator
+from gradcheck_svc.engine.external import ExternalFunction
 from gradcheck_svc.engine.guard import batch_bytes, batch_rows
 from gradcheck_svc.engine.numeric import NODES, defaults_for
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, Problem
@@ -19,7 +20,7 @@ from gradcheck_svc.engine.reference import Reference
 from gradcheck_svc.errors import CheckCancelledError, LimitExceededError
 from gradcheck_svc.options import CheckOptions
 
-__all__ = ["Context"]
+__all__ = ["Context", "Notes"]
 
 _CHUNK_BYTES = 192 * 2**20  # memory for one batch of perturbed inputs and their outputs
 _ROW_BYTES = 128 * 2**20  # memory for one batch of cotangents through the backward
@@ -28,11 +29,31 @@ _ROW_BYTES = 128 * 2**20  # memory for one batch of cotangents through the backw
 _ROUNDING_RTOL = 16.0
 _ROUNDING_ATOL = 32.0
 _FORWARD_ROUNDING = 4.0  # times the forward's relative rounding, per output element
+# A batch of at most this many perturbed copies (scalar inputs, one projection in fast mode) of a
+# problem of at most PLAIN_ELEMENTS input and output elements is evaluated by plain calls, one at
+# a time: that many calls of fn cost less than a vmap call plus the plain call that verifies it and
+# the one that measures its memory. In larger problems, one batched call shares the work of the
+# copies (a matrix read once for all of them) and vmap stays.
+PLAIN_ROWS = 4
+PLAIN_ELEMENTS = 512
+# Cotangents this few go through the backward without sizing: at most this many backward
+# passes' memory at once (the rows of a scalar or tiny output).
+_UNSIZED_ROWS = 4
 
 
 def _relative_gap(low: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
     gap = (low - wide).abs() / wide.abs()
     return torch.where(low == wide, 0.0, gap).nan_to_num(nan=1.0, posinf=1.0).clamp(max=1.0)
+
+
+class Notes(list[str]):
+    """A check's notes in order, each once. The parts of a check get ``add``, not a bound method
+    of the Context that holds them: that would make every check a reference cycle, garbage left
+    to the cyclic collector (whose passes cost small checks a tenth of their time)."""
+
+    def add(self, text: str) -> None:
+        if text not in self:
+            self.append(text)
 
 
 @dataclass
@@ -46,7 +67,7 @@ class Context:
     cancelled: Callable[[], bool] | None = None
     reference: Reference | None = None  # None: the numeric side differentiates ``problem``
     progress: Progress | None = None  # advanced by every batch of perturbed columns
-    notes: list[str] = field(default_factory=list)
+    notes: Notes = field(default_factory=Notes)
     timings: dict[str, float] = field(default_factory=dict)
     evaluator: Evaluator = field(init=False)
     analytic: Analytic = field(init=False)
@@ -62,25 +83,30 @@ class Context:
     numeric_repeats: list[torch.Tensor] = field(default_factory=list, init=False)
     _eval_bytes: int | None = field(default=None, init=False)
     _eval_seconds: float = field(default=0.0, init=False)
+    _plain_calls: bool = field(default=False, init=False)  # see PLAIN_ROWS
 
     def __post_init__(self) -> None:
-        self.analytic = Analytic(self.problem, self.note)
+        self.analytic = Analytic(self.problem, self.notes.add)
         first = self.problem.first_call
         if first is None:
-            self.f0 = Evaluator(self.problem, self.note).base()
+            self.f0 = Evaluator(self.problem, self.notes.add).base()
         else:
             self.f0 = first[0].detach()
             self.analytic.adopt_graph(*first)
         if self.reference is None:
             self.reference = Reference(self.problem, "", "")
         numeric = self.reference.problem
-        self.evaluator = Evaluator(numeric, self.note)
+        self.evaluator = Evaluator(numeric, self.notes.add)
+        # An external function's every call is a round trip, which its vmap rule batches into one.
+        self._plain_calls = numeric.n_inputs + numeric.n_outputs <= PLAIN_ELEMENTS and not isinstance(
+            numeric.fn, ExternalFunction
+        )
         self.wide_analytic = None
         self.forward_rounding = None
         if numeric is self.problem:
             self.numeric_f0 = self.f0
         else:
-            self.wide_analytic = Analytic(numeric, self.note)
+            self.wide_analytic = Analytic(numeric, self.notes.add)
             if numeric.first_call is not None:
                 self.numeric_f0 = numeric.first_call[0].detach()
                 self.wide_analytic.adopt_graph(*numeric.first_call)
@@ -122,14 +148,15 @@ class Context:
 
     def _leaf_batch(self, index: int, batch: torch.Tensor) -> torch.Tensor:
         """Evaluate in slices whose copies, intermediates included, fit the batch memory."""
+        if batch.shape[0] <= PLAIN_ROWS and self._plain_calls:
+            return self.evaluator.plain_batch(index, batch)
         rows = batch_rows(self.eval_bytes, self._eval_seconds, _CHUNK_BYTES)
         if batch.shape[0] <= rows:
             return self.evaluator.leaf_batch(index, batch)
         return torch.cat([self.evaluator.leaf_batch(index, part) for part in torch.split(batch, rows)])
 
     def note(self, text: str) -> None:
-        if text not in self.notes:
-            self.notes.append(text)
+        self.notes.add(text)
 
     def poll(self) -> None:
         """Called between chunks: honour the deadline and cancellation."""
@@ -222,6 +249,8 @@ class Context:
     def rows_per_backward(self, n_inputs: int, limit: int) -> int:
         """Cotangents per batched backward over ``n_inputs`` input elements, at most ``limit``:
         a backward holds about three forward peaks."""
+        if limit <= _UNSIZED_ROWS:
+            return max(1, limit)
         per_row = max(1, 8 * (n_inputs + self.problem.n_outputs), 3 * self.eval_bytes)
         return max(1, min(limit, batch_bytes(_ROW_BYTES) // per_row))
 

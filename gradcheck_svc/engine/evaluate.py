@@ -3,7 +3,9 @@
 vmap fails on functions that are not "functional" enough (old-style
 autograd.Functions, ``.item()``, data-dependent branches, in-place tricks,
 random ops). The first failing call switches the problem to a plain loop for
-the rest of the check, and the reason is kept for the report.
+the rest of the check, and the reason is kept for the report. A batch of a few rows
+(``Context``'s ``PLAIN_ROWS``) is evaluated by plain calls from the start: there vmap saves less
+than the calls that verify it and size its memory.
 """
 
 from __future__ import annotations
@@ -68,6 +70,16 @@ class Evaluator:
         value, peak = peak_bytes(self.base)
         self._measured_base = value
         return value, peak
+
+    def plain_batch(self, index: int, batch: torch.Tensor) -> torch.Tensor:
+        """Rows of ``batch`` evaluated by plain calls, one at a time, as the user's own call was:
+        no vmap to verify, no batch memory to size; (B, n_outputs)."""
+        problem = self.problem
+        with torch.no_grad():
+            # A fresh tensor per call: a row view would let storage-level ops read a neighbour.
+            return self._guarded(
+                lambda: torch.stack([problem.flat_replace(index, row.clone()) for row in batch])
+            )
 
     def leaf_batch(self, index: int, batch: torch.Tensor) -> torch.Tensor:
         """Rows of ``batch`` are flat real values of leaf ``index``; returns (B, n_outputs)."""

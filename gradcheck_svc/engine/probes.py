@@ -68,6 +68,8 @@ def random_cotangents(
     Rows ``o * count ... (o + 1) * count`` belong to block ``o``.
     """
     m = sum(block.size for block in outputs)
+    if len(outputs) == 1:  # the same draws, without a zero matrix to fill
+        return torch.randn(count, m, generator=generator, dtype=torch.float64).to(device)
     cotangents = torch.zeros(len(outputs) * count, m, dtype=torch.float64)
     for o, block in enumerate(outputs):
         cotangents[o * count : (o + 1) * count, block.rows] = torch.randn(

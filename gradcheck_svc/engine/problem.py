@@ -166,6 +166,9 @@ class Problem:
     # non-differentiable are not (None: all are). Names of the skipped ones, for the report.
     kept_outputs: list[bool] | None = None
     skipped_outputs: list[str] = field(default_factory=list)
+    # Every input a pytree leaf and fn no module: the call's arguments are the template itself,
+    # rebuilt without the pytree (a check calls fn a few times; each unflatten costs a dozen us).
+    flat_arguments: bool = False
 
     @property
     def n_inputs(self) -> int:
@@ -180,6 +183,8 @@ class Problem:
         flat = list(self._template)
         for slot, value in zip(self._slots, values, strict=True):
             flat[slot] = value
+        if self.flat_arguments:
+            return self.fn(*flat, **self._kwargs)
         args, params = pytree.tree_unflatten(flat, self._spec)
         if isinstance(self.fn, torch.nn.Module):
             return torch.func.functional_call(self.fn, params, tuple(args), self._kwargs)
@@ -358,7 +363,14 @@ def build_problem(
             params[name] = b
 
     tree = (list(inputs), params)
-    paths, spec = pytree.tree_flatten_with_path(tree)
+    flat_arguments = not isinstance(fn, torch.nn.Module) and all(isinstance(t, torch.Tensor) for t in inputs)
+    if flat_arguments:
+        # Tensors only, no module: the paths pytree would give, without walking a tree (the spec
+        # is not needed: ``Problem.call`` passes a flat argument list as it is).
+        paths = [((pytree.SequenceKey(0), pytree.SequenceKey(i)), t) for i, t in enumerate(inputs)]
+        spec = None
+    else:
+        paths, spec = pytree.tree_flatten_with_path(tree)
     any_requires_grad = any(
         isinstance(t, torch.Tensor) and t.requires_grad and _differentiable(t)
         for (path, t) in paths
@@ -398,6 +410,12 @@ def build_problem(
         offset += leaf.size
 
     problem = Problem(fn=fn, leaves=leaves, _spec=spec, _template=template, _slots=slots, _kwargs=kwargs)
+    # (a None input is a pytree node without leaves, a list input a node with several)
+    problem.flat_arguments = flat_arguments or (
+        not isinstance(fn, torch.nn.Module)
+        and len(paths) == len(inputs)
+        and all(len(path) == 2 for path, _ in paths)
+    )
     # The first call runs with autograd on: its graph serves the analytic side, its value is f(x).
     reals = [leaf.real.detach().clone().requires_grad_(True) for leaf in leaves]
     with torch.enable_grad():

@@ -15,6 +15,7 @@ take, or that needs a float64 reference, forward mode or chunks, goes to ``full.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -335,6 +336,16 @@ def judge_floats(
     return verdicts
 
 
+def _top(key: list[float], k: int) -> list[int]:
+    """``torch.topk(key, k).indices``, as the accumulator takes them: in Python where the k largest
+    and their order are unique, else torch's own (its order among equal values is the report's)."""
+    order = sorted(range(len(key)), key=key.__getitem__, reverse=True)
+    values = [key[t] for t in order[: k + 1]]
+    if not any(math.isnan(v) for v in values) and all(a > b for a, b in itertools.pairwise(values)):
+        return order[:k]
+    return torch.tensor(key, dtype=torch.float64).topk(k).indices.tolist()
+
+
 class _Pair:
     """``compare.PairAccumulator`` for one block per pair, on lists."""
 
@@ -390,9 +401,7 @@ class _Pair:
             else:
                 key, count = ratios, len(ratios)
             if count:
-                # torch.topk, as the accumulator: its order among equal ratios is the report's.
-                top = torch.tensor(key, dtype=torch.float64).topk(min(self.max_worst, count)).indices
-                for t in top.tolist():
+                for t in _top(key, min(self.max_worst, count)):
                     k, j = flat[t]
                     self._keep(level, rows[k], j, analytic[k][j], diff, k, verdicts[k][j])
         self.worst.sort(key=lambda item: (-item[0], -item[1]))

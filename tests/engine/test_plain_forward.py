@@ -68,7 +68,8 @@ def test_a_forward_that_batches_differently_falls_back():
 
 
 def test_check_batches_an_old_style_function_and_says_so():
-    report = gc.check(OldCube.apply, torch.randn(40, dtype=torch.float64))
+    # A sum: every column perturbed, batches far over the few rows that plain calls take.
+    report = gc.check(lambda x: OldCube.apply(x).sum(), torch.randn(40, dtype=torch.float64))
     assert report.ok
     assert BATCHED_NOTE in report.notes
     assert not any("evaluated one at a time" in note for note in report.notes)
@@ -86,7 +87,7 @@ def test_check_names_the_loop_when_batching_cannot_be_trusted():
             (x,) = ctx.saved_tensors
             return 2 * x * g
 
-    report = gc.check(Branchy.apply, torch.randn(30, dtype=torch.float64))
+    report = gc.check(lambda x: Branchy.apply(x).sum(), torch.randn(30, dtype=torch.float64))
     assert report.ok
     assert any("evaluated one at a time" in note for note in report.notes)
     assert BATCHED_NOTE not in report.notes
@@ -157,7 +158,7 @@ def test_concurrent_checks_under_the_guard_leave_other_threads_alone():
             for k in range(rounds):
                 x = torch.randn(40, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + k))
                 with CheckGuard(max_bytes=2**30):
-                    report = gc.check(OldCube.apply, x)
+                    report = gc.check(lambda x: OldCube.apply(x).sum(), x)
                 outcomes["check"].append((report.ok, BATCHED_NOTE in report.notes))
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
