@@ -367,7 +367,9 @@ def build_problem(
     if flat_arguments:
         # Tensors only, no module: the paths pytree would give, without walking a tree (the spec
         # is not needed: ``Problem.call`` passes a flat argument list as it is).
-        paths = [((pytree.SequenceKey(0), pytree.SequenceKey(i)), t) for i, t in enumerate(inputs)]
+        paths: list[tuple[tuple[pytree.KeyEntry, ...], Any]] = [
+            ((pytree.SequenceKey(0), pytree.SequenceKey(i)), t) for i, t in enumerate(inputs)
+        ]
         spec = None
     else:
         paths, spec = pytree.tree_flatten_with_path(tree)
