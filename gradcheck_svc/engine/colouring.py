@@ -131,9 +131,12 @@ def run_coloured(
         return None
     h = steps(base, ctx.eps(leaf))
     generator = torch.Generator().manual_seed(ctx.options.seed)
-    pc, pr = (jac_t != 0).nonzero(as_tuple=True)  # NaN and inf count as non-zeros
-    if pr.numel() and int(torch.bincount(pr).max()) > leaf.size // _MIN_GAIN:
+    pattern = jac_t != 0  # NaN and inf count as non-zeros
+    # Counted per row before any index is listed: a dense Jacobian is turned away for the price of
+    # one pass, not of listing its every entry.
+    if pattern.numel() and int(pattern.sum(dim=0, dtype=torch.int32).max()) > leaf.size // _MIN_GAIN:
         return None  # a row needs more colours than would pay: dense, leave it to the column path
+    pc, pr = pattern.nonzero(as_tuple=True)
     planned = plan_groups(base, h, (pc, pr), generator)
     if planned is None:
         return None

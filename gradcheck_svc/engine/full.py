@@ -309,6 +309,11 @@ def _colourable(ctx: Context, i: int, positions: torch.Tensor) -> bool:
 def _column_chunks(ctx: Context, i: int, positions: torch.Tensor) -> Iterator[torch.Tensor]:
     leaf = ctx.numeric_problem.leaves[i]
     size = ctx.chunk_size(leaf)
+    if ctx.options.chunk_size is None:
+        # The memory's limit spread evenly: a small last chunk would take the third node in every
+        # column (under _ADAPTIVE_COLUMNS), the slow path, for no reason but the remainder.
+        count = -(-positions.numel() // size)
+        size = -(-positions.numel() // count) if count else size
     for start in range(0, positions.numel(), size):
         ctx.poll()
         yield positions[start : start + size]
