@@ -29,6 +29,7 @@ __all__ = [
     "merge_wide",
     "pair_fields",
     "pair_status",
+    "reported_worst",
 ]
 
 _KEEP_FULL = 4096  # pairs with at most this many entries keep their whole Jacobians
@@ -307,6 +308,18 @@ def pair_fields(output: OutputBlock, leaf: Leaf) -> dict[str, object]:
     }
 
 
+def reported_worst(
+    ranked: list[tuple[int, float, ElementError]], *, failed: int, kinks: int
+) -> list[ElementError]:
+    """The worst elements a pair reports, from ``(rank, ratio, element)`` sorted worst first:
+    the failing ones when there are any, else the kinks, else the closest call."""
+    if failed:
+        return [el for rank, _, el in ranked if rank == _FAILED]
+    if kinks:
+        return [el for rank, _, el in ranked if rank == _KINK]
+    return [el for _, _, el in ranked[:1]]
+
+
 @dataclass
 class PairAccumulator:
     """Streams blocks of one (output, input) pair into a PairReport."""
@@ -514,13 +527,7 @@ class PairAccumulator:
         error_map = None
         if status.failed and self._map is not None:
             error_map = [[float(v) for v in row] for row in self._map.tolist()]
-        # Failing elements when there are any, else kinks, else the closest call.
-        if self.failed:
-            worst = [el for rank, _, el in self._worst if rank == _FAILED]
-        elif self.kinks:
-            worst = [el for rank, _, el in self._worst if rank == _KINK]
-        else:
-            worst = [el for _, _, el in self._worst[:1]]
+        worst = reported_worst(self._worst, failed=self.failed, kinks=self.kinks)
         return PairReport(
             **pair_fields(self.output, self.leaf),
             check=self.check,

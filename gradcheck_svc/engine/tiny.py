@@ -24,7 +24,16 @@ import torch
 from gradcheck_svc.engine import structure
 from gradcheck_svc.engine.agreement import largest_change
 from gradcheck_svc.engine.colouring import _MIN_GAIN  # a leaf is left alone when a row has more non-zeros
-from gradcheck_svc.engine.compare import _KINK_BARS, Tolerance, pair_fields, pair_status
+from gradcheck_svc.engine.compare import (
+    _FAILED,
+    _KINK,
+    _KINK_BARS,
+    _PASSED,
+    Tolerance,
+    pair_fields,
+    pair_status,
+    reported_worst,
+)
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.numeric import _FLOOR_ULPS, _MIN_NOISE_SAMPLES, NODES
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, flat_index
@@ -47,8 +56,6 @@ TINY_COLUMNS = 64  # input elements in all, at most
 # Jacobian entries in all, at most: the float arithmetic costs some microseconds per entry, the
 # tensor path's few hundred ops a fixed millisecond or two.
 TINY_ENTRIES = 128
-
-_FAILED, _KINK, _PASSED = 2, 1, 0
 
 
 def _applies(ctx: Context) -> bool:
@@ -437,12 +444,7 @@ class _Pair:
             values = self.map or [0.0] * (self.output.size * self.leaf.size)
             width = self.leaf.size
             error_map = [values[r * width : (r + 1) * width] for r in range(self.output.size)]
-        if self.failed:
-            worst = [el for rank, _, el in self.worst if rank == _FAILED]
-        elif self.kinks:
-            worst = [el for rank, _, el in self.worst if rank == _KINK]
-        else:
-            worst = [el for _, _, el in self.worst[:1]]
+        worst = reported_worst(self.worst, failed=self.failed, kinks=self.kinks)
         return PairReport(
             **pair_fields(self.output, self.leaf),
             check=Check.REVERSE,
