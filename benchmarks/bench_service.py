@@ -11,6 +11,13 @@ Three ways to get the same answer for d/dx sin(x / 2**1.5) at x = 100 (float32):
               messages both ways, no work. It is registered and (de)serialized as the service's
               own methods are (a registered method, protobuf parsing and serializing at both
               ends), so it is the floor any gRPC service with these messages pays on this machine.
+- engine only another handler there that runs the in-process check itself (the same ``gc.check``
+              call on the same tensor) and answers as the echo does: no decoding, planning or
+              encoding. Its overhead over in-process is the floor of a service that checks in
+              another process (the round trip, with the caches a check leaves behind and the
+              scheduling of two processes); the service's p50 over it is the service's own work
+              (the request decoded and planned, the report encoded, the client's request and
+              Report built).
 
 Latency: one client, calls interleaved (the three in a shuffled order each round, so neither drift
 nor a fixed neighbour favours one), after a warm-up; p50, p90 and p99. Throughput: ``--clients``
@@ -48,6 +55,7 @@ from gradcheck_svc.v1 import gradcheck_pb2 as pb
 EXPRESSION = "sin(x / 2**1.5)"
 ECHO_SERVICE = "bench.Echo"
 ECHO, SET_REPLY = f"/{ECHO_SERVICE}/Echo", f"/{ECHO_SERVICE}/SetReply"
+ENGINE_ONLY = f"/{ECHO_SERVICE}/EngineOnly"
 
 
 # ----------------------------------------------------------------------------- the server side
@@ -67,6 +75,12 @@ def serve(device: str) -> None:
     def echo(request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
         return reply[0]
 
+    fn, x = compile_expression(EXPRESSION), torch.tensor(100.0)
+
+    def engine_only(request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
+        gc.check(fn, x, input_names=["x"], device=device)  # the in-process call, in this process
+        return reply[0]
+
     server, port = create_server(
         Settings(port=0, device=device, max_concurrent_checks=64, log_level="WARNING")
     )
@@ -75,6 +89,11 @@ def serve(device: str) -> None:
     handlers = {
         "Echo": grpc.unary_unary_rpc_method_handler(
             echo,
+            request_deserializer=pb.CheckRequest.FromString,
+            response_serializer=pb.CheckResponse.SerializeToString,
+        ),
+        "EngineOnly": grpc.unary_unary_rpc_method_handler(
+            engine_only,
             request_deserializer=pb.CheckRequest.FromString,
             response_serializer=pb.CheckResponse.SerializeToString,
         ),
@@ -227,10 +246,10 @@ def run(args: argparse.Namespace, target: str, server: psutil.Process, baseline:
         clients.append(client)
         return lambda: client.check(EXPRESSION, x=x, options={"device": args.device})
 
-    def echo(channel: grpc.Channel | None = None) -> Callable[[], object]:
+    def echo(channel: grpc.Channel | None = None, method: str = ECHO) -> Callable[[], object]:
         # As the generated stub builds its methods: serializers both ways, a registered method.
         call = (channel or grpc.insecure_channel(target)).unary_unary(
-            ECHO,
+            method,
             request_serializer=pb.CheckRequest.SerializeToString,
             response_deserializer=pb.CheckResponse.FromString,
             _registered_method=True,
@@ -251,12 +270,14 @@ def run(args: argparse.Namespace, target: str, server: psutil.Process, baseline:
     makers = {"in-process": in_process, "service": service, "echo": echo}
     calls = {"in-process": in_process(), "service": service()}
     calls["echo"] = echo(clients[-1]._channels[0].channel)
+    calls["engine only"] = echo(clients[-1]._channels[0].channel, ENGINE_ONLY)  # latency only
     if baseline:  # latency only: the baseline server's service and echo, interleaved with the rest
         calls["baseline service"] = service(baseline)
         calls["baseline echo"] = echo(clients[-1]._channels[0].channel)
     latency(calls, 100)  # warm-up
     times = latency(calls, args.iterations)
     compared = {name: times.pop(name) for name in ("baseline service", "baseline echo") if name in times}
+    engine_only = statistics.median(times.pop("engine only")) * 1e3
     calls = {name: call for name, call in calls.items() if name in makers}
     cpu = cpu_per_call(calls, server, args.cpu_calls)
     rates = {name: throughput(make, args.clients, args.seconds) for name, make in makers.items()}
@@ -296,6 +317,12 @@ def run(args: argparse.Namespace, target: str, server: psutil.Process, baseline:
     print(
         f"service p50 overhead over in-process: {overhead:.3f} ms = {trips:.2f} echo round trips (goal <= 1)"
     )
+    floor = engine_only - figures["in-process"]["p50_ms"]
+    print(
+        f"  of which the floor (engine only, p50 {engine_only:.3f} ms, over in-process): {floor:.3f} ms = "
+        f"{floor / echo_p50:.2f} echo round trips; the service's own work (service over engine only): "
+        f"{figures['service']['p50_ms'] - engine_only:.3f} ms"
+    )
     overhead90 = figures["service"]["p90_ms"] - figures["in-process"]["p90_ms"]
     print(f"service p90 overhead over in-process: {overhead90:.3f} ms = "
           f"{overhead90 / figures['echo']['p90_ms']:.2f} echo p90 round trips")  # fmt: skip
@@ -323,6 +350,7 @@ def run(args: argparse.Namespace, target: str, server: psutil.Process, baseline:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"figures": figures, "overhead_echo_round_trips": overhead / echo_p50,
+                                         "engine_only_p50_ms": engine_only,
                                          "throughput_vs_echo": ratio}, indent=2))  # fmt: skip
     return 0
 

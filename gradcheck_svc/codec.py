@@ -125,10 +125,11 @@ def decode_tensor(msg: pb.Tensor, *, max_elements: int, field: str = "tensor") -
         raise InvalidRequestError(f"{field}.dtype", f"unknown or unset dtype {msg.dtype}")
     numel = validate_shape(msg.shape, max_elements, f"{field}.shape")
     itemsize = _ITEMSIZES[dtype]
-    if len(msg.data) != numel * itemsize:
+    data = msg.data  # each read of the field is a fresh copy of the bytes: read once
+    if len(data) != numel * itemsize:
         raise InvalidRequestError(
             f"{field}.data",
-            f"has {len(msg.data)} bytes; shape {list(msg.shape)} of {_dtype_name(dtype)} "
+            f"has {len(data)} bytes; shape {list(msg.shape)} of {_dtype_name(dtype)} "
             f"needs {numel * itemsize}",
         )
     if numel == 0:
@@ -137,7 +138,7 @@ def decode_tensor(msg: pb.Tensor, *, max_elements: int, field: str = "tensor") -
         # bytearray: torch.frombuffer wants a writable buffer, and the tensor must own its memory.
         # Straight to torch, not through NumPy: on a server whose caches the last check emptied,
         # each library a request touches costs more than the call (measured: a third less).
-        tensor = torch.frombuffer(bytearray(msg.data), dtype=dtype).reshape(tuple(msg.shape))
+        tensor = torch.frombuffer(bytearray(data), dtype=dtype).reshape(tuple(msg.shape))
         if _BIG_ENDIAN and itemsize > 1:
             tensor = _byteswap(tensor)
     return (
@@ -331,6 +332,9 @@ _ENUM_NAMES: Mapping[str, Mapping[int, str]] = {
     name: {v.number: v.name.removeprefix(prefix).lower() for v in enum.DESCRIPTOR.values}
     for name, (prefix, enum) in _ENUM_OPTIONS.items()
 }
+_ENUM_NUMBERS: Mapping[str, Mapping[str, int]] = {
+    option: {name: number for number, name in names.items()} for option, names in _ENUM_NAMES.items()
+}
 
 
 def encode_options(options: Mapping[str, Any] | CheckOptions | None) -> pb.Options:
@@ -343,9 +347,13 @@ def encode_options(options: Mapping[str, Any] | CheckOptions | None) -> pb.Optio
     for name, value in options.items():
         if value is None:
             continue  # None means "engine default", which is what an unset field says
-        if name in _ENUM_OPTIONS:
-            prefix, enum = _ENUM_OPTIONS[name]
-            setattr(msg, name, enum.Value(prefix + str(value).upper()))
+        numbers = _ENUM_NUMBERS.get(name)
+        if numbers is not None:
+            number = numbers.get(str(value).lower())
+            if number is None:  # the enum wrapper says what is wrong
+                prefix, enum = _ENUM_OPTIONS[name]
+                number = enum.Value(prefix + str(value).upper())
+            setattr(msg, name, number)
         elif name in _SCALAR_OPTIONS:
             setattr(msg, name, value)
         else:
@@ -398,10 +406,19 @@ def _dtype_enum(name: str) -> pb.Dtype.ValueType:
     return pb.Dtype.ValueType(_DTYPE_ENUMS[dtype_from_name(name)] if number is None else number)
 
 
+def _enum_name(option: str, number: int) -> str:
+    """An enum number as the engine's name ("full" for MODE_FULL), by table: the enum wrapper's
+    ``Name`` is Python code that a client's first call after a check would run cold."""
+    name = _ENUM_NAMES[option].get(number)
+    if name is None:
+        raise ValueError(f"unknown {option} number {number}")
+    return name
+
+
 def _mode_name(mode: int, scheme: int) -> str:
     if mode == pb.MODE_UNSPECIFIED:
         return "taylor" if scheme == pb.SCHEME_TAYLOR else "full"
-    return pb.Mode.Name(pb.Mode.ValueType(mode)).removeprefix("MODE_").lower()
+    return _enum_name("mode", mode)
 
 
 def _pair_mode(m: pb.PairReport) -> str:
@@ -560,9 +577,9 @@ def decode_report(m: pb.Report) -> Report:
         ok=m.ok,
         pairs=[_decode_pair(p) for p in m.pairs],
         dtype=",".join(sorted(_dtype_name(DTYPES[d]) for d in m.dtypes if d in DTYPES)),
-        device=m.device_name or pb.Device.Name(m.device).removeprefix("DEVICE_").lower(),
+        device=m.device_name or _enum_name("device", m.device),
         mode=_report_mode(m),
-        scheme=pb.Scheme.Name(m.scheme).removeprefix("SCHEME_").lower() if m.scheme else "central",
+        scheme=_enum_name("scheme", m.scheme) if m.scheme else "central",
         order=m.order,
         function=m.function,
         point=m.point if m.HasField("point") else None,
