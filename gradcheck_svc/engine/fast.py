@@ -19,6 +19,7 @@ import torch
 from gradcheck_svc.engine.agreement import largest_change
 from gradcheck_svc.engine.compare import judge, merge_wide, pair_fields, pair_status
 from gradcheck_svc.engine.context import Context
+from gradcheck_svc.engine.fast_batched import run_fast_batched
 from gradcheck_svc.engine.fast_floats import judged_on_floats, message, run_fast_on_floats
 from gradcheck_svc.engine.full import DENSE_ENTRIES, run_full
 from gradcheck_svc.engine.numeric import NODES, Differences, differences
@@ -35,7 +36,10 @@ _FLOAT_ENTRIES = 48
 
 
 def run_fast(ctx: Context) -> list[PairReport]:
+    # Small float64 problems on floats; a few directions with every leaf at once; else leaf by leaf.
     found = run_fast_on_floats(ctx)
+    if found is None:
+        found = run_fast_batched(ctx)
     reports, failing = found if found is not None else _projected(ctx)
     if failing:
         reports = _recheck_in_full(ctx, reports, failing)

@@ -33,18 +33,21 @@ __all__ = ["ENABLED", "judged_on_floats", "message", "run_fast_on_floats"]
 
 ENABLED = True  # off: every fast check takes the tensor path (tests compare the two)
 
-# Per leaf, projections times its elements, and projections times output elements, at most: the
-# float arithmetic costs a microsecond or two per element, the tensor path's ops a fixed
-# fraction of a millisecond per leaf.
-_LEAF_ELEMENTS = 256
-_OUTPUT_ELEMENTS = 64
+# Per leaf, projections times its elements, and projections times output elements times leaves,
+# at most: the float arithmetic costs a few microseconds per element and output, the batched
+# tensor path (fast_batched.py) some forty ops for every leaf together.
+_LEAF_ELEMENTS = 64
+_OUTPUT_ELEMENTS = 16
 
 
 def _applies(ctx: Context) -> bool:
     problem, count = ctx.problem, ctx.options.projections
     if not ENABLED or ctx.wide_analytic is not None or ctx.forward_rounding is not None:
         return False
-    if ctx.numeric_problem is not problem or count * problem.n_outputs > _OUTPUT_ELEMENTS:
+    if (
+        ctx.numeric_problem is not problem
+        or count * problem.n_outputs * len(problem.leaves) > _OUTPUT_ELEMENTS
+    ):
         return False
     leaves = problem.leaves
     if any(leaf.dtype != torch.float64 or not 0 < count * leaf.size <= _LEAF_ELEMENTS for leaf in leaves):

@@ -56,7 +56,7 @@ def test_small_problems_report_the_same_on_floats(
     if kind == "random":  # every call draws new values: only the verdict must agree
         differing = [d for d in differing if ".status" in d or d.startswith(".ok") or ".notes" in d]
     assert not differing, differing[:5]
-    if kind in ("square", "sin", "two", "affine", "bug"):
+    if kind in ("square", "sin", "two") and not inputs[0].shape and "projections" not in options:
         assert took_floats
 
 
@@ -65,7 +65,7 @@ def test_planted_bugs_get_the_same_verdicts_on_floats(monkeypatch: pytest.Monkey
     """Several leaves, wrong backwards: every pair reported alike, re-check in full included."""
     for bug in ("none", *case.bugs):
         for seed in range(3):
-            inputs = make_inputs(case, seed, D, shape=(3, 4))
+            inputs = make_inputs(case, seed, D, shape=(2, 2))
             on_floats, on_tensors, took_floats = _both(monkeypatch, case.bound(bug), inputs, seed=seed)
             assert took_floats
             assert not list(_differences(on_floats, on_tensors)), (bug, seed)
@@ -73,14 +73,11 @@ def test_planted_bugs_get_the_same_verdicts_on_floats(monkeypatch: pytest.Monkey
                 assert not on_floats["ok"], (bug, seed)
 
 
-def test_seeds_and_a_linear_layer_take_the_float_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    g = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(*s, generator=g, dtype=D) for s in ((4, 16), (8, 16), (8,)))
+def test_the_seeds_take_the_float_path(monkeypatch: pytest.MonkeyPatch) -> None:
     for fn, inputs in [
         (lambda x: x**2, (torch.tensor(9.0, dtype=D),)),
         (lambda x: torch.sin(x / 2**1.5), (torch.tensor(100.0, dtype=D),)),
         (lambda u, v: u * v + u**2 + v**3, (torch.tensor(2.0, dtype=D), torch.tensor(4.0, dtype=D))),
-        (F.linear, (x, w, b)),
     ]:
         on_floats, on_tensors, took_floats = _both(monkeypatch, fn, inputs)
         assert took_floats
@@ -90,7 +87,10 @@ def test_seeds_and_a_linear_layer_take_the_float_path(monkeypatch: pytest.Monkey
 
 
 def test_float32_and_larger_problems_stay_on_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g, dtype=D) for s in ((4, 16), (8, 16), (8,)))
     for fn, inputs in [
+        (F.linear, (x, w, b)),  # three leaves of 32 outputs: fast_batched.py
         (lambda x: x**2, (torch.tensor(9.0),)),  # float32: the numeric side is a float64 copy
         (torch.tanh, (torch.linspace(-1, 1, 300, dtype=D),)),
     ]:

@@ -1,0 +1,137 @@
+"""Fast mode with a few directions: every leaf's differences and projections in one set of ops.
+
+With fewer directions than a noise median needs (``numeric._MIN_NOISE_SAMPLES``), each output
+element's differences stand alone: the formulas of ``numeric.differences`` are elementwise,
+with each output's noise the floor of ``row_noise``. All leaves share the outputs and, with one
+step for all, the offsets, so their evaluations stack into one ``(L, 3, P, M)`` tensor and a
+check costs some forty ops however many leaves it has, instead of that many per leaf. The
+projections on the cotangents are one product and one sum per output block. The evaluations
+and the backward are ``fast._projected``'s own calls, with the same seeded draws in the same
+order; tests hold the reports to that path's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from gradcheck_svc.engine.agreement import largest_change
+from gradcheck_svc.engine.context import Context
+from gradcheck_svc.engine.fast_floats import judged_on_floats
+from gradcheck_svc.engine.numeric import _FLOOR_ULPS, _MIN_NOISE_SAMPLES, NODES
+from gradcheck_svc.engine.probes import random_cotangents, random_directions
+from gradcheck_svc.report import PairReport, Status
+
+__all__ = ["ENABLED", "run_fast_batched"]
+
+ENABLED = True  # off: each leaf takes its own ops (tests compare the two)
+
+
+def _weight(a: float, b: float, c: float) -> float:
+    """``numeric._derivative_weights``: the derivative at 0 of node ``a``'s Lagrange basis."""
+    return b * c / (a * (a - b) * (a - c))
+
+
+def _step(ctx: Context) -> float | None:
+    """The one power-of-two step every leaf is moved by (``numeric.steps`` at x = 0), or None."""
+    steps = {2.0 ** round(math.log2(ctx.eps(leaf))) for leaf in ctx.numeric_problem.leaves}
+    return steps.pop() if len(steps) == 1 else None
+
+
+def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, int]]] | None:
+    """``fast._projected``'s reports and failing pairs; None with a float64 reference (its
+    allowances are per pair), with a noise median to take, or with leaves of different steps."""
+    problem, options = ctx.problem, ctx.options
+    count = options.projections
+    if not ENABLED or count >= _MIN_NOISE_SAMPLES or ctx.wide_analytic is not None:
+        return None
+    t = _step(ctx)
+    if ctx.forward_rounding is not None or t is None or problem.n_outputs == 0:
+        return None
+    if any(leaf.size == 0 for leaf in problem.leaves):
+        return None
+    generator = torch.Generator().manual_seed(options.seed)
+    device = ctx.f0.device
+    leaves = ctx.numeric_problem.leaves
+    ctx.check_limits(len(problem.outputs) * count * len(leaves), 3 * count * len(leaves))
+
+    directions: list[torch.Tensor] = []
+    evaluated: list[torch.Tensor] = []
+    t0 = time.perf_counter()
+    for i, leaf in enumerate(leaves):
+        ctx.poll()
+        u = random_directions(leaf.real, count, generator)
+        base = leaf.real.detach().to(torch.float64)
+        batch = torch.cat([(base + node * t * u).to(leaf.real_dtype) for node in NODES])
+        evaluated.append(ctx.evaluate(i, batch))
+        directions.append(u)
+    parts, magnitude = _differences(torch.stack(evaluated), ctx.numeric_f0, t, ctx.numeric_machine_eps, count)
+    ctx.timed("numeric_s", t0)
+
+    t0 = time.perf_counter()
+    cotangents = random_cotangents(problem.outputs, count, generator, device)
+    grads = ctx.analytic.rows(cotangents)
+    again = ctx.analytic.rows(cotangents) if options.check_nondeterminism else None
+    ctx.timed("analytic_s", t0)
+
+    reports: list[PairReport] = []
+    failing: list[tuple[int, int]] = []
+    for o, block in enumerate(problem.outputs):
+        picked = slice(o * count, (o + 1) * count)
+        v = cotangents[picked, block.rows]  # (P, m_o)
+        size = v.abs()
+        weights = torch.stack([v, size, v, v, size])
+        projected = (weights * parts[..., block.rows]).sum(dim=-1).tolist()  # (L, 5, P)
+        numeric_size = (size * magnitude[..., block.rows]).sum(dim=-1).tolist()  # (L, P)
+        for i, leaf in enumerate(problem.leaves):
+            g = grads[i][picked]  # (P, n_i)
+            gu = g * directions[i]
+            a = gu.sum(dim=1).tolist()
+            scale = [s + r for s, r in zip(gu.abs().sum(dim=1).tolist(), numeric_size[i], strict=True)]
+            nondet = largest_change(g, again[i][picked]) if again is not None else 0.0
+            report = judged_on_floats(ctx, block, leaf, a, projected[i], scale, nondet)
+            reports.append(report)
+            if report.status in (Status.FAIL, Status.NONFINITE):
+                failing.append((o, i))
+    return reports, failing
+
+
+def _differences(
+    stacked: torch.Tensor, f0: torch.Tensor, t: float, machine_eps: float, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``numeric.differences`` of every leaf along its ``count`` directions from the outputs at
+    the nodes ``(L, 3 * P, M)`` (node-major per leaf): its five parts ``(L, 5, P, M)`` and |R|."""
+    nodes = stacked.reshape(stacked.shape[0], len(NODES), count, -1)
+    t_minus, t_plus, t_plus2 = (node * t for node in NODES)
+    w_minus, w_plus, w_plus2 = (
+        _weight(t_minus, t_plus, t_plus2),
+        _weight(t_plus, t_minus, t_plus2),
+        _weight(t_plus2, t_minus, t_plus),
+    )
+    d_minus = torch.sub(f0, nodes[:, 0])  # f(x) - f(x - h)
+    d_plus = torch.sub(nodes[:, 1], f0)  # f(x + h) - f(x)
+    d_plus2 = torch.sub(nodes[:, 2], f0)  # f(x + 2h) - f(x)
+    richardson = d_plus * w_plus
+    richardson.add_(d_minus * (-w_minus)).add_(d_plus2 * w_plus2)
+    inv_span = 1.0 / (t_plus - t_minus)
+    truncation = d_plus * (w_plus - inv_span)
+    truncation.add_(d_minus * (-w_minus - inv_span)).add_(d_plus2 * w_plus2).abs_()
+    forward = d_plus / t_plus
+    backward = d_minus / (-t_minus)
+    one_sided = (d_plus2 / t_plus2).sub_(forward).abs_()
+    # Each output's noise: the floor of ``row_noise`` (no median from so few directions), from
+    # |R| summed over the leaf's directions (each direction's x scale is 1).
+    magnitude = richardson.abs()
+    terms = magnitude[:, 0].clone()
+    for p in range(1, count):
+        terms.add_(magnitude[:, p])
+    terms = torch.nan_to_num(terms, nan=0.0, posinf=0.0)
+    sigma = (_FLOOR_ULPS * machine_eps * (torch.nan_to_num(f0.abs(), nan=0.0, posinf=0.0) + terms)).unsqueeze(
+        1
+    )
+    gain = 1.5 * math.sqrt(w_minus**2 + (w_minus + w_plus + w_plus2) ** 2 + w_plus**2 + w_plus2**2)
+    bar = truncation.add_(sigma * gain)
+    one_sided_bar = one_sided.add_(sigma * (1.5 * (2**0.5) / t_plus))
+    return torch.stack([richardson, bar, forward, backward, one_sided_bar], dim=1), magnitude
