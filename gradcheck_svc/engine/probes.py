@@ -16,8 +16,8 @@ from gradcheck_svc.engine.problem import OutputBlock
 __all__ = ["onehot", "random_cotangents", "random_direction_rows", "random_directions"]
 
 _LEVEL_VALUES = (0.5, 0.75, 1.0)
-_LEVELS = torch.tensor(_LEVEL_VALUES, dtype=torch.float64)
-_FEW = 64  # directions of up to this many elements are drawn into Python floats
+_SIGNED_LEVELS = torch.tensor([s * v for v in _LEVEL_VALUES for s in (-1.0, 1.0)], dtype=torch.float64)
+_FEW = 16  # directions of up to this many elements are drawn into Python floats
 
 
 def onehot(positions: torch.Tensor, size: int) -> torch.Tensor:
@@ -42,7 +42,8 @@ def random_directions(base: torch.Tensor, count: int, generator: torch.Generator
     sign = torch.randint(0, 2, (count, n), generator=generator)
     scales = torch.exp2(torch.round(torch.log2(base.detach().to("cpu", torch.float64).abs().clamp(min=1.0))))
     scales = torch.where(scales.isfinite(), scales, 0.0)  # +-inf and NaN elements are not moved
-    return (_LEVELS[level] * (sign.to(torch.float64) * 2 - 1) * scales).to(base.device)
+    # level * (2 sign - 1), looked up at 2 level + sign: the same values in fewer ops
+    return (_SIGNED_LEVELS[level.mul_(2).add_(sign)] * scales).to(base.device)
 
 
 def random_direction_rows(values: list[float], count: int, generator: torch.Generator) -> list[list[float]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ from corpus import CASES, make_inputs
 from test_tiny import _differences, _problem
 
 import gradcheck_svc as gc
-from gradcheck_svc.engine import fast, fast_floats
+from gradcheck_svc.engine import fast, fast_floats, probes
 
 D = torch.float64
 
@@ -97,3 +98,19 @@ def test_float32_and_larger_problems_stay_on_tensors(monkeypatch: pytest.MonkeyP
         on_floats, on_tensors, took_floats = _both(monkeypatch, fn, inputs)
         assert not took_floats
         assert not list(_differences(on_floats, on_tensors))
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 17, 64, 200])
+def test_directions_drawn_as_floats_equal_the_tensor_draws(n: int) -> None:
+    """Both ways of drawing directions give the same values from the same generator state,
+    non-finite elements (not moved) and large magnitudes included."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n), dtype=D) * 10.0 ** torch.arange(
+        n
+    ).remainder(9)
+    x[n // 2] = math.inf if n > 1 else x[0]
+    x[-1] = math.nan if n > 2 else x[-1]
+    for count in (1, 3):
+        as_floats = probes.random_direction_rows(x.tolist(), count, torch.Generator().manual_seed(5))
+        as_tensor = probes.random_directions(x, count, torch.Generator().manual_seed(5))
+        assert as_tensor.tolist() == as_floats
+        assert as_tensor.abs().min() >= 0.5 or not bool(torch.isfinite(x).all())
