@@ -26,6 +26,8 @@ def largest_change(first: torch.Tensor, again: torch.Tensor) -> float:
     """max |again - first| over the elements that changed; 0 for empty tensors."""
     if first.numel() <= _FEW and first.shape == again.shape:
         return largest_change_of_floats(first.reshape(-1).tolist(), again.reshape(-1).tolist())
+    if torch.equal(first, again):  # the usual answer, in one op (NaN is unequal: it goes on below)
+        return 0.0
     delta = (again - first).abs().nan_to_num(nan=float("inf"))
     delta.masked_fill_((again == first) | (again.isnan() & first.isnan()), 0.0)
     return float(delta.max()) if delta.numel() else 0.0

@@ -69,7 +69,7 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
         batch = (base + steps * u).reshape(len(NODES) * count, -1).to(leaf.real_dtype)
         evaluated.append(ctx.evaluate(i, batch))
         directions.append(u)
-    parts, magnitude = _differences(torch.stack(evaluated), ctx.numeric_f0, t, ctx.numeric_machine_eps, count)
+    parts = _differences(torch.stack(evaluated), ctx.numeric_f0, t, ctx.numeric_machine_eps, count)
     ctx.timed("numeric_s", t0)
 
     t0 = time.perf_counter()
@@ -84,16 +84,17 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
         picked = slice(o * count, (o + 1) * count)
         v = cotangents[picked, block.rows]  # (P, m_o)
         size = v.abs()
-        weights = torch.stack([v, size, v, v, size])
-        projected = (weights * parts[..., block.rows]).sum(dim=-1).tolist()  # (L, 5, P)
-        numeric_size = (size * magnitude[..., block.rows]).sum(dim=-1).tolist()  # (L, P)
+        # values and one-sided differences project on v, error bars and |R| on |v|
+        weights = torch.stack([v, size, v, v, size, size])
+        projected = (weights * parts[..., block.rows]).sum(dim=-1).tolist()  # (L, 6, P)
         for i, leaf in enumerate(problem.leaves):
             g = grads[i][picked]  # (P, n_i)
             gu = g * directions[i]
-            a = gu.sum(dim=1).tolist()
-            scale = [s + r for s, r in zip(gu.abs().sum(dim=1).tolist(), numeric_size[i], strict=True)]
+            a, gu_size = torch.stack([gu, gu.abs()]).sum(dim=-1).tolist()
+            *five, numeric_size = projected[i]
+            scale = [s + r for s, r in zip(gu_size, numeric_size, strict=True)]
             nondet = largest_change(g, again[i][picked]) if again is not None else 0.0
-            report = judged_on_floats(ctx, block, leaf, a, projected[i], scale, nondet)
+            report = judged_on_floats(ctx, block, leaf, a, five, scale, nondet)
             reports.append(report)
             if report.status in (Status.FAIL, Status.NONFINITE):
                 failing.append((o, i))
@@ -102,9 +103,9 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
 
 def _differences(
     stacked: torch.Tensor, f0: torch.Tensor, t: float, machine_eps: float, count: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """``numeric.differences`` of every leaf along its ``count`` directions from the outputs at
-    the nodes ``(L, 3 * P, M)`` (node-major per leaf): its five parts ``(L, 5, P, M)`` and |R|."""
+    the nodes ``(L, 3 * P, M)`` (node-major per leaf): its five parts and |R|, ``(L, 6, P, M)``."""
     nodes = stacked.reshape(stacked.shape[0], len(NODES), count, -1)
     t_minus, t_plus, t_plus2 = (node * t for node in NODES)
     w_minus, w_plus, w_plus2 = (
@@ -136,4 +137,4 @@ def _differences(
     gain = 1.5 * math.sqrt(w_minus**2 + (w_minus + w_plus + w_plus2) ** 2 + w_plus**2 + w_plus2**2)
     bar = truncation.add_(sigma * gain)
     one_sided_bar = one_sided.add_(sigma * (1.5 * (2**0.5) / t_plus))
-    return torch.stack([richardson, bar, forward, backward, one_sided_bar], dim=1), magnitude
+    return torch.stack([richardson, bar, forward, backward, one_sided_bar, magnitude], dim=1)

@@ -41,9 +41,9 @@ def random_directions(base: torch.Tensor, count: int, generator: torch.Generator
     level = torch.randint(0, 3, (count, n), generator=generator)
     sign = torch.randint(0, 2, (count, n), generator=generator)
     scales = torch.exp2(torch.round(torch.log2(base.detach().to("cpu", torch.float64).abs().clamp(min=1.0))))
-    scales = torch.where(scales.isfinite(), scales, 0.0)  # +-inf and NaN elements are not moved
+    scales = torch.nan_to_num(scales, nan=0.0, posinf=0.0)  # +-inf and NaN elements are not moved
     # level * (2 sign - 1), looked up at 2 level + sign: the same values in fewer ops
-    return (_SIGNED_LEVELS[level.mul_(2).add_(sign)] * scales).to(base.device)
+    return (torch.take(_SIGNED_LEVELS, level.mul_(2).add_(sign)) * scales).to(base.device)
 
 
 def random_direction_rows(values: list[float], count: int, generator: torch.Generator) -> list[list[float]]:
