@@ -12,6 +12,7 @@ order; tests hold the reports to that path's.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -21,7 +22,7 @@ from gradcheck_svc.engine.agreement import largest_change
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.fast_floats import judged_on_floats
 from gradcheck_svc.engine.numeric import _FLOOR_ULPS, _MIN_NOISE_SAMPLES, NODES
-from gradcheck_svc.engine.probes import random_cotangents, random_directions
+from gradcheck_svc.engine.probes import random_cotangents, random_directions_of
 from gradcheck_svc.report import PairReport, Status
 
 __all__ = ["ENABLED", "run_fast_batched"]
@@ -57,18 +58,21 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
     leaves = ctx.numeric_problem.leaves
     ctx.check_limits(len(problem.outputs) * count * len(leaves), 3 * count * len(leaves))
 
-    directions: list[torch.Tensor] = []
-    evaluated: list[torch.Tensor] = []
     t0 = time.perf_counter()
-    # x + (node t) u at every node, node-major: (3, 1, 1) steps times (P, n) directions
+    # Every leaf's directions side by side, (P, N), and x + (node t) u at every node: (3, P, N).
+    reals = [leaf.real for leaf in leaves]
+    directions = random_directions_of(reals, count, generator)
     steps = torch.tensor([node * t for node in NODES], dtype=torch.float64, device=device).reshape(-1, 1, 1)
+    base = reals[0] if len(reals) == 1 else torch.cat(reals)
+    moved = base.to(torch.float64) + steps * directions
+    ends = list(itertools.accumulate(leaf.size for leaf in leaves))
+    bounds = [(end - leaf.size, end) for end, leaf in zip(ends, leaves, strict=True)]
+    evaluated: list[torch.Tensor] = []
     for i, leaf in enumerate(leaves):
         ctx.poll()
-        u = random_directions(leaf.real, count, generator)
-        base = leaf.real.detach().to(torch.float64)
-        batch = (base + steps * u).reshape(len(NODES) * count, -1).to(leaf.real_dtype)
+        lo, hi = bounds[i]
+        batch = moved[..., lo:hi].reshape(len(NODES) * count, -1).to(leaf.real_dtype)
         evaluated.append(ctx.evaluate(i, batch))
-        directions.append(u)
     parts = _differences(torch.stack(evaluated), ctx.numeric_f0, t, ctx.numeric_machine_eps, count)
     ctx.timed("numeric_s", t0)
 
@@ -87,13 +91,16 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
         # values and one-sided differences project on v, error bars and |R| on |v|
         weights = torch.stack([v, size, v, v, size, size])
         projected = (weights * parts[..., block.rows]).sum(dim=-1).tolist()  # (L, 6, P)
+        # g u of every leaf side by side, (P, N), and its sums leaf by leaf: a and sum |g u|
+        g = grads[0][picked] if len(grads) == 1 else torch.cat([grad[picked] for grad in grads], dim=1)
+        gu = g * directions
+        both = torch.stack([gu, gu.abs()])
         for i, leaf in enumerate(problem.leaves):
-            g = grads[i][picked]  # (P, n_i)
-            gu = g * directions[i]
-            a, gu_size = torch.stack([gu, gu.abs()]).sum(dim=-1).tolist()
+            lo, hi = bounds[i]
+            a, gu_size = both[..., lo:hi].sum(dim=-1).tolist()
             *five, numeric_size = projected[i]
             scale = [s + r for s, r in zip(gu_size, numeric_size, strict=True)]
-            nondet = largest_change(g, again[i][picked]) if again is not None else 0.0
+            nondet = largest_change(grads[i][picked], again[i][picked]) if again is not None else 0.0
             report = judged_on_floats(ctx, block, leaf, a, five, scale, nondet)
             reports.append(report)
             if report.status in (Status.FAIL, Status.NONFINITE):
@@ -113,23 +120,23 @@ def _differences(
         _weight(t_plus, t_minus, t_plus2),
         _weight(t_plus2, t_minus, t_plus),
     )
-    d_minus = torch.sub(f0, nodes[:, 0])  # f(x) - f(x - h)
-    d_plus = torch.sub(nodes[:, 1], f0)  # f(x + h) - f(x)
-    d_plus2 = torch.sub(nodes[:, 2], f0)  # f(x + 2h) - f(x)
+    # f(x + node h) - f(x) at every node in one op; numeric.differences takes f(x) - f(x - h)
+    # for the first, d_minus = -moved_minus, whose sign goes into the weights (exactly so).
+    moved_minus, d_plus, d_plus2 = torch.sub(nodes, f0.unsqueeze(0)).unbind(1)
     richardson = d_plus * w_plus
-    richardson.add_(d_minus * (-w_minus)).add_(d_plus2 * w_plus2)
+    richardson.add_(moved_minus * w_minus).add_(d_plus2 * w_plus2)
     inv_span = 1.0 / (t_plus - t_minus)
     truncation = d_plus * (w_plus - inv_span)
-    truncation.add_(d_minus * (-w_minus - inv_span)).add_(d_plus2 * w_plus2).abs_()
+    truncation.add_(moved_minus * -(-w_minus - inv_span)).add_(d_plus2 * w_plus2).abs_()
     forward = d_plus / t_plus
-    backward = d_minus / (-t_minus)
+    backward = moved_minus / t_minus
     one_sided = (d_plus2 / t_plus2).sub_(forward).abs_()
     # Each output's noise: the floor of ``row_noise`` (no median from so few directions), from
     # |R| summed over the leaf's directions (each direction's x scale is 1).
     magnitude = richardson.abs()
-    terms = magnitude[:, 0].clone()
+    terms = magnitude[:, 0]
     for p in range(1, count):
-        terms.add_(magnitude[:, p])
+        terms = terms + magnitude[:, p]
     terms = torch.nan_to_num(terms, nan=0.0, posinf=0.0)
     sigma = (_FLOOR_ULPS * machine_eps * (torch.nan_to_num(f0.abs(), nan=0.0, posinf=0.0) + terms)).unsqueeze(
         1

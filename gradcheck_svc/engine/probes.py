@@ -13,7 +13,13 @@ import torch
 
 from gradcheck_svc.engine.problem import OutputBlock
 
-__all__ = ["onehot", "random_cotangents", "random_direction_rows", "random_directions"]
+__all__ = [
+    "onehot",
+    "random_cotangents",
+    "random_direction_rows",
+    "random_directions",
+    "random_directions_of",
+]
 
 _LEVEL_VALUES = (0.5, 0.75, 1.0)
 _SIGNED_LEVELS = torch.tensor([s * v for v in _LEVEL_VALUES for s in (-1.0, 1.0)], dtype=torch.float64)
@@ -44,6 +50,22 @@ def random_directions(base: torch.Tensor, count: int, generator: torch.Generator
     scales = torch.nan_to_num(scales, nan=0.0, posinf=0.0)  # +-inf and NaN elements are not moved
     # level * (2 sign - 1), looked up at 2 level + sign: the same values in fewer ops
     return (torch.take(_SIGNED_LEVELS, level.mul_(2).add_(sign)) * scales).to(base.device)
+
+
+def random_directions_of(bases: list[torch.Tensor], count: int, generator: torch.Generator) -> torch.Tensor:
+    """``random_directions`` of each tensor in ``bases`` in turn (the same draws, in the same
+    order), side by side: ``(count, total elements)``, each scale computed once for all."""
+    codes = []
+    for base in bases:
+        level = torch.randint(0, 3, (count, base.numel()), generator=generator)
+        sign = torch.randint(0, 2, (count, base.numel()), generator=generator)
+        codes.append(level.mul_(2).add_(sign))
+    flat = torch.cat([base.detach().reshape(-1).to("cpu", torch.float64) for base in bases])
+    scales = torch.nan_to_num(
+        torch.exp2(torch.round(torch.log2(flat.abs().clamp(min=1.0)))), nan=0.0, posinf=0.0
+    )
+    code = codes[0] if len(codes) == 1 else torch.cat(codes, dim=1)
+    return (torch.take(_SIGNED_LEVELS, code) * scales).to(bases[0].device)
 
 
 def random_direction_rows(values: list[float], count: int, generator: torch.Generator) -> list[list[float]]:

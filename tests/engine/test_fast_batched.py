@@ -118,3 +118,16 @@ def test_four_directions_or_a_float64_reference_go_leaf_by_leaf(monkeypatch: pyt
         batched, by_leaf, took_batched = _both(monkeypatch, fn, inputs, **options)
         assert not took_batched
         assert not list(_differences(batched, by_leaf))
+
+
+def test_a_complex_leaf_beside_a_real_one_reports_the_same_batched(monkeypatch: pytest.MonkeyPatch) -> None:
+    z = torch.randn(5, dtype=torch.complex128, generator=torch.Generator().manual_seed(3))
+    w = torch.randn(3, dtype=D, generator=torch.Generator().manual_seed(4))
+
+    def fn(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return (z.abs() ** 2).sum() * w + torch.view_as_real(z * z).sum()
+
+    batched, by_leaf, took_batched = _both(monkeypatch, fn, (z, w))
+    assert took_batched
+    assert not list(_differences(batched, by_leaf))
+    assert batched["ok"]

@@ -114,3 +114,15 @@ def test_directions_drawn_as_floats_equal_the_tensor_draws(n: int) -> None:
         as_tensor = probes.random_directions(x, count, torch.Generator().manual_seed(5))
         assert as_tensor.tolist() == as_floats
         assert as_tensor.abs().min() >= 0.5 or not bool(torch.isfinite(x).all())
+
+
+def test_directions_of_several_leaves_side_by_side_equal_each_drawn_alone() -> None:
+    leaves = [torch.tensor(3.0, dtype=D), torch.randn(4, 5, dtype=D) * 100, torch.randn(7).float()]
+    leaves[1][0, 0] = -math.inf
+    kept = [t.clone() for t in leaves]
+    for count in (1, 2):
+        alone = torch.Generator().manual_seed(1)
+        each = [probes.random_directions(t.reshape(-1), count, alone) for t in leaves]
+        together = probes.random_directions_of(leaves, count, torch.Generator().manual_seed(1))
+        assert torch.equal(together, torch.cat(each, dim=1))
+    assert all(torch.equal(a, b) for a, b in zip(leaves, kept, strict=True))  # the inputs are left alone
