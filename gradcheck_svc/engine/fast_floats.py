@@ -156,7 +156,11 @@ class _Sums:
 
     def totals(self) -> list[float]:
         by_length = {
-            n: torch.tensor(rows, dtype=torch.float64).sum(dim=1).tolist() for n, rows in self._rows.items()
+            # one term: torch's sum is 0 + x (-0.0 sums to 0.0), no op needed
+            n: [row[0] + 0.0 for row in rows]
+            if n == 1
+            else torch.tensor(rows, dtype=torch.float64).sum(dim=1).tolist()
+            for n, rows in self._rows.items()
         }
         return [by_length[n][k] for n, k in self._keys]
 
