@@ -4,6 +4,7 @@
     python benchmarks/bench_small.py --repeat 400 --fresh 7
     python benchmarks/bench_small.py --threads 1 --fresh 0   # both tools on one thread: on busy
                                                              # cores, the ratios without contention
+    python benchmarks/bench_small.py --fast-only --fresh 0   # the fast-mode rows alone
 
 In-process rows: the three seed examples, ``F.linear`` on a 4x16 input (input, weight and bias
 checked) and fast mode on the dense ``sin(tanh(W x))`` at N=1000; float64, default options of both
@@ -149,6 +150,7 @@ def main() -> None:
     parser.add_argument("--dense-repeat", type=int, default=30, help="repeats of the N=1000 fast row")
     parser.add_argument("--fresh", type=int, default=5, help="fresh processes per tool")
     parser.add_argument("--fresh-only", action="store_true", help="only the fresh-process rows")
+    parser.add_argument("--fast-only", action="store_true", help="only the fast-mode in-process rows")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads for the in-process rows (default: torch's)"
     )
@@ -157,7 +159,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64, default options")
     rows = []
-    for fast in () if args.fresh_only else (False, True):
+    for fast in () if args.fresh_only else (True,) if args.fast_only else (False, True):
         for case, make in CASES.items():
             rows.append(side_by_side(case, make, fast, args.repeat))
     if not args.fresh_only:

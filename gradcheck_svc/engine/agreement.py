@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["largest_change", "within", "within_ulps"]
+__all__ = ["largest_change", "largest_change_of_floats", "within", "within_ulps"]
 
 _FEW = 64  # tensors up to this many elements are compared on Python floats (no torch op to pay)
 
@@ -25,16 +25,23 @@ def within(a: torch.Tensor, b: torch.Tensor, allowed: torch.Tensor | float) -> b
 def largest_change(first: torch.Tensor, again: torch.Tensor) -> float:
     """max |again - first| over the elements that changed; 0 for empty tensors."""
     if first.numel() <= _FEW and first.shape == again.shape:
-        largest = 0.0
-        for a, b in zip(first.reshape(-1).tolist(), again.reshape(-1).tolist(), strict=True):
-            if a == b or (math.isnan(a) and math.isnan(b)):
-                continue
-            delta = abs(b - a)
-            largest = max(largest, math.inf if math.isnan(delta) else delta)
-        return largest
+        return largest_change_of_floats(first.reshape(-1).tolist(), again.reshape(-1).tolist())
+    if torch.equal(first, again):  # the usual answer, in one op (NaN is unequal: it goes on below)
+        return 0.0
     delta = (again - first).abs().nan_to_num(nan=float("inf"))
     delta.masked_fill_((again == first) | (again.isnan() & first.isnan()), 0.0)
     return float(delta.max()) if delta.numel() else 0.0
+
+
+def largest_change_of_floats(first: list[float], again: list[float]) -> float:
+    """``largest_change`` of two equally long lists of floats."""
+    largest = 0.0
+    for a, b in zip(first, again, strict=True):
+        if a == b or (math.isnan(a) and math.isnan(b)):
+            continue
+        delta = abs(b - a)
+        largest = max(largest, math.inf if math.isnan(delta) else delta)
+    return largest
 
 
 def within_ulps(
@@ -43,6 +50,8 @@ def within_ulps(
     """``within`` with an allowance of ``ulps`` units ``unit`` of each element's magnitude plus
     the largest magnitude (non-finite magnitudes count 0): that of ``b``, or of the larger of
     the two with ``both``. The same arithmetic on lists for a few elements."""
+    if torch.equal(a, b):  # the usual answer, in one op (NaN is unequal: it goes on below)
+        return True
     if a.numel() > _FEW or a.shape != b.shape:
         size = (torch.maximum(a.abs(), b.abs()) if both else b.abs()).nan_to_num(nan=0.0, posinf=0.0)
         allowed = ulps * unit * (size + (size.max() if size.numel() else 0.0))

@@ -19,11 +19,13 @@ import torch
 from gradcheck_svc.engine.agreement import largest_change
 from gradcheck_svc.engine.compare import judge, merge_wide, pair_fields, pair_status
 from gradcheck_svc.engine.context import Context
+from gradcheck_svc.engine.fast_batched import run_fast_batched
+from gradcheck_svc.engine.fast_floats import judged_on_floats, message, run_fast_on_floats
 from gradcheck_svc.engine.full import DENSE_ENTRIES, run_full
 from gradcheck_svc.engine.numeric import NODES, Differences, differences
 from gradcheck_svc.engine.probes import random_cotangents, random_directions
 from gradcheck_svc.engine.problem import Leaf, OutputBlock
-from gradcheck_svc.engine.tiny import FloatDifferences, differences_on_floats, judge_floats
+from gradcheck_svc.engine.tiny import differences_on_floats
 from gradcheck_svc.report import Check, PairReport, Status
 
 __all__ = ["run_fast"]
@@ -34,6 +36,18 @@ _FLOAT_ENTRIES = 48
 
 
 def run_fast(ctx: Context) -> list[PairReport]:
+    # Small float64 problems on floats; a few directions with every leaf at once; else leaf by leaf.
+    found = run_fast_on_floats(ctx)
+    if found is None:
+        found = run_fast_batched(ctx)
+    reports, failing = found if found is not None else _projected(ctx)
+    if failing:
+        reports = _recheck_in_full(ctx, reports, failing)
+    return reports
+
+
+def _projected(ctx: Context) -> tuple[list[PairReport], list[tuple[int, int]]]:
+    """Every pair judged on its projections, and the failing pairs ``(output, leaf)``."""
     problem, options = ctx.problem, ctx.options
     count = options.projections
     generator = torch.Generator().manual_seed(options.seed)
@@ -98,7 +112,8 @@ def run_fast(ctx: Context) -> list[PairReport]:
             allowance = ctx.rounding_allowance(block.rows, parts[0].T)  # (m_o, P) or None
             if allowance is None and wide_grads is None:
                 # A few scalars per pair: judged on floats, with judge's arithmetic (tiny.py).
-                report = _judged_on_floats(ctx, block, leaf, analytic, projected, terms, nondet)
+                a, *parts, scale = torch.cat([analytic, *projected.parts(), terms.unsqueeze(0)]).tolist()
+                report = judged_on_floats(ctx, block, leaf, a, parts, scale, nondet)
             else:
                 if allowance is not None:
                     allowance = (weights[1] * allowance.T).sum(dim=1).unsqueeze(0)
@@ -110,9 +125,7 @@ def run_fast(ctx: Context) -> list[PairReport]:
             if report.status in (Status.FAIL, Status.NONFINITE):
                 failing.append((o, i))
 
-    if failing:
-        reports = _recheck_in_full(ctx, reports, failing)
-    return reports
+    return reports, failing
 
 
 def _differences_on_floats(
@@ -178,55 +191,7 @@ def _judged(
         elements_failed=int(verdict.failed.sum()),
         kinks=int(verdict.kink.sum()),
         nondeterminism=nondet if options.check_nondeterminism else None,
-        message=_message(count, wide_only),
-    )
-
-
-def _judged_on_floats(
-    ctx: Context,
-    block: OutputBlock,
-    leaf: Leaf,
-    analytic: torch.Tensor,
-    projected: Differences,
-    terms: torch.Tensor,
-    nondet: float,
-) -> PairReport:
-    """``_judged`` without a float64 reference or rounding allowance, on the P scalars as floats."""
-    options = ctx.options
-    count = options.projections
-    values = torch.cat([analytic, *projected.parts(), terms.unsqueeze(0)]).tolist()
-    a, value, bar, forward, backward, one_sided_bar, scale = ([row] for row in values)
-    numeric = FloatDifferences(0, 0)
-    numeric.value, numeric.bar, numeric.forward, numeric.backward = value, bar, forward, backward
-    numeric.one_sided_bar = one_sided_bar
-    verdicts = judge_floats(a, numeric, ctx.tolerance(block, leaf), scale=scale)[0]
-    errors = [abs(x - y) for x, y in zip(a[0], value[0], strict=True)]
-    finite = [(e, e / max(abs(y), 1e-300)) for e, y in zip(errors, value[0], strict=True) if math.isfinite(e)]
-    status = pair_status(
-        nonfinite=any(v.nonfinite for v in verdicts),
-        nondeterministic=nondet > options.nondet_tol,
-        failed=any(v.failed for v in verdicts),
-        kinks=any(v.kink for v in verdicts),
-    )
-    return PairReport(
-        **pair_fields(block, leaf),
-        check=Check.REVERSE,
-        status=status,
-        mode="fast",
-        max_abs_error=max((e for e, _ in finite), default=0.0),
-        max_rel_error=max((r for _, r in finite), default=0.0),
-        max_error_ratio=max(v.ratio for v in verdicts),
-        elements_checked=count,
-        elements_failed=sum(v.failed for v in verdicts),
-        kinks=sum(v.kink for v in verdicts),
-        nondeterminism=nondet if options.check_nondeterminism else None,
-        message=_message(count, 0),
-    )
-
-
-def _message(count: int, wide_only: int) -> str:
-    return f"{count} random projections v^T J u" + (
-        f"; {wide_only} fail only in the float64 run of the backward" if wide_only else ""
+        message=message(count, wide_only),
     )
 
 

@@ -13,11 +13,17 @@ import torch
 
 from gradcheck_svc.engine.problem import OutputBlock
 
-__all__ = ["onehot", "random_cotangents", "random_directions"]
+__all__ = [
+    "onehot",
+    "random_cotangents",
+    "random_direction_rows",
+    "random_directions",
+    "random_directions_of",
+]
 
 _LEVEL_VALUES = (0.5, 0.75, 1.0)
-_LEVELS = torch.tensor(_LEVEL_VALUES, dtype=torch.float64)
-_FEW = 64  # directions of up to this many elements are drawn into Python floats
+_SIGNED_LEVELS = torch.tensor([s * v for v in _LEVEL_VALUES for s in (-1.0, 1.0)], dtype=torch.float64)
+_FEW = 16  # directions of up to this many elements are drawn into Python floats
 
 
 def onehot(positions: torch.Tensor, size: int) -> torch.Tensor:
@@ -34,19 +40,45 @@ def random_directions(base: torch.Tensor, count: int, generator: torch.Generator
     perturbation applied is the one the analytic side projects on.
     """
     n = base.numel()
-    level = torch.randint(0, 3, (count, n), generator=generator)
-    sign = torch.randint(0, 2, (count, n), generator=generator)
     if count * n <= _FEW:
         # The same draws and products on floats: a few elements cost no torch ops.
-        scale = [_power_of_two_scale(x) for x in base.detach().tolist()]
-        rows = [
-            [_LEVEL_VALUES[lv] * (sg * 2.0 - 1) * sc for lv, sg, sc in zip(lr, sr, scale, strict=True)]
-            for lr, sr in zip(level.tolist(), sign.tolist(), strict=True)
-        ]
+        rows = random_direction_rows(base.detach().tolist(), count, generator)
         return torch.tensor(rows, dtype=torch.float64, device=base.device).reshape(count, n)
+    level = torch.randint(0, 3, (count, n), generator=generator)
+    sign = torch.randint(0, 2, (count, n), generator=generator)
     scales = torch.exp2(torch.round(torch.log2(base.detach().to("cpu", torch.float64).abs().clamp(min=1.0))))
-    scales = torch.where(scales.isfinite(), scales, 0.0)  # +-inf and NaN elements are not moved
-    return (_LEVELS[level] * (sign.to(torch.float64) * 2 - 1) * scales).to(base.device)
+    scales = torch.nan_to_num(scales, nan=0.0, posinf=0.0)  # +-inf and NaN elements are not moved
+    # level * (2 sign - 1), looked up at 2 level + sign: the same values in fewer ops
+    return (torch.take(_SIGNED_LEVELS, level.mul_(2).add_(sign)) * scales).to(base.device)
+
+
+def random_directions_of(bases: list[torch.Tensor], count: int, generator: torch.Generator) -> torch.Tensor:
+    """``random_directions`` of each tensor in ``bases`` in turn (the same draws, in the same
+    order), side by side: ``(count, total elements)``, each scale computed once for all."""
+    codes = []
+    for base in bases:
+        level = torch.randint(0, 3, (count, base.numel()), generator=generator)
+        sign = torch.randint(0, 2, (count, base.numel()), generator=generator)
+        codes.append(level.mul_(2).add_(sign))
+    flat = torch.cat([base.detach().reshape(-1).to("cpu", torch.float64) for base in bases])
+    scales = torch.nan_to_num(
+        torch.exp2(torch.round(torch.log2(flat.abs().clamp(min=1.0)))), nan=0.0, posinf=0.0
+    )
+    code = codes[0] if len(codes) == 1 else torch.cat(codes, dim=1)
+    return (torch.take(_SIGNED_LEVELS, code) * scales).to(bases[0].device)
+
+
+def random_direction_rows(values: list[float], count: int, generator: torch.Generator) -> list[list[float]]:
+    """``random_directions`` of a leaf given as Python floats, as ``count`` lists: the same draws
+    from ``generator`` and the same products, without a tensor."""
+    n = len(values)
+    level = torch.randint(0, 3, (count, n), generator=generator).tolist()
+    sign = torch.randint(0, 2, (count, n), generator=generator).tolist()
+    scale = [_power_of_two_scale(x) for x in values]
+    return [
+        [_LEVEL_VALUES[lv] * (sg * 2.0 - 1) * sc for lv, sg, sc in zip(lr, sr, scale, strict=True)]
+        for lr, sr in zip(level, sign, strict=True)
+    ]
 
 
 def _power_of_two_scale(x: float) -> float:

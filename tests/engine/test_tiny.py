@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import gradcheck_svc as gc
-from gradcheck_svc.engine import api, fast, tiny
+from gradcheck_svc.engine import api, fast, fast_floats, tiny
+from gradcheck_svc.engine.numeric import Differences
 
 
 class _OffByOnePercent(torch.autograd.Function):
@@ -204,14 +205,23 @@ def test_fast_mode_judged_on_floats_reports_what_tensors_report(
     monkeypatch: pytest.MonkeyPatch, seed: int, options: dict[str, Any]
 ) -> None:
     kind, fn, inputs = _problem(seed)
+    monkeypatch.setattr(fast_floats, "ENABLED", False)  # the tensor path, judged on floats
     on_floats = gc.check(fn, *inputs, mode="fast", **options).model_dump()
 
     def on_tensors(
-        ctx: Any, block: Any, leaf: Any, analytic: Any, projected: Any, terms: Any, nondet: float
+        ctx: Any,
+        block: Any,
+        leaf: Any,
+        a: list[float],
+        parts: list[list[float]],
+        scale: list[float],
+        nondet: float,
     ) -> Any:
+        analytic, terms = torch.tensor([a], dtype=torch.float64), torch.tensor(scale, dtype=torch.float64)
+        projected = Differences(*(torch.tensor([part], dtype=torch.float64) for part in parts))
         return fast._judged(ctx, block, leaf, analytic, projected, terms, None, None, nondet)
 
-    monkeypatch.setattr(fast, "_judged_on_floats", on_tensors)
+    monkeypatch.setattr(fast, "judged_on_floats", on_tensors)
     monkeypatch.setattr(fast, "_FLOAT_ENTRIES", 0)  # the differences on tensors too
     tensors = gc.check(fn, *inputs, mode="fast", **options).model_dump()
     on_floats.pop("timings")
