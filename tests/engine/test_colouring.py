@@ -283,7 +283,7 @@ def test_failures_come_before_kinks_in_the_worst_elements():
 def test_entry_differences_equal_the_dense_block_at_every_listed_entry(density):
     # Groups difference only the entries they moved (and those the pattern names); each row's
     # noise, median and floor, comes from its moved entries alone, as in the dense block.
-    from gradcheck_svc.engine.colouring import _entry_differences, _Nodes
+    from gradcheck_svc.engine.entries import Nodes, entry_differences
     from gradcheck_svc.engine.numeric import differences
 
     g = torch.Generator().manual_seed(5)
@@ -303,8 +303,8 @@ def test_entry_differences_equal_the_dense_block_at_every_listed_entry(density):
     rows, groups = torch.cat([moved_r, extra_r]), torch.cat([moved_g, extra_g])
     keys = torch.unique(rows * k + groups)
     rows, groups = keys // k, keys % k
-    three = _Nodes(nodes[:2], nodes[2], torch.arange(k), f0)
-    sparse = _entry_differences(three, f0, offsets, rows, groups, x_scale, eps)
+    three = Nodes(nodes[:2], nodes[2], torch.arange(k), f0)
+    sparse = entry_differences(three, f0, offsets, rows, groups, x_scale, eps)
     for mine, theirs in zip(sparse.parts(), dense.parts(), strict=True):
         torch.testing.assert_close(mine, theirs[rows, groups], rtol=1e-14, atol=0.0)
 
@@ -332,6 +332,8 @@ def _one_wrong_input(n: int) -> torch.Tensor:
 
 
 def _perturbed_rows(monkeypatch) -> list[int]:
+    from gradcheck_svc.engine import entries
+
     rows: list[int] = []
     real = colouring.perturb
 
@@ -341,6 +343,7 @@ def _perturbed_rows(monkeypatch) -> list[int]:
         return batch
 
     monkeypatch.setattr(colouring, "perturb", counted)
+    monkeypatch.setattr(entries, "perturb", counted)
     return rows
 
 

@@ -412,8 +412,8 @@ def test_a_wrong_row_among_many_reports_as_the_exact_path(monkeypatch):
 
     x = torch.randn(60, 12, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     calls: list[int] = []
-    real = colouring._adaptive_singles
-    monkeypatch.setattr(colouring, "_adaptive_singles", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = colouring.adaptive_singles
+    monkeypatch.setattr(colouring, "adaptive_singles", lambda *a, **k: calls.append(1) or real(*a, **k))
     report = gc.check(RowWiseOneWrong.apply, x, mode="full", max_worst=100)
     assert calls  # the columns of the failing groups were re-checked with x + 2h where in doubt
     exact = _exact(RowWiseOneWrong.apply, x, mode="full", max_worst=100, monkeypatch=monkeypatch)
