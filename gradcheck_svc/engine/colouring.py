@@ -25,19 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from gradcheck_svc.engine.compare import Judgement, PairAccumulator, Tolerance, judge
-from gradcheck_svc.engine.numeric import (
-    _FLOOR_ULPS,
-    _MIN_NOISE_SAMPLES,
-    NODES,
-    Differences,
-    Probes,
-    _derivative_weights,
-    _noise_gain,
-    differences,
-    noise_sample,
-    perturb,
-    steps,
-)
+from gradcheck_svc.engine.entries import Listing, Nodes, adaptive_singles, entry_differences
+from gradcheck_svc.engine.numeric import NODES, Differences, Probes, differences, perturb, steps
 
 if TYPE_CHECKING:  # only the type: this module stays free of the driver's imports at run time
     from gradcheck_svc.engine.context import Context
@@ -47,6 +36,9 @@ __all__ = ["ColouredLeaf", "colour_by_stride", "plan_groups", "run_coloured"]
 _MAX_TRIES = 48  # strides tried after the lower bound (the densest row)
 _MIN_GAIN = 3  # colour only when it saves at least this factor in evaluations
 _WEIGHT_BITS = 7  # weights (2^7 + r) / 2^8: few bits keep x + t * w * h exact
+# Re-checked columns, from this many in one call, take x + 2h only where the central difference
+# leaves the verdict in doubt (as full mode's column chunks of that size do).
+_ADAPTIVE_SINGLES = 256
 
 
 def colour_by_stride(rows: torch.Tensor, cols: torch.Tensor, n: int) -> int | None:
@@ -165,6 +157,7 @@ def run_coloured(
 
     per_call = ctx.chunk_size(leaf)  # groups per evaluation: the same memory as that many columns
     failed_groups = torch.zeros(k, dtype=torch.bool, device=device)
+    suspect = torch.zeros(leaf.size, dtype=torch.bool, device=device)  # columns of failing entries
     for g0 in range(0, k, per_call):
         ctx.poll()
         g1 = min(k, g0 + per_call)
@@ -185,6 +178,7 @@ def run_coloured(
             step_of,
             failed_groups[g0:g1],
             directions=directions,
+            suspect=suspect,
         )
     if bool(failed_groups.any()):
         ctx.note("a column group disagreed with the analytic pattern; its columns were re-checked one by one")
@@ -195,6 +189,9 @@ def run_coloured(
         for c0 in range(0, again.numel(), per_call):
             ctx.poll()
             cols = again[c0 : c0 + per_call]
+            # x + 2h only where in doubt pays when few columns are: those of entries the groups
+            # failed foretell how many (all of them, when the backward is wrong everywhere).
+            few_suspects = 2 * int(suspect[cols].sum()) <= cols.numel()
             position[cols] = torch.arange(cols.numel(), device=device)
             mine = position[pc] >= 0
             _check_groups(
@@ -213,6 +210,7 @@ def run_coloured(
                 torch.zeros(cols.numel(), dtype=torch.bool, device=device),
                 singletons=True,
                 directions=directions,
+                adaptive=few_suspects,
             )
             position[cols] = -1
     return left
@@ -235,50 +233,66 @@ def _check_groups(
     *,
     singletons: bool = False,
     directions: Probes | None = None,
+    suspect: torch.Tensor | None = None,
+    adaptive: bool = False,
 ) -> None:
     """Evaluate, verify and record ``k`` groups; marks the groups that must go column by column.
 
     With ``singletons`` every group is one column: nothing can hide, so every entry is recorded
-    as it is judged, including rows the analytic side says the column does not reach.
+    as it is judged, including rows the analytic side says the column does not reach; with
+    ``adaptive`` too, ``x + 2h`` only where the central difference leaves a verdict in doubt.
+    Groups mark in ``suspect`` the columns of the entries they failed.
     """
     leaf = ctx.numeric_problem.leaves[index]
     device = x.device
-    if singletons:  # one column per group: copies of x with one element moved (as perturb does)
-        batch = perturb(leaf.real, [(node, columns, step) for node in NODES])
-    else:
-        direction = torch.zeros(k, leaf.size, dtype=torch.float64, device=device)
-        direction[group, columns] = step
-        batch = torch.cat([(x + node * direction).to(leaf.real.dtype) for node in NODES])  # node-major
-        del direction
-    # Progress counts the columns a first pass covers; the column-by-column re-check of failing
-    # groups goes over columns already counted.
-    evaluated = ctx.evaluate(index, batch, columns=0 if singletons else columns.numel())
-    del batch
     offsets = torch.tensor(NODES, dtype=torch.float64, device=device).unsqueeze(1).expand(3, k).contiguous()
     f0 = ctx.numeric_f0
-    nodes = evaluated.reshape(3, k, -1)
-    # Only the (row, group) entries a group moved or the analytic pattern names are differenced:
-    # every other entry reads 0 == 0 and records nothing, and adds nothing to a row's noise.
-    moved_g, moved_r = (nodes != f0).any(dim=0).nonzero(as_tuple=True)
     pc, pr, pg = entries
     known_key, order = torch.sort(pr * k + pg)
-    moved_key = moved_r * k + moved_g
-    keys = torch.unique(torch.cat([moved_key, known_key]))  # sorted: row-major, as nonzero() is
-    rows_of, groups_of = keys // k, keys % k
+    known_cols = pc[order]
+    central_only: torch.Tensor | None = None  # singles reported on the central difference alone
+    first_sigma: torch.Tensor | None = None
+    evaluated: torch.Tensor | None = None  # the three nodes of every group, node-major
+    if singletons and adaptive and directions is None and k >= _ADAPTIVE_SINGLES:
+        nodes, moved, central_only, first_sigma = adaptive_singles(
+            ctx, index, jac_t, accumulators, columns, step, x_scale, (known_key, known_cols)
+        )
+    else:
+        if singletons:  # one column per group: copies of x with one element moved (as perturb does)
+            batch = perturb(leaf.real, [(node, columns, step) for node in NODES])
+        else:
+            direction = torch.zeros(k, leaf.size, dtype=torch.float64, device=device)
+            direction[group, columns] = step
+            batch = torch.cat([(x + node * direction).to(leaf.real.dtype) for node in NODES])  # node-major
+            del direction
+        # Progress counts the columns a first pass covers; the column-by-column re-check of failing
+        # groups goes over columns already counted.
+        evaluated = ctx.evaluate(index, batch, columns=0 if singletons else columns.numel())
+        del batch
+        three = evaluated.reshape(3, k, -1)
+        nodes = Nodes(three[:2], three[2], torch.arange(k, device=device), f0)
+        moved = (three != f0).any(dim=0)
+    listing = Listing.of(moved, known_key, known_cols, k)
+    keys, rows_of, groups_of = listing.keys, listing.rows_of, listing.groups_of
     if directions is None:
-        diff = _entry_differences(nodes, f0, offsets, rows_of, groups_of, x_scale, ctx.numeric_machine_eps)
+        diff = entry_differences(
+            nodes,
+            f0,
+            offsets,
+            rows_of,
+            groups_of,
+            x_scale,
+            ctx.numeric_machine_eps,
+            central_only=central_only,
+            first_sigma=first_sigma,
+        )
     else:  # low precision in its own dtype: the directions' samples join each row's noise
+        assert evaluated is not None  # the adaptive singles run without directions
         dense = differences(evaluated, f0, offsets, ctx.numeric_machine_eps, x_scale, directions=directions)
         diff = Differences(*(t[rows_of, groups_of] for t in dense.parts()))
         del dense
     del evaluated, nodes
-    known_at = torch.searchsorted(keys, known_key)
-    is_known = torch.zeros(keys.numel(), dtype=torch.bool, device=device)
-    is_known[known_at] = True
-    column_of = torch.full((keys.numel(),), -1, dtype=torch.long, device=device)
-    column_of[known_at] = pc[order]
-    is_moved = torch.zeros(keys.numel(), dtype=torch.bool, device=device)
-    is_moved[torch.searchsorted(keys, moved_key)] = True
+    is_known, column_of, is_moved = listing.is_known, listing.column_of, listing.is_moved
 
     verdicts = []
     for rows, acc, tol in accumulators:
@@ -293,7 +307,10 @@ def _check_groups(
         analytic = jac_t[j_known, r_abs]
         verdict = _flat(judge(analytic.unsqueeze(0), _as_row(element), tol, elements=True))
         if not singletons:
-            failed_groups[g_known[verdict.failed | verdict.nonfinite]] = True
+            failing = verdict.failed | verdict.nonfinite
+            failed_groups[g_known[failing]] = True
+            if suspect is not None:
+                suspect[j_known[failing]] = True
         verdicts.append((acc, r_known, j_known, g_known, analytic, element, verdict))
 
         # Rows the analytic side says no column of the group reaches, yet the group moved.
@@ -323,72 +340,6 @@ def _check_groups(
     for _, acc, _ in accumulators:
         # Entries the analytic side and the grouped differences both put at zero count as checked.
         acc.checked += acc.output.size * n_passed - recorded.get(id(acc), 0)
-
-
-def _entry_differences(
-    nodes: torch.Tensor,
-    f0: torch.Tensor,
-    offsets: torch.Tensor,
-    rows: torch.Tensor,
-    groups: torch.Tensor,
-    x_scale: torch.Tensor,
-    machine_eps: float,
-) -> Differences:
-    """``differences`` of the listed (row, group) entries alone, one value per entry.
-
-    ``nodes`` are the outputs ``(3, k, M)`` at the nodes. A row's noise depends only on the
-    entries its groups moved (the others read exactly 0 and are left out of the median and
-    the floor), so listing every moved entry gives each row the noise the whole block gives it.
-    """
-    k, m, device = nodes.shape[1], f0.numel(), rows.device
-    fr = f0[rows]
-    d_minus = fr - nodes[0, groups, rows]  # f(x) - f(x - h)
-    d_plus = nodes[1, groups, rows] - fr
-    d_plus2 = nodes[2, groups, rows] - fr
-    t_minus, t_plus, t_plus2 = offsets[0], offsets[1], offsets[2]
-    w_minus, w_plus, w_plus2 = (w[groups] for w in _derivative_weights(t_minus, t_plus, t_plus2))
-    richardson = d_plus * w_plus
-    richardson.add_(d_minus * (-w_minus)).add_(d_plus2 * w_plus2)
-    inv_span = (1.0 / (t_plus - t_minus))[groups]
-    truncation = d_plus * (w_plus - inv_span)
-    truncation.add_(d_minus * (-w_minus - inv_span)).add_(d_plus2 * w_plus2).abs_()
-    forward = d_plus / t_plus[groups]
-    backward = d_minus / (-t_minus[groups])
-    one_sided = (d_plus2 / t_plus2[groups]).sub_(forward).abs_()
-
-    # The median of R - D over the sampled groups that moved the row, as _median_noise takes it.
-    h = offsets[1]
-    picked = noise_sample(k).to(rows.device)
-    median: torch.Tensor | None = None
-    if picked.numel():
-        slot = torch.full((k,), -1, dtype=torch.long, device=device)
-        slot[picked] = torch.arange(picked.numel(), device=device)
-        moved = (d_plus != 0) | (d_minus != 0) | (d_plus2 != 0)
-        sampled = ((slot[groups] >= 0) & moved).nonzero().squeeze(1)
-        s_rows = rows[sampled]
-        count = torch.zeros(m, dtype=torch.long, device=device).index_add_(0, s_rows, torch.ones_like(s_rows))
-        median = torch.zeros(m, dtype=torch.float64, device=device)
-        busy = (count >= _MIN_NOISE_SAMPLES).nonzero().squeeze(1)
-        if busy.numel():
-            rank = torch.full((m,), -1, dtype=torch.long, device=device)
-            rank[busy] = torch.arange(busy.numel(), device=device)
-            take = sampled[rank[s_rows] >= 0]
-            sample = truncation[take] * h[groups[take]]
-            table = torch.full((busy.numel(), picked.numel()), torch.nan, dtype=torch.float64, device=device)
-            table[rank[rows[take]], slot[groups[take]]] = torch.where(
-                torch.isfinite(sample), sample, torch.nan
-            )
-            median[busy] = torch.nan_to_num(table.nanmedian(dim=1).values, nan=0.0) / 0.502
-    # The floor of row_noise: a few ulps of f(x) and of the terms |J_ij| |x_j| of the row.
-    terms = torch.zeros(m, dtype=torch.float64, device=device).index_add_(
-        0, rows, richardson.abs() * x_scale[groups]
-    )
-    terms = torch.nan_to_num(terms, nan=0.0, posinf=0.0)
-    floor = _FLOOR_ULPS * machine_eps * (torch.nan_to_num(f0.abs(), nan=0.0, posinf=0.0) + terms)
-    sigma = (floor if median is None else torch.maximum(median, floor))[rows]
-    bar = truncation.add_(sigma * _noise_gain(t_minus, t_plus, t_plus2)[groups])
-    one_sided_bar = one_sided.add_(sigma * (1.5 * (2**0.5) / h)[groups])
-    return Differences(richardson, bar, forward, backward, one_sided_bar)
 
 
 def _flat(v: Judgement) -> Judgement:

@@ -205,12 +205,16 @@ class ClearTest:
     half: torch.Tensor  # half the tolerance, the noise part of the Richardson bar standing for the bar
     spread: torch.Tensor  # |D+ - D-|
     bars: float
+    floor: float = 0.0  # the part of ``half`` every element has: half of atol and slack
 
     def verdict(self) -> Judgement:
         """The verdict of a block every element of which passed clearly, against D with the bars
         of ``Central.reported``: what ``judge`` gives there, without its passes over the block."""
         tolerance = self.half.mul_(2).add_(self.spread, alpha=self.bars * SMOOTH_SPREAD / 6)
-        ratio = torch.div(self.error, tolerance).masked_fill_(self.error == 0, 0.0)
+        ratio = torch.div(self.error, tolerance)
+        if not self.floor > 0:
+            # A zero tolerance is possible only without a floor: 0 / 0 reads 0 there.
+            ratio.masked_fill_(self.error == 0, 0.0)
         nothing = torch.zeros_like(self.clear)
         return Judgement(tolerance, self.error, ratio, nothing, nothing, nothing, clean=True)
 
@@ -235,11 +239,7 @@ def clear_passes(
     if tol.atol is not None:
         atol = tol.atol
     else:
-        atol = (
-            tol.atol_factor * float(torch.linalg.vector_norm(value, ord=float("inf")))
-            if value.numel()
-            else 0.0
-        )
+        atol = tol.atol_factor * _largest_magnitude(value) if value.numel() else 0.0
     if not math.isfinite(atol):
         atol = float("nan")  # a non-finite D in the block: nothing is clear
     half = first.magnitude.mul(tol.rtol / 2)
@@ -248,7 +248,18 @@ def clear_passes(
         half.add_(extra.nan_to_num(nan=0.0, posinf=0.0), alpha=0.5)
     error = torch.sub(analytic, value).abs_()
     clear = (error <= half).logical_and_(first.smooth)
-    return ClearTest(clear, error, half, first.spread, tol.bars)
+    return ClearTest(clear, error, half, first.spread, tol.bars, (atol + tol.slack) / 2)
+
+
+def _largest_magnitude(values: torch.Tensor) -> float:
+    """max |v| (NaN when some v is NaN), from one min-max pass in memory order, no |v| copy."""
+    if values.dim() == 2 and not values.is_contiguous() and values.T.is_contiguous():
+        values = values.T
+    low, high = torch.aminmax(values)
+    low_f, high_f = float(low), float(high)
+    if math.isnan(low_f) or math.isnan(high_f):
+        return math.nan
+    return max(-low_f, high_f)
 
 
 def merge_wide(
@@ -411,7 +422,11 @@ class PairAccumulator:
         self.max_abs = max(self.max_abs, _largest(error))
         # Relative error only where it means something: a numeric value of exactly 0 has none
         # (error / 0 is inf or NaN there, masked; error 0 over a non-zero value is 0 already).
-        largest_rel = _largest(torch.div(error, numeric.abs()).masked_fill_(numeric == 0, 0.0))
+        # |e / n| is e / |n| bit for bit; a finite largest value means no n is 0 (e / 0 is inf
+        # or NaN), so the mask is needed only when it is not.
+        largest_rel = _largest(torch.div(error, numeric).abs_())
+        if not math.isfinite(largest_rel):
+            largest_rel = _largest(torch.div(error, numeric.abs()).masked_fill_(numeric == 0, 0.0))
         if math.isnan(largest_rel):  # a non-finite numeric value, whose error reads 0
             rel = torch.where((error == 0) | (numeric == 0), 0.0, error / numeric.abs())
             largest_rel = _largest(rel)

@@ -47,7 +47,8 @@ __all__ = ["DENSE_ENTRIES", "run_full"]
 _ADAPTIVE_COLUMNS = 256  # column chunks from this size take the third node only where in doubt
 
 DENSE_ENTRIES = 1 << 25  # analytic Jacobians up to this many entries are held densely (256 MiB)
-_RERUN_ROWS = 512  # rows the nondeterminism re-run of the backward covers, at least (or all)
+_RERUN_ROWS = 256  # rows the nondeterminism re-run of the backward covers, at least (or all)
+_RERUN_SHARE = 16  # ... or this fraction of the rows, when that is more
 
 Pair = tuple[int, int]  # (output block index, leaf index)
 
@@ -210,7 +211,11 @@ def _row_chunks(ctx: Context, selection: _Selection) -> list[torch.Tensor]:
     per_chunk = ctx.rows_per_backward(n_total, rows.numel())
     # The nondeterminism check runs the first batch again: on a large Jacobian, a first batch of
     # a fraction of the rows keeps that re-run from nearly doubling the analytic side.
-    head = per_chunk if rows.numel() <= _RERUN_ROWS else min(per_chunk, max(_RERUN_ROWS, rows.numel() // 8))
+    head = (
+        per_chunk
+        if rows.numel() <= _RERUN_ROWS
+        else min(per_chunk, max(_RERUN_ROWS, rows.numel() // _RERUN_SHARE))
+    )
     bounds = [0, *range(head, rows.numel(), per_chunk), rows.numel()]
     return [rows[a:b].to(ctx.f0.device) for a, b in itertools.pairwise(bounds)]
 
@@ -225,9 +230,11 @@ def _dense_rows(
     """
     problem = ctx.problem
     m = problem.n_outputs
-    jac = {
-        i: torch.zeros(problem.leaves[i].size, m, dtype=torch.float64, device=ctx.f0.device) for i in leaves
-    }
+    # Rows of outputs left out of the selection stay zero; when the chunks cover every row, each
+    # entry is written below and the fill would be one more pass over the largest tensor.
+    covered = sum(chunk.numel() for chunk in chunks) == m
+    make = torch.empty if covered else torch.zeros
+    jac = {i: make(problem.leaves[i].size, m, dtype=torch.float64, device=ctx.f0.device) for i in leaves}
     for chunk in chunks:
         ctx.poll()
         grads = analytic.rows(onehot(chunk, m))
@@ -364,10 +371,14 @@ def _judge_columns(
     # functions that is a tiny fraction of the block.
     t0 = time.perf_counter()
     f0 = ctx.numeric_f0
-    active = (evaluated != f0).any(dim=0) | (columns.reverse != 0).any(dim=0) | ~torch.isfinite(f0)
+    active = (columns.reverse != 0).any(dim=0) | ~torch.isfinite(f0)
     for extra in (columns.forward, columns.wide):
         if extra is not None:
             active |= (extra != 0).any(dim=0)
+    if not bool(active.all()):
+        # The evaluated block is the largest of all: read only when some row is still idle
+        # (a dense Jacobian's analytic columns mark every row already).
+        active |= (evaluated != f0).any(dim=0)
     x_scale = torch.maximum(base[cols].detach().abs().to(torch.float64), h)
     rows = _Rows.of(active)
 

@@ -283,7 +283,7 @@ def test_failures_come_before_kinks_in_the_worst_elements():
 def test_entry_differences_equal_the_dense_block_at_every_listed_entry(density):
     # Groups difference only the entries they moved (and those the pattern names); each row's
     # noise, median and floor, comes from its moved entries alone, as in the dense block.
-    from gradcheck_svc.engine.colouring import _entry_differences
+    from gradcheck_svc.engine.entries import Nodes, entry_differences
     from gradcheck_svc.engine.numeric import differences
 
     g = torch.Generator().manual_seed(5)
@@ -303,6 +303,104 @@ def test_entry_differences_equal_the_dense_block_at_every_listed_entry(density):
     rows, groups = torch.cat([moved_r, extra_r]), torch.cat([moved_g, extra_g])
     keys = torch.unique(rows * k + groups)
     rows, groups = keys // k, keys % k
-    sparse = _entry_differences(nodes, f0, offsets, rows, groups, x_scale, eps)
+    three = Nodes(nodes[:2], nodes[2], torch.arange(k), f0)
+    sparse = entry_differences(three, f0, offsets, rows, groups, x_scale, eps)
     for mine, theirs in zip(sparse.parts(), dense.parts(), strict=True):
         torch.testing.assert_close(mine, theirs[rows, groups], rtol=1e-14, atol=0.0)
+
+
+class OneWrongElement(torch.autograd.Function):
+    """relu(x) + tanh(x) with a backward wrong at element 7 alone (a wrong diagonal element)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.relu(x) + torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        grad = g * ((x > 0).to(g.dtype) + 1 - torch.tanh(x) ** 2)
+        grad[7] = grad[7] * 1.5
+        return grad
+
+
+def _one_wrong_input(n: int) -> torch.Tensor:
+    x = torch.randn(n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x[100:110] = 0.0  # relu's kinks: never clear on the central difference, so they take x + 2h
+    return x
+
+
+def _perturbed_rows(monkeypatch) -> list[int]:
+    from gradcheck_svc.engine import entries
+
+    rows: list[int] = []
+    real = colouring.perturb
+
+    def counted(base, parts):
+        batch = real(base, parts)
+        rows.append(batch.shape[0])
+        return batch
+
+    monkeypatch.setattr(colouring, "perturb", counted)
+    monkeypatch.setattr(entries, "perturb", counted)
+    return rows
+
+
+def _elements(pair: gc.PairReport) -> list[tuple]:
+    return sorted(
+        (tuple(e.output_index), tuple(e.input_index), e.kink, e.analytic, e.numeric, e.error_bar)
+        for e in pair.worst
+    )
+
+
+def test_rechecked_columns_take_the_third_node_only_where_in_doubt(monkeypatch):
+    # One wrong element fails its group: every column of the group is re-checked on its own,
+    # and only the doubtful ones (the wrong one, the kinks) take x + 2h besides the noise sample.
+    n = 3000
+    x = _one_wrong_input(n)
+    rows = _perturbed_rows(monkeypatch)
+    adaptive = gc.check(OneWrongElement.apply, x, mode="full", max_worst=50).pairs[0]
+    adaptive_rows = sum(rows)
+    rows.clear()
+    monkeypatch.setattr(colouring, "_ADAPTIVE_SINGLES", n + 1)
+    every = gc.check(OneWrongElement.apply, x, mode="full", max_worst=50).pairs[0]
+    assert adaptive_rows < 0.8 * sum(rows)  # about 2.2 nodes a column instead of 3
+    assert (adaptive.status, adaptive.elements_failed, adaptive.kinks, adaptive.elements_checked) == (
+        every.status,
+        every.elements_failed,
+        every.kinks,
+        every.elements_checked,
+    )
+    assert adaptive.elements_failed == 1 and adaptive.kinks == 10
+    # The failing element and every kink: their values and error bars as with x + 2h everywhere.
+    assert _elements(adaptive) == _elements(every)
+    failing = [e for e in adaptive.worst if not e.kink]
+    assert [(e.output_index, e.input_index) for e in failing] == [([7], [7])]
+    assert failing[0].tolerance == pytest.approx(every.worst[0].tolerance, rel=1e-9)
+
+
+def test_a_backward_wrong_everywhere_rechecks_with_three_nodes_at_once(monkeypatch):
+    # Every column fails: the groups' failing entries foretell it, and one evaluation per chunk
+    # of columns takes all three nodes (no first pass to pay for twice).
+    n = 600
+    x = torch.randn(n, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    rows = _perturbed_rows(monkeypatch)
+    report = gc.check(WrongEverywhere.apply, x)
+    assert not report.ok and report.pairs[0].elements_failed == n
+    assert rows == [3 * n]  # the columns' batches (the groups' own is built apart): one, 3 nodes
+
+
+class WrongEverywhere(torch.autograd.Function):
+    """tanh with its derivative doubled."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return 2 * g * (1 - y * y)

@@ -386,3 +386,38 @@ def test_a_failing_nondeterministic_backward_is_reported_as_by_the_exact_path(no
     report = gc.check(NoisyWrong.apply, x)
     exact = _exact(NoisyWrong.apply, x, monkeypatch=monkeypatch)
     assert report.pairs[0].status == exact.pairs[0].status == gc.Status.NONDETERMINISTIC
+
+
+class RowWiseOneWrong(torch.autograd.Function):
+    """Row-wise softmax whose backward is wrong in one row alone: its group fails, and the
+    columns it re-checks mostly pass on the central difference (no third node there)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.softmax(x, -1)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        grad = y * (g - (g * y).sum(-1, keepdim=True))
+        grad[3] = grad[3] * 1.01
+        return grad
+
+
+def test_a_wrong_row_among_many_reports_as_the_exact_path(monkeypatch):
+    # Located elements, values, error bars and tolerances as with the structure path off.
+    from gradcheck_svc.engine import colouring
+
+    x = torch.randn(60, 12, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    calls: list[int] = []
+    real = colouring.adaptive_singles
+    monkeypatch.setattr(colouring, "adaptive_singles", lambda *a, **k: calls.append(1) or real(*a, **k))
+    report = gc.check(RowWiseOneWrong.apply, x, mode="full", max_worst=100)
+    assert calls  # the columns of the failing groups were re-checked with x + 2h where in doubt
+    exact = _exact(RowWiseOneWrong.apply, x, mode="full", max_worst=100, monkeypatch=monkeypatch)
+    assert not report.ok and _structured(report)
+    assert _located(report) == _located(exact)
+    (pair,) = report.pairs
+    assert {e.output_index[0] for e in pair.worst} == {3}
