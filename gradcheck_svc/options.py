@@ -57,6 +57,9 @@ class CheckOptions(BaseModel):
     )
 
 
+_DEFAULTS = CheckOptions()  # frozen: every check without options shares it
+
+
 def resolve_options(base: CheckOptions | None = None, /, **overrides: Any) -> CheckOptions:
     """Validate keyword options into a ``CheckOptions``; unknown names raise InvalidOptionError."""
     if "params" in overrides:
@@ -66,7 +69,7 @@ def resolve_options(base: CheckOptions | None = None, /, **overrides: Any) -> Ch
         )
     try:
         if base is None:
-            return CheckOptions(**overrides)
+            return CheckOptions(**overrides) if overrides else _DEFAULTS
         return (
             base.model_copy(update={})
             if not overrides

@@ -34,6 +34,13 @@ def func_vjp(fn: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[..., 
     return cast(tuple[Any, Callable[..., tuple[torch.Tensor, ...]]], torch.func.vjp(fn, *primals))
 
 
+def _float64_values(g: torch.Tensor) -> torch.Tensor:
+    """``g.detach().to(torch.float64)``, without the two ops where ``g`` is that already."""
+    if g.requires_grad or g.dtype != torch.float64:
+        return g.detach().to(torch.float64)
+    return g
+
+
 class Analytic:
     """Autograd side of a check for one problem (one evaluation point)."""
 
@@ -135,7 +142,7 @@ class Analytic:
                     "batching rule); the backward is run one row at a time"
                 )
                 result = loop()
-        return [g.detach().to(torch.float64) for g in result]
+        return [_float64_values(g) for g in result]
 
     def _batching_agrees(self, cotangents: torch.Tensor, batched: list[torch.Tensor]) -> bool:
         """Recompute a few rows with plain autograd, the backward training runs, and compare.

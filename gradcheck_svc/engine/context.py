@@ -138,6 +138,30 @@ class Context:
         self.numeric_repeats.append(evaluated[-1])
         return evaluated[:-1]
 
+    def evaluate_values(self, index: int, rows: list[list[float]], columns: int) -> list[list[float]] | None:
+        """``evaluate`` of a few perturbed copies of leaf ``index`` given as Python floats, their
+        outputs as lists: the same plain calls ``evaluate`` makes for so few rows (the point itself
+        among them on the first batch), without a batch tensor to build, stack and split. None
+        where ``evaluate`` would not call fn row by row."""
+        base = not self.numeric_repeats
+        leaf = self.numeric_problem.leaves[index]
+        if (
+            leaf.is_complex
+            or len(rows) + base > PLAIN_ROWS
+            or not (self._plain_calls or (self._eval_bytes is None and not self._external))
+        ):
+            return None
+        if self.progress is not None:
+            self.progress.advance(columns)
+        # A fresh tensor per call, as ``Evaluator.plain_batch`` passes.
+        copies = [leaf.fresh(row) for row in rows]
+        if base:
+            copies.append(leaf.as_called.clone())
+        outputs = self.evaluator.plain_outputs(index, copies)
+        if base:
+            self.numeric_repeats.append(outputs.pop())
+        return [out.tolist() for out in outputs]
+
     @property
     def eval_bytes(self) -> int:
         """Peak bytes of one evaluation of fn, measured once: every perturbed copy in a batch

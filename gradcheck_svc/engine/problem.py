@@ -51,7 +51,8 @@ def _flat_real(t: torch.Tensor) -> torch.Tensor:
     """
     if t.is_complex():
         t = torch.stack((t.real, t.imag), dim=-1)
-    return t.reshape(-1).to(torch.float64)
+    flat = t if t.dim() == 1 else t.reshape(-1)
+    return flat if flat.dtype == torch.float64 else flat.to(torch.float64)
 
 
 @dataclass
@@ -84,8 +85,9 @@ class Leaf:
             return torch.view_as_real(self.value.contiguous()).reshape(-1)
         return self.value.reshape(-1)
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
+        """Elements of ``real`` (the value is fixed: asked often, counted once)."""
         return self.value.numel() * (2 if self.is_complex else 1)
 
     @functools.cached_property
@@ -109,6 +111,20 @@ class Leaf:
             index, part = flat_index(position, self.shape, self.is_complex)
             shown.append((index, part, float(self.real[position])))
         return shown, bad.numel()
+
+    @functools.cached_property
+    def as_called(self) -> torch.Tensor:
+        """The leaf in its own shape as ``Problem.flat`` passes it unperturbed (made once)."""
+        return self.from_real(self.real)
+
+    def fresh(self, values: list[float]) -> torch.Tensor:
+        """A new tensor of a real leaf's shape holding ``values`` (its flat real elements): what
+        ``from_real`` makes of a fresh row, without the row."""
+        real = self.real
+        if not self.shape:
+            return torch.tensor(values[0], dtype=real.dtype, device=real.device)
+        made = torch.tensor(values, dtype=real.dtype, device=real.device)
+        return made if len(self.shape) == 1 else made.reshape(self.shape)
 
     def from_real(self, flat: torch.Tensor) -> torch.Tensor:
         """Inverse of ``real``; differentiable and vmap-friendly."""
@@ -197,12 +213,19 @@ class Problem:
 
     def flatten_output(self, out: Any) -> torch.Tensor:
         """The checked output tensors of one call as one flat float64 vector."""
+        if self.kept_outputs is None and isinstance(out, torch.Tensor) and _differentiable(out):
+            return _flat_real(out)  # one tensor: no tree to walk, nothing to join
         found = [out] if isinstance(out, torch.Tensor) else pytree.tree_leaves(out)
         tensors = [t for t in found if _differentiable(t)]
         if self.kept_outputs is not None:
             tensors = [t for t, kept in zip(tensors, self.kept_outputs, strict=True) if kept]
         parts = [_flat_real(t) for t in tensors]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def call_replaced(self, index: int, value: torch.Tensor) -> torch.Tensor:
+        """``flat_replace`` with leaf ``index`` given in its own shape: the flat outputs."""
+        values = [value if k == index else leaf.as_called for k, leaf in enumerate(self.leaves)]
+        return self.flatten_output(self.call(values))
 
     def flat_replace(self, index: int, value: torch.Tensor) -> torch.Tensor:
         """``flat`` with only leaf ``index`` replaced by a real vector (for vmap over one leaf)."""

@@ -168,8 +168,10 @@ def _evaluate_leaf(ctx: Context, i: int) -> tuple[int, list[list[float]], list[l
             row = list(x)
             row[j] = x[j] + node * h[j]
             rows.append(row)
-    batch = torch.tensor(rows, dtype=torch.float64, device=leaf.real.device)
-    evaluated = ctx.evaluate(i, batch, columns=c).tolist()
+    evaluated = ctx.evaluate_values(i, rows, columns=c)
+    if evaluated is None:
+        batch = torch.tensor(rows, dtype=torch.float64, device=leaf.real.device)
+        evaluated = ctx.evaluate(i, batch, columns=c).tolist()
     ctx.timed("numeric_s", start)
     x_scale = [max(abs(v), step) for v, step in zip(x, h, strict=True)]
     return c, evaluated, offsets, x_scale
