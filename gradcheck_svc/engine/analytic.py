@@ -41,6 +41,11 @@ def _float64_values(g: torch.Tensor) -> torch.Tensor:
     return g
 
 
+def _values(g: torch.Tensor) -> list[float]:
+    """A flat gradient's elements; autograd may return a zero tensor without storage to read."""
+    return [0.0] * g.numel() if g._is_zerotensor() else g.tolist()
+
+
 class Analytic:
     """Autograd side of a check for one problem (one evaluation point)."""
 
@@ -143,6 +148,34 @@ class Analytic:
                 )
                 result = loop()
         return [_float64_values(g) for g in result]
+
+    def few_rows(self, m: int) -> list[list[list[float]]] | None:
+        """``rows`` of the identity's ``m`` rows as Python floats, ``(n_i, m)`` per leaf (the
+        transposed Jacobian), for a float64 problem of a handful of rows: the plain backward calls
+        ``rows`` makes there, without tensors to stack and read back. None where ``rows`` would
+        batch them (or the leaves are not float64)."""
+        reals_dtypes = {leaf.real_dtype for leaf in self.problem.leaves}
+        if (
+            m > _FEW_ROWS
+            or reals_dtypes != {torch.float64}
+            or ("func" not in self._paths and self._paths != ["loop"])
+        ):
+            return None
+        try:
+            y, reals = self._autograd_graph()
+            eye = torch.eye(m, dtype=torch.float64, device=y.device)
+            onehot = eye.unbind() if m > 1 else [torch.ones(1, dtype=torch.float64, device=y.device)]
+            per_row = [self._grads(y, reals, c, batched=False) for c in onehot]
+        except (CheckError, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as exc:  # as ``_run`` words the loop's failure
+            raise FunctionRaisedError(
+                f"backward raised while computing reverse-mode rows: {_describe(exc)}"
+            ) from exc
+        values = [[_values(g) for g in row] for row in per_row]  # [row][leaf] -> (n_i,)
+        return [
+            [[values[r][i][j] for r in range(m)] for j in range(len(values[0][i]))] for i in range(len(reals))
+        ]
 
     def _batching_agrees(self, cotangents: torch.Tensor, batched: list[torch.Tensor]) -> bool:
         """Recompute a few rows with plain autograd, the backward training runs, and compare.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -200,12 +201,12 @@ class Context:
         """The relative step for ``leaf`` (a leaf of the numeric problem: its dtype sets the step)."""
         return self.options.eps if self.options.eps is not None else defaults_for(leaf.dtype).eps
 
-    @property
+    @functools.cached_property
     def machine_eps(self) -> float:
         """Unit roundoff of the user's outputs: the precision the analytic side works in."""
         return defaults_for(*(o.dtype for o in self.problem.outputs)).machine_eps
 
-    @property
+    @functools.cached_property
     def numeric_machine_eps(self) -> float:
         """Unit roundoff of the numeric side's outputs."""
         return defaults_for(*(o.dtype for o in self.numeric_problem.outputs)).machine_eps

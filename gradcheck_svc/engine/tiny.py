@@ -105,9 +105,7 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
     if ctx.rows_per_backward(n, m) < m:
         return None
     ctx.poll()
-    cotangents = torch.eye(m, dtype=torch.float64, device=ctx.f0.device)  # probes.onehot of every row
-    grads = ctx.analytic.rows(cotangents)
-    jac_t = [g.T.tolist() for g in grads]  # per leaf, (n_i, M)
+    jac_t = _transposed_jacobian(ctx, m)  # per leaf, (n_i, M)
     f0 = ctx.numeric_f0.tolist()
     f0_finite = all(math.isfinite(v) for v in f0)
     if not all(
@@ -116,8 +114,8 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
         return None
     nondeterminism: list[float | None] = [None] * len(problem.leaves)
     if options.check_nondeterminism:
-        again = ctx.analytic.rows(cotangents)
-        nondeterminism = [largest_change(g, a) for g, a in zip(grads, again, strict=True)]
+        again = _transposed_jacobian(ctx, m)
+        nondeterminism = [_largest_change(j, a) for j, a in zip(jac_t, again, strict=True)]
     ctx.timed("analytic_s", start)
 
     reports: list[PairReport] = []
@@ -147,6 +145,22 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
             reports.append(pair.report(nondeterminism[i], options.nondet_tol))
         ctx.timed("compare_s", start)
     return reports
+
+
+def _transposed_jacobian(ctx: Context, m: int) -> list[list[list[float]]]:
+    """The backward of every output row (``probes.onehot`` of each), ``(n_i, M)`` lists per leaf."""
+    few = ctx.analytic.few_rows(m)
+    if few is not None:
+        return few
+    cotangents = torch.eye(m, dtype=torch.float64, device=ctx.f0.device)
+    return [g.T.tolist() for g in ctx.analytic.rows(cotangents)]
+
+
+def _largest_change(first: list[list[float]], again: list[list[float]]) -> float:
+    """``agreement.largest_change`` of two backward runs, on their lists."""
+    if first == again:  # equal lists hold no NaN (NaN never compares equal)
+        return 0.0
+    return largest_change(torch.tensor(first, dtype=torch.float64), torch.tensor(again, dtype=torch.float64))
 
 
 def _evaluate_leaf(ctx: Context, i: int) -> tuple[int, list[list[float]], list[list[float]], list[float]]:
