@@ -56,6 +56,7 @@ class Analytic:
         self._batching_verified = False
         self._vjp_fn: Callable[..., tuple[torch.Tensor, ...]] | None = None
         self._graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        self._onehot: list[torch.Tensor] = []  # cotangents of ``few_rows``
         # fn's value from each forward the analytic side ran: a free second evaluation at the
         # point, compared with the first to detect a nondeterministic forward.
         self.forward_values: list[torch.Tensor] = []
@@ -154,18 +155,18 @@ class Analytic:
         transposed Jacobian), for a float64 problem of a handful of rows: the plain backward calls
         ``rows`` makes there, without tensors to stack and read back. None where ``rows`` would
         batch them (or the leaves are not float64)."""
-        reals_dtypes = {leaf.real_dtype for leaf in self.problem.leaves}
         if (
             m > _FEW_ROWS
-            or reals_dtypes != {torch.float64}
             or ("func" not in self._paths and self._paths != ["loop"])
+            or any(leaf.real_dtype != torch.float64 for leaf in self.problem.leaves)
         ):
             return None
         try:
             y, reals = self._autograd_graph()
-            eye = torch.eye(m, dtype=torch.float64, device=y.device)
-            onehot = eye.unbind() if m > 1 else [torch.ones(1, dtype=torch.float64, device=y.device)]
-            per_row = [self._grads(y, reals, c, batched=False) for c in onehot]
+            if len(self._onehot) != m:  # the rows of the identity, made once per check
+                eye = torch.eye(m, dtype=torch.float64, device=y.device)
+                self._onehot = list(eye.unbind()) if m > 1 else [eye.reshape(1)]
+            per_row = [self._grads(y, reals, c, batched=False) for c in self._onehot]
         except (CheckError, torch.cuda.OutOfMemoryError):
             raise
         except Exception as exc:  # as ``_run`` words the loop's failure
@@ -173,9 +174,9 @@ class Analytic:
                 f"backward raised while computing reverse-mode rows: {_describe(exc)}"
             ) from exc
         values = [[_values(g) for g in row] for row in per_row]  # [row][leaf] -> (n_i,)
-        return [
-            [[values[r][i][j] for r in range(m)] for j in range(len(values[0][i]))] for i in range(len(reals))
-        ]
+        if m == 1:
+            return [[[v] for v in leaf] for leaf in values[0]]
+        return [[list(column) for column in zip(*leaf, strict=True)] for leaf in zip(*values, strict=True)]
 
     def _batching_agrees(self, cotangents: torch.Tensor, batched: list[torch.Tensor]) -> bool:
         """Recompute a few rows with plain autograd, the backward training runs, and compare.
