@@ -186,8 +186,9 @@ class Problem:
     # rebuilt without the pytree (a check calls fn a few times; each unflatten costs a dozen us).
     flat_arguments: bool = False
 
-    @property
+    @functools.cached_property
     def n_inputs(self) -> int:
+        """Input elements in all (the leaves are fixed once the problem is built)."""
         return sum(leaf.size for leaf in self.leaves)
 
     @property
