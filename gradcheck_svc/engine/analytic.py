@@ -41,6 +41,12 @@ def _float64_values(g: torch.Tensor) -> torch.Tensor:
     return g
 
 
+def _flat(g: torch.Tensor, batch: tuple[int, ...]) -> torch.Tensor:
+    """A gradient as ``(*batch, n)``: one with respect to a leaf in its own shape (the first
+    call's graph inputs) comes in that shape."""
+    return g if g.dim() == len(batch) + 1 else g.reshape(*batch, -1)
+
+
 def _values(g: torch.Tensor) -> list[float]:
     """A flat gradient's elements; autograd may return a zero tensor without storage to read."""
     return [0.0] * g.numel() if g._is_zerotensor() else g.tolist()
@@ -94,7 +100,7 @@ class Analytic:
         )
         shape = (cotangent.shape[0],) if batched else ()
         return [
-            torch.zeros(*shape, r.numel(), dtype=r.dtype, device=r.device) if g is None else g
+            torch.zeros(*shape, r.numel(), dtype=r.dtype, device=r.device) if g is None else _flat(g, shape)
             for g, r in zip(grads, reals, strict=True)
         ]
 
@@ -232,6 +238,7 @@ class Analytic:
                 (g,) = torch.autograd.grad(y, [reals[index]], probe, create_graph=True, allow_unused=True)
             if g is None:
                 return torch.zeros(directions.shape[0], m, dtype=torch.float64, device=y.device)
+            g = _flat(g, ())
             if not g.requires_grad:
                 raise BackwardNotDifferentiableError(
                     "the backward of fn is not differentiable (it detaches or leaves autograd), so the "

@@ -112,6 +112,14 @@ class Leaf:
             shown.append((index, part, float(self.real[position])))
         return shown, bad.numel()
 
+    def graph_input(self) -> torch.Tensor:
+        """A fresh copy to differentiate with respect to: a real leaf in its own shape, so that no
+        view separates it from fn in the graph (the backward of a view costs as much as a small
+        op's); a complex leaf as its flat real view (fn gets ``from_real`` of it)."""
+        if self.is_complex:
+            return self.real.detach().clone().requires_grad_(True)
+        return self.value.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
+
     @functools.cached_property
     def as_called(self) -> torch.Tensor:
         """The leaf in its own shape as ``Problem.flat`` passes it unperturbed (made once)."""
@@ -176,7 +184,8 @@ class Problem:
     _template: list[Any] = field(default_factory=list)
     _slots: list[int] = field(default_factory=list)
     _kwargs: dict[str, Any] = field(default_factory=dict)
-    # (flat output, real leaves) of the first call, made with autograd on; None for derived problems.
+    # (flat output, graph inputs) of the first call, made with autograd on (a real leaf's input in
+    # its own shape, a complex one's flat: see ``Leaf.graph_input``); None for derived problems.
     first_call: tuple[torch.Tensor, list[torch.Tensor]] | None = None
     # Per floating/complex output tensor, whether it is checked: outputs autograd marks
     # non-differentiable are not (None: all are). Names of the skipped ones, for the report.
@@ -443,10 +452,15 @@ def build_problem(
         and all(len(path) == 2 for path, _ in paths)
     )
     # The first call runs with autograd on: its graph serves the analytic side, its value is f(x).
-    reals = [leaf.real.detach().clone().requires_grad_(True) for leaf in leaves]
+    reals = [leaf.graph_input() for leaf in leaves]
     with torch.enable_grad():
         try:
-            out = problem.call([leaf.from_real(r) for leaf, r in zip(leaves, reals, strict=True)])
+            out = problem.call(
+                [
+                    leaf.from_real(r) if leaf.is_complex else r
+                    for leaf, r in zip(leaves, reals, strict=True)
+                ]
+            )
         except Exception as exc:  # the user's function: any exception is theirs to see
             raise FunctionRaisedError(
                 f"fn raised at the evaluation point: {type(exc).__name__}: {exc}"
