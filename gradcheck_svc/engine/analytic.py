@@ -67,10 +67,13 @@ class Analytic:
         # point, compared with the first to detect a nondeterministic forward.
         self.forward_values: list[torch.Tensor] = []
 
-    def adopt_graph(self, y: torch.Tensor, reals: list[torch.Tensor]) -> None:
-        """Reuse the graph of a forward already made with autograd on (the check's first call)."""
+    def adopt_graph(
+        self, y: torch.Tensor, reals: list[torch.Tensor], root: torch.Tensor | None = None
+    ) -> None:
+        """Reuse the graph of a forward already made with autograd on (the check's first call):
+        ``y`` flat, or its ``root`` when that is fn's lone output in its own shape."""
         if y.requires_grad:
-            self._graph = (y, reals)
+            self._graph = (y if root is None else root, reals)
 
     # ------------------------------------------------------------------ helpers
     def _func_vjp(self) -> Callable[..., tuple[torch.Tensor, ...]]:
@@ -95,10 +98,12 @@ class Analytic:
     def _grads(
         self, y: torch.Tensor, reals: list[torch.Tensor], cotangent: torch.Tensor, batched: bool
     ) -> list[torch.Tensor]:
+        shape = (cotangent.shape[0],) if batched else ()
+        if y.dim() != 1:  # a root in fn's own output shape
+            cotangent = cotangent.reshape((*shape, *y.shape))
         grads = torch.autograd.grad(
             y, reals, cotangent, retain_graph=True, allow_unused=True, is_grads_batched=batched
         )
-        shape = (cotangent.shape[0],) if batched else ()
         return [
             torch.zeros(*shape, r.numel(), dtype=r.dtype, device=r.device) if g is None else _flat(g, shape)
             for g, r in zip(grads, reals, strict=True)
@@ -235,7 +240,8 @@ class Analytic:
             y, reals = self._autograd_graph()
             probe = torch.zeros(m, dtype=y.dtype, device=y.device, requires_grad=True)
             with torch.enable_grad():
-                (g,) = torch.autograd.grad(y, [reals[index]], probe, create_graph=True, allow_unused=True)
+                shaped = probe if y.dim() == 1 else probe.reshape(y.shape)
+                (g,) = torch.autograd.grad(y, [reals[index]], shaped, create_graph=True, allow_unused=True)
             if g is None:
                 return torch.zeros(directions.shape[0], m, dtype=torch.float64, device=y.device)
             g = _flat(g, ())

@@ -24,7 +24,13 @@ from gradcheck_svc.engine.taylor import run_taylor
 from gradcheck_svc.engine.threads import largest_batch, serial_if_small
 from gradcheck_svc.engine.tiny import run_tiny
 from gradcheck_svc.errors import GradientMismatch, InvalidOptionError, NotCallableError
-from gradcheck_svc.options import CallArguments, CheckOptions, call_arguments, resolve_options
+from gradcheck_svc.options import (
+    CallArguments,
+    CheckOptions,
+    call_arguments,
+    explicit_options,
+    resolve_options,
+)
 from gradcheck_svc.report import Report, Status
 
 __all__ = ["assert_grads", "check"]
@@ -215,8 +221,7 @@ def _progress_total(ctx: Context, opts: CheckOptions, mode: str) -> int:
 
 def _resolved_options(opts: CheckOptions, ctx: Context) -> dict[str, object]:
     """The options set, the relative finite-difference step each leaf used, and the reference."""
-    # Nothing set, nothing but defaults: the dump (a pydantic serialisation) would be empty.
-    resolved: dict[str, object] = opts.model_dump(exclude_defaults=True) if opts.model_fields_set else {}
+    resolved: dict[str, object] = explicit_options(opts)
     steps = [ctx.eps(leaf) for leaf in ctx.numeric_problem.leaves]
     resolved["eps"] = steps[0] if len(set(steps)) == 1 else steps
     resolved["reference"] = ctx.reference.name if ctx.reference is not None else ""

@@ -96,7 +96,7 @@ class Context:
             self.f0 = Evaluator(self.problem, self.notes.add).base()
         else:
             self.f0 = first[0].detach()
-            self.analytic.adopt_graph(*first)
+            self.analytic.adopt_graph(*first, self.problem.first_root)
         if self.reference is None:
             self.reference = Reference(self.problem, "", "")
         numeric = self.reference.problem
@@ -112,7 +112,7 @@ class Context:
             self.wide_analytic = Analytic(numeric, self.notes.add)
             if numeric.first_call is not None:
                 self.numeric_f0 = numeric.first_call[0].detach()
-                self.wide_analytic.adopt_graph(*numeric.first_call)
+                self.wide_analytic.adopt_graph(*numeric.first_call, numeric.first_root)
             else:
                 self.numeric_f0 = self.evaluator.base()
             self.forward_rounding = _relative_gap(self.f0, self.numeric_f0)

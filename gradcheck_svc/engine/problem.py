@@ -187,6 +187,9 @@ class Problem:
     # (flat output, graph inputs) of the first call, made with autograd on (a real leaf's input in
     # its own shape, a complex one's flat: see ``Leaf.graph_input``); None for derived problems.
     first_call: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+    # fn's lone float64 output of the first call in its own shape, where the flat output views it:
+    # the backward starts there, with no view node to run back through.
+    first_root: torch.Tensor | None = None
     # Per floating/complex output tensor, whether it is checked: outputs autograd marks
     # non-differentiable are not (None: all are). Names of the skipped ones, for the report.
     kept_outputs: list[bool] | None = None
@@ -456,10 +459,7 @@ def build_problem(
     with torch.enable_grad():
         try:
             out = problem.call(
-                [
-                    leaf.from_real(r) if leaf.is_complex else r
-                    for leaf, r in zip(leaves, reals, strict=True)
-                ]
+                [leaf.from_real(r) if leaf.is_complex else r for leaf, r in zip(leaves, reals, strict=True)]
             )
         except Exception as exc:  # the user's function: any exception is theirs to see
             raise FunctionRaisedError(
@@ -469,5 +469,13 @@ def build_problem(
             raise OutputTypeError(f"fn returned {type(out).__name__}, not a tensor")
         _select_outputs(problem, out)
         problem.outputs = _output_blocks(out, problem.kept_outputs)
-        problem.first_call = (problem.flatten_output(out), reals)
+        flat = problem.flatten_output(out)
+        problem.first_call = (flat, reals)
+        if (
+            flat is not out
+            and isinstance(out, torch.Tensor)
+            and out.dtype == torch.float64
+            and flat._base is out
+        ):
+            problem.first_root = out
     return problem, out
