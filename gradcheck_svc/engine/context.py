@@ -14,7 +14,8 @@ from gradcheck_svc.engine.compare import Tolerance
 from gradcheck_svc.engine.evaluate import Evaluator
 from gradcheck_svc.engine.external import ExternalFunction
 from gradcheck_svc.engine.guard import batch_bytes, batch_rows
-from gradcheck_svc.engine.numeric import NODES, defaults_for
+from gradcheck_svc.engine.numeric import NODES
+from gradcheck_svc.engine.numeric import defaults_for as _defaults_for
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, Problem
 from gradcheck_svc.engine.progress import Progress
 from gradcheck_svc.engine.reference import Reference
@@ -42,6 +43,10 @@ PLAIN_ELEMENTS = 512
 # Cotangents this few go through the backward without sizing: at most this many backward
 # passes' memory at once (the rows of a scalar or tiny output).
 _UNSIZED_ROWS = 4
+
+
+# The defaults of a few dtypes, asked several times by every check: frozen values, looked up once.
+defaults_for = functools.lru_cache(maxsize=64)(_defaults_for)
 
 
 def _relative_gap(low: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
