@@ -400,33 +400,38 @@ def build_problem(
 
     tree = (list(inputs), params)
     flat_arguments = not isinstance(fn, torch.nn.Module) and all(isinstance(t, torch.Tensor) for t in inputs)
+    paths: list[tuple[tuple[pytree.KeyEntry, ...], Any]] = []
     if flat_arguments:
-        # Tensors only, no module: the paths pytree would give, without walking a tree (the spec
+        # Tensors only, no module: the names pytree would give, without walking a tree (the spec
         # is not needed: ``Problem.call`` passes a flat argument list as it is).
-        paths: list[tuple[tuple[pytree.KeyEntry, ...], Any]] = [
-            ((pytree.SequenceKey(0), pytree.SequenceKey(i)), t) for i, t in enumerate(inputs)
-        ]
         spec = None
     else:
         paths, spec = pytree.tree_flatten_with_path(tree)
+    # (name, value, is a module's parameter) of every pytree leaf, in the order of ``paths``
+    named = (
+        [(heads[i], t, False) for i, t in enumerate(inputs)]
+        if flat_arguments
+        else [
+            (cast(pytree.MappingKey[str, Any], path[1]).key, t, True)
+            if _index(path[0]) == 1
+            else (heads[_index(path[1])] + pytree.keystr(path[2:]), t, False)
+            for path, t in paths
+        ]
+    )
     any_requires_grad = any(
         isinstance(t, torch.Tensor) and t.requires_grad and _differentiable(t)
-        for (path, t) in paths
-        if _index(path[0]) == 0
+        for _, t, is_param in named
+        if not is_param
     )
     template: list[Any] = []
     slots: list[int] = []
     leaves: list[Leaf] = []
-    for slot, (path, t) in enumerate(paths):
+    for slot, (name, t, is_param) in enumerate(named):
         value = convert(t)
         template.append(value)
-        is_param = _index(path[0]) == 1
         if is_param:
-            name = cast(pytree.MappingKey[str, Any], path[1]).key
             selected = name in trainable
         else:
-            position = _index(path[1])
-            name = heads[position] + pytree.keystr(path[2:])
             selected = _differentiable(t) and (t.requires_grad or not any_requires_grad)
         (differentiable if _differentiable(t) else other).append(str(name))
         if selection is not None:
