@@ -130,7 +130,7 @@ class Leaf:
         ``from_real`` makes of a fresh row, without the row."""
         real = self.real
         if not self.shape:
-            return torch.tensor(values[0], dtype=real.dtype, device=real.device)
+            return torch.scalar_tensor(values[0], dtype=real.dtype, device=real.device)
         made = torch.tensor(values, dtype=real.dtype, device=real.device)
         return made if len(self.shape) == 1 else made.reshape(self.shape)
 
