@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -10,7 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gradcheck_svc.errors import InvalidOptionError
 
-__all__ = ["EXPECTATIONS", "CallArguments", "CheckOptions", "call_arguments", "resolve_options"]
+__all__ = [
+    "EXPECTATIONS",
+    "CallArguments",
+    "CheckOptions",
+    "call_arguments",
+    "explicit_options",
+    "resolve_options",
+]
 
 # What the caller expects of the gradients: "match" (the default) or "mismatch", for gradients
 # that are deliberately not the true derivative (straight-through estimators, gradient reversal).
@@ -57,6 +65,45 @@ class CheckOptions(BaseModel):
     )
 
 
+_DEFAULTS = CheckOptions()  # frozen: every check without options shares it
+# Options validated before, by their values (and types: True is not 1 here); frozen, so shared.
+_SEEN: dict[tuple[tuple[str, type, Any], ...], CheckOptions] = {}
+_SEEN_MAX = 64
+
+
+def _validated(overrides: dict[str, Any]) -> CheckOptions:
+    """``CheckOptions(**overrides)``, validated once per distinct set of plain values: a test
+    suite or a service checks many functions with the same few options."""
+    if not overrides:
+        return _DEFAULTS
+    try:
+        key = tuple(sorted((k, type(v), v) for k, v in overrides.items()))
+        hash(key)
+    except TypeError:  # an unhashable value (a list): validate it every time
+        return CheckOptions(**overrides)
+    options = _SEEN.get(key)
+    if options is None:
+        options = CheckOptions(**overrides)
+        if len(_SEEN) < _SEEN_MAX:
+            _SEEN[key] = options
+    return options
+
+
+@functools.lru_cache(maxsize=_SEEN_MAX)
+def _explicit(options: CheckOptions) -> tuple[tuple[str, Any], ...]:
+    return tuple(options.model_dump(exclude_defaults=True).items())
+
+
+def explicit_options(options: CheckOptions) -> dict[str, Any]:
+    """The options that differ from their defaults, as a new dict (the report lists them)."""
+    if not options.model_fields_set:  # nothing set, nothing but defaults
+        return {}
+    try:
+        return dict(_explicit(options))
+    except TypeError:  # an unhashable value: no cache
+        return options.model_dump(exclude_defaults=True)
+
+
 def resolve_options(base: CheckOptions | None = None, /, **overrides: Any) -> CheckOptions:
     """Validate keyword options into a ``CheckOptions``; unknown names raise InvalidOptionError."""
     if "params" in overrides:
@@ -66,7 +113,7 @@ def resolve_options(base: CheckOptions | None = None, /, **overrides: Any) -> Ch
         )
     try:
         if base is None:
-            return CheckOptions(**overrides)
+            return _validated(overrides)
         return (
             base.model_copy(update={})
             if not overrides

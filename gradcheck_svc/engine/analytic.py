@@ -34,6 +34,24 @@ def func_vjp(fn: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[..., 
     return cast(tuple[Any, Callable[..., tuple[torch.Tensor, ...]]], torch.func.vjp(fn, *primals))
 
 
+def _float64_values(g: torch.Tensor) -> torch.Tensor:
+    """``g.detach().to(torch.float64)``, without the two ops where ``g`` is that already."""
+    if g.requires_grad or g.dtype != torch.float64:
+        return g.detach().to(torch.float64)
+    return g
+
+
+def _flat(g: torch.Tensor, batch: tuple[int, ...]) -> torch.Tensor:
+    """A gradient as ``(*batch, n)``: one with respect to a leaf in its own shape (the first
+    call's graph inputs) comes in that shape."""
+    return g if g.dim() == len(batch) + 1 else g.reshape(*batch, -1)
+
+
+def _values(g: torch.Tensor) -> list[float]:
+    """A flat gradient's elements; autograd may return a zero tensor without storage to read."""
+    return [0.0] * g.numel() if g._is_zerotensor() else g.tolist()
+
+
 class Analytic:
     """Autograd side of a check for one problem (one evaluation point)."""
 
@@ -44,14 +62,18 @@ class Analytic:
         self._batching_verified = False
         self._vjp_fn: Callable[..., tuple[torch.Tensor, ...]] | None = None
         self._graph: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        self._onehot: list[torch.Tensor] = []  # cotangents of ``few_rows``
         # fn's value from each forward the analytic side ran: a free second evaluation at the
         # point, compared with the first to detect a nondeterministic forward.
         self.forward_values: list[torch.Tensor] = []
 
-    def adopt_graph(self, y: torch.Tensor, reals: list[torch.Tensor]) -> None:
-        """Reuse the graph of a forward already made with autograd on (the check's first call)."""
+    def adopt_graph(
+        self, y: torch.Tensor, reals: list[torch.Tensor], root: torch.Tensor | None = None
+    ) -> None:
+        """Reuse the graph of a forward already made with autograd on (the check's first call):
+        ``y`` flat, or its ``root`` when that is fn's lone output in its own shape."""
         if y.requires_grad:
-            self._graph = (y, reals)
+            self._graph = (y if root is None else root, reals)
 
     # ------------------------------------------------------------------ helpers
     def _func_vjp(self) -> Callable[..., tuple[torch.Tensor, ...]]:
@@ -76,12 +98,14 @@ class Analytic:
     def _grads(
         self, y: torch.Tensor, reals: list[torch.Tensor], cotangent: torch.Tensor, batched: bool
     ) -> list[torch.Tensor]:
+        shape = (cotangent.shape[0],) if batched else ()
+        if y.dim() != 1:  # a root in fn's own output shape
+            cotangent = cotangent.reshape((*shape, *y.shape))
         grads = torch.autograd.grad(
             y, reals, cotangent, retain_graph=True, allow_unused=True, is_grads_batched=batched
         )
-        shape = (cotangent.shape[0],) if batched else ()
         return [
-            torch.zeros(*shape, r.numel(), dtype=r.dtype, device=r.device) if g is None else g
+            torch.zeros(*shape, r.numel(), dtype=r.dtype, device=r.device) if g is None else _flat(g, shape)
             for g, r in zip(grads, reals, strict=True)
         ]
 
@@ -135,7 +159,35 @@ class Analytic:
                     "batching rule); the backward is run one row at a time"
                 )
                 result = loop()
-        return [g.detach().to(torch.float64) for g in result]
+        return [_float64_values(g) for g in result]
+
+    def few_rows(self, m: int) -> list[list[list[float]]] | None:
+        """``rows`` of the identity's ``m`` rows as Python floats, ``(n_i, m)`` per leaf (the
+        transposed Jacobian), for a float64 problem of a handful of rows: the plain backward calls
+        ``rows`` makes there, without tensors to stack and read back. None where ``rows`` would
+        batch them (or the leaves are not float64)."""
+        if (
+            m > _FEW_ROWS
+            or ("func" not in self._paths and self._paths != ["loop"])
+            or any(leaf.real_dtype != torch.float64 for leaf in self.problem.leaves)
+        ):
+            return None
+        try:
+            y, reals = self._autograd_graph()
+            if len(self._onehot) != m:  # the rows of the identity, made once per check
+                eye = torch.eye(m, dtype=torch.float64, device=y.device)
+                self._onehot = list(eye.unbind()) if m > 1 else [eye.reshape(1)]
+            per_row = [self._grads(y, reals, c, batched=False) for c in self._onehot]
+        except (CheckError, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as exc:  # as ``_run`` words the loop's failure
+            raise FunctionRaisedError(
+                f"backward raised while computing reverse-mode rows: {_describe(exc)}"
+            ) from exc
+        values = [[_values(g) for g in row] for row in per_row]  # [row][leaf] -> (n_i,)
+        if m == 1:
+            return [[[v] for v in leaf] for leaf in values[0]]
+        return [[list(column) for column in zip(*leaf, strict=True)] for leaf in zip(*values, strict=True)]
 
     def _batching_agrees(self, cotangents: torch.Tensor, batched: list[torch.Tensor]) -> bool:
         """Recompute a few rows with plain autograd, the backward training runs, and compare.
@@ -188,9 +240,11 @@ class Analytic:
             y, reals = self._autograd_graph()
             probe = torch.zeros(m, dtype=y.dtype, device=y.device, requires_grad=True)
             with torch.enable_grad():
-                (g,) = torch.autograd.grad(y, [reals[index]], probe, create_graph=True, allow_unused=True)
+                shaped = probe if y.dim() == 1 else probe.reshape(y.shape)
+                (g,) = torch.autograd.grad(y, [reals[index]], shaped, create_graph=True, allow_unused=True)
             if g is None:
                 return torch.zeros(directions.shape[0], m, dtype=torch.float64, device=y.device)
+            g = _flat(g, ())
             if not g.requires_grad:
                 raise BackwardNotDifferentiableError(
                     "the backward of fn is not differentiable (it detaches or leaves autograd), so the "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,7 +14,8 @@ from gradcheck_svc.engine.compare import Tolerance
 from gradcheck_svc.engine.evaluate import Evaluator
 from gradcheck_svc.engine.external import ExternalFunction
 from gradcheck_svc.engine.guard import batch_bytes, batch_rows
-from gradcheck_svc.engine.numeric import NODES, defaults_for
+from gradcheck_svc.engine.numeric import NODES
+from gradcheck_svc.engine.numeric import defaults_for as _defaults_for
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, Problem
 from gradcheck_svc.engine.progress import Progress
 from gradcheck_svc.engine.reference import Reference
@@ -41,6 +43,10 @@ PLAIN_ELEMENTS = 512
 # Cotangents this few go through the backward without sizing: at most this many backward
 # passes' memory at once (the rows of a scalar or tiny output).
 _UNSIZED_ROWS = 4
+
+
+# The defaults of a few dtypes, asked several times by every check: frozen values, looked up once.
+defaults_for = functools.lru_cache(maxsize=64)(_defaults_for)
 
 
 def _relative_gap(low: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
@@ -95,7 +101,7 @@ class Context:
             self.f0 = Evaluator(self.problem, self.notes.add).base()
         else:
             self.f0 = first[0].detach()
-            self.analytic.adopt_graph(*first)
+            self.analytic.adopt_graph(*first, self.problem.first_root)
         if self.reference is None:
             self.reference = Reference(self.problem, "", "")
         numeric = self.reference.problem
@@ -111,7 +117,7 @@ class Context:
             self.wide_analytic = Analytic(numeric, self.notes.add)
             if numeric.first_call is not None:
                 self.numeric_f0 = numeric.first_call[0].detach()
-                self.wide_analytic.adopt_graph(*numeric.first_call)
+                self.wide_analytic.adopt_graph(*numeric.first_call, numeric.first_root)
             else:
                 self.numeric_f0 = self.evaluator.base()
             self.forward_rounding = _relative_gap(self.f0, self.numeric_f0)
@@ -137,6 +143,30 @@ class Context:
         evaluated = self._leaf_batch(index, torch.cat([batch, base]))
         self.numeric_repeats.append(evaluated[-1])
         return evaluated[:-1]
+
+    def evaluate_values(self, index: int, rows: list[list[float]], columns: int) -> list[list[float]] | None:
+        """``evaluate`` of a few perturbed copies of leaf ``index`` given as Python floats, their
+        outputs as lists: the same plain calls ``evaluate`` makes for so few rows (the point itself
+        among them on the first batch), without a batch tensor to build, stack and split. None
+        where ``evaluate`` would not call fn row by row."""
+        base = not self.numeric_repeats
+        leaf = self.numeric_problem.leaves[index]
+        if (
+            leaf.is_complex
+            or len(rows) + base > PLAIN_ROWS
+            or not (self._plain_calls or (self._eval_bytes is None and not self._external))
+        ):
+            return None
+        if self.progress is not None:
+            self.progress.advance(columns)
+        # A fresh tensor per call, as ``Evaluator.plain_batch`` passes.
+        copies = [leaf.fresh(row) for row in rows]
+        if base:
+            copies.append(leaf.as_called.clone())
+        outputs = self.evaluator.plain_outputs(index, copies)
+        if base:
+            self.numeric_repeats.append(outputs.pop())
+        return [out.tolist() for out in outputs]
 
     @property
     def eval_bytes(self) -> int:
@@ -176,12 +206,12 @@ class Context:
         """The relative step for ``leaf`` (a leaf of the numeric problem: its dtype sets the step)."""
         return self.options.eps if self.options.eps is not None else defaults_for(leaf.dtype).eps
 
-    @property
+    @functools.cached_property
     def machine_eps(self) -> float:
         """Unit roundoff of the user's outputs: the precision the analytic side works in."""
         return defaults_for(*(o.dtype for o in self.problem.outputs)).machine_eps
 
-    @property
+    @functools.cached_property
     def numeric_machine_eps(self) -> float:
         """Unit roundoff of the numeric side's outputs."""
         return defaults_for(*(o.dtype for o in self.numeric_problem.outputs)).machine_eps

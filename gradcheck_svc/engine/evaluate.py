@@ -81,6 +81,13 @@ class Evaluator:
                 lambda: torch.stack([problem.flat_replace(index, row.clone()) for row in batch])
             )
 
+    def plain_outputs(self, index: int, copies: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``plain_batch`` of copies of leaf ``index`` already made, as fresh tensors in its shape;
+        each output left on its own."""
+        problem = self.problem
+        with torch.no_grad():
+            return self._guarded(lambda: [problem.call_replaced(index, copy) for copy in copies])
+
     def leaf_batch(self, index: int, batch: torch.Tensor) -> torch.Tensor:
         """Rows of ``batch`` are flat real values of leaf ``index``; returns (B, n_outputs)."""
         problem = self.problem

@@ -51,7 +51,8 @@ def _flat_real(t: torch.Tensor) -> torch.Tensor:
     """
     if t.is_complex():
         t = torch.stack((t.real, t.imag), dim=-1)
-    return t.reshape(-1).to(torch.float64)
+    flat = t if t.dim() == 1 else t.reshape(-1)
+    return flat if flat.dtype == torch.float64 else flat.to(torch.float64)
 
 
 @dataclass
@@ -84,8 +85,9 @@ class Leaf:
             return torch.view_as_real(self.value.contiguous()).reshape(-1)
         return self.value.reshape(-1)
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
+        """Elements of ``real`` (the value is fixed: asked often, counted once)."""
         return self.value.numel() * (2 if self.is_complex else 1)
 
     @functools.cached_property
@@ -109,6 +111,28 @@ class Leaf:
             index, part = flat_index(position, self.shape, self.is_complex)
             shown.append((index, part, float(self.real[position])))
         return shown, bad.numel()
+
+    def graph_input(self) -> torch.Tensor:
+        """A fresh copy to differentiate with respect to: a real leaf in its own shape, so that no
+        view separates it from fn in the graph (the backward of a view costs as much as a small
+        op's); a complex leaf as its flat real view (fn gets ``from_real`` of it)."""
+        if self.is_complex:
+            return self.real.detach().clone().requires_grad_(True)
+        return self.value.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
+
+    @functools.cached_property
+    def as_called(self) -> torch.Tensor:
+        """The leaf in its own shape as ``Problem.flat`` passes it unperturbed (made once)."""
+        return self.from_real(self.real)
+
+    def fresh(self, values: list[float]) -> torch.Tensor:
+        """A new tensor of a real leaf's shape holding ``values`` (its flat real elements): what
+        ``from_real`` makes of a fresh row, without the row."""
+        real = self.real
+        if not self.shape:
+            return torch.scalar_tensor(values[0], dtype=real.dtype, device=real.device)
+        made = torch.tensor(values, dtype=real.dtype, device=real.device)
+        return made if len(self.shape) == 1 else made.reshape(self.shape)
 
     def from_real(self, flat: torch.Tensor) -> torch.Tensor:
         """Inverse of ``real``; differentiable and vmap-friendly."""
@@ -160,8 +184,12 @@ class Problem:
     _template: list[Any] = field(default_factory=list)
     _slots: list[int] = field(default_factory=list)
     _kwargs: dict[str, Any] = field(default_factory=dict)
-    # (flat output, real leaves) of the first call, made with autograd on; None for derived problems.
+    # (flat output, graph inputs) of the first call, made with autograd on (a real leaf's input in
+    # its own shape, a complex one's flat: see ``Leaf.graph_input``); None for derived problems.
     first_call: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+    # fn's lone float64 output of the first call in its own shape, where the flat output views it:
+    # the backward starts there, with no view node to run back through.
+    first_root: torch.Tensor | None = None
     # Per floating/complex output tensor, whether it is checked: outputs autograd marks
     # non-differentiable are not (None: all are). Names of the skipped ones, for the report.
     kept_outputs: list[bool] | None = None
@@ -170,8 +198,9 @@ class Problem:
     # rebuilt without the pytree (a check calls fn a few times; each unflatten costs a dozen us).
     flat_arguments: bool = False
 
-    @property
+    @functools.cached_property
     def n_inputs(self) -> int:
+        """Input elements in all (the leaves are fixed once the problem is built)."""
         return sum(leaf.size for leaf in self.leaves)
 
     @property
@@ -197,12 +226,19 @@ class Problem:
 
     def flatten_output(self, out: Any) -> torch.Tensor:
         """The checked output tensors of one call as one flat float64 vector."""
+        if self.kept_outputs is None and isinstance(out, torch.Tensor) and _differentiable(out):
+            return _flat_real(out)  # one tensor: no tree to walk, nothing to join
         found = [out] if isinstance(out, torch.Tensor) else pytree.tree_leaves(out)
         tensors = [t for t in found if _differentiable(t)]
         if self.kept_outputs is not None:
             tensors = [t for t, kept in zip(tensors, self.kept_outputs, strict=True) if kept]
         parts = [_flat_real(t) for t in tensors]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def call_replaced(self, index: int, value: torch.Tensor) -> torch.Tensor:
+        """``flat_replace`` with leaf ``index`` given in its own shape: the flat outputs."""
+        values = [value if k == index else leaf.as_called for k, leaf in enumerate(self.leaves)]
+        return self.flatten_output(self.call(values))
 
     def flat_replace(self, index: int, value: torch.Tensor) -> torch.Tensor:
         """``flat`` with only leaf ``index`` replaced by a real vector (for vmap over one leaf)."""
@@ -364,33 +400,38 @@ def build_problem(
 
     tree = (list(inputs), params)
     flat_arguments = not isinstance(fn, torch.nn.Module) and all(isinstance(t, torch.Tensor) for t in inputs)
+    paths: list[tuple[tuple[pytree.KeyEntry, ...], Any]] = []
     if flat_arguments:
-        # Tensors only, no module: the paths pytree would give, without walking a tree (the spec
+        # Tensors only, no module: the names pytree would give, without walking a tree (the spec
         # is not needed: ``Problem.call`` passes a flat argument list as it is).
-        paths: list[tuple[tuple[pytree.KeyEntry, ...], Any]] = [
-            ((pytree.SequenceKey(0), pytree.SequenceKey(i)), t) for i, t in enumerate(inputs)
-        ]
         spec = None
     else:
         paths, spec = pytree.tree_flatten_with_path(tree)
+    # (name, value, is a module's parameter) of every pytree leaf, in the order of ``paths``
+    named = (
+        [(heads[i], t, False) for i, t in enumerate(inputs)]
+        if flat_arguments
+        else [
+            (cast(pytree.MappingKey[str, Any], path[1]).key, t, True)
+            if _index(path[0]) == 1
+            else (heads[_index(path[1])] + pytree.keystr(path[2:]), t, False)
+            for path, t in paths
+        ]
+    )
     any_requires_grad = any(
         isinstance(t, torch.Tensor) and t.requires_grad and _differentiable(t)
-        for (path, t) in paths
-        if _index(path[0]) == 0
+        for _, t, is_param in named
+        if not is_param
     )
     template: list[Any] = []
     slots: list[int] = []
     leaves: list[Leaf] = []
-    for slot, (path, t) in enumerate(paths):
+    for slot, (name, t, is_param) in enumerate(named):
         value = convert(t)
         template.append(value)
-        is_param = _index(path[0]) == 1
         if is_param:
-            name = cast(pytree.MappingKey[str, Any], path[1]).key
             selected = name in trainable
         else:
-            position = _index(path[1])
-            name = heads[position] + pytree.keystr(path[2:])
             selected = _differentiable(t) and (t.requires_grad or not any_requires_grad)
         (differentiable if _differentiable(t) else other).append(str(name))
         if selection is not None:
@@ -419,10 +460,12 @@ def build_problem(
         and all(len(path) == 2 for path, _ in paths)
     )
     # The first call runs with autograd on: its graph serves the analytic side, its value is f(x).
-    reals = [leaf.real.detach().clone().requires_grad_(True) for leaf in leaves]
+    reals = [leaf.graph_input() for leaf in leaves]
     with torch.enable_grad():
         try:
-            out = problem.call([leaf.from_real(r) for leaf, r in zip(leaves, reals, strict=True)])
+            out = problem.call(
+                [leaf.from_real(r) if leaf.is_complex else r for leaf, r in zip(leaves, reals, strict=True)]
+            )
         except Exception as exc:  # the user's function: any exception is theirs to see
             raise FunctionRaisedError(
                 f"fn raised at the evaluation point: {type(exc).__name__}: {exc}"
@@ -431,5 +474,13 @@ def build_problem(
             raise OutputTypeError(f"fn returned {type(out).__name__}, not a tensor")
         _select_outputs(problem, out)
         problem.outputs = _output_blocks(out, problem.kept_outputs)
-        problem.first_call = (problem.flatten_output(out), reals)
+        flat = problem.flatten_output(out)
+        problem.first_call = (flat, reals)
+        if (
+            flat is not out
+            and isinstance(out, torch.Tensor)
+            and out.dtype == torch.float64
+            and flat._base is out
+        ):
+            problem.first_root = out
     return problem, out

@@ -145,3 +145,72 @@ def test_an_external_scalar_function_keeps_its_perturbations_in_one_batch(mode: 
     report = gcs.check(external_function(source, "sine"), torch.tensor(0.5, dtype=D), mode=mode)
     assert report.ok
     assert max(source.batches) > 1  # the perturbed copies travel together
+
+
+def test_each_perturbed_copy_reaches_fn_as_a_fresh_tensor_of_the_inputs_shape() -> None:
+    seen: list[tuple[tuple[int, ...], int]] = []
+
+    def record(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        seen.append((tuple(u.shape), u.data_ptr()))
+        return u * v + u**2 + v**3
+
+    u, v = torch.tensor(2.0, dtype=D), torch.tensor(4.0, dtype=D)
+    report = gcs.check(record, u, v)
+    assert report.ok
+    assert [pair.analytic[0] for pair in report.pairs] == pytest.approx([8.0, 50.0])
+    assert all(shape == () for shape, _ in seen)
+    perturbed_u = seen[1:5]  # after the first call: three nodes of u and f(x) again
+    assert len({pointer for _, pointer in perturbed_u}) == len(perturbed_u)
+
+
+def test_a_transposed_input_reaches_fn_contiguous_and_its_gradient_keeps_memory_order() -> None:
+    x = torch.arange(6, dtype=D).reshape(3, 2).T  # (2, 3), not contiguous
+    weights = torch.arange(1.0, 7.0, dtype=D).reshape(2, 3)
+
+    def weighted(t: torch.Tensor) -> torch.Tensor:
+        return (t.view(-1) ** 2 * weights.view(-1)).sum()  # view() needs a contiguous t
+
+    report = gcs.check(weighted, x, mode="full")
+    assert report.ok
+    expected = (2 * x.contiguous() * weights).reshape(-1).tolist()
+    assert report.pairs[0].analytic == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("tiny_path", [True, False])
+@pytest.mark.parametrize("order", [1, 2])
+def test_scalar_and_matrix_outputs_give_the_exact_jacobian(
+    monkeypatch: pytest.MonkeyPatch, tiny_path: bool, order: int
+) -> None:
+    """The backward starts at fn's own output (a 0-d or 2-D tensor), not at its flat view."""
+    monkeypatch.setattr(tiny, "ENABLED", tiny_path)
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=D)
+    x = torch.tensor([0.5, -1.5], dtype=D)
+    matrix = gcs.check(lambda x: torch.outer(x, x) + a, x, mode="full", order=order)
+    scalar = gcs.check(lambda x: (x**3).sum(), x, mode="full", order=order)
+    assert matrix.ok and scalar.ok
+    if order == 1:
+        # d(x_i x_j)/dx_k = delta_ik x_j + x_i delta_jk, rows in memory order of the 2x2 output
+        exact = [[2 * 0.5, 0.0], [-1.5, 0.5], [-1.5, 0.5], [0.0, 2 * -1.5]]
+        assert matrix.pairs[0].analytic == pytest.approx([v for row in exact for v in row])
+        assert scalar.pairs[0].analytic == pytest.approx([3 * 0.25, 3 * 2.25])
+
+
+def test_a_wrong_backward_of_a_matrix_output_is_still_located() -> None:
+    class HalfWrong(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+            ctx.save_for_backward(x)
+            return x.reshape(2, 2) ** 2
+
+        @staticmethod
+        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+            (x,) = ctx.saved_tensors
+            grad = g.reshape(-1) * 2 * x
+            grad[3] = grad[3] * 1.1
+            return grad
+
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=D)
+    report = gcs.check(HalfWrong.apply, x, mode="full")
+    assert not report.ok
+    worst = report.pairs[0].worst[0]
+    assert worst.output_index == [1, 1] and worst.input_index == [3]
