@@ -11,6 +11,7 @@ than the calls that verify it and size its memory.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -19,6 +20,8 @@ from gradcheck_svc.engine.guard import peak_bytes
 from gradcheck_svc.engine.plain_forward import batched_plain_forward
 from gradcheck_svc.engine.problem import Problem
 from gradcheck_svc.errors import FunctionRaisedError
+
+_T = TypeVar("_T")
 
 __all__ = ["Evaluator", "describe", "why_not_batched"]
 
@@ -153,7 +156,7 @@ class Evaluator:
         return torch.finfo(self.problem.leaves[index].real_dtype).eps
 
     @staticmethod
-    def _guarded(call: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _guarded(call: Callable[[], _T]) -> _T:
         try:
             return call()
         except Exception as exc:

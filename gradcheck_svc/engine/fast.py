@@ -112,8 +112,8 @@ def _projected(ctx: Context) -> tuple[list[PairReport], list[tuple[int, int]]]:
             allowance = ctx.rounding_allowance(block.rows, parts[0].T)  # (m_o, P) or None
             if allowance is None and wide_grads is None:
                 # A few scalars per pair: judged on floats, with judge's arithmetic (tiny.py).
-                a, *parts, scale = torch.cat([analytic, *projected.parts(), terms.unsqueeze(0)]).tolist()
-                report = judged_on_floats(ctx, block, leaf, a, parts, scale, nondet)
+                a, *sums, scale = torch.cat([analytic, *projected.parts(), terms.unsqueeze(0)]).tolist()
+                report = judged_on_floats(ctx, block, leaf, a, sums, scale, nondet)
             else:
                 if allowance is not None:
                     allowance = (weights[1] * allowance.T).sum(dim=1).unsqueeze(0)
