@@ -1,21 +1,26 @@
 """Load: many checks at fixed concurrency against one ``gradcheck-svc serve`` on loopback.
 
-    .venv/bin/python benchmarks/bench_load.py [--count 10000] [--concurrency 16] [--warmup 1000] [--json]
+    .venv/bin/python benchmarks/bench_load.py [--count 10000] [--concurrency 16] [--warmup 1000]
+        [--workload mix|layer|medium|large] [--server-arg=--FLAG=VALUE] [--json]
 
 A server subprocess (loopback, port 0, CPU) takes ``--warmup`` checks first; then its resident
 memory is read (psutil), ``--count`` checks run from ``--concurrency`` client threads sharing one
-Client, and the memory is read again. Reports errors, p50 / p99 latency, throughput, the server's
-CPU time per check (steadier than throughput on a shared machine) and the resident-memory growth
-after warm-up (goal: zero errors, growth under 50 MB).
+Client, and the memory is read again. Reports errors, p50 / p99 latency, throughput, the CPU time
+per check of the server and its worker processes (steadier than throughput on a shared machine)
+and the resident-memory growth after warm-up (goal: zero errors, growth under 50 MB).
 
-The checks cycle through a small mix: the three seed expressions at float32 and float64, a
-registered built-in and a two-point request, so the server exercises parsing caches, both dtypes
-and multi-point answers. ``run_load`` is importable (tests/hardening/test_load.py runs a small one).
+``--workload mix`` (default) cycles through small checks: the three seed expressions at float32
+and float64, a registered built-in and a two-point request, so the server exercises parsing
+caches, both dtypes and multi-point answers. ``layer`` is ``tanh(x @ w)`` on 320 inputs,
+``medium`` the same on 1280, ``large`` one dense check on 1500 (use ``--concurrency 1``).
+``--server-arg`` passes a flag to ``serve`` (``--server-arg=--torch-threads=2``). ``run_load``
+is importable (tests/hardening/test_load.py runs a small one).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -54,6 +59,7 @@ class LoadResult:
 
 
 def _mix() -> list[Callable[[Client], bool]]:
+    """Small checks: the seed expressions, a registered built-in, a two-point request."""
     f32, f64 = torch.float32, torch.float64
     calls: list[Callable[[Client], bool]] = []
     for dtype in (f32, f64):
@@ -70,6 +76,39 @@ def _mix() -> list[Callable[[Client], bool]]:
         lambda c: all(r.ok for r in c.check_points("x * x", [{"x": w}, {"x": w + 1}])),
     ]
     return calls
+
+
+def _layer() -> list[Callable[[Client], bool]]:
+    """``tanh(x @ w)`` on a 4 x 16 input and 16 x 16 weights (320 inputs, 64 outputs), full mode:
+    just above what the engine counts as small."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, dtype=torch.float64, generator=gen)
+    w = torch.randn(16, 16, dtype=torch.float64, generator=gen) / 4
+    return [lambda c: c.check("tanh(x @ w)", x=x, w=w, options={"mode": "full"}).ok]
+
+
+def _medium() -> list[Callable[[Client], bool]]:
+    """A layer on a few thousand elements (1280 inputs, 256 outputs), full mode: a check the engine
+    does not count as small, so it keeps torch's thread count."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 32, dtype=torch.float64, generator=gen)
+    w = torch.randn(32, 32, dtype=torch.float64, generator=gen) / 32**0.5
+    return [lambda c: c.check("tanh(x @ w)", x=x, w=w, options={"mode": "full"}).ok]
+
+
+def _large() -> list[Callable[[Client], bool]]:
+    """One dense check on 1500 elements (a 1500 x 1500 Jacobian, full mode): big batches, where
+    torch's threads can help when cores are free."""
+    x = torch.randn(1500, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return [lambda c: c.check("softmax(x, dim=-1)", x=x, options={"mode": "full"}).ok]
+
+
+WORKLOADS: dict[str, Callable[[], list[Callable[[Client], bool]]]] = {
+    "mix": _mix,
+    "layer": _layer,
+    "medium": _medium,
+    "large": _large,
+}
 
 
 class ServerProcess:
@@ -97,8 +136,13 @@ class ServerProcess:
         return self.ps.memory_info().rss / MB
 
     def cpu_seconds(self) -> float:
-        times = self.ps.cpu_times()
-        return float(times.user + times.system)
+        """CPU time of the server and of its live worker processes (checks that run in workers)."""
+        total = 0.0
+        for proc in [self.ps, *self.ps.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -117,8 +161,9 @@ def run_load(
     concurrency: int,
     warmup: int,
     cpu: Callable[[], float] | None = None,
+    workload: str = "mix",
 ) -> LoadResult:
-    calls = _mix()
+    calls = WORKLOADS[workload]()
     errors: list[str] = []
     latencies: list[float] = []
     lock = threading.Lock()
@@ -169,9 +214,18 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=1000)
+    parser.add_argument(
+        "--workload", choices=sorted(WORKLOADS), default="mix", help="which checks (default mix)"
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra 'serve' flag, e.g. --server-arg=--torch-threads=1",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
-    server = ServerProcess()
+    server = ServerProcess(*args.server_arg)
     try:
         result = run_load(
             server.address,
@@ -180,6 +234,7 @@ def main() -> int:
             concurrency=args.concurrency,
             warmup=args.warmup,
             cpu=server.cpu_seconds,
+            workload=args.workload,
         )
     finally:
         server.stop()
@@ -187,7 +242,8 @@ def main() -> int:
         print(json.dumps(asdict(result), indent=2))
     else:
         print(
-            f"{result.count} checks at concurrency {result.concurrency}: {result.errors} errors, "
+            f"{args.workload}: {result.count} checks at concurrency {result.concurrency}: "
+            f"{result.errors} errors, "
             f"p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, {result.checks_per_s:.0f} checks/s, "
             f"server CPU {result.server_cpu_ms_per_check:.2f} ms per check; "
             f"server RSS {result.rss_after_warmup_mb:.1f} MB after warm-up -> {result.rss_end_mb:.1f} MB "

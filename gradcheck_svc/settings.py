@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import socket
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "usable_cores"]
 
 MiB = 1024 * 1024
 
@@ -45,6 +46,24 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity (a container's cpuset, ``taskset``), and no
+    more than a cgroup v2 CPU quota allows (``docker run --cpus 2``), rounded up."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cores, quota) if quota else cores)
+
+
+def _cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """Cores' worth of CPU time the cgroup v2 quota grants (``"200000 100000"`` -> 2); None: no quota."""
+    try:
+        with open(path) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else -(-int(quota) // int(period))
+    except (OSError, ValueError):
+        return None
+
+
 class Settings(BaseSettings):
     """Everything ``gradcheck-svc serve`` can be told."""
 
@@ -62,6 +81,13 @@ class Settings(BaseSettings):
         32, ge=1, description="checks running at once; more get RESOURCE_EXHAUSTED, never a queue"
     )
     stream_window: int = Field(4, ge=1, description="checks of one CheckStream running at once")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="torch's intra-op threads in the server and in each worker process; 0: the usable "
+        "cores divided by max_concurrent_checks, at least 1 (so 1 unless checks are few and cores many)",
+    )
     max_message_bytes: int = Field(64 * MiB, ge=1024, description="largest request or response message")
     max_tensor_elements: int = Field(
         4_000_000, ge=1, description="largest tensor (inputs and expression intermediates), in elements"
@@ -153,6 +179,12 @@ class Settings(BaseSettings):
     @property
     def threads(self) -> int:
         return self.worker_threads or self.max_concurrent_checks + 8
+
+    @property
+    def intra_op_threads(self) -> int:
+        """torch's thread count for every check: ``torch_threads``, or with 0 a share of the cores
+        that keeps ``max_concurrent_checks`` checks from asking for more threads than there are cores."""
+        return self.torch_threads or max(1, usable_cores() // self.max_concurrent_checks)
 
     @property
     def served_by(self) -> str:

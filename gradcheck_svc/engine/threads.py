@@ -7,7 +7,8 @@ machine whose cores are busy: every parallel region waits until each of its thre
 
 torch's thread count is process state that threads started later copy when they first run a
 parallel op, so it is changed only while no other Python thread runs (a library call or a test,
-not a threaded server), and put back as it was when the check ends.
+not a threaded server), and put back as it was when the check ends. A server sets it once, at
+start-up, for every check it runs (``use_threads``, setting ``torch_threads``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["largest_batch", "serial_if_small"]
+__all__ = ["largest_batch", "serial_if_small", "use_threads"]
 
 # A check whose largest batch (three perturbed copies of every column it perturbs at once, each
 # with its outputs) holds up to this many elements (2 MiB of float64) is a small check.
@@ -50,3 +51,12 @@ def serial_if_small(batch_elements: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def use_threads(count: int) -> None:
+    """torch on ``count`` threads from now on in this process. Call it before any other thread runs
+    a torch op: a thread keeps the count it saw at its first parallel op."""
+    if count < 1:
+        raise ValueError(f"torch needs at least one thread, not {count}")
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)

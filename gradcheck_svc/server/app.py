@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import gradcheck_svc as gc
+from gradcheck_svc.engine.threads import use_threads
 from gradcheck_svc.report import Report
 from gradcheck_svc.server.auth import TokenAuthInterceptor
 from gradcheck_svc.server.decoding import DecodeErrorInterceptor
@@ -178,13 +180,18 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials:
 
 def serve(settings: Settings | None = None, *, exit_process: bool = True) -> int:
     """Run until SIGTERM/SIGINT, then drain and end the process with status 0 (within the grace
-    period and half a second); with ``exit_process=False``, return 0 instead (for embedding)."""
+    period and half a second); with ``exit_process=False``, return 0 instead (for embedding).
+
+    The process's torch thread count is set here (``settings.intra_op_threads``); a server built
+    with ``create_server`` alone leaves its host process's count as it is (its workers set theirs)."""
     settings = settings or Settings()
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Before any handler thread or worker process runs a torch op: each keeps the count it first saw.
+    use_threads(settings.intra_op_threads)
     server, port = create_server(settings)
     server.start()
     stop = threading.Event()
@@ -197,12 +204,13 @@ def serve(settings: Settings | None = None, *, exit_process: bool = True) -> int
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info(
-        "serving on %s:%d (device=%s, max_concurrent_checks=%d, %d registered functions, "
+        "serving on %s:%d (device=%s, max_concurrent_checks=%d, torch threads=%d, %d registered functions, "
         "worker processes=%s, tls=%s, auth=%s)",
         settings.host,
         port,
         settings.device,
         settings.max_concurrent_checks,
+        torch.get_num_threads(),
         len(server.service.registry),
         server.service.workers is not None,
         settings.tls,

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 import gradcheck_svc as gc
+from gradcheck_svc.engine.threads import use_threads
 from gradcheck_svc.server.plan import plan_check
 from gradcheck_svc.server.runner import Deadline, execute
 from gradcheck_svc.server.status import failure_for
@@ -41,6 +42,7 @@ def worker_main(
     """Serve checks from ``conn`` until it closes."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server; it decides
+    use_threads(settings.intra_op_threads)  # the fork server's count is torch's default
     registry = registry_factory()
     conn.send_bytes(READY)
     while True:

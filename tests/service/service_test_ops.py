@@ -23,6 +23,7 @@ __all__ = [
     "reset",
     "returns_text",
     "slow_square",
+    "tells_torch_threads",
 ]
 
 CALLS_ENV = "GRADCHECK_TEST_CALLS"
@@ -59,6 +60,12 @@ def slow_square(x: torch.Tensor, delay: float = 0.05) -> torch.Tensor:
     _count()
     time.sleep(delay)
     return x * x + 1e-3 * (x.sum() - x)
+
+
+def tells_torch_threads(x: torch.Tensor) -> torch.Tensor:
+    """Fails with torch's thread count in the process (and thread) that called it, so a test sees
+    the count a server's check starts with."""
+    raise RuntimeError(f"torch threads here: {torch.get_num_threads()}")
 
 
 def never_returns(x: torch.Tensor) -> torch.Tensor:
