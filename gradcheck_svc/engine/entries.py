@@ -23,8 +23,8 @@ from gradcheck_svc.engine.numeric import (
     NODES,
     SMOOTH_SPREAD,
     Differences,
-    _derivative_weights,
     _noise_gain,
+    derivative_weights,
     noise_sample,
     perturb,
 )
@@ -233,7 +233,7 @@ def entry_median(
     d_plus = nodes.at(1, s_groups, s_rows) - fr[in_sample]
     d_plus2 = nodes.at(2, s_groups, s_rows) - fr[in_sample]
     moved = (d_plus != 0) | (d_minus != 0) | (d_plus2 != 0)
-    w_minus, w_plus, w_plus2 = (w[s_groups] for w in _derivative_weights(offsets[0], offsets[1], offsets[2]))
+    w_minus, w_plus, w_plus2 = (w[s_groups] for w in derivative_weights(offsets[0], offsets[1], offsets[2]))
     inv_span = (1.0 / (offsets[1] - offsets[0]))[s_groups]
     truncation = d_plus * (w_plus - inv_span)
     truncation.add_(d_minus * (-w_minus - inv_span)).add_(d_plus2 * w_plus2).abs_()
@@ -291,7 +291,7 @@ def entry_differences(
     d_plus = nodes.at(1, groups, rows) - fr
     d_plus2 = nodes.at(2, groups, rows) - fr
     t_minus, t_plus, t_plus2 = offsets[0], offsets[1], offsets[2]
-    w_minus, w_plus, w_plus2 = (w[groups] for w in _derivative_weights(t_minus, t_plus, t_plus2))
+    w_minus, w_plus, w_plus2 = (w[groups] for w in derivative_weights(t_minus, t_plus, t_plus2))
     richardson = d_plus * w_plus
     richardson.add_(d_minus * (-w_minus)).add_(d_plus2 * w_plus2)
     inv_span = (1.0 / (t_plus - t_minus))[groups]

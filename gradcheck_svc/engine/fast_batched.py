@@ -21,18 +21,13 @@ import torch
 from gradcheck_svc.engine.agreement import largest_change
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.fast_floats import judged_on_floats
-from gradcheck_svc.engine.numeric import _FLOOR_ULPS, _MIN_NOISE_SAMPLES, NODES
+from gradcheck_svc.engine.numeric import _FLOOR_ULPS, _MIN_NOISE_SAMPLES, NODES, derivative_weights
 from gradcheck_svc.engine.probes import random_cotangents, random_directions_of
 from gradcheck_svc.report import PairReport, Status
 
 __all__ = ["ENABLED", "run_fast_batched"]
 
 ENABLED = True  # off: each leaf takes its own ops (tests compare the two)
-
-
-def _weight(a: float, b: float, c: float) -> float:
-    """``numeric._derivative_weights``: the derivative at 0 of node ``a``'s Lagrange basis."""
-    return b * c / (a * (a - b) * (a - c))
 
 
 def _step(ctx: Context) -> float | None:
@@ -115,11 +110,7 @@ def _differences(
     the nodes ``(L, 3 * P, M)`` (node-major per leaf): its five parts and |R|, ``(L, 6, P, M)``."""
     nodes = stacked.reshape(stacked.shape[0], len(NODES), count, -1)
     t_minus, t_plus, t_plus2 = (node * t for node in NODES)
-    w_minus, w_plus, w_plus2 = (
-        _weight(t_minus, t_plus, t_plus2),
-        _weight(t_plus, t_minus, t_plus2),
-        _weight(t_plus2, t_minus, t_plus),
-    )
+    w_minus, w_plus, w_plus2 = derivative_weights(t_minus, t_plus, t_plus2)
     # f(x + node h) - f(x) at every node in one op; numeric.differences takes f(x) - f(x - h)
     # for the first, d_minus = -moved_minus, whose sign goes into the weights (exactly so).
     moved_minus, d_plus, d_plus2 = torch.sub(nodes, f0.unsqueeze(0)).unbind(1)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -42,6 +43,7 @@ __all__ = [
     "Probes",
     "central",
     "defaults_for",
+    "derivative_weights",
     "differences",
     "node_offsets",
     "noise_sample",
@@ -53,6 +55,7 @@ __all__ = [
 ]
 
 NODES = (-1.0, 1.0, 2.0)  # multiples of h, besides the shared f(x)
+_W = TypeVar("_W", float, torch.Tensor)  # node offsets: a block's columns, or one column's floats
 _MIN_NOISE_SAMPLES = 4
 _NOISE_COLUMNS = 128
 _NOISE_DIRECTIONS = 8  # random directions that measure each output's noise in low precision
@@ -209,16 +212,15 @@ def _rounding_ceiling(f0: torch.Tensor, machine_eps: float) -> float:
     return _CEILING_ULPS * machine_eps * largest
 
 
-def _derivative_weights(
-    t_minus: torch.Tensor, t_plus: torch.Tensor, t_plus2: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def derivative_weights(t_minus: _W, t_plus: _W, t_plus2: _W) -> tuple[_W, _W, _W]:
     """Weights of f(x + t) - f(x) in f'(x) ~ sum_k w_k (f(x + t_k) - f(x)), nodes {0, t_k}.
 
     The derivative at 0 of the Lagrange basis polynomial of node ``a`` (other nodes 0, b, c)
-    is ``b c / (a (a - b) (a - c))``; the weight of f(x) itself is minus their sum.
+    is ``b c / (a (a - b) (a - c))``; the weight of f(x) itself is minus their sum. The same
+    arithmetic on tensors (a block's columns) and on Python floats (the float paths).
     """
 
-    def weight(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def weight(a: _W, b: _W, c: _W) -> _W:
         return b * c / (a * (a - b) * (a - c))
 
     return (
@@ -248,7 +250,7 @@ class Differences:
 
 def _noise_gain(t_minus: torch.Tensor, t_plus: torch.Tensor, t_plus2: torch.Tensor) -> torch.Tensor:
     """1.5 times the norm of the Richardson weights (f(x)'s included): R's noise per unit sigma."""
-    w_minus, w_plus, w_plus2 = _derivative_weights(t_minus, t_plus, t_plus2)
+    w_minus, w_plus, w_plus2 = derivative_weights(t_minus, t_plus, t_plus2)
     return 1.5 * torch.sqrt(w_minus**2 + (w_minus + w_plus + w_plus2) ** 2 + w_plus**2 + w_plus2**2)
 
 
@@ -262,7 +264,7 @@ def _three_node(evaluated: torch.Tensor, f0: torch.Tensor, offsets: torch.Tensor
     d_plus = torch.sub(nodes[1], f0).T  # f(x + h) - f(x)
     d_plus2 = torch.sub(nodes[2], f0).T  # f(x + 2h) - f(x)
     t_minus, t_plus, t_plus2 = offsets[0], offsets[1], offsets[2]
-    w_minus, w_plus, w_plus2 = _derivative_weights(t_minus, t_plus, t_plus2)
+    w_minus, w_plus, w_plus2 = derivative_weights(t_minus, t_plus, t_plus2)
     # R = sum_k w_k (f(x + t_k) - f(x)); d_minus is f(x) - f(x - h), hence the sign.
     richardson = d_plus * w_plus
     richardson.add_(d_minus * (-w_minus)).add_(d_plus2 * w_plus2)

@@ -35,7 +35,7 @@ from gradcheck_svc.engine.compare import (
     reported_worst,
 )
 from gradcheck_svc.engine.context import Context
-from gradcheck_svc.engine.numeric import _FLOOR_ULPS, _MIN_NOISE_SAMPLES, NODES
+from gradcheck_svc.engine.numeric import _FLOOR_ULPS, _MIN_NOISE_SAMPLES, NODES, derivative_weights
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, flat_index
 from gradcheck_svc.report import Check, ElementError, PairReport
 
@@ -190,10 +190,6 @@ def _evaluate_leaf(ctx: Context, i: int) -> tuple[int, list[list[float]], list[l
     return c, evaluated, offsets, x_scale
 
 
-def _weight(a: float, b: float, c: float) -> float:
-    return b * c / (a * (a - b) * (a - c))
-
-
 class FloatDifferences:
     """Per judged row and column: R, its bar, D+, D- and the one-sided bar (``Differences``)."""
 
@@ -230,7 +226,7 @@ def differences_on_floats(
     weights, gains = [], []
     for j in range(c):
         t_m, t_p, t_p2 = offsets[0][j], offsets[1][j], offsets[2][j]
-        w_m, w_p, w_p2 = _weight(t_m, t_p, t_p2), _weight(t_p, t_m, t_p2), _weight(t_p2, t_m, t_p)
+        w_m, w_p, w_p2 = derivative_weights(t_m, t_p, t_p2)
         weights.append((w_m, w_p, w_p2, 1.0 / (t_p - t_m)))
         total = w_m + w_p + w_p2
         gains.append(1.5 * math.sqrt(w_m * w_m + total * total + w_p * w_p + w_p2 * w_p2))
