@@ -11,7 +11,6 @@ re-checked in full mode, so the message still points at elements.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -20,10 +19,16 @@ from gradcheck_svc.engine.agreement import largest_change
 from gradcheck_svc.engine.compare import judge, merge_wide, pair_fields, pair_status
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.fast_batched import run_fast_batched
-from gradcheck_svc.engine.fast_floats import judged_on_floats, message, run_fast_on_floats
+from gradcheck_svc.engine.fast_floats import (
+    direction_step,
+    judged_on_floats,
+    message,
+    reverse_projections,
+    run_fast_on_floats,
+)
 from gradcheck_svc.engine.full import DENSE_ENTRIES, run_full
 from gradcheck_svc.engine.numeric import NODES, Differences, differences
-from gradcheck_svc.engine.probes import random_cotangents, random_directions
+from gradcheck_svc.engine.probes import random_directions
 from gradcheck_svc.engine.problem import Leaf, OutputBlock
 from gradcheck_svc.engine.tiny import differences_on_floats
 from gradcheck_svc.report import Check, PairReport, Status
@@ -63,7 +68,7 @@ def _projected(ctx: Context) -> tuple[list[PairReport], list[tuple[int, int]]]:
     for i, leaf in enumerate(ctx.numeric_problem.leaves):
         ctx.poll()
         u = random_directions(leaf.real, count, generator)
-        t = 2.0 ** round(math.log2(ctx.eps(leaf)))  # numeric.steps at x = 0
+        t = direction_step(ctx, leaf)
         base = leaf.real.detach().to(torch.float64)
         batch = torch.cat([(base + node * t * u).to(leaf.real_dtype) for node in NODES])
         offsets = torch.tensor(NODES, dtype=torch.float64, device=device).unsqueeze(1).expand(3, count) * t
@@ -83,11 +88,8 @@ def _projected(ctx: Context) -> tuple[list[PairReport], list[tuple[int, int]]]:
 
     # Analytic side: J^T v for seeded cotangents, one set per output block.
     t0 = time.perf_counter()
-    cotangents = random_cotangents(problem.outputs, count, generator, device)
-    grads = ctx.analytic.rows(cotangents)
+    cotangents, grads, again = reverse_projections(ctx, count, generator)
     wide_grads = ctx.wide_analytic.rows(cotangents) if ctx.wide_analytic is not None else None
-    # The backward runs a second time, on the very same batch, to detect nondeterminism.
-    again = ctx.analytic.rows(cotangents) if options.check_nondeterminism else None
     ctx.timed("analytic_s", t0)
 
     reports: list[PairReport] = []

@@ -20,9 +20,9 @@ import torch
 
 from gradcheck_svc.engine.agreement import largest_change
 from gradcheck_svc.engine.context import Context
-from gradcheck_svc.engine.fast_floats import judged_on_floats
+from gradcheck_svc.engine.fast_floats import direction_step, judged_on_floats, reverse_projections
 from gradcheck_svc.engine.numeric import _FLOOR_ULPS, _MIN_NOISE_SAMPLES, NODES, derivative_weights
-from gradcheck_svc.engine.probes import random_cotangents, random_directions_of
+from gradcheck_svc.engine.probes import random_directions_of
 from gradcheck_svc.report import PairReport, Status
 
 __all__ = ["ENABLED", "run_fast_batched"]
@@ -32,7 +32,7 @@ ENABLED = True  # off: each leaf takes its own ops (tests compare the two)
 
 def _step(ctx: Context) -> float | None:
     """The one power-of-two step every leaf is moved by (``numeric.steps`` at x = 0), or None."""
-    steps = {2.0 ** round(math.log2(ctx.eps(leaf))) for leaf in ctx.numeric_problem.leaves}
+    steps = {direction_step(ctx, leaf) for leaf in ctx.numeric_problem.leaves}
     return steps.pop() if len(steps) == 1 else None
 
 
@@ -72,9 +72,7 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
     ctx.timed("numeric_s", t0)
 
     t0 = time.perf_counter()
-    cotangents = random_cotangents(problem.outputs, count, generator, device)
-    grads = ctx.analytic.rows(cotangents)
-    again = ctx.analytic.rows(cotangents) if options.check_nondeterminism else None
+    cotangents, grads, again = reverse_projections(ctx, count, generator)
     ctx.timed("analytic_s", t0)
 
     reports: list[PairReport] = []

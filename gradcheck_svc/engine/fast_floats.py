@@ -29,7 +29,14 @@ from gradcheck_svc.engine.problem import Leaf, OutputBlock
 from gradcheck_svc.engine.tiny import FloatDifferences, differences_on_floats, judge_floats
 from gradcheck_svc.report import Check, PairReport, Status
 
-__all__ = ["ENABLED", "judged_on_floats", "message", "run_fast_on_floats"]
+__all__ = [
+    "ENABLED",
+    "direction_step",
+    "judged_on_floats",
+    "message",
+    "reverse_projections",
+    "run_fast_on_floats",
+]
 
 ENABLED = True  # off: every fast check takes the tensor path (tests compare the two)
 
@@ -76,7 +83,7 @@ def run_fast_on_floats(ctx: Context) -> tuple[list[PairReport], list[tuple[int, 
         ctx.poll()
         x = leaf.real.tolist()
         u = random_direction_rows(x, count, generator)
-        t = 2.0 ** round(math.log2(ctx.eps(leaf)))  # numeric.steps at x = 0
+        t = direction_step(ctx, leaf)
         steps = [node * t for node in NODES]
         batch = [[xj + step * uj for xj, uj in zip(x, row, strict=True)] for step in steps for row in u]
         evaluated = ctx.evaluate(i, torch.tensor(batch, dtype=torch.float64, device=device)).tolist()
@@ -88,9 +95,7 @@ def run_fast_on_floats(ctx: Context) -> tuple[list[PairReport], list[tuple[int, 
     ctx.timed("numeric_s", t0)
 
     t0 = time.perf_counter()
-    cotangents = random_cotangents(problem.outputs, count, generator, device)
-    grads = ctx.analytic.rows(cotangents)
-    again = ctx.analytic.rows(cotangents) if options.check_nondeterminism else None
+    cotangents, grads, again = reverse_projections(ctx, count, generator)
     ctx.timed("analytic_s", t0)
 
     sums = _Sums()
@@ -206,6 +211,23 @@ def judged_on_floats(
         nondeterminism=nondet if options.check_nondeterminism else None,
         message=message(count, 0),
     )
+
+
+def direction_step(ctx: Context, leaf: Leaf) -> float:
+    """The step along a random direction of ``leaf`` (its elements of scale 1): ``numeric.steps``
+    at x = 0, a power of two."""
+    return 2.0 ** round(math.log2(ctx.eps(leaf)))
+
+
+def reverse_projections(
+    ctx: Context, count: int, generator: torch.Generator
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
+    """J^T v for ``count`` seeded cotangents per output block: the cotangents, the backward's
+    rows, and the same batch run a second time to detect nondeterminism (None when not checked)."""
+    cotangents = random_cotangents(ctx.problem.outputs, count, generator, ctx.f0.device)
+    grads = ctx.analytic.rows(cotangents)
+    again = ctx.analytic.rows(cotangents) if ctx.options.check_nondeterminism else None
+    return cotangents, grads, again
 
 
 def message(count: int, wide_only: int) -> str:
