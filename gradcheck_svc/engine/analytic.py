@@ -163,14 +163,10 @@ class Analytic:
 
     def few_rows(self, m: int) -> list[list[list[float]]] | None:
         """``rows`` of the identity's ``m`` rows as Python floats, ``(n_i, m)`` per leaf (the
-        transposed Jacobian), for a float64 problem of a handful of rows: the plain backward calls
-        ``rows`` makes there, without tensors to stack and read back. None where ``rows`` would
-        batch them (or the leaves are not float64)."""
-        if (
-            m > _FEW_ROWS
-            or ("func" not in self._paths and self._paths != ["loop"])
-            or any(leaf.real_dtype != torch.float64 for leaf in self.problem.leaves)
-        ):
+        transposed Jacobian), for a problem of a handful of rows: the plain backward calls ``rows``
+        makes there, without tensors to stack and read back (a float of any dtype reads back as
+        its float64 value, as ``rows`` converts it). None where ``rows`` would batch them."""
+        if m > _FEW_ROWS or ("func" not in self._paths and self._paths != ["loop"]):
             return None
         try:
             y, reals = self._autograd_graph()
