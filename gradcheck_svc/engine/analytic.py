@@ -197,7 +197,10 @@ class Analytic:
         for row in picked:
             single = self._grads(y, reals, cotangents[row], batched=False)
             for leaf, a, b in zip(self.problem.leaves, single, batched, strict=True):
-                a, b = a.detach().to(torch.float64), b[row].detach().to(torch.float64)
+                b = b[row]
+                if a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b):
+                    continue  # the usual answer, in one op (NaN is unequal: it goes on below)
+                a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
                 eps = torch.finfo(leaf.real_dtype).eps
                 scale = (
                     float(
