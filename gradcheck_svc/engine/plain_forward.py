@@ -74,7 +74,7 @@ def batched_plain_forward(
     its input works on a copy. The probe's plain calls, made first on copies of their rows, tell
     such a forward by the copy (its values, or its version counter where the write keeps them);
     a forward that writes into the batch under vmap although its plain calls did not is refused
-    with an error (see ``_writes``).
+    with an error (the version counter of the batch, which every such write under vmap bumps).
     """
     picks = sorted({0, *range(max(0, batch.shape[0] - _PROBE_ROWS + 1), batch.shape[0])})
     looped: list[torch.Tensor] = []

@@ -10,7 +10,9 @@ Python once, and every element is judged with the formulas of ``numeric.differen
 problems (kinks, non-finite values, nondeterminism, wrong backwards).
 
 Only the column path is mirrored: a problem that the block-structure or colouring paths could
-take, or that needs a float64 reference, forward mode or chunks, goes to ``full.run_full``.
+take, or that needs forward mode or chunks, goes to ``full.run_full``. A low-precision problem
+with a float64 reference is mirrored too: the user's backward judged with the forward's rounding
+allowance, its float64 run with the unit roundoff, the two verdicts merged (``compare.merge_wide``).
 """
 
 from __future__ import annotations
@@ -77,8 +79,6 @@ def _applies(ctx: Context) -> bool:
     if any(leaf.dtype != torch.float64 or leaf.size == 0 for leaf in numeric.leaves):
         return False
     if any(b.dtype != torch.float64 for b in numeric.outputs):
-        return False
-    if wide and any(leaf.is_complex for leaf in problem.leaves) | any(b.is_complex for b in problem.outputs):
         return False
     if o.chunk_size is not None and o.chunk_size < max(leaf.size for leaf in problem.leaves):
         return False
