@@ -30,6 +30,7 @@ __all__ = [
     "pair_fields",
     "pair_status",
     "reported_worst",
+    "wide_only_message",
 ]
 
 _KEEP_FULL = 4096  # pairs with at most this many entries keep their whole Jacobians
@@ -564,10 +565,14 @@ class PairAccumulator:
         )
 
     def wide_only_message(self, count: int) -> str:
-        """Why a failing element's analytic value is not the one the user's dtype computed."""
-        if not count:
-            return ""
-        return (
-            f"{count} element(s) fail only in the float64 run of this backward (values shown): "
-            f"{self.leaf.dtype_name} rounding hides the error there, it does not remove it"
-        )
+        return wide_only_message(self.leaf, count)
+
+
+def wide_only_message(leaf: Leaf, count: int) -> str:
+    """Why a failing element's analytic value is not the one the user's dtype computed."""
+    if not count:
+        return ""
+    return (
+        f"{count} element(s) fail only in the float64 run of this backward (values shown): "
+        f"{leaf.dtype_name} rounding hides the error there, it does not remove it"
+    )

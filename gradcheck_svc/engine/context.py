@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ PLAIN_ELEMENTS = 512
 # Cotangents this few go through the backward without sizing: at most this many backward
 # passes' memory at once (the rows of a scalar or tiny output).
 _UNSIZED_ROWS = 4
+_FEW = 64  # values up to this many are compared as Python floats (no torch op to pay)
 
 
 # The defaults of a few dtypes, asked several times by every check: frozen values, looked up once.
@@ -50,8 +52,23 @@ defaults_for = functools.lru_cache(maxsize=64)(_defaults_for)
 
 
 def _relative_gap(low: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
+    if low.numel() <= _FEW:
+        gaps = [_gap(a, b) for a, b in zip(low.tolist(), wide.tolist(), strict=True)]
+        return torch.tensor(gaps, dtype=wide.dtype, device=wide.device)
     gap = (low - wide).abs() / wide.abs()
     return torch.where(low == wide, 0.0, gap).nan_to_num(nan=1.0, posinf=1.0).clamp(max=1.0)
+
+
+def _gap(low: float, wide: float) -> float:
+    """``_relative_gap`` of one element: |low - wide| / |wide|, 0 where equal, at most 1 (NaN and
+    inf read 1)."""
+    if low == wide:
+        return 0.0
+    difference, magnitude = abs(low - wide), abs(wide)
+    if magnitude == 0:
+        return 1.0  # a positive difference over 0 (inf), or NaN
+    gap = difference / magnitude
+    return 1.0 if math.isnan(gap) or gap > 1.0 else gap
 
 
 class Notes(list[str]):

@@ -24,6 +24,7 @@ import torch
 from torch._functorch.utils import enable_single_level_autograd_function
 
 from gradcheck_svc.engine.agreement import within
+from gradcheck_svc.errors import FunctionRaisedError
 
 __all__ = ["batched_plain_forward", "plain_forward_calls"]
 
@@ -68,19 +69,53 @@ def batched_plain_forward(
 
     The probe: the first and last rows are also evaluated one by one, outside vmap; a
     batched kernel may round differently, so a few ulps are allowed.
+
+    ``batch`` is left as it was, for a fallback and for the caller: a forward that writes into
+    its input works on a copy. The probe's plain calls, made first on copies of their rows, tell
+    such a forward by the copy (its values, or its version counter where the write keeps them);
+    a forward that writes into the batch under vmap although its plain calls did not is refused
+    with an error (the version counter of the batch, which every such write under vmap bumps).
     """
+    picks = sorted({0, *range(max(0, batch.shape[0] - _PROBE_ROWS + 1), batch.shape[0])})
+    looped: list[torch.Tensor] = []
+    writes = False
+    with torch.no_grad():
+        for k in picks:
+            row = batch[k]
+            copy = row.clone()
+            version = copy._version
+            try:
+                looped.append(one(copy))
+            except Exception:  # the loop that follows says what fn raised
+                return None
+            writes = writes or copy._version != version or not _same(copy, row)
+    source = batch.clone() if writes else batch
+    version = batch._version
     try:
         with torch.no_grad(), plain_forward_calls():
-            # A copy: a forward that writes into its input must not spoil the rows a fallback reads.
-            batched = torch.vmap(one)(batch.clone())
+            batched = torch.vmap(one)(source)
     except Exception:  # the forward itself does something vmap cannot batch
+        batched = None
+    if batch._version != version:
+        raise FunctionRaisedError(
+            "fn wrote into its input in a batched evaluation but not in a plain call; "
+            "write into a copy (x = x.clone()) or mark it with ctx.mark_dirty"
+        )
+    if batched is None:
         return None
-    picks = sorted({0, *range(max(0, batch.shape[0] - _PROBE_ROWS + 1), batch.shape[0])})
-    with torch.no_grad():
-        looped = torch.stack([one(batch[k].clone()) for k in picks])
     probe = batched[picks]
-    scale = looped.abs().nan_to_num(nan=0.0, posinf=0.0)
+    stacked = torch.stack(looped)
+    scale = stacked.abs().nan_to_num(nan=0.0, posinf=0.0)
     allowed = _PROBE_ULPS * machine_eps * (scale + scale.max())
-    if probe.shape != looped.shape or not within(probe, looped, allowed):
+    if probe.shape != stacked.shape or not within(probe, stacked, allowed):
         return None
+    if batched.untyped_storage().data_ptr() == batch.untyped_storage().data_ptr():
+        return batched.clone()  # fn returned its input: the values, not the caller's batch
     return batched
+
+
+def _same(copy: torch.Tensor, row: torch.Tensor) -> bool:
+    """Whether a plain call left its copy of ``row`` as it was (NaN where NaN was)."""
+    if copy.shape != row.shape or copy.dtype != row.dtype:
+        return False
+    return torch.equal(copy, row) or bool(((copy == row) | (copy.isnan() & row.isnan())).all())

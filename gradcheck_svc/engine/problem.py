@@ -241,10 +241,9 @@ class Problem:
         return self.flatten_output(self.call(values))
 
     def flat_replace(self, index: int, value: torch.Tensor) -> torch.Tensor:
-        """``flat`` with only leaf ``index`` replaced by a real vector (for vmap over one leaf)."""
-        reals = [leaf.real for leaf in self.leaves]
-        reals[index] = value
-        return self.flat(*reals)
+        """``flat`` with only leaf ``index`` replaced by a real vector (for vmap over one leaf);
+        the other leaves go as ``as_called`` (their views made once, not at every evaluation)."""
+        return self.call_replaced(index, self.leaves[index].from_real(value))
 
     def base_reals(self) -> list[torch.Tensor]:
         return [leaf.real for leaf in self.leaves]

@@ -10,7 +10,9 @@ Python once, and every element is judged with the formulas of ``numeric.differen
 problems (kinks, non-finite values, nondeterminism, wrong backwards).
 
 Only the column path is mirrored: a problem that the block-structure or colouring paths could
-take, or that needs a float64 reference, forward mode or chunks, goes to ``full.run_full``.
+take, or that needs forward mode or chunks, goes to ``full.run_full``. A low-precision problem
+with a float64 reference is mirrored too: the user's backward judged with the forward's rounding
+allowance, its float64 run with the unit roundoff, the two verdicts merged (``compare.merge_wide``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from gradcheck_svc.engine import structure
 from gradcheck_svc.engine.agreement import largest_change
+from gradcheck_svc.engine.analytic import Analytic
 from gradcheck_svc.engine.colouring import _MIN_GAIN  # a leaf is left alone when a row has more non-zeros
 from gradcheck_svc.engine.compare import (
     _FAILED,
@@ -33,8 +36,9 @@ from gradcheck_svc.engine.compare import (
     pair_fields,
     pair_status,
     reported_worst,
+    wide_only_message,
 )
-from gradcheck_svc.engine.context import Context
+from gradcheck_svc.engine.context import _FORWARD_ROUNDING, Context
 from gradcheck_svc.engine.numeric import _FLOOR_ULPS, _MIN_NOISE_SAMPLES, NODES, derivative_weights
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, flat_index
 from gradcheck_svc.report import Check, ElementError, PairReport
@@ -61,27 +65,32 @@ TINY_ENTRIES = 128
 def _applies(ctx: Context) -> bool:
     """Whether the check is one the column path alone would answer, and tiny."""
     problem, o = ctx.problem, ctx.options
-    if not ENABLED:
-        return False
-    if ctx.wide_analytic is not None or ctx.forward_rounding is not None or o.forward_ad:
+    if not ENABLED or o.forward_ad:
         return False
     n, m = problem.n_inputs, problem.n_outputs
-    if ctx.numeric_problem is not problem or n > TINY_COLUMNS or n * m > TINY_ENTRIES or m == 0:
+    if n > TINY_COLUMNS or n * m > TINY_ENTRIES or m == 0:
         return False
-    leaves, outputs = problem.leaves, problem.outputs
-    # float64 throughout: a perturbed value is then the float64 sum, as Python computes it.
-    if any(leaf.dtype != torch.float64 or leaf.size == 0 for leaf in leaves):
+    numeric = ctx.numeric_problem
+    wide = ctx.wide_analytic is not None
+    if numeric is not problem and not (wide and ctx.forward_rounding is not None):
         return False
-    if any(b.dtype != torch.float64 for b in outputs):
+    # The numeric side in float64 throughout: a perturbed value is then the float64 sum, as Python
+    # computes it. A low-precision problem with a float64 reference is judged against that.
+    if any(leaf.dtype != torch.float64 or leaf.size == 0 for leaf in numeric.leaves):
         return False
-    if o.chunk_size is not None and o.chunk_size < max(leaf.size for leaf in leaves):
+    if any(b.dtype != torch.float64 for b in numeric.outputs):
         return False
-    # The structure path gives up at once when some pair has no hypothesis (its shapes allow none).
-    if structure.ENABLED and all(
-        structure.candidates(b.shape, leaf.shape) for b in outputs for leaf in leaves
+    if o.chunk_size is not None and o.chunk_size < max(leaf.size for leaf in problem.leaves):
+        return False
+    # The structure path gives up at once when some pair has no hypothesis (its shapes allow none),
+    # or when there is a float64 run of the backward to judge.
+    if (
+        not wide
+        and structure.ENABLED
+        and all(structure.candidates(b.shape, leaf.shape) for b in problem.outputs for leaf in problem.leaves)
     ):
         return False
-    return all(leaf.all_finite for leaf in leaves)
+    return all(leaf.all_finite for leaf in numeric.leaves)
 
 
 def _colouring_declines(jac_t: list[list[float]], size: int, f0_finite: bool) -> bool:
@@ -104,17 +113,22 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
     if ctx.rows_per_backward(n, m) < m:
         return None
     ctx.poll()
-    jac_t = _transposed_jacobian(ctx, m)  # per leaf, (n_i, M)
+    jac_t = _transposed_jacobian(ctx.analytic, m, ctx.f0.device)  # per leaf, (n_i, M)
     f0 = ctx.numeric_f0.tolist()
     f0_finite = all(math.isfinite(v) for v in f0)
-    if not all(
+    # Columns are grouped only where the user's backward is judged alone (``full._colourable``).
+    if ctx.wide_analytic is None and not all(
         _colouring_declines(j, leaf.size, f0_finite) for j, leaf in zip(jac_t, problem.leaves, strict=True)
     ):
         return None
     nondeterminism: list[float | None] = [None] * len(problem.leaves)
     if options.check_nondeterminism:
-        again = _transposed_jacobian(ctx, m)
+        again = _transposed_jacobian(ctx.analytic, m, ctx.f0.device)
         nondeterminism = [_largest_change(j, a) for j, a in zip(jac_t, again, strict=True)]
+    wide_t = (
+        _transposed_jacobian(ctx.wide_analytic, m, ctx.f0.device) if ctx.wide_analytic is not None else None
+    )
+    rounding = ctx.forward_rounding.tolist() if ctx.forward_rounding is not None else None
     ctx.timed("analytic_s", start)
 
     reports: list[PairReport] = []
@@ -122,9 +136,10 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
         ctx.poll()
         columns, evaluated, offsets, x_scale = _evaluate_leaf(ctx, i)
         start = time.perf_counter()
+        sides = [jac_t[i]] if wide_t is None else [jac_t[i], wide_t[i]]
         active = [
             any(row[r] != f0[r] for row in evaluated)
-            or any(column[r] != 0 for column in jac_t[i])
+            or any(column[r] != 0 for side in sides for column in side)
             or not math.isfinite(f0[r])
             for r in range(m)
         ]
@@ -133,26 +148,35 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
         for block in problem.outputs:
             mine = [k for k, r in enumerate(rows) if block.offset <= r < block.offset + block.size]
             pair = _Pair(block, leaf, options.max_worst)
-            pair.add(
-                columns,
-                [rows[k] - block.offset for k in mine],
-                [[jac_t[i][j][rows[k]] for j in range(columns)] for k in mine],
-                _rows_of(diff, mine),
-                ctx.tolerance(block, leaf),
+            block_diff = _rows_of(diff, mine)
+            analytic = [[jac_t[i][j][rows[k]] for j in range(columns)] for k in mine]
+            extra = None
+            if rounding is not None:
+                extra = [
+                    [_FORWARD_ROUNDING * rounding[rows[k]] * abs(n) for n in row]
+                    for k, row in zip(mine, block_diff.value, strict=True)
+                ]
+            verdicts = judge_floats(
+                analytic, block_diff, ctx.tolerance(block, leaf), extra=extra, elements=True
             )
+            if wide_t is not None:
+                wide = [[wide_t[i][j][rows[k]] for j in range(columns)] for k in mine]
+                wide_verdicts = judge_floats(wide, block_diff, ctx.wide_tolerance(block, leaf), elements=True)
+                analytic, pair.wide_only = merge_wide_floats(analytic, verdicts, wide, wide_verdicts)
+            pair.add(columns, [rows[k] - block.offset for k in mine], analytic, block_diff, verdicts)
             pair.checked += (block.size - len(mine)) * columns
             reports.append(pair.report(nondeterminism[i], options.nondet_tol))
         ctx.timed("compare_s", start)
     return reports
 
 
-def _transposed_jacobian(ctx: Context, m: int) -> list[list[list[float]]]:
+def _transposed_jacobian(analytic: Analytic, m: int, device: torch.device) -> list[list[list[float]]]:
     """The backward of every output row (``probes.onehot`` of each), ``(n_i, M)`` lists per leaf."""
-    few = ctx.analytic.few_rows(m)
+    few = analytic.few_rows(m)
     if few is not None:
         return few
-    cotangents = torch.eye(m, dtype=torch.float64, device=ctx.f0.device)
-    return [g.T.tolist() for g in ctx.analytic.rows(cotangents)]
+    cotangents = torch.eye(m, dtype=torch.float64, device=device)
+    return [g.T.tolist() for g in analytic.rows(cotangents)]
 
 
 def _largest_change(first: list[list[float]], again: list[list[float]]) -> float:
@@ -287,13 +311,51 @@ def _clean(value: float) -> float:
     return 0.0 if math.isnan(value) or math.isinf(value) else value
 
 
+def _extra(value: float) -> float:
+    """An extra tolerance as ``judge`` reads it: NaN and +inf count 0."""
+    return 0.0 if math.isnan(value) or value == math.inf else value
+
+
+def merge_wide_floats(
+    analytic: list[list[float]],
+    low: list[list[FloatVerdict]],
+    wide_analytic: list[list[float]],
+    wide: list[list[FloatVerdict]],
+) -> tuple[list[list[float]], int]:
+    """``compare.merge_wide`` on floats: ``low`` becomes the merged verdicts (in place); returns
+    the analytic values to show and how many elements only the float64 run failed."""
+    only_wide = [
+        [w.failed and not v.failed for v, w in zip(rv, rw, strict=True)]
+        for rv, rw in zip(low, wide, strict=True)
+    ]
+    count = sum(sum(row) for row in only_wide)
+    shown = analytic
+    if count:
+        shown = [
+            [w if o else a for a, w, o in zip(ra, rw, ro, strict=True)]
+            for ra, rw, ro in zip(analytic, wide_analytic, only_wide, strict=True)
+        ]
+    for rv, rw, ro in zip(low, wide, only_wide, strict=True):
+        for v, w, o in zip(rv, rw, ro, strict=True):
+            if o:
+                v.tolerance, v.error, v.ratio = w.tolerance, w.error, w.ratio
+            v.failed = v.failed or w.failed
+            v.nonfinite = v.nonfinite or w.nonfinite
+            if count:  # merge_wide joins the kinks only where some element failed in float64 alone
+                v.kink = v.kink or w.kink
+    return shown, count
+
+
 def judge_floats(
     analytic: list[list[float]],
     diff: FloatDifferences,
     tol: Tolerance,
     scale: list[list[float]] | None = None,
+    extra: list[list[float]] | None = None,
+    *,
+    elements: bool = False,
 ) -> list[list[FloatVerdict]]:
-    """``compare.judge`` of a block, element by element (``scale``: per element, as there)."""
+    """``compare.judge`` of a block, element by element (``scale``, ``extra``, ``elements``: as there)."""
     finite = [
         [math.isfinite(a) and math.isfinite(n) for a, n in zip(ra, rn, strict=True)]
         for ra, rn in zip(analytic, diff.value, strict=True)
@@ -337,6 +399,8 @@ def judge_floats(
             if atols is not None:
                 atol = atols[k][j]
             tolerance = abs(n) * tol.rtol + bar * tol.bars + atol
+            if extra is not None:
+                tolerance += _extra(extra[k][j]) if every or finite[k][j] else 0.0
             error = abs(a - n)
             ratio = 0.0 if error == 0 else error / tolerance
             failed = error > tolerance
@@ -345,6 +409,14 @@ def judge_floats(
                 margin = side * kink_bars + atol
                 kink = min(fwd, bwd) - margin <= a <= max(fwd, bwd) + margin
                 failed = (failed and not kink) if not tol.kinks_fail else (failed or kink)
+            if elements and failed and not kink:
+                # ``compare._kinks_within_step``: a kink between x and x + 2h, told by the analytic
+                # value sitting on the one-sided difference of its own piece.
+                noise = max(bar - abs(n - (fwd + bwd) / 2), 0.0)
+                margin = noise * _KINK_BARS + atol + tol.rtol * abs(a)
+                kink = abs(fwd - bwd) > 2 * margin and min(abs(a - fwd), abs(a - bwd)) <= margin
+                if not tol.kinks_fail:
+                    failed = not kink
             verdict = FloatVerdict(tolerance, error, ratio, failed, kink)
             if not every and not finite[k][j]:
                 a0, n0 = analytic[k][j], diff.value[k][j]
@@ -372,17 +444,22 @@ class _Pair:
     def __init__(self, output: OutputBlock, leaf: Leaf, max_worst: int) -> None:
         self.output, self.leaf, self.max_worst = output, leaf, max_worst
         self.checked = self.failed = self.kinks = self.nonfinite = 0
+        self.wide_only = 0  # elements that failed only in the float64 run of the backward
         self.max_abs = self.max_rel = self.max_ratio = 0.0
         self.full = {k: [0.0] * (output.size * leaf.size) for k in ("a", "n", "b")}
         self.map: list[float] | None = None
         self.worst: list[tuple[int, float, ElementError]] = []
 
     def add(
-        self, c: int, rows: list[int], analytic: list[list[float]], diff: FloatDifferences, tol: Tolerance
+        self,
+        c: int,
+        rows: list[int],
+        analytic: list[list[float]],
+        diff: FloatDifferences,
+        verdicts: list[list[FloatVerdict]],
     ) -> None:
         if not rows:
             return
-        verdicts = judge_floats(analytic, diff, tol)
         flat = [(k, j) for j in range(c) for k in range(len(rows))]  # (m, c) views of (c, m) memory
         self.checked += len(flat)
         n_failed = sum(verdicts[k][j].failed for k, j in flat)
@@ -475,5 +552,5 @@ class _Pair:
             error_bars=self.full["b"],
             nondeterminism=nondeterminism,
             error_map=error_map,
-            message="",
+            message=wide_only_message(self.leaf, self.wide_only),
         )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
+from collections.abc import Callable
 
+import pytest
 import torch
 
 import gradcheck_svc as gc
@@ -190,3 +193,114 @@ def test_concurrent_checks_under_the_guard_leave_other_threads_alone():
     assert sorted(set(outcomes["plain"])) == ["grad", "refused"]
     assert len(outcomes["plain"]) == 2 * 2 * rounds * 20
     assert torch._C._are_functorch_transforms_active is _TORCH_ASKS
+
+
+def _writing(write: Callable[[torch.Tensor], object]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An old-style Function (vmap refuses it) that writes into its input with ``write``, then
+    returns the sine of what its input held when it was called."""
+
+    class Writes(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            y = torch.sin(x)
+            write(x)
+            return y
+
+        @staticmethod
+        def backward(ctx, g):
+            raise NotImplementedError
+
+    return Writes.apply
+
+
+def _numpy_add(x: torch.Tensor) -> None:
+    view = x.numpy()
+    view += 1.0
+
+
+WRITE_ROUTES = {
+    "in place": lambda x: x.add_(1.0),
+    "through .data": lambda x: x.data.add_(1.0),
+    "through detach()": lambda x: x.detach().mul_(3.0),
+    "into a view": lambda x: x.view(-1)[:1].fill_(7.0),
+    "by item assignment": lambda x: x.__setitem__(0, 5.0),
+    "through a numpy view": _numpy_add,
+    # the probe rows are positive: only the version counter tells this write there
+    "keeping some values": lambda x: x.clamp_(min=0.0),
+}
+
+
+@pytest.mark.parametrize("route", list(WRITE_ROUTES))
+def test_a_forward_that_writes_into_its_input_leaves_the_batch_alone(route):
+    batch = torch.randn(8, 5, dtype=torch.float64)
+    batch[0], batch[-2:] = batch[0].abs() + 0.1, batch[-2:].abs() + 0.1
+    original = batch.clone()
+    fn = _writing(WRITE_ROUTES[route])
+    out = batched_plain_forward(fn, batch, 2.0**-52)
+    assert torch.equal(batch, original)  # the caller's perturbations, as they were
+    if out is not None:  # batched on a copy: every row's value at its own point
+        assert torch.allclose(out, torch.sin(original), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("route", list(WRITE_ROUTES))
+def test_a_check_of_a_forward_that_writes_into_its_input_passes(route):
+    write = WRITE_ROUTES[route]
+
+    class Writes(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x.clone())
+            y = x * torch.sigmoid(x)
+            write(x)
+            return y
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            s = torch.sigmoid(x)
+            return g * (s + x * s * (1 - s))
+
+    def fn(x):
+        return Writes.apply(x.clone())
+
+    x = torch.linspace(-2, 2, 40, dtype=torch.float64)
+    report = gc.check(fn, x)
+    assert report.ok, report
+
+    # The same bug twin is caught: a wrong verdict cannot hide behind the writes.
+    class Wrong(Writes):
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * torch.sigmoid(x)
+
+    assert not gc.check(lambda x: Wrong.apply(x.clone()), x).ok
+
+
+def test_a_forward_that_writes_only_when_batched_is_refused_clearly():
+    calls = itertools.count()
+
+    def later_calls_write(x):
+        if next(calls) >= 3:  # the probe's plain calls come first, the batched call after
+            x.add_(1.0)
+
+    batch = torch.randn(6, 4, dtype=torch.float64)
+    with pytest.raises(gc.FunctionRaisedError, match="wrote into its input in a batched evaluation"):
+        batched_plain_forward(_writing(later_calls_write), batch, 2.0**-52)
+
+
+def test_a_forward_that_returns_its_input_gives_values_apart_from_the_batch():
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    batch = torch.randn(6, 4, dtype=torch.float64)
+    out = batched_plain_forward(Identity.apply, batch, 2.0**-52)
+    assert out is not None and torch.equal(out, batch)
+    batch.zero_()
+    assert bool((out != 0).any())

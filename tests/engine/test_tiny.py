@@ -187,16 +187,38 @@ def test_a_wrong_scalar_backward_fails_on_the_tiny_path(monkeypatch: pytest.Monk
 
 
 def test_problems_the_tiny_path_leaves_to_the_column_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Elementwise vectors (colouring), float32 (a float64 reference) and forward mode go on as before."""
+    """Elementwise vectors (colouring) and forward mode go on as before (float32 with its float64
+    reference: test_tiny_wide.py)."""
     vector = torch.linspace(-1, 1, 12, dtype=torch.float64)
     for fn, inputs, options in [
         (torch.tanh, (vector,), {}),
-        (lambda x: x**2, (torch.tensor(9.0),), {}),
         (lambda x: x**2, (torch.tensor(9.0, dtype=torch.float64),), {"forward_ad": True}),
     ]:
         tiny_report, column_report, took_tiny = _both(monkeypatch, fn, inputs, **options)
         assert not took_tiny
         assert not list(_differences(tiny_report, column_report))
+
+
+@pytest.mark.parametrize("theta", [0.05, 0.2, 0.35, 0.5, 0.6, 0.9])
+@pytest.mark.parametrize("options", [{}, {"kinks": "fail"}])
+def test_a_kink_inside_the_step_is_a_kink_on_the_tiny_path(
+    monkeypatch: pytest.MonkeyPatch, theta: float, options: dict[str, Any]
+) -> None:
+    """A kink between x and x + 2h spoils D+ and D+(2h) alike; the column path tells it by the
+    analytic value sitting on D- (``compare._kinks_within_step``), and so must the tiny path."""
+    at = 1 + theta * 2.0**-16  # the step at x = 1
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x - at) * 3 + x
+
+    tiny_report, column_report, took_tiny = _both(
+        monkeypatch, fn, (torch.tensor(1.0, dtype=torch.float64),), **options
+    )
+    assert took_tiny
+    assert not list(_differences(tiny_report, column_report))
+    if 0.2 <= theta <= 0.6:
+        (pair,) = tiny_report["pairs"]
+        assert pair["status"] == ("fail" if options else "kink") and pair["kinks"] == 1
 
 
 @pytest.mark.parametrize("seed", range(80))
