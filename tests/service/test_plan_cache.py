@@ -34,6 +34,16 @@ def test_a_repeat_gets_the_same_plan_with_containers_of_its_own() -> None:
     assert len(second.points[0].tensors) == 1 and second.points[0].tensors[0].item() == 9.0
 
 
+def test_a_tensor_that_requires_grad_is_a_leaf_of_each_checks_own() -> None:
+    cache = PlanCache(SETTINGS, REGISTRY)
+    request = build_request("x**2", points=[{"x": torch.tensor(3.0, requires_grad=True)}])
+    first, second = (cache.plan(request).points[0].tensors[0] for _ in range(2))
+    assert first.requires_grad and second.requires_grad and first is not second
+    (first**2).backward()  # what a check might do with its input
+    assert first.grad is not None and second.grad is None and second.item() == 3.0
+    assert cache.entries() == 1
+
+
 def test_other_options_points_or_functions_are_other_plans() -> None:
     cache = PlanCache(SETTINGS, REGISTRY)
     plans = [
