@@ -20,7 +20,8 @@ from gradcheck_svc.report import Report
 from gradcheck_svc.server.external import check_external
 from gradcheck_svc.server.isolation import WorkerPool
 from gradcheck_svc.server.limiter import CheckSlots
-from gradcheck_svc.server.plan import CheckPlan, plan_check, runs_in_worker
+from gradcheck_svc.server.plan import CheckPlan, runs_in_worker
+from gradcheck_svc.server.plan_cache import PlanCache
 from gradcheck_svc.server.runner import Deadline, PointProgress, execute, new_check_id
 from gradcheck_svc.server.status import Rejection, failure_for
 from gradcheck_svc.settings import Settings
@@ -47,6 +48,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         self.settings = settings
         self.registry = registry
         self.check_fn = check_fn
+        self.plans = PlanCache(settings, registry)
         self.served_by = settings.served_by
         self.slots = CheckSlots(settings.max_concurrent_checks)
         self.draining = threading.Event()
@@ -120,7 +122,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         response: pb.CheckResponse | None = None
         status = "OK"
         try:
-            plan = plan_check(request, self.settings, self.registry)  # validated here, even if isolated
+            plan = self.plans.plan(request)  # validated here, even if isolated
             deadline = Deadline.start(remaining, self.settings.max_check_seconds)
             isolated = runs_in_worker(self.settings.isolation, plan.operator_code, plan.light)
             if self.workers is not None and isolated:
