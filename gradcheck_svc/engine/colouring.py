@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # only the type: this module stays free of the driver's impor
 __all__ = ["ColouredLeaf", "colour_by_stride", "plan_groups", "run_coloured"]
 
 _MAX_TRIES = 48  # strides tried after the lower bound (the densest row)
+_COUNTED_KEYS = 1 << 22  # stride keys up to this many are told apart by counting, not sorting
 _MIN_GAIN = 3  # colour only when it saves at least this factor in evaluations
 _WEIGHT_BITS = 7  # weights (2^7 + r) / 2^8: few bits keep x + t * w * h exact
 # Re-checked columns, from this many in one call, take x + 2h only where the central difference
@@ -64,9 +65,14 @@ def colour_by_stride(rows: torch.Tensor, cols: torch.Tensor, n: int) -> int | No
         return 1
     degree = int(torch.bincount(rows).max())
     limit = n // _MIN_GAIN
+    n_rows = int(rows.max()) + 1
     for k in range(max(1, degree), min(limit, degree + _MAX_TRIES) + 1):
         keys = rows * k + cols % k
-        if torch.unique(keys).numel() == keys.numel():
+        if n_rows * k <= _COUNTED_KEYS:  # a count per key: one pass, where sorting takes many
+            distinct = bool(torch.bincount(keys, minlength=n_rows * k).max() <= 1)
+        else:
+            distinct = torch.unique(keys).numel() == keys.numel()
+        if distinct:
             return k
     return None
 

@@ -498,3 +498,27 @@ def test_rechecks_in_cache_sized_batches_report_the_same_elements(monkeypatch):
         mine = ours[tuple(e.input_index)]
         assert mine.output_index == e.output_index == e.input_index
         assert mine.numeric == pytest.approx(e.numeric, abs=e.error_bar + mine.error_bar)
+
+
+def _band(n: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.arange(n).repeat_interleave(width)
+    cols = (rows + torch.arange(width).repeat(n) - width // 2).clamp(0, n - 1)
+    key = torch.unique(rows * n + cols)
+    return key // n, key % n
+
+
+@pytest.mark.parametrize(
+    "pattern, n",
+    [
+        (_band(300, 5), 300),
+        (_band(500, 31), 500),
+        ((torch.arange(400), torch.arange(400)), 400),
+        ((torch.arange(600).repeat_interleave(20), torch.arange(600 * 20) % 600), 600),  # dense-ish
+        ((torch.arange(200).repeat_interleave(10), torch.arange(2000) // 2), 1000),
+    ],
+)
+def test_stride_by_counting_equals_stride_by_sorting(pattern, n, monkeypatch):
+    rows, cols = pattern
+    counted = colour_by_stride(rows, cols, n)
+    monkeypatch.setattr(colouring, "_COUNTED_KEYS", 0)
+    assert colour_by_stride(rows, cols, n) == counted
