@@ -56,14 +56,23 @@ def _ours(fn: Callable, inputs: tuple, dtype: torch.dtype = torch.float64) -> bo
 
 
 def _timed(call: Callable[[], bool], repeat: int) -> tuple[float, bool]:
-    times, verdicts = [], set()
+    ((seconds, verdict),) = _timed_side_by_side([call], repeat)
+    return seconds, verdict
+
+
+def _timed_side_by_side(calls: list[Callable[[], bool]], repeat: int) -> list[tuple[float, bool]]:
+    """Each call's median time and its verdict, the calls taking turns: on a shared machine a
+    burst of other work then falls on every tool alike, not on all the repeats of one."""
+    times: list[list[float]] = [[] for _ in calls]
+    verdicts: list[set[bool]] = [set() for _ in calls]
     for _ in range(repeat):
-        start = time.perf_counter()
-        verdicts.add(call())
-        times.append(time.perf_counter() - start)
-    if len(verdicts) != 1:
+        for call, spent, seen in zip(calls, times, verdicts, strict=True):
+            start = time.perf_counter()
+            seen.add(call())
+            spent.append(time.perf_counter() - start)
+    if any(len(seen) != 1 for seen in verdicts):
         raise RuntimeError("a verdict changed between repeats")
-    return statistics.median(times), verdicts.pop()
+    return [(statistics.median(spent), seen.pop()) for spent, seen in zip(times, verdicts, strict=True)]
 
 
 def run_case(case: Case, *, buggy: bool, repeat: int, float32: bool) -> dict:
@@ -71,8 +80,9 @@ def run_case(case: Case, *, buggy: bool, repeat: int, float32: bool) -> dict:
     n = sum(t.numel() for t in inputs) + sum(
         p.numel() for p in (fn.parameters() if isinstance(fn, torch.nn.Module) else ())
     )
-    t_torch, v_torch = _timed(lambda: _torch_check(fn, inputs), repeat)
-    t_ours, v_ours = _timed(lambda: _ours(fn, inputs), repeat)
+    (t_torch, v_torch), (t_ours, v_ours) = _timed_side_by_side(
+        [lambda: _torch_check(fn, inputs), lambda: _ours(fn, inputs)], repeat
+    )
     row = dict(
         name=case.name + (" [bug]" if buggy else ""),
         kind=case.kind,

@@ -34,11 +34,23 @@ if TYPE_CHECKING:  # only the type: this module stays free of the driver's impor
 __all__ = ["ColouredLeaf", "colour_by_stride", "plan_groups", "run_coloured"]
 
 _MAX_TRIES = 48  # strides tried after the lower bound (the densest row)
+_COUNTED_KEYS = 1 << 22  # stride keys up to this many are told apart by counting, not sorting
 _MIN_GAIN = 3  # colour only when it saves at least this factor in evaluations
 _WEIGHT_BITS = 7  # weights (2^7 + r) / 2^8: few bits keep x + t * w * h exact
 # Re-checked columns, from this many in one call, take x + 2h only where the central difference
 # leaves the verdict in doubt (as full mode's column chunks of that size do).
 _ADAPTIVE_SINGLES = 256
+# Memory of one batch of columns re-checked with three nodes at once (copies in, outputs out):
+# every pass over it is a pass over memory, and a batch that stays in the cache makes each one
+# cheap; a few more Python calls cost less than passes over a batch ten times the cache. Not for
+# the x + 2h where in doubt: each call's noise sample takes x + 2h, so it wants few, large calls.
+_SINGLES_BYTES = 16 * 2**20
+_MIN_SINGLES = 128  # ... but never fewer columns per call than this
+# Failing groups whose columns span at most this many Jacobian entries are handed back to full
+# mode's column chunks: a dense block that small costs a few vectorised passes, less than the
+# sorting and searching that listing its entries takes (the listing pays off on large, sparse
+# blocks). Either way each column is perturbed on its own, so the elements are exact.
+_DENSE_RECHECK = 1 << 18
 
 
 def colour_by_stride(rows: torch.Tensor, cols: torch.Tensor, n: int) -> int | None:
@@ -53,9 +65,14 @@ def colour_by_stride(rows: torch.Tensor, cols: torch.Tensor, n: int) -> int | No
         return 1
     degree = int(torch.bincount(rows).max())
     limit = n // _MIN_GAIN
+    n_rows = int(rows.max()) + 1
     for k in range(max(1, degree), min(limit, degree + _MAX_TRIES) + 1):
         keys = rows * k + cols % k
-        if torch.unique(keys).numel() == keys.numel():
+        if n_rows * k <= _COUNTED_KEYS:  # a count per key: one pass, where sorting takes many
+            distinct = bool(torch.bincount(keys, minlength=n_rows * k).max() <= 1)
+        else:
+            distinct = torch.unique(keys).numel() == keys.numel()
+        if distinct:
             return k
     return None
 
@@ -108,7 +125,8 @@ def run_coloured(
     *,
     directions: Probes | None = None,
 ) -> torch.Tensor | None:
-    """Check leaf ``index`` by groups; return the columns still to be perturbed by full mode.
+    """Check leaf ``index`` by groups; return the columns still to be perturbed by full mode
+    (with the columns of failing groups, when they span a small block: ``_DENSE_RECHECK``).
 
     ``jac_t`` is the analytic Jacobian of the leaf, transposed ``(n, M)``; ``accumulators``
     gives, per output block checked against this leaf, its rows, accumulator and tolerance.
@@ -185,12 +203,16 @@ def run_coloured(
         # Each column of a failing group on its own: every row it moves reads that column's
         # element, so what is recorded is exact, and rows the analytic side misses are named.
         again = plan.columns[failed_groups[plan.group]]
+        if again.numel() * ctx.numeric_f0.numel() <= _DENSE_RECHECK:
+            return torch.sort(torch.cat([left, again])).values
         position = torch.full((leaf.size,), -1, dtype=torch.long, device=device)
-        for c0 in range(0, again.numel(), per_call):
+        # x + 2h only where in doubt pays when few columns are: those of entries the groups
+        # failed foretell how many (all of them, when the backward is wrong everywhere).
+        mostly_right = 2 * int(suspect[again].sum()) <= again.numel()
+        singles = per_call if mostly_right else _singles_per_call(ctx, leaf.size, again.numel(), per_call)
+        for c0 in range(0, again.numel(), singles):
             ctx.poll()
-            cols = again[c0 : c0 + per_call]
-            # x + 2h only where in doubt pays when few columns are: those of entries the groups
-            # failed foretell how many (all of them, when the backward is wrong everywhere).
+            cols = again[c0 : c0 + singles]
             few_suspects = 2 * int(suspect[cols].sum()) <= cols.numel()
             position[cols] = torch.arange(cols.numel(), device=device)
             mine = position[pc] >= 0
@@ -214,6 +236,16 @@ def run_coloured(
             )
             position[cols] = -1
     return left
+
+
+def _singles_per_call(ctx: Context, n: int, count: int, per_call: int) -> int:
+    """Columns per evaluation when ``count`` columns of an ``n``-element leaf are re-checked one
+    by one with three nodes: batches within ``_SINGLES_BYTES`` (``per_call`` at most, never
+    under ``_MIN_SINGLES``), of equal size."""
+    per_column = 3 * max(8 * (n + ctx.numeric_f0.numel()), ctx.eval_bytes)
+    size = min(per_call, max(_MIN_SINGLES, _SINGLES_BYTES // per_column))
+    calls = max(1, count // size)
+    return min(per_call, -(-count // calls))
 
 
 def _check_groups(

@@ -404,3 +404,121 @@ class WrongEverywhere(torch.autograd.Function):
     def backward(ctx, g):
         (y,) = ctx.saved_tensors
         return 2 * g * (1 - y * y)
+
+
+class ScaledRowSoftmax(torch.autograd.Function):
+    """softmax(q) * v per row, with the backward of the row-wise leaf ``q`` doubled: a structured
+    leaf (``q``, block-diagonal) next to a dense one (``v``, shared by every row)."""
+
+    @staticmethod
+    def forward(ctx, q, v):
+        p = torch.softmax(q, -1)
+        ctx.save_for_backward(p, v)
+        return p * v.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        p, v = ctx.saved_tensors
+        s = v.sum()
+        gp = g * s
+        gq = p * (gp - (gp * p).sum(-1, keepdim=True))
+        return 2 * gq, (g * p).sum().expand_as(v)
+
+
+def _located(report: gc.Report) -> dict:
+    """Per pair: status, counts, and the elements named (all of them, when the list holds all)."""
+    return {
+        (pair.output, pair.input): (
+            pair.status,
+            pair.elements_failed,
+            pair.elements_checked,
+            pair.kinks,
+            sorted((tuple(e.output_index), tuple(e.input_index)) for e in pair.worst)
+            if pair.elements_failed + pair.kinks < 100
+            else None,
+        )
+        for pair in report.pairs
+    }
+
+
+def test_wrong_structured_leaf_next_to_a_dense_one_is_caught_and_located():
+    q = torch.randn(6, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    v = torch.randn(12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    report = gc.check(ScaledRowSoftmax.apply, q, v, max_worst=100)
+    assert not report.ok
+    structured, dense = report.pairs  # q, then v
+    assert dense.ok
+    wrong = structured
+    # Every failing element of q's pair lies in its own row's block, none outside.
+    assert wrong.elements_failed > 0
+    assert all(e.output_index[0] == e.input_index[0] for e in wrong.worst if not e.kink)
+
+
+@pytest.mark.parametrize(
+    "fn, args",
+    [
+        (MissingNeighbour.apply, (torch.randn(80, dtype=torch.float64),)),
+        (SpuriousNeighbour.apply, (torch.randn(80, dtype=torch.float64),)),
+        (WrongEverywhere.apply, (torch.randn(300, dtype=torch.float64),)),
+        (OneWrongElement.apply, (_one_wrong_input(300),)),
+        (
+            ScaledRowSoftmax.apply,
+            (torch.randn(6, 8, dtype=torch.float64), torch.randn(12, dtype=torch.float64)),
+        ),
+    ],
+)
+def test_small_failing_groups_on_the_column_path_locate_the_same_elements(fn, args, monkeypatch):
+    # Failing groups of a small block go back to full mode's column chunks; the same failing
+    # elements, counts and kinks as when they are re-checked one by one as listed entries.
+    handed_back = gc.check(fn, *args, max_worst=100)
+    monkeypatch.setattr(colouring, "_DENSE_RECHECK", 0)
+    listed = gc.check(fn, *args, max_worst=100)
+    assert not handed_back.ok and not listed.ok
+    assert _located(handed_back) == _located(listed)
+
+
+def test_rechecks_in_cache_sized_batches_report_the_same_elements(monkeypatch):
+    # Wrong everywhere: every column takes three nodes; batches sized to the cache or one batch
+    # give the same failing elements, counts, and values within their error bars.
+    n = 2000
+    x = torch.randn(n, generator=torch.Generator().manual_seed(8), dtype=torch.float64) * 3
+    rows = _perturbed_rows(monkeypatch)
+    small = gc.check(WrongEverywhere.apply, x, max_worst=100)
+    small_rows = list(rows)
+    rows.clear()
+    monkeypatch.setattr(colouring, "_SINGLES_BYTES", 1 << 40)
+    whole = gc.check(WrongEverywhere.apply, x, max_worst=100)
+    assert len(small_rows) > len(rows) and sum(small_rows) == sum(rows) == 3 * n
+    assert _located(small) == _located(whole)
+    assert small.pairs[0].elements_failed > 0.9 * n
+    ours = {tuple(e.input_index): e for e in small.pairs[0].worst}
+    shared = [e for e in whole.pairs[0].worst if tuple(e.input_index) in ours]
+    assert shared
+    for e in shared:
+        mine = ours[tuple(e.input_index)]
+        assert mine.output_index == e.output_index == e.input_index
+        assert mine.numeric == pytest.approx(e.numeric, abs=e.error_bar + mine.error_bar)
+
+
+def _band(n: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.arange(n).repeat_interleave(width)
+    cols = (rows + torch.arange(width).repeat(n) - width // 2).clamp(0, n - 1)
+    key = torch.unique(rows * n + cols)
+    return key // n, key % n
+
+
+@pytest.mark.parametrize(
+    "pattern, n",
+    [
+        (_band(300, 5), 300),
+        (_band(500, 31), 500),
+        ((torch.arange(400), torch.arange(400)), 400),
+        ((torch.arange(600).repeat_interleave(20), torch.arange(600 * 20) % 600), 600),  # dense-ish
+        ((torch.arange(200).repeat_interleave(10), torch.arange(2000) // 2), 1000),
+    ],
+)
+def test_stride_by_counting_equals_stride_by_sorting(pattern, n, monkeypatch):
+    rows, cols = pattern
+    counted = colour_by_stride(rows, cols, n)
+    monkeypatch.setattr(colouring, "_COUNTED_KEYS", 0)
+    assert colour_by_stride(rows, cols, n) == counted
