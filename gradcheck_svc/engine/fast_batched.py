@@ -95,7 +95,11 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
         gu = g * directions
         both = torch.stack([gu, gu.abs()])
         sums = [both[..., lo:hi].sum(dim=-1).tolist() for lo, hi in bounds]
-        blocks.append((block, picked, v, v.abs(), sums))
+        # the backward's re-run, compared leaf by leaf only where it differs somewhere
+        rerun = again is not None and not torch.equal(
+            g, again[0][picked] if len(again) == 1 else torch.cat([a[picked] for a in again], dim=1)
+        )
+        blocks.append((block, picked, v, v.abs(), sums, rerun))
 
     t0 = time.perf_counter()
     settled: dict[tuple[int, int], tuple[list[list[float]], list[float]]] = {}
@@ -113,7 +117,7 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
 
     reports: list[PairReport] = []
     failing: list[tuple[int, int]] = []
-    for o, (block, picked, v, size, sums) in enumerate(blocks):
+    for o, (block, picked, v, size, sums, rerun) in enumerate(blocks):
         projected = []
         if parts is not None:
             # values and one-sided differences project on v, error bars and |R| on |v|
@@ -126,7 +130,7 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
             else:
                 *five, numeric_size = projected[doubtful.index(i)]
             scale = [s + r for s, r in zip(gu_size, numeric_size, strict=True)]
-            nondet = largest_change(grads[i][picked], again[i][picked]) if again is not None else 0.0
+            nondet = largest_change(grads[i][picked], again[i][picked]) if rerun and again else 0.0
             report = judged_on_floats(ctx, block, leaf, a, five, scale, nondet)
             reports.append(report)
             if report.status in (Status.FAIL, Status.NONFINITE):
@@ -166,7 +170,7 @@ def _settled(
     stacked: torch.Tensor,
     t: float,
     count: int,
-    blocks: list[tuple[OutputBlock, slice, torch.Tensor, torch.Tensor, list[list[list[float]]]]],
+    blocks: list[tuple[OutputBlock, slice, torch.Tensor, torch.Tensor, list[list[list[float]]], bool]],
 ) -> dict[tuple[int, int], tuple[list[list[float]], list[float]]]:
     """The pairs ``(output, leaf)`` whose verdict the central difference settles along every
     direction, with the five projected parts they are judged on (D with the bars of a clear pass)
@@ -202,7 +206,7 @@ def _settled(
 
     settled: dict[tuple[int, int], tuple[list[list[float]], list[float]]] = {}
     leaves = ctx.problem.leaves
-    for o, (block, _, v, size, sums) in enumerate(blocks):
+    for o, (block, _, v, size, sums, _) in enumerate(blocks):
         weights = torch.stack([v, size, size, size])
         projected = (weights * central[..., block.rows]).sum(dim=-1).tolist()  # (L, 4, P)
         flat = smooth[..., block.rows].all(dim=-1).tolist()  # (L, P)
