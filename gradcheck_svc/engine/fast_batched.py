@@ -8,6 +8,11 @@ check costs some forty ops however many leaves it has, instead of that many per 
 projections on the cotangents are one product and one sum per output block. The evaluations
 and the backward are ``fast._projected``'s own calls, with the same seeded draws in the same
 order; tests hold the reports to that path's.
+
+On problems of more than a few hundred elements the third node is adaptive (``_settled``): every
+leaf is moved to x - h and x + h first, and to x + 2h only where some projection does not pass
+clearly on the central difference. A settled pair is reported on D with the bars of full mode's
+clear pass; tests hold its verdicts to those of the path that always takes the third node.
 """
 
 from __future__ import annotations

@@ -189,3 +189,16 @@ def test_every_dtype_and_projection_count_keeps_the_verdict(monkeypatch, dtype, 
     for fn in (lambda x: torch.sin(torch.tanh(w @ x)), lambda x: _WrongBackward.apply(x, w, 1.05)):
         adaptive, eager, _, _ = _both(monkeypatch, fn, x, projections=projections)
         assert _statuses(adaptive) == _statuses(eager)
+
+
+def test_with_the_adaptive_node_off_the_batched_path_reports_what_each_leaf_alone_does(monkeypatch):
+    w, x = _dense()
+    b = torch.linspace(-1, 1, N, dtype=D)
+    monkeypatch.setattr(fast_batched, "ADAPTIVE", False)
+    fn = lambda x, b: torch.tanh(w @ x + b)  # noqa: E731
+    batched = gc.check(fn, x, b, mode="fast").model_dump()
+    monkeypatch.setattr(fast_batched, "ENABLED", False)
+    by_leaf = gc.check(fn, x, b, mode="fast").model_dump()
+    batched.pop("timings")
+    by_leaf.pop("timings")
+    assert batched == by_leaf
