@@ -8,6 +8,7 @@ tests hold the adaptive path to the verdicts of the path that always takes the t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -202,3 +203,25 @@ def test_with_the_adaptive_node_off_the_batched_path_reports_what_each_leaf_alon
     batched.pop("timings")
     by_leaf.pop("timings")
     assert batched == by_leaf
+
+
+@pytest.mark.parametrize("rows", [4, 24])  # every node at once; x - h and x + h first
+def test_each_perturbed_copy_reaches_fn_as_a_fresh_tensor_of_its_own(rows):
+    """A copy viewing a batch would let storage-level ops (as_strided) read a neighbour."""
+    seen: list[tuple[tuple[int, ...], int, int]] = []
+
+    def record(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        for t in (x, w, b):
+            storage = t.untyped_storage()
+            seen.append((tuple(t.shape), storage.data_ptr(), storage.nbytes() // t.element_size()))
+        return torch.nn.functional.linear(x, w, b)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 16, generator=g, dtype=D)
+    w = torch.randn(12, 16, generator=g, dtype=D)
+    b = torch.randn(12, generator=g, dtype=D)
+    assert gc.check(record, x, w, b, mode="fast").ok
+    shapes = {(rows, 16), (12, 16), (12,)}
+    assert {shape for shape, _, _ in seen} == shapes
+    # every tensor fn saw owns exactly its elements
+    assert all(size == math.prod(shape) for shape, _, size in seen)
