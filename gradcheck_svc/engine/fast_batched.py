@@ -90,20 +90,20 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
     cotangents, grads, again = reverse_projections(ctx, count, generator)
     ctx.timed("analytic_s", t0)
 
+    # the backward's re-run, compared leaf by leaf only where it differs somewhere
+    rerun = again is not None and not all(torch.equal(a, b) for a, b in zip(grads, again, strict=True))
     # Per output block, its cotangents and, per leaf, a = v^T J u and sum |g u| along each direction.
     blocks = []
+    whole = len(problem.outputs) == 1  # one block: every row is its own
     for o, block in enumerate(problem.outputs):
         picked = slice(o * count, (o + 1) * count)
-        v = cotangents[picked, block.rows]  # (P, m_o)
+        v = cotangents if whole else cotangents[picked, block.rows]  # (P, m_o)
         # g u of every leaf side by side, (P, N), and its sums leaf by leaf
-        g = grads[0][picked] if len(grads) == 1 else torch.cat([grad[picked] for grad in grads], dim=1)
+        rows = grads if whole else [grad[picked] for grad in grads]
+        g = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
         gu = g * directions
         both = torch.stack([gu, gu.abs()])
         sums = [both[..., lo:hi].sum(dim=-1).tolist() for lo, hi in bounds]
-        # the backward's re-run, compared leaf by leaf only where it differs somewhere
-        rerun = again is not None and not torch.equal(
-            g, again[0][picked] if len(again) == 1 else torch.cat([a[picked] for a in again], dim=1)
-        )
         blocks.append((block, picked, v, v.abs(), sums, rerun))
 
     t0 = time.perf_counter()
