@@ -189,25 +189,20 @@ def _settled(
     smooth at the scale of the step (no kink the third node could show) and everything finite.
     """
     nodes = stacked.reshape(stacked.shape[0], 2, count, -1)
-    f0 = ctx.numeric_f0
-    d_minus = torch.sub(f0, nodes[:, 0])  # f(x) - f(x - h)
-    d_plus = torch.sub(nodes[:, 1], f0)  # f(x + h) - f(x)
     t_minus, t_plus, t_plus2 = (node * t for node in NODES)
-    value = torch.add(d_plus, d_minus).div_(t_plus - t_minus)  # (L, P, M)
-    spread = d_plus.div_(t_plus).sub_(d_minus.div_(-t_minus)).abs_()
+    moved_minus, d_plus = torch.sub(nodes, ctx.numeric_f0).unbind(1)  # f(x -+ h) - f(x)
+    value = torch.sub(d_plus, moved_minus).div_(t_plus - t_minus)  # D, (L, P, M)
+    spread = d_plus.add_(moved_minus).abs_().div_(t_plus)  # |D+ - D-|
     magnitude = value.abs()
-    terms = magnitude[:, 0]
-    for p in range(1, count):
-        terms = terms + magnitude[:, p]
-    terms = torch.nan_to_num(terms, nan=0.0, posinf=0.0)
-    floor = torch.nan_to_num(f0.abs(), nan=0.0, posinf=0.0)
-    sigma = (_FLOOR_ULPS * ctx.numeric_machine_eps * (floor + terms)).unsqueeze(1)  # (L, 1, M)
+    # Each output's noise, the floor of ``row_noise``; where it is not finite, neither are the
+    # projections it enters, which stay in doubt.
+    sigma = magnitude.sum(dim=1).add_(ctx.numeric_f0.abs()).mul_(_FLOOR_ULPS * ctx.numeric_machine_eps)
+    sigma = sigma.unsqueeze(1)  # (L, 1, M)
     w_minus, w_plus, w_plus2 = derivative_weights(t_minus, t_plus, t_plus2)
     gain = 1.5 * math.sqrt(w_minus**2 + (w_minus + w_plus + w_plus2) ** 2 + w_plus**2 + w_plus2**2)
     side_gain = 1.5 * (2**0.5) / t_plus
-    noise = sigma * gain
-    smooth = spread <= magnitude * SMOOTH_SPREAD + sigma * (2 * _KINK_BARS * side_gain)
-    central = torch.stack([value, noise.expand_as(value), spread, magnitude], dim=1)  # (L, 4, P, M)
+    smooth = spread <= torch.mul(magnitude, SMOOTH_SPREAD).add_(sigma, alpha=2 * _KINK_BARS * side_gain)
+    central = torch.stack([value, sigma.expand_as(value), spread, magnitude], dim=1)  # (L, 4, P, M)
 
     settled: dict[tuple[int, int], tuple[list[list[float]], list[float]]] = {}
     leaves = ctx.problem.leaves
@@ -220,7 +215,8 @@ def _settled(
             if tol.bars < 1.0 + tol.rtol + tol.atol_factor:
                 continue
             a, gu_size = sums[i]
-            d, n, s, m = projected[i]
+            d, sigmas, s, m = projected[i]
+            n = [gain * x for x in sigmas]  # the noise part of the Richardson bar
             clear = True
             for p in range(count):
                 atol = tol.atol if tol.atol is not None else tol.atol_factor * (gu_size[p] + m[p])
