@@ -9,10 +9,10 @@ projections on the cotangents are one product and one sum per output block. The 
 and the backward are ``fast._projected``'s own calls, with the same seeded draws in the same
 order; tests hold the reports to that path's.
 
-On problems of more than a few hundred elements the third node is adaptive (``_settled``): every
-leaf is moved to x - h and x + h first, and to x + 2h only where some projection does not pass
-clearly on the central difference. A settled pair is reported on D with the bars of full mode's
-clear pass; tests hold its verdicts to those of the path that always takes the third node.
+The third node is adaptive (``_settled``): every leaf is moved to x - h and x + h first, and to
+x + 2h only where some projection does not pass clearly on the central difference. A settled
+pair is reported on D with the bars of full mode's clear pass; tests hold its verdicts to those
+of the path that always takes the third node, and that path's reports to the per-leaf path's.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 import torch
 
 from gradcheck_svc.engine.agreement import largest_change
-from gradcheck_svc.engine.context import PLAIN_ELEMENTS, Context
+from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.fast_floats import direction_step, judged_on_floats, reverse_projections
 from gradcheck_svc.engine.numeric import (
     _FLOOR_ULPS,
@@ -79,9 +79,8 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
     bounds = [(end - leaf.size, end) for end, leaf in zip(ends, leaves, strict=True)]
     everyone = list(range(len(leaves)))
     # Adaptive: x - h and x + h first; x + 2h only for the leaves whose verdict they leave in
-    # doubt. Not on a problem of a few hundred elements: there the test costs more ops than the
-    # evaluations it saves.
-    adaptive = ADAPTIVE and problem.n_inputs + problem.n_outputs > PLAIN_ELEMENTS
+    # doubt. The test costs about the ops of the differences it spares where every leaf settles.
+    adaptive = ADAPTIVE
     first = len(NODES) - 1 if adaptive else len(NODES)
     evaluated = _evaluated(ctx, moved[:first], bounds, everyone, count)
     ctx.timed("numeric_s", t0)

@@ -1,7 +1,7 @@
 """Fast mode's adaptive third node: x + 2h only where the central difference leaves a verdict in doubt.
 
-On problems of more than a few hundred elements, each leaf is first moved to x - h and x + h;
-a leaf takes x + 2h (the Richardson value, its error bar and the kink test) only where some
+Where fast mode moves every leaf at once, each leaf is first moved to x - h and x + h; a leaf
+takes x + 2h (the Richardson value, its error bar and the kink test) only where some
 projection does not pass clearly or some output is not smooth at the scale of the step. These
 tests hold the adaptive path to the verdicts of the path that always takes the third node.
 """
@@ -20,7 +20,7 @@ from gradcheck_svc.engine import fast_batched
 from gradcheck_svc.report import Status
 
 D = torch.float64
-N = 400  # inputs plus outputs above the few hundred where the adaptive test pays
+N = 400
 
 
 def _counted(fn: Callable[..., torch.Tensor]) -> tuple[Callable[..., torch.Tensor], list[int]]:
