@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from corpus import CASES, make_inputs
 
 import gradcheck_svc as gc
 from gradcheck_svc.engine import fast_batched
@@ -225,3 +226,43 @@ def test_each_perturbed_copy_reaches_fn_as_a_fresh_tensor_of_its_own(rows):
     assert {shape for shape, _, _ in seen} == shapes
     # every tensor fn saw owns exactly its elements
     assert all(size == math.prod(shape) for shape, _, size in seen)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("shape", [(6, 5), (24, 24)])
+def test_the_corpus_and_its_planted_bugs_keep_their_verdicts(monkeypatch, case, shape):
+    """Correct functions pass and every planted bug fails, with the third node adaptive or not,
+    pair by pair, and the adaptive path never calls fn more often."""
+    for bug in ("none", *case.bugs):
+        inputs = make_inputs(case, 0, D, shape=shape)
+        adaptive, eager, adaptive_calls, eager_calls = _both(monkeypatch, case.bound(bug), *inputs)
+        assert _statuses(adaptive) == _statuses(eager), bug
+        assert adaptive.ok == (bug == "none"), bug
+        assert adaptive_calls <= eager_calls
+
+
+def test_a_small_layer_with_several_inputs_settles_each_and_locates_a_wrong_weight_gradient(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g, dtype=D) for s in ((4, 16), (8, 16), (8,)))
+    fn = torch.nn.functional.linear
+    adaptive, eager, adaptive_calls, eager_calls = _both(monkeypatch, fn, x, w, b)
+    assert adaptive.ok and eager.ok
+    assert adaptive_calls == eager_calls - 3  # no leaf needed x + 2h
+
+    class WrongWeight(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, b):
+            ctx.save_for_backward(x, w)
+            return torch.nn.functional.linear(x, w, b)
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, w = ctx.saved_tensors
+            grad_w = grad.T @ x
+            grad_w[2, 5] *= 1.02
+            return grad @ w, grad_w, grad.sum(0)
+
+    adaptive, eager, _, _ = _both(monkeypatch, WrongWeight.apply, x, w, b)
+    assert _statuses(adaptive) == _statuses(eager)
+    assert [p.status for p in adaptive.pairs] == [Status.PASS, Status.FAIL, Status.PASS]
+    assert adaptive.pairs[1].worst[0].input_index == [2, 5]
