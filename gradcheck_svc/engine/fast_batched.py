@@ -109,14 +109,15 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
     settled: dict[tuple[int, int], tuple[list[list[float]], list[float]]] = {}
     doubtful = everyone
     if adaptive:
-        settled = _settled(ctx, torch.stack(evaluated), t, count, blocks)
+        settled = _settled(ctx, evaluated, t, count, blocks)
         doubtful = [i for i in everyone if any((o, i) not in settled for o in range(len(blocks)))]
         if doubtful:
             third = _evaluated(ctx, moved[first:], bounds, doubtful, 0)
-            evaluated = [torch.cat([evaluated[i], later]) for i, later in zip(doubtful, third, strict=True)]
+            chosen = evaluated if len(doubtful) == len(everyone) else evaluated[doubtful]
+            evaluated = torch.cat([chosen, third], dim=1)
     parts = None
     if doubtful:
-        parts = _differences(torch.stack(evaluated), ctx.numeric_f0, t, ctx.numeric_machine_eps, count)
+        parts = _differences(evaluated, ctx.numeric_f0, t, ctx.numeric_machine_eps, count)
     ctx.timed("numeric_s", t0)
 
     reports: list[PairReport] = []
@@ -144,10 +145,10 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
 
 def _evaluated(
     ctx: Context, moved: torch.Tensor, bounds: list[tuple[int, int]], picked: list[int], columns: int
-) -> list[torch.Tensor]:
-    """f at every node of ``moved`` ``(nodes, P, N)`` for the leaves ``picked``: per leaf, its
-    outputs ``(nodes * P, M)`` node-major. ``columns``: the directions each leaf's batch
-    completes, for progress."""
+) -> torch.Tensor:
+    """f at every node of ``moved`` ``(nodes, P, N)`` for the leaves ``picked``: their outputs
+    ``(len(picked), nodes * P, M)``, node-major per leaf. ``columns``: the directions each
+    leaf's batch completes, for progress."""
     leaves = ctx.numeric_problem.leaves
     rows = moved.shape[0] * moved.shape[1]
     found: list[torch.Tensor] = []
@@ -160,13 +161,13 @@ def _evaluated(
             leaf = leaves[i]
             copies = moved[..., lo:hi].to(leaf.real_dtype).reshape(rows, *leaf.shape).unbind(0)
             outputs += ctx.evaluate_copies(i, [copy.clone() for copy in copies], columns)
-        return list(torch.stack(outputs).reshape(len(picked), rows, -1).unbind(0))
+        return torch.stack(outputs).reshape(len(picked), rows, -1)
     for i in picked:
         ctx.poll()
         lo, hi = bounds[i]
         batch = moved[..., lo:hi].reshape(rows, -1).to(leaves[i].real_dtype)
         found.append(ctx.evaluate(i, batch, columns=columns))
-    return found
+    return torch.stack(found)
 
 
 def _settled(
