@@ -166,24 +166,35 @@ class Context:
         outputs as lists: the same plain calls ``evaluate`` makes for so few rows (the point itself
         among them on the first batch), without a batch tensor to build, stack and split. None
         where ``evaluate`` would not call fn row by row."""
-        base = not self.numeric_repeats
-        leaf = self.numeric_problem.leaves[index]
-        if (
-            leaf.is_complex
-            or len(rows) + base > PLAIN_ROWS
-            or not (self._plain_calls or (self._eval_bytes is None and not self._external))
-        ):
+        if not self.plain_copies(index, len(rows)):
             return None
+        leaf = self.numeric_problem.leaves[index]
+        # A fresh tensor per call, as ``Evaluator.plain_batch`` passes.
+        outputs = self.evaluate_copies(index, [leaf.fresh(row) for row in rows], columns)
+        return [out.tolist() for out in outputs]
+
+    def plain_copies(self, index: int, rows: int) -> bool:
+        """Whether ``evaluate`` calls fn row by row on ``rows`` copies of leaf ``index`` (a real
+        leaf): then ``evaluate_copies`` makes the same calls."""
+        base = not self.numeric_repeats
+        return (
+            not self.numeric_problem.leaves[index].is_complex
+            and rows + base <= PLAIN_ROWS
+            and (self._plain_calls or (self._eval_bytes is None and not self._external))
+        )
+
+    def evaluate_copies(self, index: int, copies: list[torch.Tensor], columns: int) -> list[torch.Tensor]:
+        """``evaluate`` of fresh perturbed copies of leaf ``index`` in its own shape, where
+        ``plain_copies`` allows: each call's flat outputs, with no batch to stack and split."""
+        base = not self.numeric_repeats
         if self.progress is not None:
             self.progress.advance(columns)
-        # A fresh tensor per call, as ``Evaluator.plain_batch`` passes.
-        copies = [leaf.fresh(row) for row in rows]
         if base:
-            copies.append(leaf.as_called.clone())
+            copies = [*copies, self.numeric_problem.leaves[index].as_called.clone()]
         outputs = self.evaluator.plain_outputs(index, copies)
         if base:
             self.numeric_repeats.append(outputs.pop())
-        return [out.tolist() for out in outputs]
+        return outputs
 
     @property
     def eval_bytes(self) -> int:

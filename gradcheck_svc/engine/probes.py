@@ -55,16 +55,19 @@ def random_directions(base: torch.Tensor, count: int, generator: torch.Generator
 def random_directions_of(bases: list[torch.Tensor], count: int, generator: torch.Generator) -> torch.Tensor:
     """``random_directions`` of each tensor in ``bases`` in turn (the same draws, in the same
     order), side by side: ``(count, total elements)``, each scale computed once for all."""
-    codes = []
+    levels, signs = [], []
     for base in bases:
-        level = torch.randint(0, 3, (count, base.numel()), generator=generator)
-        sign = torch.randint(0, 2, (count, base.numel()), generator=generator)
-        codes.append(level.mul_(2).add_(sign))
-    flat = torch.cat([base.detach().reshape(-1).to("cpu", torch.float64) for base in bases])
+        levels.append(torch.randint(0, 3, (count, base.numel()), generator=generator))
+        signs.append(torch.randint(0, 2, (count, base.numel()), generator=generator))
+    if len(bases) == 1:
+        code, flat = levels[0].mul_(2).add_(signs[0]), bases[0].detach().reshape(-1)
+    else:
+        code = torch.cat(levels, dim=1).mul_(2).add_(torch.cat(signs, dim=1))
+        flat = torch.cat([base.detach().reshape(-1) for base in bases])
+    flat = flat.to("cpu", torch.float64)
     scales = torch.nan_to_num(
         torch.exp2(torch.round(torch.log2(flat.abs().clamp(min=1.0)))), nan=0.0, posinf=0.0
     )
-    code = codes[0] if len(codes) == 1 else torch.cat(codes, dim=1)
     return (torch.take(_SIGNED_LEVELS, code) * scales).to(bases[0].device)
 
 
