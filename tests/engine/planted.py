@@ -78,3 +78,27 @@ class Mul(torch.autograd.Function):
         x, y = ctx.saved_tensors
         grad_y = grad * x * (1.5 if ctx.bug else 1.0)
         return grad * y, grad_y, None
+
+
+class NoisyDenseBackward(torch.autograd.Function):
+    """tanh(W x) whose backward adds noise below every error bar: only its re-run can tell."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        y = torch.tanh(w @ x)
+        ctx.save_for_backward(y, w)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, w = ctx.saved_tensors
+        grad = ((g * (1 - y * y)) @ w) + 1e-13 * torch.rand_like(g @ w)
+        return grad, None
+
+
+# The three seed examples as (fn, values at the point, expected derivatives).
+SEED_EXAMPLES = [
+    (lambda x: x**2, (9.0,), [18.0]),
+    (lambda x: torch.sin(x / 2**1.5), (100.0,), [-0.2469]),
+    (lambda u, v: u * v + u**2 + v**3, (2.0, 4.0), [8.0, 50.0]),
+]

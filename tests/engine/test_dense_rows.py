@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from planted import NoisyDenseBackward
 
 import gradcheck_svc as gc
 from gradcheck_svc.engine import full
@@ -14,22 +15,6 @@ def _dense(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5, torch.randn(
         n, generator=g, dtype=torch.float64
     )
-
-
-class NoisyDenseBackward(torch.autograd.Function):
-    """tanh(W x) whose backward adds noise below every error bar: only its re-run can tell."""
-
-    @staticmethod
-    def forward(ctx, x, w):
-        y = torch.tanh(w @ x)
-        ctx.save_for_backward(y, w)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        y, w = ctx.saved_tensors
-        grad = ((g * (1 - y * y)) @ w) + 1e-13 * torch.rand_like(g @ w)
-        return grad, None
 
 
 @pytest.mark.parametrize("n", [100, 600])

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from corpus import CASES, make_inputs
+from planted import NoisyDenseBackward
 
 import gradcheck_svc as gc
 from gradcheck_svc.engine import fast_batched
@@ -161,24 +162,9 @@ def test_a_nondeterministic_forward_is_still_caught(monkeypatch):
     assert not adaptive.ok and not eager.ok
 
 
-class _NoisyBackward(torch.autograd.Function):
-    """tanh(W x) whose backward adds noise below every error bar: only its re-run can tell."""
-
-    @staticmethod
-    def forward(ctx, x, w):
-        y = torch.tanh(w @ x)
-        ctx.save_for_backward(y, w)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        y, w = ctx.saved_tensors
-        return ((g * (1 - y * y)) @ w) + 1e-13 * torch.rand_like(g @ w), None
-
-
 def test_a_nondeterministic_backward_is_still_caught(monkeypatch):
     w, x = _dense()
-    adaptive, eager, _, _ = _both(monkeypatch, lambda x: _NoisyBackward.apply(x, w), x)
+    adaptive, eager, _, _ = _both(monkeypatch, lambda x: NoisyDenseBackward.apply(x, w), x)
     assert [p.status for p in adaptive.pairs] == [Status.NONDETERMINISTIC]
     assert _statuses(adaptive) == _statuses(eager)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from planted import SEED_EXAMPLES
 
 import gradcheck_svc as gc
 from gradcheck_svc.engine import api, fast, fast_floats, tiny
@@ -154,14 +155,7 @@ def test_tiny_reports_equal_the_column_paths(
         assert took_tiny  # scalar problems take the tiny path
 
 
-@pytest.mark.parametrize(
-    ("fn", "inputs", "expected"),
-    [
-        (lambda x: x**2, (9.0,), [18.0]),
-        (lambda x: torch.sin(x / 2**1.5), (100.0,), [-0.2469]),
-        (lambda u, v: u * v + u**2 + v**3, (2.0, 4.0), [8.0, 50.0]),
-    ],
-)
+@pytest.mark.parametrize(("fn", "inputs", "expected"), SEED_EXAMPLES)
 def test_seeds_take_the_tiny_path_and_pass(
     monkeypatch: pytest.MonkeyPatch,
     fn: Callable[..., torch.Tensor],

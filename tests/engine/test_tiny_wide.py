@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from planted import SEED_EXAMPLES
 from test_tiny import _differences
 
 import gradcheck_svc as gc
@@ -163,14 +164,7 @@ def test_the_verdicts_of_the_float32_cases(monkeypatch: pytest.MonkeyPatch) -> N
     assert "fail only in the float64 run" in pair["message"]
 
 
-@pytest.mark.parametrize(
-    ("fn", "inputs", "expected"),
-    [
-        (lambda x: x**2, (9.0,), [18.0]),
-        (lambda x: torch.sin(x / 2**1.5), (100.0,), [-0.2469]),
-        (lambda u, v: u * v + u**2 + v**3, (2.0, 4.0), [8.0, 50.0]),
-    ],
-)
+@pytest.mark.parametrize(("fn", "inputs", "expected"), SEED_EXAMPLES)
 def test_float32_seeds_take_the_tiny_path_and_pass(
     monkeypatch: pytest.MonkeyPatch,
     fn: Callable[..., torch.Tensor],
