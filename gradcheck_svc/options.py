@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -69,6 +70,7 @@ _DEFAULTS = CheckOptions()  # frozen: every check without options shares it
 # Options validated before, by their values (and types: True is not 1 here); frozen, so shared.
 _SEEN: dict[tuple[tuple[str, type, Any], ...], CheckOptions] = {}
 _SEEN_MAX = 64
+_SEEN_LOCK = threading.Lock()
 
 
 def _validated(overrides: dict[str, Any]) -> CheckOptions:
@@ -84,7 +86,9 @@ def _validated(overrides: dict[str, Any]) -> CheckOptions:
     options = _SEEN.get(key)
     if options is None:
         options = CheckOptions(**overrides)
-        if len(_SEEN) < _SEEN_MAX:
+        with _SEEN_LOCK:  # the oldest set makes room: a long run of new seeds must not fill it for good
+            if len(_SEEN) >= _SEEN_MAX:
+                del _SEEN[next(iter(_SEEN))]
             _SEEN[key] = options
     return options
 

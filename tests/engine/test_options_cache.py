@@ -21,6 +21,12 @@ def test_equal_options_resolve_to_one_frozen_value() -> None:
         first.error_bars = 3.0  # type: ignore[misc]
 
 
+def test_new_option_sets_keep_being_kept_after_many_others() -> None:
+    for seed in range(200):  # more distinct sets than are kept
+        resolve_options(seed=seed, mode="fast")
+    assert resolve_options(seed=1000, mode="fast") is resolve_options(mode="fast", seed=1000)
+
+
 def test_values_of_another_type_are_validated_on_their_own() -> None:
     assert resolve_options(max_worst=3).max_worst == 3
     with pytest.raises(InvalidOptionError):
