@@ -106,6 +106,10 @@ class Context:
     numeric_f0: torch.Tensor = field(init=False)  # f(x) of the numeric side
     # A second evaluation of f(x) by the numeric side, to detect a nondeterministic forward.
     numeric_repeats: list[torch.Tensor] = field(default_factory=list, init=False)
+    # Fast mode: the factor on the step along a random direction (see ``fast.run_fast``), and
+    # how many projections' one-sided differences were apart (a kink within the step).
+    direction_scale: float = field(default=1.0, init=False)
+    rough_projections: int = field(default=0, init=False)
     _eval_bytes: int | None = field(default=None, init=False)
     _eval_seconds: float = field(default=0.0, init=False)
     _plain_calls: bool = field(default=False, init=False)  # see PLAIN_ROWS

@@ -29,12 +29,19 @@ from gradcheck_svc.engine.problem import Leaf, OutputBlock
 from gradcheck_svc.engine.tiny import FloatDifferences, differences_on_floats, judge_floats
 from gradcheck_svc.report import Check, PairReport, Status
 
+# One-sided differences of a projection further apart than this share of its value: a kink within
+# the step. Smooth functions stay far below at the default step (the corpus's, float64, at most
+# 0.5%, and then where the projection cancels); a jump this small already widens the bar past a
+# 1% error.
+_ROUGH_SPREAD = 2.0**-7
+
 __all__ = [
     "ENABLED",
     "direction_step",
     "judged_on_floats",
     "message",
     "reverse_projections",
+    "rough_projection",
     "run_fast_on_floats",
 ]
 
@@ -189,6 +196,9 @@ def judged_on_floats(
     numeric.value, numeric.bar, numeric.forward, numeric.backward = value, bar, forward, backward
     numeric.one_sided_bar = one_sided_bar
     verdicts = judge_floats([a], numeric, ctx.tolerance(block, leaf), scale=[scale])[0]
+    ctx.rough_projections += sum(
+        rough_projection(f, b, d) for f, b, d in zip(forward[0], backward[0], value[0], strict=True)
+    )
     errors = [abs(x - y) for x, y in zip(a, value[0], strict=True)]
     finite = [(e, e / max(abs(y), 1e-300)) for e, y in zip(errors, value[0], strict=True) if math.isfinite(e)]
     status = pair_status(
@@ -215,8 +225,8 @@ def judged_on_floats(
 
 def direction_step(ctx: Context, leaf: Leaf) -> float:
     """The step along a random direction of ``leaf`` (its elements of scale 1): ``numeric.steps``
-    at x = 0, a power of two."""
-    return 2.0 ** round(math.log2(ctx.eps(leaf)))
+    at x = 0, a power of two (times ``ctx.direction_scale``, a power of two too)."""
+    return 2.0 ** round(math.log2(ctx.eps(leaf))) * ctx.direction_scale
 
 
 def reverse_projections(
@@ -235,3 +245,11 @@ def message(count: int, wide_only: int) -> str:
     return f"{count} random projections v^T J u" + (
         f"; {wide_only} fail only in the float64 run of the backward" if wide_only else ""
     )
+
+
+def rough_projection(forward: float, backward: float, value: float) -> bool:
+    """Whether a projection's one-sided differences are further apart than a smooth function's
+    curvature puts them at this step (``_ROUGH_SPREAD`` of the value): a kink within the step
+    along the direction, such as an element crossing a support boundary. Its error bar then spans
+    the jump, wide enough to hide a wrong backward; NaN is not rough (it is judged as such)."""
+    return abs(forward - backward) > _ROUGH_SPREAD * abs(value)

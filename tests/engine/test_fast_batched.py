@@ -33,12 +33,13 @@ def _both(
 
     monkeypatch.setattr(fast, "run_fast_batched", recording)
     batched = gc.check(fn, *inputs, mode="fast", **options).model_dump()
+    first, answered[:] = list(answered), []  # the first check's calls (two when it retried a kink)
     monkeypatch.setattr(fast_batched, "ENABLED", False)
     by_leaf = gc.check(fn, *inputs, mode="fast", **options).model_dump()
     monkeypatch.setattr(fast_batched, "ENABLED", True)
     batched.pop("timings")
     by_leaf.pop("timings")
-    return batched, by_leaf, answered[:1] == [True] and answered[1:] == [False]
+    return batched, by_leaf, bool(first) and all(first) and not any(answered)
 
 
 @pytest.mark.parametrize("seed", range(80))
