@@ -11,9 +11,10 @@ import math
 
 import torch
 
-__all__ = ["largest_change", "largest_change_of_floats", "within", "within_ulps"]
+__all__ = ["FEW_VALUES", "largest_change", "largest_change_of_floats", "same_values", "within", "within_ulps"]
 
-_FEW = 64  # tensors up to this many elements are compared on Python floats (no torch op to pay)
+# Tensors up to this many elements are compared (or read) as Python floats: no torch op to pay.
+FEW_VALUES = 64
 
 
 def within(a: torch.Tensor, b: torch.Tensor, allowed: torch.Tensor | float) -> bool:
@@ -24,7 +25,7 @@ def within(a: torch.Tensor, b: torch.Tensor, allowed: torch.Tensor | float) -> b
 
 def largest_change(first: torch.Tensor, again: torch.Tensor) -> float:
     """max |again - first| over the elements that changed; 0 for empty tensors."""
-    if first.numel() <= _FEW and first.shape == again.shape:
+    if first.numel() <= FEW_VALUES and first.shape == again.shape:
         return largest_change_of_floats(first.reshape(-1).tolist(), again.reshape(-1).tolist())
     if torch.equal(first, again):  # the usual answer, in one op (NaN is unequal: it goes on below)
         return 0.0
@@ -52,7 +53,7 @@ def within_ulps(
     the two with ``both``. The same arithmetic on lists for a few elements."""
     if torch.equal(a, b):  # the usual answer, in one op (NaN is unequal: it goes on below)
         return True
-    if a.numel() > _FEW or a.shape != b.shape:
+    if a.numel() > FEW_VALUES or a.shape != b.shape:
         size = (torch.maximum(a.abs(), b.abs()) if both else b.abs()).nan_to_num(nan=0.0, posinf=0.0)
         allowed = ulps * unit * (size + (size.max() if size.numel() else 0.0))
         return within(a, b, allowed)
@@ -65,6 +66,15 @@ def within_ulps(
         abs(x - y) <= factor * (s + largest) or x == y or (math.isnan(x) and math.isnan(y))
         for x, y, s in zip(first, again, scale, strict=True)
     )
+
+
+def same_values(first: torch.Tensor, again: torch.Tensor, unit: float) -> bool:
+    """Whether ``again`` repeats ``first`` (f(x) computed twice): equal, or within a few ulps
+    ``unit``; with autograd on, a library may pick another kernel and round differently, which
+    is not nondeterminism (and smaller noise shows up in the error bars anyway)."""
+    if first.numel() <= FEW_VALUES and first.shape == again.shape and first.tolist() == again.tolist():
+        return True  # equal values (a NaN never compares equal: those go on to within_ulps)
+    return within_ulps(again, first, unit)
 
 
 def _magnitude(x: float, y: float) -> float:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import torch
 
-from gradcheck_svc.engine.agreement import within_ulps
+from gradcheck_svc.engine.agreement import FEW_VALUES, same_values
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.devices import compare_devices, resolve_device
 from gradcheck_svc.engine.edge_inputs import empty_pairs, mark_nonfinite_inputs, note_skipped_outputs
@@ -34,8 +34,6 @@ from gradcheck_svc.options import (
 from gradcheck_svc.report import Report, Status
 
 __all__ = ["assert_grads", "check"]
-
-_FEW = 64  # values up to this many are judged on Python floats
 
 
 def _function_name(fn: Any) -> str:
@@ -182,7 +180,7 @@ def _check_problem(
 
 def _all_finite(values: torch.Tensor) -> bool:
     """Whether every element is finite; a few are read as Python floats (no torch op to pay)."""
-    if values.numel() <= _FEW:
+    if values.numel() <= FEW_VALUES:
         return all(math.isfinite(v) for v in values.reshape(-1).tolist())
     return bool(torch.isfinite(values).all())
 
@@ -228,19 +226,11 @@ def _resolved_options(opts: CheckOptions, ctx: Context) -> dict[str, object]:
     return resolved
 
 
-def _same_values(first: torch.Tensor, again: torch.Tensor, unit: float) -> bool:
-    # With autograd on, a library may pick another kernel and round differently: a few ulps
-    # are not nondeterminism (and smaller noise shows up in the error bars anyway).
-    if first.numel() <= _FEW and first.shape == again.shape and first.tolist() == again.tolist():
-        return True  # equal values (a NaN never compares equal: those go on to within_ulps)
-    return within_ulps(again, first, unit)
-
-
 def _forward_is_nondeterministic(ctx: Context) -> bool:
     """Compare f(x) from the first evaluation with later evaluations at the same point."""
     repeats = ctx.numeric_repeats or [ctx.evaluator.base()]
-    unstable = not all(_same_values(ctx.numeric_f0, again, ctx.numeric_machine_eps) for again in repeats)
-    unstable |= not all(_same_values(ctx.f0, again, ctx.machine_eps) for again in ctx.analytic.forward_values)
+    unstable = not all(same_values(ctx.numeric_f0, again, ctx.numeric_machine_eps) for again in repeats)
+    unstable |= not all(same_values(ctx.f0, again, ctx.machine_eps) for again in ctx.analytic.forward_values)
     if unstable:
         ctx.note("fn is not deterministic: two calls at the same point returned different values")
     return unstable

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gradcheck_svc.engine.agreement import FEW_VALUES
 from gradcheck_svc.engine.analytic import Analytic
 from gradcheck_svc.engine.compare import Tolerance
 from gradcheck_svc.engine.evaluate import Evaluator
@@ -44,7 +45,6 @@ PLAIN_ELEMENTS = 512
 # Cotangents this few go through the backward without sizing: at most this many backward
 # passes' memory at once (the rows of a scalar or tiny output).
 _UNSIZED_ROWS = 4
-_FEW = 64  # values up to this many are compared as Python floats (no torch op to pay)
 
 
 # The defaults of a few dtypes, asked several times by every check: frozen values, looked up once.
@@ -52,7 +52,7 @@ defaults_for = functools.lru_cache(maxsize=64)(_defaults_for)
 
 
 def _relative_gap(low: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
-    if low.numel() <= _FEW:
+    if low.numel() <= FEW_VALUES:
         gaps = [_gap(a, b) for a, b in zip(low.tolist(), wide.tolist(), strict=True)]
         return torch.tensor(gaps, dtype=wide.dtype, device=wide.device)
     gap = (low - wide).abs() / wide.abs()

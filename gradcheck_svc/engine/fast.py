@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from gradcheck_svc.engine.agreement import largest_change, within_ulps
+from gradcheck_svc.engine.agreement import largest_change, same_values
 from gradcheck_svc.engine.compare import judge, merge_wide, pair_fields, pair_status
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.fast_batched import run_fast_batched
@@ -69,7 +69,7 @@ def run_fast(ctx: Context) -> list[PairReport]:
 def _repeatable(ctx: Context) -> bool:
     # A forward that returns other values at the same point is rough for that reason alone (and
     # is reported as nondeterministic): another step would not settle it.
-    return all(within_ulps(again, ctx.numeric_f0, ctx.numeric_machine_eps) for again in ctx.numeric_repeats)
+    return all(same_values(ctx.numeric_f0, again, ctx.numeric_machine_eps) for again in ctx.numeric_repeats)
 
 
 def _projections(ctx: Context) -> tuple[list[PairReport], list[tuple[int, int]]]:

@@ -19,6 +19,7 @@ from typing import Any, cast
 import torch
 from torch.utils import _pytree as pytree
 
+from gradcheck_svc.engine.agreement import FEW_VALUES
 from gradcheck_svc.errors import (
     FunctionRaisedError,
     InvalidOptionError,
@@ -30,7 +31,6 @@ from gradcheck_svc.errors import (
 __all__ = ["Leaf", "OutputBlock", "Problem", "build_problem", "flat_index"]
 
 _LISTED = 3  # elements named one by one in notes about an input
-_FEW = 64  # a leaf of up to this many elements is read as Python floats where that saves torch ops
 
 
 def _differentiable(t: Any) -> bool:
@@ -93,7 +93,7 @@ class Leaf:
     @functools.cached_property
     def all_finite(self) -> bool:
         """Whether every element is finite (asked by several steps of a check; the value is fixed)."""
-        if self.size <= _FEW:
+        if self.size <= FEW_VALUES:
             return all(math.isfinite(v) for v in self.real.tolist())
         return bool(torch.isfinite(self.real).all())
 

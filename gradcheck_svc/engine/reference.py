@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from gradcheck_svc.engine.agreement import FEW_VALUES
 from gradcheck_svc.engine.numeric import defaults_for
 from gradcheck_svc.engine.problem import Problem, build_problem
 from gradcheck_svc.errors import CheckError
@@ -28,7 +29,6 @@ _WIDE = (torch.float64, torch.complex128)
 # A float64 copy whose values stray further than this many units of the low precision from the
 # user's values is not the same function (it branches on dtype, or casts inside).
 _AGREEMENT_ULPS = 2.0**12
-_FEW = 64  # values up to this many are compared as Python floats (no torch op to pay)
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def _mismatch(low: Problem, wide: Problem) -> str:
         return f"it returns {str(narrow[0]).removeprefix('torch.')}"
     assert low.first_call is not None and wide.first_call is not None
     f_low, f_wide = low.first_call[0].detach(), wide.first_call[0].detach()
-    if f_wide.numel() <= _FEW and sum(leaf.size for leaf in wide.leaves) <= _FEW:
+    if f_wide.numel() <= FEW_VALUES and sum(leaf.size for leaf in wide.leaves) <= FEW_VALUES:
         return _mismatch_of_values(low, wide, f_low.tolist(), f_wide.tolist())
     if not torch.equal(torch.isfinite(f_low), torch.isfinite(f_wide)):
         return "it is finite at other elements"

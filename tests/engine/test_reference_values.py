@@ -48,7 +48,7 @@ def test_the_reference_of_a_few_values_is_the_tensor_tests(
     expected: str,
 ) -> None:
     on_floats = gc.check(fn, *inputs)
-    monkeypatch.setattr(reference, "_FEW", 0)  # the tensor test
+    monkeypatch.setattr(reference, "FEW_VALUES", 0)  # the tensor test
     on_tensors = gc.check(fn, *inputs)
     assert on_floats.options["reference"] == on_tensors.options["reference"] == expected
     assert on_floats.notes == on_tensors.notes
@@ -79,4 +79,4 @@ def test_the_forward_rounding_of_a_few_values_is_the_tensor_formulas() -> None:
         [context._relative_gap(low[k : k + 8], wide[k : k + 8]) for k in range(0, len(pairs), 8)]
     )
     assert torch.equal(on_floats, expected)
-    assert torch.equal(context._relative_gap(low, wide), expected)  # more values than _FEW: tensors
+    assert torch.equal(context._relative_gap(low, wide), expected)  # more values than FEW_VALUES: tensors
