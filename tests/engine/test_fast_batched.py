@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 from corpus import CASES, make_inputs
+from fast_paths import reports_with_and_without
 from test_tiny import _differences, _problem
 
-import gradcheck_svc as gc
-from gradcheck_svc.engine import fast, fast_batched, fast_floats
+from gradcheck_svc.engine import fast_batched, fast_floats
 
 D = torch.float64
 
@@ -20,26 +20,9 @@ def _both(
     monkeypatch: pytest.MonkeyPatch, fn: Callable[..., torch.Tensor], inputs: tuple[Any, ...], **options: Any
 ) -> tuple[dict[str, Any], dict[str, Any], bool]:
     """The fast-mode report with all leaves at once and leaf by leaf, and whether the first
-    took the batched path (the float path is off for both; so is the adaptive third node, which
-    the per-leaf path does not take: test_fast_adaptive holds its verdicts)."""
+    took the batched path (the float path is off for both)."""
     monkeypatch.setattr(fast_floats, "ENABLED", False)
-    monkeypatch.setattr(fast_batched, "ADAPTIVE", False)
-    answered: list[bool] = []
-
-    def recording(ctx: Any) -> Any:
-        found = fast_batched.run_fast_batched(ctx)
-        answered.append(found is not None)
-        return found
-
-    monkeypatch.setattr(fast, "run_fast_batched", recording)
-    batched = gc.check(fn, *inputs, mode="fast", **options).model_dump()
-    first, answered[:] = list(answered), []  # the first check's calls (two when it retried a kink)
-    monkeypatch.setattr(fast_batched, "ENABLED", False)
-    by_leaf = gc.check(fn, *inputs, mode="fast", **options).model_dump()
-    monkeypatch.setattr(fast_batched, "ENABLED", True)
-    batched.pop("timings")
-    by_leaf.pop("timings")
-    return batched, by_leaf, bool(first) and all(first) and not any(answered)
+    return reports_with_and_without(monkeypatch, fast_batched, "run_fast_batched", fn, inputs, **options)
 
 
 @pytest.mark.parametrize("seed", range(80))

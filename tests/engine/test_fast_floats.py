@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from corpus import CASES, make_inputs
+from fast_paths import reports_with_and_without
 from test_tiny import _differences, _problem
 
-import gradcheck_svc as gc
-from gradcheck_svc.engine import fast, fast_batched, fast_floats, probes
+from gradcheck_svc.engine import fast_floats, probes
 
 D = torch.float64
 
@@ -21,25 +21,8 @@ D = torch.float64
 def _both(
     monkeypatch: pytest.MonkeyPatch, fn: Callable[..., torch.Tensor], inputs: tuple[Any, ...], **options: Any
 ) -> tuple[dict[str, Any], dict[str, Any], bool]:
-    """The fast-mode report on floats and on tensors, and whether the float path answered (the
-    tensor path without the adaptive third node, which the float path does not take)."""
-    monkeypatch.setattr(fast_batched, "ADAPTIVE", False)
-    answered: list[bool] = []
-
-    def recording(ctx: Any) -> Any:
-        found = fast_floats.run_fast_on_floats(ctx)
-        answered.append(found is not None)
-        return found
-
-    monkeypatch.setattr(fast, "run_fast_on_floats", recording)
-    on_floats = gc.check(fn, *inputs, mode="fast", **options).model_dump()
-    first, answered[:] = list(answered), []  # the first check's calls (two when it retried a kink)
-    monkeypatch.setattr(fast_floats, "ENABLED", False)
-    on_tensors = gc.check(fn, *inputs, mode="fast", **options).model_dump()
-    monkeypatch.setattr(fast_floats, "ENABLED", True)
-    on_floats.pop("timings")
-    on_tensors.pop("timings")
-    return on_floats, on_tensors, bool(first) and all(first) and not any(answered)
+    """The fast-mode report on floats and on tensors, and whether the float path answered."""
+    return reports_with_and_without(monkeypatch, fast_floats, "run_fast_on_floats", fn, inputs, **options)
 
 
 @pytest.mark.parametrize("seed", range(80))
