@@ -32,7 +32,8 @@ def all_finite(values: torch.Tensor) -> bool:
     NaN), so a finite sum answers in one reduction and one read, where a mask and its reduction
     cost several times that; only a sum that overflowed needs the elementwise test."""
     if values.numel() <= _FEW_FINITE:
-        return all(math.isfinite(v) for v in values.reshape(-1).tolist())
+        flat = values if values.dim() == 1 else values.reshape(-1)
+        return all(math.isfinite(v) for v in flat.tolist())
     return math.isfinite(values.sum().item()) or bool(torch.isfinite(values).all())
 
 
