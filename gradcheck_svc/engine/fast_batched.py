@@ -128,7 +128,8 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
         if parts is not None:
             # values and one-sided differences project on v, error bars and |R| on |v|
             weights = torch.stack([v, size, v, v, size, size])
-            projected = (weights * parts[..., block.rows]).sum(dim=-1).tolist()  # (L', 6, P)
+            mine = parts if whole else parts[..., block.rows]
+            projected = (weights * mine).sum(dim=-1).tolist()  # (L', 6, P)
         for i, leaf in enumerate(problem.leaves):
             a, gu_size = sums[i]
             if (o, i) in settled:
@@ -222,10 +223,12 @@ def _settled(
 
     settled: dict[tuple[int, int], tuple[list[list[float]], list[float]]] = {}
     leaves = ctx.problem.leaves
+    whole = len(blocks) == 1  # one block: every output row is its own, no slice to take
     for o, (block, _, v, size, sums, _) in enumerate(blocks):
         weights = torch.stack([v, size, size, size])
-        projected = (weights * central[..., block.rows]).sum(dim=-1).tolist()  # (L, 4, P)
-        flat = smooth[..., block.rows].all(dim=-1).tolist()  # (L, P)
+        mine = central if whole else central[..., block.rows]
+        projected = (weights * mine).sum(dim=-1).tolist()  # (L, 4, P)
+        flat = (smooth if whole else smooth[..., block.rows]).all(dim=-1).tolist()  # (L, P)
         for i, leaf in enumerate(leaves):
             tol = ctx.tolerance(block, leaf)
             if tol.bars < 1.0 + tol.rtol + tol.atol_factor:
