@@ -103,7 +103,7 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
         if len(bounds) == 1:
             sums = [both.sum(dim=-1).tolist()]
         else:  # each leaf's slice summed on its own, the sums read back at once
-            sums = torch.stack([part.sum(dim=-1) for part in both.split(sizes, dim=-1)]).tolist()
+            sums = torch.stack([part.sum(dim=-1) for part in both.split_with_sizes(sizes, dim=-1)]).tolist()
         blocks.append((block, picked, v, v.abs(), sums, rerun))
 
     t0 = time.perf_counter()
