@@ -11,10 +11,30 @@ import math
 
 import torch
 
-__all__ = ["FEW_VALUES", "largest_change", "largest_change_of_floats", "same_values", "within", "within_ulps"]
+__all__ = [
+    "FEW_VALUES",
+    "all_finite",
+    "largest_change",
+    "largest_change_of_floats",
+    "same_values",
+    "within",
+    "within_ulps",
+]
 
 # Tensors up to this many elements are compared (or read) as Python floats: no torch op to pay.
 FEW_VALUES = 64
+# Up to this many elements, finiteness is read element by element as Python floats.
+_FEW_FINITE = 16
+
+
+def all_finite(values: torch.Tensor) -> bool:
+    """Whether every element of a real tensor is finite. NaN and inf reach its sum (inf - inf is
+    NaN), so a finite sum answers in one reduction and one read, where a mask and its reduction
+    cost several times that; only a sum that overflowed needs the elementwise test."""
+    if values.numel() <= _FEW_FINITE:
+        flat = values if values.dim() == 1 else values.reshape(-1)
+        return all(math.isfinite(v) for v in flat.tolist())
+    return math.isfinite(values.sum().item()) or bool(torch.isfinite(values).all())
 
 
 def within(a: torch.Tensor, b: torch.Tensor, allowed: torch.Tensor | float) -> bool:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
 
-from gradcheck_svc.engine.agreement import FEW_VALUES, same_values
+from gradcheck_svc.engine.agreement import all_finite, same_values
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.devices import compare_devices, resolve_device
 from gradcheck_svc.engine.edge_inputs import empty_pairs, mark_nonfinite_inputs, note_skipped_outputs
@@ -132,7 +131,7 @@ def _check_problem(
     if reference.name != "float64" and reference.reason:
         ctx.note(f"finite differences in {reference.name}: {reference.reason}")
 
-    if not _all_finite(ctx.f0):
+    if not all_finite(ctx.f0):
         ctx.note("fn's value is NaN or infinite at this point: affected elements cannot be checked")
     note_skipped_outputs(problem, ctx.note)
 
@@ -176,13 +175,6 @@ def _check_problem(
         options=_resolved_options(opts, ctx),
         timings={k: round(v, 6) for k, v in ctx.timings.items()},
     )
-
-
-def _all_finite(values: torch.Tensor) -> bool:
-    """Whether every element is finite; a few are read as Python floats (no torch op to pay)."""
-    if values.numel() <= FEW_VALUES:
-        return all(math.isfinite(v) for v in values.reshape(-1).tolist())
-    return bool(torch.isfinite(values).all())
 
 
 def _largest_batch(problem: Problem, opts: CheckOptions) -> int:

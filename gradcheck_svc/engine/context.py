@@ -114,6 +114,9 @@ class Context:
     _eval_seconds: float = field(default=0.0, init=False)
     _plain_calls: bool = field(default=False, init=False)  # see PLAIN_ROWS
     _external: bool = field(default=False, init=False)  # fn is an ExternalFunction
+    # ``tolerance`` per (output dtype, leaf dtype): asked for every pair, several times, and
+    # fixed by the options and the dtypes alone.
+    _tolerances: dict[tuple[torch.dtype, torch.dtype], Tolerance] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.analytic = Analytic(self.problem, self.notes.add)
@@ -258,18 +261,22 @@ class Context:
         rounding, not the backward's). With a float64 reference, small bugs below that are the
         float64 run's to catch (``wide_tolerance``). In float64 both floors are below the defaults.
         """
-        d = defaults_for(output.dtype, leaf.dtype)
-        o = self.options
-        rtol = max(d.rtol, _ROUNDING_RTOL * d.machine_eps)
-        atol_factor = max(d.atol, _ROUNDING_ATOL * d.machine_eps)
-        return Tolerance(
-            atol=o.atol,
-            atol_factor=atol_factor,
-            rtol=o.rtol if o.rtol is not None else rtol,
-            bars=o.error_bars,
-            kinks_fail=o.kinks == "fail",
-            slack=o.nondet_tol,
-        )
+        key = (output.dtype, leaf.dtype)
+        found = self._tolerances.get(key)
+        if found is None:
+            d = defaults_for(*key)
+            o = self.options
+            rtol = max(d.rtol, _ROUNDING_RTOL * d.machine_eps)
+            atol_factor = max(d.atol, _ROUNDING_ATOL * d.machine_eps)
+            found = self._tolerances[key] = Tolerance(
+                atol=o.atol,
+                atol_factor=atol_factor,
+                rtol=o.rtol if o.rtol is not None else rtol,
+                bars=o.error_bars,
+                kinks_fail=o.kinks == "fail",
+                slack=o.nondet_tol,
+            )
+        return found
 
     def rounding_allowance(self, rows: torch.Tensor | slice, numeric: torch.Tensor) -> torch.Tensor | None:
         """Extra tolerance of the user's analytic values in output ``rows`` (numeric block

@@ -64,25 +64,23 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
     if any(leaf.size == 0 for leaf in problem.leaves):
         return None
     generator = torch.Generator().manual_seed(options.seed)
-    device = ctx.f0.device
     leaves = ctx.numeric_problem.leaves
     ctx.check_limits(len(problem.outputs) * count * len(leaves), 3 * count * len(leaves))
 
     t0 = time.perf_counter()
-    # Every leaf's directions side by side, (P, N), and x + (node t) u at every node: (3, P, N).
+    # Every leaf's directions side by side, (P, N); the leaves are moved to x + (node t) u.
     reals = [leaf.real for leaf in leaves]
     directions = random_directions_of(reals, count, generator)
-    steps = torch.tensor([node * t for node in NODES], dtype=torch.float64, device=device).reshape(-1, 1, 1)
-    base = reals[0] if len(reals) == 1 else torch.cat(reals)
-    moved = base.to(torch.float64) + steps * directions
-    ends = list(itertools.accumulate(leaf.size for leaf in leaves))
+    steps = [node * t for node in NODES]
+    sizes = [leaf.size for leaf in leaves]
+    ends = list(itertools.accumulate(sizes))
     bounds = [(end - leaf.size, end) for end, leaf in zip(ends, leaves, strict=True)]
     everyone = list(range(len(leaves)))
     # Adaptive: x - h and x + h first; x + 2h only for the leaves whose verdict they leave in
     # doubt. The test costs about the ops of the differences it spares where every leaf settles.
     adaptive = ADAPTIVE
     first = len(NODES) - 1 if adaptive else len(NODES)
-    evaluated = _evaluated(ctx, moved[:first], bounds, everyone, count)
+    evaluated = _evaluated(ctx, directions, steps[:first], bounds, everyone, count)
     ctx.timed("numeric_s", t0)
 
     t0 = time.perf_counter()
@@ -102,7 +100,10 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
         g = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
         gu = g * directions
         both = torch.stack([gu, gu.abs()])
-        sums = [both[..., lo:hi].sum(dim=-1).tolist() for lo, hi in bounds]
+        if len(bounds) == 1:
+            sums = [both.sum(dim=-1).tolist()]
+        else:  # each leaf's slice summed on its own, the sums read back at once
+            sums = torch.stack([part.sum(dim=-1) for part in both.split_with_sizes(sizes, dim=-1)]).tolist()
         blocks.append((block, picked, v, v.abs(), sums, rerun))
 
     t0 = time.perf_counter()
@@ -112,7 +113,7 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
         settled = _settled(ctx, evaluated, t, count, blocks)
         doubtful = [i for i in everyone if any((o, i) not in settled for o in range(len(blocks)))]
         if doubtful:
-            third = _evaluated(ctx, moved[first:], bounds, doubtful, 0)
+            third = _evaluated(ctx, directions, steps[first:], bounds, doubtful, 0)
             chosen = evaluated if len(doubtful) == len(everyone) else evaluated[doubtful]
             evaluated = torch.cat([chosen, third], dim=1)
     parts = None
@@ -127,7 +128,8 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
         if parts is not None:
             # values and one-sided differences project on v, error bars and |R| on |v|
             weights = torch.stack([v, size, v, v, size, size])
-            projected = (weights * parts[..., block.rows]).sum(dim=-1).tolist()  # (L', 6, P)
+            mine = parts if whole else parts[..., block.rows]
+            projected = (weights * mine).sum(dim=-1).tolist()  # (L', 6, P)
         for i, leaf in enumerate(problem.leaves):
             a, gu_size = sums[i]
             if (o, i) in settled:
@@ -144,29 +146,43 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
 
 
 def _evaluated(
-    ctx: Context, moved: torch.Tensor, bounds: list[tuple[int, int]], picked: list[int], columns: int
+    ctx: Context,
+    directions: torch.Tensor,
+    steps: list[float],
+    bounds: list[tuple[int, int]],
+    picked: list[int],
+    columns: int,
 ) -> torch.Tensor:
-    """f at every node of ``moved`` ``(nodes, P, N)`` for the leaves ``picked``: their outputs
-    ``(len(picked), nodes * P, M)``, node-major per leaf. ``columns``: the directions each
-    leaf's batch completes, for progress."""
+    """f at x + step u for every step and direction ``(P, N)`` of the leaves ``picked``: their
+    outputs ``(len(picked), len(steps) * P, M)``, step-major per leaf. ``columns``: the
+    directions each leaf's batch completes, for progress."""
     leaves = ctx.numeric_problem.leaves
-    rows = moved.shape[0] * moved.shape[1]
-    found: list[torch.Tensor] = []
+    count = directions.shape[0]
+    rows = len(steps) * count
     if all(ctx.plain_copies(i, rows) for i in picked):
-        # fn called row by row anyway: fresh copies in each leaf's shape, every output stacked once
+        # fn called row by row anyway: each copy made fresh in its leaf's shape, in one op (t u
+        # is exact, a power of two times a few-bit direction: the sum rounds once, as in a batch)
         outputs: list[torch.Tensor] = []
+        rows_of = directions.unbind(0)
         for i in picked:
             ctx.poll()
             lo, hi = bounds[i]
             leaf = leaves[i]
-            copies = moved[..., lo:hi].to(leaf.real_dtype).reshape(rows, *leaf.shape).unbind(0)
-            outputs += ctx.evaluate_copies(i, [copy.clone() for copy in copies], columns)
+            x, dtype = leaf.as_called, leaf.real_dtype
+            along = [row[lo:hi].view(leaf.shape) for row in rows_of]
+            copies = [torch.add(x, u, alpha=step) for step in steps for u in along]
+            if dtype != torch.float64:
+                copies = [copy.to(dtype) for copy in copies]
+            outputs += ctx.evaluate_copies(i, copies, columns)
         return torch.stack(outputs).reshape(len(picked), rows, -1)
+    node_steps = torch.tensor(steps, dtype=torch.float64, device=directions.device).reshape(-1, 1, 1)
+    found: list[torch.Tensor] = []
     for i in picked:
         ctx.poll()
         lo, hi = bounds[i]
-        batch = moved[..., lo:hi].reshape(rows, -1).to(leaves[i].real_dtype)
-        found.append(ctx.evaluate(i, batch, columns=columns))
+        leaf = leaves[i]
+        moved = leaf.real.to(torch.float64) + node_steps * directions[:, lo:hi]
+        found.append(ctx.evaluate(i, moved.reshape(rows, -1).to(leaf.real_dtype), columns=columns))
     return torch.stack(found)
 
 
@@ -195,8 +211,9 @@ def _settled(
     spread = d_plus.add_(moved_minus).abs_().div_(t_plus)  # |D+ - D-|
     magnitude = value.abs()
     # Each output's noise, the floor of ``row_noise``; where it is not finite, neither are the
-    # projections it enters, which stay in doubt.
-    sigma = magnitude.sum(dim=1).add_(ctx.numeric_f0.abs()).mul_(_FLOOR_ULPS * ctx.numeric_machine_eps)
+    # projections it enters, which stay in doubt. (|D| summed over one direction is that |D|.)
+    summed = magnitude[:, 0] if count == 1 else magnitude.sum(dim=1)
+    sigma = torch.add(summed, ctx.numeric_f0.abs()).mul_(_FLOOR_ULPS * ctx.numeric_machine_eps)
     sigma = sigma.unsqueeze(1)  # (L, 1, M)
     w_minus, w_plus, w_plus2 = derivative_weights(t_minus, t_plus, t_plus2)
     gain = 1.5 * math.sqrt(w_minus**2 + (w_minus + w_plus + w_plus2) ** 2 + w_plus**2 + w_plus2**2)
@@ -206,10 +223,12 @@ def _settled(
 
     settled: dict[tuple[int, int], tuple[list[list[float]], list[float]]] = {}
     leaves = ctx.problem.leaves
+    whole = len(blocks) == 1  # one block: every output row is its own, no slice to take
     for o, (block, _, v, size, sums, _) in enumerate(blocks):
         weights = torch.stack([v, size, size, size])
-        projected = (weights * central[..., block.rows]).sum(dim=-1).tolist()  # (L, 4, P)
-        flat = smooth[..., block.rows].all(dim=-1).tolist()  # (L, P)
+        mine = central if whole else central[..., block.rows]
+        projected = (weights * mine).sum(dim=-1).tolist()  # (L, 4, P)
+        flat = (smooth if whole else smooth[..., block.rows]).all(dim=-1).tolist()  # (L, P)
         for i, leaf in enumerate(leaves):
             tol = ctx.tolerance(block, leaf)
             if tol.bars < 1.0 + tol.rtol + tol.atol_factor:

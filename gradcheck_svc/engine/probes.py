@@ -55,20 +55,34 @@ def random_directions(base: torch.Tensor, count: int, generator: torch.Generator
 def random_directions_of(bases: list[torch.Tensor], count: int, generator: torch.Generator) -> torch.Tensor:
     """``random_directions`` of each tensor in ``bases`` in turn (the same draws, in the same
     order), side by side: ``(count, total elements)``, each scale computed once for all."""
-    levels, signs = [], []
-    for base in bases:
-        levels.append(torch.randint(0, 3, (count, base.numel()), generator=generator))
-        signs.append(torch.randint(0, 2, (count, base.numel()), generator=generator))
-    if len(bases) == 1:
-        code, flat = levels[0].mul_(2).add_(signs[0]), bases[0].detach().reshape(-1)
+    if count == 1:
+        # Each leaf's draws into its slice of one buffer (``randint`` is ``empty`` and ``random_``:
+        # the same draws), with no tensors to join.
+        sizes = [base.numel() for base in bases]
+        level = torch.empty(2, sum(sizes), dtype=torch.int64)
+        sign = level[1]
+        level = level[0]
+        lo = 0
+        for size in sizes:
+            level[lo : lo + size].random_(0, 3, generator=generator)
+            sign[lo : lo + size].random_(0, 2, generator=generator)
+            lo += size
+        code = torch.add(sign, level, alpha=2).unsqueeze(0)
     else:
+        levels, signs = [], []
+        for base in bases:
+            levels.append(torch.randint(0, 3, (count, base.numel()), generator=generator))
+            signs.append(torch.randint(0, 2, (count, base.numel()), generator=generator))
         code = torch.cat(levels, dim=1).mul_(2).add_(torch.cat(signs, dim=1))
-        flat = torch.cat([base.detach().reshape(-1) for base in bases])
-    flat = flat.to("cpu", torch.float64)
-    scales = torch.nan_to_num(
-        torch.exp2(torch.round(torch.log2(flat.abs().clamp(min=1.0)))), nan=0.0, posinf=0.0
-    )
-    return (torch.take(_SIGNED_LEVELS, code) * scales).to(bases[0].device)
+    # a leaf's flat values (``Leaf.real``) are read as they are: no detach or reshape to pay
+    flats = [
+        base if base.dim() == 1 and not base.requires_grad else base.detach().reshape(-1) for base in bases
+    ]
+    flat = torch.cat(flats) if len(flats) > 1 else flats[0]
+    # level * (2 sign - 1), looked up at 2 level + sign, times the power of two nearest max(|x|, 1)
+    scales = flat.to("cpu", torch.float64).abs().clamp_(min=1.0).log2_().round_().exp2_()
+    scales = scales.nan_to_num_(nan=0.0, posinf=0.0)  # +-inf and NaN elements are not moved
+    return torch.take(_SIGNED_LEVELS, code).mul_(scales).to(bases[0].device)
 
 
 def random_direction_rows(values: list[float], count: int, generator: torch.Generator) -> list[list[float]]:

@@ -11,7 +11,6 @@ differences lose nothing to the upcast).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -19,7 +18,7 @@ from typing import Any, cast
 import torch
 from torch.utils import _pytree as pytree
 
-from gradcheck_svc.engine.agreement import FEW_VALUES
+from gradcheck_svc.engine.agreement import all_finite
 from gradcheck_svc.errors import (
     FunctionRaisedError,
     InvalidOptionError,
@@ -93,9 +92,7 @@ class Leaf:
     @functools.cached_property
     def all_finite(self) -> bool:
         """Whether every element is finite (asked by several steps of a check; the value is fixed)."""
-        if self.size <= FEW_VALUES:
-            return all(math.isfinite(v) for v in self.real.tolist())
-        return bool(torch.isfinite(self.real).all())
+        return all_finite(self.real)
 
     def finite_positions(self) -> torch.Tensor:
         """Positions of ``real`` that can be perturbed: +-inf and NaN have no finite step."""

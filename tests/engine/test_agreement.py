@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from gradcheck_svc.engine.agreement import largest_change, within, within_ulps
+from gradcheck_svc.engine.agreement import all_finite, largest_change, within, within_ulps
 
 INF, NAN = math.inf, math.nan
 
@@ -55,3 +56,27 @@ def test_within_ulps_on_floats_agrees_with_the_tensor_arithmetic() -> None:
             assert within_ulps(a, b, unit, both=both) == _within_ulps_on_tensors(a, b, unit, both)
     big = torch.randn(100, generator=g, dtype=torch.float64)  # past the float threshold: tensors
     assert within_ulps(big, big * (1 + 8 * unit), unit) and not within_ulps(big, big * 1.001, unit)
+
+
+@pytest.mark.parametrize("n", [1, 16, 17, 1000])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_all_finite_finds_every_nan_and_infinity(n, dtype):
+    values = torch.linspace(-3, 3, n, dtype=dtype)
+    assert all_finite(values)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for k in {0, n // 2, n - 1}:
+            spoiled = values.clone()
+            spoiled[k] = bad
+            assert not all_finite(spoiled)
+    if n > 1:
+        both = values.clone()
+        both[0], both[-1] = float("inf"), float("-inf")  # their sum is NaN
+        assert not all_finite(both)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_all_finite_when_the_sum_of_finite_values_overflows(dtype):
+    big = torch.full((100,), torch.finfo(dtype).max / 2, dtype=dtype)
+    assert not torch.isfinite(big.sum())
+    assert all_finite(big)
+    assert all_finite(big.reshape(10, 10)) and all_finite(torch.zeros(0, dtype=dtype))
