@@ -99,6 +99,7 @@ class Analytic:
         self, y: torch.Tensor, reals: list[torch.Tensor], cotangent: torch.Tensor, batched: bool
     ) -> list[torch.Tensor]:
         shape = (cotangent.shape[0],) if batched else ()
+        cotangent = cotangent.clone()  # the backward's to keep: one may write into its grad_output
         if y.dim() != 1:  # a root in fn's own output shape
             cotangent = cotangent.reshape((*shape, *y.shape))
         grads = torch.autograd.grad(
@@ -133,7 +134,8 @@ class Analytic:
         """``J^T c`` for each row ``c`` of ``cotangents (R, M)``: one ``(R, n_i)`` float64 tensor per leaf."""
 
         def func() -> list[torch.Tensor]:
-            grads: tuple[torch.Tensor, ...] = torch.vmap(self._func_vjp())(cotangents)
+            # A copy: a backward may write into its grad_output, and callers reuse their cotangents.
+            grads: tuple[torch.Tensor, ...] = torch.vmap(self._func_vjp())(cotangents.clone())
             return list(grads)
 
         def batched() -> list[torch.Tensor]:
