@@ -197,6 +197,14 @@ class Problem:
     # Every input a pytree leaf and fn no module: the call's arguments are the template itself,
     # rebuilt without the pytree (a check calls fn a few times; each unflatten costs a dozen us).
     flat_arguments: bool = False
+    # (name, tensor, version) of every tensor fn is called with as given (inputs, module parameters
+    # and buffers) before the first call: a version that moves names an input fn writes into.
+    watched: list[tuple[str, torch.Tensor, int]] = field(default_factory=list)
+
+    def written_inputs(self) -> list[str]:
+        """Names of the inputs (or module buffers) fn has written into in place since the problem
+        was built: every later call then sees the value the previous one left there."""
+        return [name for name, t, version in self.watched if _version(t) != version]
 
     @functools.cached_property
     def n_inputs(self) -> int:
@@ -247,6 +255,14 @@ class Problem:
 
     def base_reals(self) -> list[torch.Tensor]:
         return [leaf.real for leaf in self.leaves]
+
+
+def _version(t: torch.Tensor) -> int:
+    """``t``'s version counter (bumped by every in-place write); -1 where torch keeps none."""
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor has no version counter
+        return -1
 
 
 def _output_name(out: Any, path: Any) -> str:
@@ -458,6 +474,11 @@ def build_problem(
         and len(paths) == len(inputs)
         and all(len(path) == 2 for path, _ in paths)
     )
+    problem.watched = [
+        (str(name), value, _version(value))
+        for (name, _, _), value in zip(named, template, strict=True)
+        if isinstance(value, torch.Tensor)
+    ]
     # The first call runs with autograd on: its graph serves the analytic side, its value is f(x).
     reals = [leaf.graph_input() for leaf in leaves]
     with torch.enable_grad():
