@@ -235,13 +235,39 @@ class Problem:
     def flatten_output(self, out: Any) -> torch.Tensor:
         """The checked output tensors of one call as one flat float64 vector."""
         if self.kept_outputs is None and isinstance(out, torch.Tensor) and _differentiable(out):
+            if len(self.outputs) == 1 and (
+                out.shape != self.outputs[0].shape or out.dtype != self.outputs[0].dtype
+            ):
+                self._changed_outputs([out])
             return _flat_real(out)  # one tensor: no tree to walk, nothing to join
         found = [out] if isinstance(out, torch.Tensor) else pytree.tree_leaves(out)
         tensors = [t for t in found if _differentiable(t)]
         if self.kept_outputs is not None:
+            if len(tensors) != len(self.kept_outputs):
+                self._changed_outputs(tensors)
             tensors = [t for t, kept in zip(tensors, self.kept_outputs, strict=True) if kept]
+        if self.outputs and (
+            len(tensors) != len(self.outputs)
+            or any(
+                t.shape != b.shape or t.dtype != b.dtype for t, b in zip(tensors, self.outputs, strict=True)
+            )
+        ):
+            self._changed_outputs(tensors)
         parts = [_flat_real(t) for t in tensors]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _changed_outputs(self, tensors: Sequence[torch.Tensor]) -> None:
+        """fn returned other output tensors than at the first call: no Jacobian relates the two."""
+
+        def described(shapes: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> str:
+            return ", ".join(f"{list(shape)} {str(dtype).removeprefix('torch.')}" for shape, dtype in shapes)
+
+        first = described([(b.shape, b.dtype) for b in self.outputs])
+        now = described([(tuple(t.shape), t.dtype) for t in tensors])
+        raise OutputTypeError(
+            f"fn's outputs changed between calls: {now or 'none'} here, {first} at the first call; "
+            "fn must return tensors of the same shapes and dtypes at every point near the input"
+        )
 
     def call_replaced(self, index: int, value: torch.Tensor) -> torch.Tensor:
         """``flat_replace`` with leaf ``index`` given in its own shape: the flat outputs."""
