@@ -52,6 +52,16 @@ def _values(g: torch.Tensor) -> list[float]:
     return [0.0] * g.numel() if g._is_zerotensor() else g.tolist()
 
 
+def _hint(exc: BaseException) -> str:
+    """Why autograd refused a graph the check runs more than once, where its message says so."""
+    if "modified by an inplace operation" in str(exc):
+        return (
+            " (the check runs the backward several times on one graph: a tensor it saved was "
+            "written in place after the forward, by the backward itself or by a later call of fn)"
+        )
+    return ""
+
+
 class Analytic:
     """Autograd side of a check for one problem (one evaluation point)."""
 
@@ -126,7 +136,7 @@ class Analytic:
                     self._paths.remove(path)
                     how = "torch.func" if path == "func" else "batched autograd.grad"
                     self._note(f"{name} computed without {how}, which cannot run fn ({why_not_batched(exc)})")
-        cause = "no path could run" if last is None else _describe(last)
+        cause = "no path could run" if last is None else _describe(last) + _hint(last)
         raise FunctionRaisedError(f"backward raised while computing {name}: {cause}") from last
 
     # ------------------------------------------------------------------ rows
@@ -180,7 +190,7 @@ class Analytic:
             raise
         except Exception as exc:  # as ``_run`` words the loop's failure
             raise FunctionRaisedError(
-                f"backward raised while computing reverse-mode rows: {_describe(exc)}"
+                f"backward raised while computing reverse-mode rows: {_describe(exc)}{_hint(exc)}"
             ) from exc
         values = [[_values(g) for g in row] for row in per_row]  # [row][leaf] -> (n_i,)
         if m == 1:

@@ -68,6 +68,7 @@ def test_a_forward_that_writes_into_an_input_it_is_not_checked_for_says_so(fn, d
     assert [p.status for p in report.pairs] == [Status.NONDETERMINISTIC], report
     assert "fn writes in place into inputs[1]" in report.pairs[0].message
     assert any("fn writes in place into inputs[1]" in note for note in report.notes)
+    assert "two backward runs differ" not in str(report)  # the forward's doing, not the backward's
 
 
 def test_a_forward_that_updates_a_buffer_its_output_ignores_passes_and_names_it():
@@ -75,3 +76,25 @@ def test_a_forward_that_updates_a_buffer_its_output_ignores_passes_and_names_it(
     report = gc.check(module, torch.randn(4, 3, dtype=torch.float64))
     assert report.ok, report
     assert any("fn writes in place into 1.num_batches_tracked" in note for note in report.notes)
+
+
+class ExpScalingItsSavedOutput(torch.autograd.Function):
+    """exp whose backward writes into the tensor it saved: it can run once per forward only."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.exp()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * y.mul_(1.0)
+
+
+@pytest.mark.parametrize("size", [3, 100])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_backward_that_writes_into_what_it_saved_gets_an_error_that_says_why(size, mode):
+    with pytest.raises(gc.FunctionRaisedError, match="runs the backward several times on one graph"):
+        gc.check(ExpScalingItsSavedOutput.apply, torch.rand(size, dtype=torch.float64), mode=mode)
