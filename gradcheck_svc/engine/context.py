@@ -113,6 +113,7 @@ class Context:
     _eval_bytes: int | None = field(default=None, init=False)
     _eval_seconds: float = field(default=0.0, init=False)
     _plain_calls: bool = field(default=False, init=False)  # see PLAIN_ROWS
+    _cancelled_scales: dict[tuple[int, int], float] = field(default_factory=dict, init=False)
     _external: bool = field(default=False, init=False)  # fn is an ExternalFunction
 
     def __post_init__(self) -> None:
@@ -268,8 +269,24 @@ class Context:
             rtol=o.rtol if o.rtol is not None else rtol,
             bars=o.error_bars,
             kinks_fail=o.kinks == "fail",
-            slack=o.nondet_tol,
+            slack=o.nondet_tol + _ROUNDING_ATOL * d.machine_eps * self._cancelled_scale(output, leaf),
         )
+
+    def _cancelled_scale(self, output: OutputBlock, leaf: Leaf) -> float:
+        """The scale of a derivative from the values around it, |f| / max(|x|, 1) over the block:
+        a low-precision backward rounds the terms it sums at that scale even where they cancel to
+        a zero derivative (an input a normalisation or a softmax's sum is invariant to), which the
+        block's own scale (zero) does not allow. Only with a float64 reference: its run of the
+        backward is still held to the block's own scale, so no bug hides under this floor."""
+        if self.wide_analytic is None or self.forward_rounding is None:
+            return 0.0
+        key = (output.offset, leaf.offset)
+        if key not in self._cancelled_scales:
+            values = self.f0[output.rows].nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs()
+            inputs = leaf.real.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs()
+            top = float(values.max()) if values.numel() else 0.0
+            self._cancelled_scales[key] = top / max(float(inputs.max()) if inputs.numel() else 0.0, 1.0)
+        return self._cancelled_scales[key]
 
     def rounding_allowance(self, rows: torch.Tensor | slice, numeric: torch.Tensor) -> torch.Tensor | None:
         """Extra tolerance of the user's analytic values in output ``rows`` (numeric block
