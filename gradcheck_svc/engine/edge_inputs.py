@@ -90,6 +90,8 @@ def _written(names: list[str]) -> str:
 def explain_written_inputs(problem: Problem, pairs: list[PairReport], note: Callable[[str], None]) -> None:
     """Name the inputs fn wrote into; a pair failed as nondeterministic says that was the cause."""
     written = problem.written_inputs()
+    if not written and any(pair.status.failed for pair in pairs):
+        written = problem.inputs_a_call_writes()  # writes the version counter does not see
     if not written:
         return
     note(_written(written))

@@ -197,14 +197,28 @@ class Problem:
     # Every input a pytree leaf and fn no module: the call's arguments are the template itself,
     # rebuilt without the pytree (a check calls fn a few times; each unflatten costs a dozen us).
     flat_arguments: bool = False
-    # (name, tensor, version) of every tensor fn is called with as given (inputs, module parameters
-    # and buffers) before the first call: a version that moves names an input fn writes into.
-    watched: list[tuple[str, torch.Tensor, int]] = field(default_factory=list)
+    # (name, slot in the template, version) of every tensor fn is called with as given (inputs,
+    # module parameters and buffers) before the first call: a version that moves names an input
+    # fn writes into.
+    watched: list[tuple[str, int, int]] = field(default_factory=list)
 
     def written_inputs(self) -> list[str]:
         """Names of the inputs (or module buffers) fn has written into in place since the problem
         was built: every later call then sees the value the previous one left there."""
-        return [name for name, t, version in self.watched if _version(t) != version]
+        return [name for name, slot, version in self.watched if _version(self._template[slot]) != version]
+
+    def inputs_a_call_writes(self) -> list[str]:
+        """Names of the inputs one more call of fn changes, on copies: writes the version counter
+        does not see (through ``.data``, numpy, ``torch.no_grad``) included. A diagnosis for a
+        check that found fn's values changing from call to call: it costs a call and a copy."""
+        copies = [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in self._template]
+        before = {slot: copies[slot].clone() for _, slot, _ in self.watched}
+        try:
+            with torch.no_grad():
+                self._call_flat(copies)
+        except Exception:  # fn's own error was reported where it happened; nothing more to learn
+            return []
+        return [name for name, slot, _ in self.watched if not _same(copies[slot], before[slot])]
 
     @functools.cached_property
     def n_inputs(self) -> int:
@@ -220,6 +234,10 @@ class Problem:
         flat = list(self._template)
         for slot, value in zip(self._slots, values, strict=True):
             flat[slot] = value
+        return self._call_flat(flat)
+
+    def _call_flat(self, flat: list[Any]) -> Any:
+        """Call fn with every argument (and module parameter or buffer) from ``flat``."""
         if self.flat_arguments:
             return self.fn(*flat, **self._kwargs)
         args, params = pytree.tree_unflatten(flat, self._spec)
@@ -289,6 +307,13 @@ def _version(t: torch.Tensor) -> int:
         return t._version
     except RuntimeError:  # an inference tensor has no version counter
         return -1
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN where the other has NaN too."""
+    return a.shape == b.shape and bool(
+        ((a == b) | (a.isnan() & b.isnan()) if a.is_floating_point() or a.is_complex() else a == b).all()
+    )
 
 
 def _output_name(out: Any, path: Any) -> str:
@@ -501,8 +526,8 @@ def build_problem(
         and all(len(path) == 2 for path, _ in paths)
     )
     problem.watched = [
-        (str(name), value, _version(value))
-        for (name, _, _), value in zip(named, template, strict=True)
+        (str(name), slot, _version(value))
+        for slot, ((name, _, _), value) in enumerate(zip(named, template, strict=True))
         if isinstance(value, torch.Tensor)
     ]
     # The first call runs with autograd on: its graph serves the analytic side, its value is f(x).

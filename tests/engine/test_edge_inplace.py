@@ -98,3 +98,26 @@ class ExpScalingItsSavedOutput(torch.autograd.Function):
 def test_a_backward_that_writes_into_what_it_saved_gets_an_error_that_says_why(size, mode):
     with pytest.raises(gc.FunctionRaisedError, match="runs the backward several times on one graph"):
         gc.check(ExpScalingItsSavedOutput.apply, torch.rand(size, dtype=torch.float64), mode=mode)
+
+
+def _scales_its_offset_through_data(x, offset):
+    offset.data.mul_(1.01)  # .data: a write autograd's version counter does not see
+    return x * offset.sin()
+
+
+def _scales_itself_through_data(x):
+    x.data.mul_(1.01)
+    return x.sin()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["full", "auto"])
+def test_a_write_through_data_is_named_when_the_check_fails(dtype, mode):
+    x, offset = torch.rand(4, dtype=dtype), torch.rand(4, dtype=dtype)
+    for fn, inputs, name in [
+        (_scales_its_offset_through_data, (x, offset), "inputs[1]"),
+        (_scales_itself_through_data, (x,), "inputs[0]"),
+    ]:
+        report = gc.check(fn, *(t.clone() for t in inputs), mode=mode)
+        assert not report.ok, report
+        assert any(f"fn writes in place into {name}" in note for note in report.notes), report
