@@ -81,6 +81,13 @@ class Notes(list[str]):
             self.append(text)
 
 
+def _largest_finite(t: torch.Tensor) -> float:
+    """max |t| over its finite elements (0 for none); a few are read as Python floats."""
+    if t.numel() <= FEW_VALUES:
+        return max((abs(v) for v in t.reshape(-1).tolist() if math.isfinite(v)), default=0.0)
+    return float(t.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs().max())
+
+
 @dataclass
 class Context:
     """``problem`` is what the analytic side differentiates, in the user's dtype; the numeric
@@ -282,10 +289,8 @@ class Context:
             return 0.0
         key = (output.offset, leaf.offset)
         if key not in self._cancelled_scales:
-            values = self.f0[output.rows].nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs()
-            inputs = leaf.real.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs()
-            top = float(values.max()) if values.numel() else 0.0
-            self._cancelled_scales[key] = top / max(float(inputs.max()) if inputs.numel() else 0.0, 1.0)
+            top = _largest_finite(self.f0[output.rows])
+            self._cancelled_scales[key] = top / max(_largest_finite(leaf.real), 1.0)
         return self._cancelled_scales[key]
 
     def rounding_allowance(self, rows: torch.Tensor | slice, numeric: torch.Tensor) -> torch.Tensor | None:
