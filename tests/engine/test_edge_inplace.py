@@ -121,3 +121,32 @@ def test_a_write_through_data_is_named_when_the_check_fails(dtype, mode):
         report = gc.check(fn, *(t.clone() for t in inputs), mode=mode)
         assert not report.ok, report
         assert any(f"fn writes in place into {name}" in note for note in report.notes), report
+
+
+class CubeScalingGradInPlace(torch.autograd.Function):
+    """x**3 whose (differentiable) backward scales grad_output in place."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad.mul_(3 * x * x)
+
+
+class WrongCubeScalingGradInPlace(CubeScalingGradInPlace):
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad.mul_(3 * x * x.detach())  # the second derivative misses a term
+
+
+def test_second_order_of_a_backward_that_writes_into_its_grad_output():
+    x = torch.rand(3, dtype=torch.float64) + 0.5
+    report = gc.check(CubeScalingGradInPlace.apply, x, order=2)
+    assert report.ok, report
+    caught = gc.check(WrongCubeScalingGradInPlace.apply, x, order=2)
+    assert [p.status for p in caught.pairs] == [Status.FAIL], caught
