@@ -15,7 +15,6 @@ from gradcheck_svc.engine.devices import compare_devices, resolve_device
 from gradcheck_svc.engine.edge_inputs import (
     empty_pairs,
     explain_written_inputs,
-    mark_nan_outputs,
     mark_nonfinite_inputs,
     note_skipped_outputs,
     written_input_pairs,
@@ -158,8 +157,6 @@ def _check_problem(
             raise
         pairs = written_input_pairs(problem, mode, exc)
     mark_nonfinite_inputs(problem, ctx.f0, pairs, ctx.note)
-    if not _all_finite(ctx.f0):
-        mark_nan_outputs(problem, ctx.f0, pairs)
     forward_nondeterministic = _forward_is_nondeterministic(ctx)
     if opts.compare_devices:
         pairs.append(compare_devices(fn, inputs, dict(fn_kwargs or {}), input_names, opts))

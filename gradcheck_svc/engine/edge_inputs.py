@@ -20,13 +20,12 @@ from collections.abc import Callable
 import torch
 
 from gradcheck_svc.engine.compare import pair_fields
-from gradcheck_svc.engine.problem import Leaf, Problem, flat_index
+from gradcheck_svc.engine.problem import Leaf, Problem
 from gradcheck_svc.report import Check, PairReport, Status
 
 __all__ = [
     "empty_pairs",
     "explain_written_inputs",
-    "mark_nan_outputs",
     "mark_nonfinite_inputs",
     "note_skipped_outputs",
     "written_input_pairs",
@@ -77,23 +76,6 @@ def mark_nonfinite_inputs(
             if pair.input == leaf.name and pair.output in nan_outputs and pair.check != Check.DEVICES:
                 pair.status = Status.NONFINITE
                 pair.message = f"{leaf.name} holds NaN: no gradient is defined there"
-
-
-def mark_nan_outputs(problem: Problem, f0: torch.Tensor, pairs: list[PairReport]) -> None:
-    """An output that is NaN at the point has no gradient there to verify: its pairs fail as
-    NONFINITE, even where the backward's NaN agrees with the differences' (NaN in both would
-    otherwise read as agreement, and a check that verified nothing as ok)."""
-    for block in problem.outputs:
-        values = f0[block.rows]
-        if not bool(values.isnan().any()):
-            continue
-        first = int(values.isnan().nonzero()[0, 0])
-        index, part = flat_index(first, block.shape, block.is_complex)
-        at = f"{block.name}{index if index else ''}{'.' + part if part else ''}".replace(", ", ",")
-        for pair in pairs:
-            if pair.output == block.name and pair.check != Check.DEVICES and not pair.status.failed:
-                pair.status = Status.NONFINITE
-                pair.message = f"fn's value is NaN at this point ({at}): no gradient is defined there"
 
 
 def note_skipped_outputs(problem: Problem, note: Callable[[str], None]) -> None:
