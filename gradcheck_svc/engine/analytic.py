@@ -52,6 +52,16 @@ def _values(g: torch.Tensor) -> list[float]:
     return [0.0] * g.numel() if g._is_zerotensor() else g.tolist()
 
 
+def _hint(exc: BaseException) -> str:
+    """Why autograd refused a graph the check runs more than once, where its message says so."""
+    if "modified by an inplace operation" in str(exc):
+        return (
+            " (the check runs the backward several times on one graph: a tensor it saved was "
+            "written in place after the forward, by the backward itself or by a later call of fn)"
+        )
+    return ""
+
+
 class Analytic:
     """Autograd side of a check for one problem (one evaluation point)."""
 
@@ -99,6 +109,7 @@ class Analytic:
         self, y: torch.Tensor, reals: list[torch.Tensor], cotangent: torch.Tensor, batched: bool
     ) -> list[torch.Tensor]:
         shape = (cotangent.shape[0],) if batched else ()
+        cotangent = cotangent.clone()  # the backward's to keep: one may write into its grad_output
         if y.dim() != 1:  # a root in fn's own output shape
             cotangent = cotangent.reshape((*shape, *y.shape))
         grads = torch.autograd.grad(
@@ -125,7 +136,7 @@ class Analytic:
                     self._paths.remove(path)
                     how = "torch.func" if path == "func" else "batched autograd.grad"
                     self._note(f"{name} computed without {how}, which cannot run fn ({why_not_batched(exc)})")
-        cause = "no path could run" if last is None else _describe(last)
+        cause = "no path could run" if last is None else _describe(last) + _hint(last)
         raise FunctionRaisedError(f"backward raised while computing {name}: {cause}") from last
 
     # ------------------------------------------------------------------ rows
@@ -133,7 +144,8 @@ class Analytic:
         """``J^T c`` for each row ``c`` of ``cotangents (R, M)``: one ``(R, n_i)`` float64 tensor per leaf."""
 
         def func() -> list[torch.Tensor]:
-            grads: tuple[torch.Tensor, ...] = torch.vmap(self._func_vjp())(cotangents)
+            # A copy: a backward may write into its grad_output, and callers reuse their cotangents.
+            grads: tuple[torch.Tensor, ...] = torch.vmap(self._func_vjp())(cotangents.clone())
             return list(grads)
 
         def batched() -> list[torch.Tensor]:
@@ -178,7 +190,7 @@ class Analytic:
             raise
         except Exception as exc:  # as ``_run`` words the loop's failure
             raise FunctionRaisedError(
-                f"backward raised while computing reverse-mode rows: {_describe(exc)}"
+                f"backward raised while computing reverse-mode rows: {_describe(exc)}{_hint(exc)}"
             ) from exc
         values = [[_values(g) for g in row] for row in per_row]  # [row][leaf] -> (n_i,)
         if m == 1:

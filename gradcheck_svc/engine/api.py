@@ -11,7 +11,13 @@ import torch
 from gradcheck_svc.engine.agreement import all_finite, same_values
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.devices import compare_devices, resolve_device
-from gradcheck_svc.engine.edge_inputs import empty_pairs, mark_nonfinite_inputs, note_skipped_outputs
+from gradcheck_svc.engine.edge_inputs import (
+    empty_pairs,
+    explain_written_inputs,
+    mark_nonfinite_inputs,
+    note_skipped_outputs,
+    written_input_pairs,
+)
 from gradcheck_svc.engine.expectation import apply_expectation
 from gradcheck_svc.engine.fast import run_fast
 from gradcheck_svc.engine.full import run_full
@@ -22,7 +28,12 @@ from gradcheck_svc.engine.second_order import second_order_problem
 from gradcheck_svc.engine.taylor import run_taylor
 from gradcheck_svc.engine.threads import largest_batch, serial_if_small
 from gradcheck_svc.engine.tiny import run_tiny
-from gradcheck_svc.errors import GradientMismatch, InvalidOptionError, NotCallableError
+from gradcheck_svc.errors import (
+    FunctionRaisedError,
+    GradientMismatch,
+    InvalidOptionError,
+    NotCallableError,
+)
 from gradcheck_svc.options import (
     CallArguments,
     CheckOptions,
@@ -30,7 +41,7 @@ from gradcheck_svc.options import (
     explicit_options,
     resolve_options,
 )
-from gradcheck_svc.report import Report, Status
+from gradcheck_svc.report import PairReport, Report, Status
 
 __all__ = ["assert_grads", "check"]
 
@@ -138,16 +149,12 @@ def _check_problem(
     mode = _mode(ctx, opts)
     if progress is not None:
         ctx.progress = Progress(progress, _progress_total(ctx, opts, mode))
-    if problem.n_outputs * problem.n_inputs == 0:
-        pairs = empty_pairs(problem, mode)
-    elif opts.scheme == "taylor":
-        pairs = run_taylor(ctx)
-        mode = "taylor"
-    elif mode == "full":
-        tiny = run_tiny(ctx)
-        pairs = tiny if tiny is not None else [a.report() for a in run_full(ctx).values()]
-    else:
-        pairs = run_fast(ctx)
+    try:
+        pairs, mode = _run_mode(ctx, opts, mode)
+    except FunctionRaisedError as exc:
+        if not problem.written_inputs():
+            raise
+        pairs = written_input_pairs(problem, mode, exc)
     mark_nonfinite_inputs(problem, ctx.f0, pairs, ctx.note)
     forward_nondeterministic = _forward_is_nondeterministic(ctx)
     if opts.compare_devices:
@@ -156,6 +163,7 @@ def _check_problem(
         for pair in pairs:
             pair.status = Status.NONDETERMINISTIC
             pair.message = "fn returned different values for the same input"
+    explain_written_inputs(problem, pairs, ctx.note)
     pairs.sort(key=lambda p: (p.check.value != "reverse", p.output, p.input))
 
     if ctx.progress is not None:
@@ -175,6 +183,18 @@ def _check_problem(
         options=_resolved_options(opts, ctx),
         timings={k: round(v, 6) for k, v in ctx.timings.items()},
     )
+
+
+def _run_mode(ctx: Context, opts: CheckOptions, mode: str) -> tuple[list[PairReport], str]:
+    """The pairs of the mode chosen, and the mode they were checked in."""
+    if ctx.problem.n_outputs * ctx.problem.n_inputs == 0:
+        return empty_pairs(ctx.problem, mode), mode
+    if opts.scheme == "taylor":
+        return run_taylor(ctx), "taylor"
+    if mode == "full":
+        tiny = run_tiny(ctx)
+        return (tiny if tiny is not None else [a.report() for a in run_full(ctx).values()]), mode
+    return run_fast(ctx), mode
 
 
 def _largest_batch(problem: Problem, opts: CheckOptions) -> int:

@@ -81,6 +81,13 @@ class Notes(list[str]):
             self.append(text)
 
 
+def _largest_finite(t: torch.Tensor) -> float:
+    """max |t| over its finite elements (0 for none); a few are read as Python floats."""
+    if t.numel() <= FEW_VALUES:
+        return max((abs(v) for v in t.reshape(-1).tolist() if math.isfinite(v)), default=0.0)
+    return float(t.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs().max())
+
+
 @dataclass
 class Context:
     """``problem`` is what the analytic side differentiates, in the user's dtype; the numeric
@@ -113,10 +120,13 @@ class Context:
     _eval_bytes: int | None = field(default=None, init=False)
     _eval_seconds: float = field(default=0.0, init=False)
     _plain_calls: bool = field(default=False, init=False)  # see PLAIN_ROWS
+    _cancelled_scales: dict[tuple[int, int], float] = field(default_factory=dict, init=False)
     _external: bool = field(default=False, init=False)  # fn is an ExternalFunction
-    # ``tolerance`` per (output dtype, leaf dtype): asked for every pair, several times, and
-    # fixed by the options and the dtypes alone.
-    _tolerances: dict[tuple[torch.dtype, torch.dtype], Tolerance] = field(default_factory=dict, init=False)
+    # ``tolerance`` per block (its dtypes and offsets): asked for every pair, several times, and
+    # fixed by the options, the dtypes and the block's values.
+    _tolerances: dict[tuple[torch.dtype, torch.dtype, int, int], Tolerance] = field(
+        default_factory=dict, init=False
+    )
 
     def __post_init__(self) -> None:
         self.analytic = Analytic(self.problem, self.notes.add)
@@ -261,10 +271,10 @@ class Context:
         rounding, not the backward's). With a float64 reference, small bugs below that are the
         float64 run's to catch (``wide_tolerance``). In float64 both floors are below the defaults.
         """
-        key = (output.dtype, leaf.dtype)
+        key = (output.dtype, leaf.dtype, output.offset, leaf.offset)
         found = self._tolerances.get(key)
         if found is None:
-            d = defaults_for(*key)
+            d = defaults_for(output.dtype, leaf.dtype)
             o = self.options
             rtol = max(d.rtol, _ROUNDING_RTOL * d.machine_eps)
             atol_factor = max(d.atol, _ROUNDING_ATOL * d.machine_eps)
@@ -274,9 +284,23 @@ class Context:
                 rtol=o.rtol if o.rtol is not None else rtol,
                 bars=o.error_bars,
                 kinks_fail=o.kinks == "fail",
-                slack=o.nondet_tol,
+                slack=o.nondet_tol + _ROUNDING_ATOL * d.machine_eps * self._cancelled_scale(output, leaf),
             )
         return found
+
+    def _cancelled_scale(self, output: OutputBlock, leaf: Leaf) -> float:
+        """The scale of a derivative from the values around it, |f| / max(|x|, 1) over the block:
+        a low-precision backward rounds the terms it sums at that scale even where they cancel to
+        a zero derivative (an input a normalisation or a softmax's sum is invariant to), which the
+        block's own scale (zero) does not allow. Only with a float64 reference: its run of the
+        backward is still held to the block's own scale, so no bug hides under this floor."""
+        if self.wide_analytic is None or self.forward_rounding is None:
+            return 0.0
+        key = (output.offset, leaf.offset)
+        if key not in self._cancelled_scales:
+            top = _largest_finite(self.f0[output.rows])
+            self._cancelled_scales[key] = top / max(_largest_finite(leaf.real), 1.0)
+        return self._cancelled_scales[key]
 
     def rounding_allowance(self, rows: torch.Tensor | slice, numeric: torch.Tensor) -> torch.Tensor | None:
         """Extra tolerance of the user's analytic values in output ``rows`` (numeric block

@@ -8,6 +8,9 @@
   gradient is defined there. A NaN that ``nansum`` ignores, or +-inf (attention masks,
   ``-inf`` padding), is a legitimate value that is simply left out.
 * Outputs autograd marks non-differentiable are skipped (see ``problem``), listed in a note.
+* An input fn writes into in place (a buffer it updates, a counter it bumps) is named in a note;
+  where the writes make fn's values or its backward change from call to call, the pairs say so
+  (every call starts from what the previous one left, so fn is no function of the point alone).
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ from gradcheck_svc.engine.compare import pair_fields
 from gradcheck_svc.engine.problem import Leaf, Problem
 from gradcheck_svc.report import Check, PairReport, Status
 
-__all__ = ["empty_pairs", "mark_nonfinite_inputs", "note_skipped_outputs"]
+__all__ = [
+    "empty_pairs",
+    "explain_written_inputs",
+    "mark_nonfinite_inputs",
+    "note_skipped_outputs",
+    "written_input_pairs",
+]
 
 
 def empty_pairs(problem: Problem, mode: str) -> list[PairReport]:
@@ -72,3 +81,37 @@ def mark_nonfinite_inputs(
 def note_skipped_outputs(problem: Problem, note: Callable[[str], None]) -> None:
     if problem.skipped_outputs:
         note("not checked, autograd marks them non-differentiable: " + ", ".join(problem.skipped_outputs))
+
+
+def _written(names: list[str]) -> str:
+    return f"fn writes in place into {', '.join(names)}, so each call starts from what the last one left"
+
+
+def explain_written_inputs(problem: Problem, pairs: list[PairReport], note: Callable[[str], None]) -> None:
+    """Name the inputs fn wrote into; a pair failed as nondeterministic says that was the cause."""
+    written = problem.written_inputs()
+    if not written and any(pair.status.failed for pair in pairs):
+        written = problem.inputs_a_call_writes()  # writes the version counter does not see
+    if not written:
+        return
+    note(_written(written))
+    for pair in pairs:
+        if pair.status == Status.NONDETERMINISTIC:
+            pair.message = f"{_written(written)}: {pair.message}" if pair.message else _written(written)
+
+
+def written_input_pairs(problem: Problem, mode: str, error: Exception) -> list[PairReport]:
+    """Every pair failed as nondeterministic, where fn's writes into its inputs made the backward of
+    an earlier call unable to run (autograd refuses a graph whose saved inputs changed since)."""
+    cause = _written(problem.written_inputs())
+    return [
+        PairReport(
+            **pair_fields(block, leaf),
+            check=Check.REVERSE,
+            status=Status.NONDETERMINISTIC,
+            mode=mode,
+            message=f"{cause}: the backward of an earlier call could not run ({error})",
+        )
+        for block in problem.outputs
+        for leaf in problem.leaves
+    ]

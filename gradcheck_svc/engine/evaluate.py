@@ -19,7 +19,7 @@ from gradcheck_svc.engine.agreement import within_ulps
 from gradcheck_svc.engine.guard import peak_bytes
 from gradcheck_svc.engine.plain_forward import batched_plain_forward
 from gradcheck_svc.engine.problem import Problem
-from gradcheck_svc.errors import FunctionRaisedError
+from gradcheck_svc.errors import CheckError, FunctionRaisedError
 
 _T = TypeVar("_T")
 
@@ -159,6 +159,8 @@ class Evaluator:
     def _guarded(call: Callable[[], _T]) -> _T:
         try:
             return call()
+        except CheckError:  # already says what went wrong (an output that changed shape, a limit)
+            raise
         except Exception as exc:
             raise FunctionRaisedError(
                 f"fn raised while evaluating perturbed inputs: {describe(exc)}"

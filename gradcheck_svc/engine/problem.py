@@ -194,6 +194,28 @@ class Problem:
     # Every input a pytree leaf and fn no module: the call's arguments are the template itself,
     # rebuilt without the pytree (a check calls fn a few times; each unflatten costs a dozen us).
     flat_arguments: bool = False
+    # (name, slot in the template, version) of every tensor fn is called with as given (inputs,
+    # module parameters and buffers) before the first call: a version that moves names an input
+    # fn writes into.
+    watched: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def written_inputs(self) -> list[str]:
+        """Names of the inputs (or module buffers) fn has written into in place since the problem
+        was built: every later call then sees the value the previous one left there."""
+        return [name for name, slot, version in self.watched if _version(self._template[slot]) != version]
+
+    def inputs_a_call_writes(self) -> list[str]:
+        """Names of the inputs one more call of fn changes, on copies: writes the version counter
+        does not see (through ``.data``, numpy, ``torch.no_grad``) included. A diagnosis for a
+        check that found fn's values changing from call to call: it costs a call and a copy."""
+        copies = [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in self._template]
+        before = {slot: copies[slot].clone() for _, slot, _ in self.watched}
+        try:
+            with torch.no_grad():
+                self._call_flat(copies)
+        except Exception:  # fn's own error was reported where it happened; nothing more to learn
+            return []
+        return [name for name, slot, _ in self.watched if not _same(copies[slot], before[slot])]
 
     @functools.cached_property
     def n_inputs(self) -> int:
@@ -209,6 +231,10 @@ class Problem:
         flat = list(self._template)
         for slot, value in zip(self._slots, values, strict=True):
             flat[slot] = value
+        return self._call_flat(flat)
+
+    def _call_flat(self, flat: list[Any]) -> Any:
+        """Call fn with every argument (and module parameter or buffer) from ``flat``."""
         if self.flat_arguments:
             return self.fn(*flat, **self._kwargs)
         args, params = pytree.tree_unflatten(flat, self._spec)
@@ -224,13 +250,39 @@ class Problem:
     def flatten_output(self, out: Any) -> torch.Tensor:
         """The checked output tensors of one call as one flat float64 vector."""
         if self.kept_outputs is None and isinstance(out, torch.Tensor) and _differentiable(out):
+            if len(self.outputs) == 1 and (
+                out.shape != self.outputs[0].shape or out.dtype != self.outputs[0].dtype
+            ):
+                self._changed_outputs([out])
             return _flat_real(out)  # one tensor: no tree to walk, nothing to join
         found = [out] if isinstance(out, torch.Tensor) else pytree.tree_leaves(out)
         tensors = [t for t in found if _differentiable(t)]
         if self.kept_outputs is not None:
+            if len(tensors) != len(self.kept_outputs):
+                self._changed_outputs(tensors)
             tensors = [t for t, kept in zip(tensors, self.kept_outputs, strict=True) if kept]
+        if self.outputs and (
+            len(tensors) != len(self.outputs)
+            or any(
+                t.shape != b.shape or t.dtype != b.dtype for t, b in zip(tensors, self.outputs, strict=True)
+            )
+        ):
+            self._changed_outputs(tensors)
         parts = [_flat_real(t) for t in tensors]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _changed_outputs(self, tensors: Sequence[torch.Tensor]) -> None:
+        """fn returned other output tensors than at the first call: no Jacobian relates the two."""
+
+        def described(shapes: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> str:
+            return ", ".join(f"{list(shape)} {str(dtype).removeprefix('torch.')}" for shape, dtype in shapes)
+
+        first = described([(b.shape, b.dtype) for b in self.outputs])
+        now = described([(tuple(t.shape), t.dtype) for t in tensors])
+        raise OutputTypeError(
+            f"fn's outputs changed between calls: {now or 'none'} here, {first} at the first call; "
+            "fn must return tensors of the same shapes and dtypes at every point near the input"
+        )
 
     def call_replaced(self, index: int, value: torch.Tensor) -> torch.Tensor:
         """``flat_replace`` with leaf ``index`` given in its own shape: the flat outputs."""
@@ -244,6 +296,21 @@ class Problem:
 
     def base_reals(self) -> list[torch.Tensor]:
         return [leaf.real for leaf in self.leaves]
+
+
+def _version(t: torch.Tensor) -> int:
+    """``t``'s version counter (bumped by every in-place write); -1 where torch keeps none."""
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor has no version counter
+        return -1
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN where the other has NaN too."""
+    return a.shape == b.shape and bool(
+        ((a == b) | (a.isnan() & b.isnan()) if a.is_floating_point() or a.is_complex() else a == b).all()
+    )
 
 
 def _output_name(out: Any, path: Any) -> str:
@@ -455,6 +522,11 @@ def build_problem(
         and len(paths) == len(inputs)
         and all(len(path) == 2 for path, _ in paths)
     )
+    problem.watched = [
+        (str(name), slot, _version(value))
+        for slot, ((name, _, _), value) in enumerate(zip(named, template, strict=True))
+        if isinstance(value, torch.Tensor)
+    ]
     # The first call runs with autograd on: its graph serves the analytic side, its value is f(x).
     reals = [leaf.graph_input() for leaf in leaves]
     with torch.enable_grad():

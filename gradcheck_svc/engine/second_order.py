@@ -36,7 +36,8 @@ def vjp_function(problem: Problem, cotangent: torch.Tensor) -> Callable[..., tup
         if use_func:
             try:
                 _, vjp_fn = func_vjp(problem.flat, *reals)
-                grads = list(vjp_fn(cotangent))
+                # a copy each time: a backward may write into its grad_output, every call needs v
+                grads = list(vjp_fn(cotangent.clone()))
             except Exception:
                 # torch.func cannot trace this function (e.g. an old-style autograd.Function).
                 use_func = False
@@ -45,7 +46,11 @@ def vjp_function(problem: Problem, cotangent: torch.Tensor) -> Callable[..., tup
                 tracked = [r if r.requires_grad else r.detach().requires_grad_(True) for r in reals]
                 y = problem.flat(*tracked)
                 grads = (
-                    list(torch.autograd.grad(y, tracked, cotangent, create_graph=True, allow_unused=True))
+                    list(
+                        torch.autograd.grad(
+                            y, tracked, cotangent.clone(), create_graph=True, allow_unused=True
+                        )
+                    )
                     if y.requires_grad
                     else [None] * len(tracked)
                 )

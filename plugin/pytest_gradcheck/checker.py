@@ -84,6 +84,10 @@ class AssertGrads:
         except (Exception, pytest.fail.Exception) as exc:  # recorded as "could not run", then re-raised
             where = server.address if server is not None and resolved.remote != "never" else LOCAL
             self._record(label, where, started, ok=False, error=f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, gc.GradcheckError):
+                # The engine's own error says what went wrong: shown at the user's line, not in
+                # the engine's frames (fn's exception stays attached as the cause).
+                raise exc.with_traceback(None)  # noqa: B904  # the same exception, re-raised
             raise
         if unreachable:  # outside the except block: no "during handling" chain in the output
             pytest.fail(unreachable, pytrace=False)
