@@ -15,6 +15,7 @@ from gradcheck_svc.engine.edge_inputs import (
     empty_pairs,
     explain_written_inputs,
     mark_nonfinite_inputs,
+    mark_nonfinite_outputs,
     note_skipped_outputs,
     written_input_pairs,
 )
@@ -156,6 +157,8 @@ def _check_problem(
             raise
         pairs = written_input_pairs(problem, mode, exc)
     mark_nonfinite_inputs(problem, ctx.f0, pairs, ctx.note)
+    if not all_finite(ctx.f0):
+        mark_nonfinite_outputs(problem, ctx.f0, pairs)
     forward_nondeterministic = _forward_is_nondeterministic(ctx)
     if opts.compare_devices:
         pairs.append(compare_devices(fn, inputs, dict(fn_kwargs or {}), input_names, opts))

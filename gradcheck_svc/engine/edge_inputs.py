@@ -20,13 +20,14 @@ from collections.abc import Callable
 import torch
 
 from gradcheck_svc.engine.compare import pair_fields
-from gradcheck_svc.engine.problem import Leaf, Problem
+from gradcheck_svc.engine.problem import Leaf, Problem, flat_index
 from gradcheck_svc.report import Check, PairReport, Status
 
 __all__ = [
     "empty_pairs",
     "explain_written_inputs",
     "mark_nonfinite_inputs",
+    "mark_nonfinite_outputs",
     "note_skipped_outputs",
     "written_input_pairs",
 ]
@@ -76,6 +77,26 @@ def mark_nonfinite_inputs(
             if pair.input == leaf.name and pair.output in nan_outputs and pair.check != Check.DEVICES:
                 pair.status = Status.NONFINITE
                 pair.message = f"{leaf.name} holds NaN: no gradient is defined there"
+
+
+def mark_nonfinite_outputs(problem: Problem, f0: torch.Tensor, pairs: list[PairReport]) -> None:
+    """An output that is NaN or infinite at the point has no gradient there to verify: its pairs
+    fail as NONFINITE in every mode, even where the backward's NaN agrees with the differences'
+    (NaN on both sides would otherwise read as agreement, and a check that verified nothing as ok;
+    fast mode's projections may not reach an infinite element at all)."""
+    for block in problem.outputs:
+        values = f0[block.rows]
+        bad = ~torch.isfinite(values)
+        if not bool(bad.any()):
+            continue
+        first = int(bad.nonzero()[0, 0])
+        index, part = flat_index(first, block.shape, block.is_complex)
+        at = f"{block.name}{index if index else ''}{'.' + part if part else ''}".replace(", ", ",")
+        what = "NaN" if bool(values[first].isnan()) else "infinite"
+        for pair in pairs:
+            if pair.output == block.name and pair.check != Check.DEVICES and not pair.status.failed:
+                pair.status = Status.NONFINITE
+                pair.message = f"fn's value is {what} at this point ({at}): no gradient is defined there"
 
 
 def note_skipped_outputs(problem: Problem, note: Callable[[str], None]) -> None:

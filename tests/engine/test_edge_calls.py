@@ -73,3 +73,36 @@ def test_a_nondeterministic_backward_says_how_much_and_which_option_accepts_it(m
     assert [p.status.value for p in report.pairs] == ["nondeterministic"], report
     assert "beyond nondet_tol" in str(report)
     assert gc.check(SineWithNoisyBackward.apply, x, mode=mode, nondet_tol=1e-9).ok
+
+
+class SineTimesNaN(torch.autograd.Function):
+    """A forward that returns NaN with a backward that returns NaN too: nothing to verify."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.sin() * float("nan")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+def test_an_output_that_is_nan_at_the_point_fails_even_where_the_backward_agrees(dtype, mode):
+    x = torch.randn(4, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    report = gc.check(SineTimesNaN.apply, x, mode=mode)
+    assert [p.status.value for p in report.pairs] == ["nonfinite"], report
+    assert "fn's value is NaN at this point (output[0])" in str(report)
+    partly = gc.check(lambda x: torch.stack([x.sum(), torch.sqrt(-x.abs() - 1).sum()]), x, mode=mode)
+    assert [p.status.value for p in partly.pairs] == ["nonfinite"], partly
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+def test_an_output_that_is_infinite_at_the_point_fails_in_every_mode(dtype, mode):
+    """An overflow at the point: fast mode's projection used to pass it."""
+    x = torch.tensor([0.5, 1.0, 2.0], dtype=dtype)
+    report = gc.check(lambda x: torch.exp(1000 * x), x, mode=mode)
+    assert [p.status.value for p in report.pairs] == ["nonfinite"], report
+    assert "infinite at this point" in str(report)
