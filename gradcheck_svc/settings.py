@@ -23,11 +23,15 @@ MiB = 1024 * 1024
 
 
 def _split(value: Any) -> Any:
+    """A comma-separated string (the environment), a JSON list, or a list whose strings may hold
+    commas themselves (``serve --auth-tokens t1,t2`` arrives as ``["t1,t2"]``): one flat list."""
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
             return json.loads(text)
         return [part.strip() for part in text.split(",") if part.strip()]
+    if isinstance(value, list | tuple):
+        return [part for item in value for part in (_split(item) if isinstance(item, str) else [item])]
     return value
 
 
@@ -153,6 +157,10 @@ class Settings(BaseSettings):
         items = _split(value)
         if isinstance(value, str) and not value.strip().startswith("["):
             items = value.split(",")  # unfiltered: "a," has an empty second token
+        elif isinstance(value, list | tuple):  # flag values: "--auth-tokens a," likewise
+            items = [
+                part for item in value for part in (item.split(",") if isinstance(item, str) else [item])
+            ]
         # The default empty list means "no authentication"; an empty string given means a mistake.
         empty = isinstance(items, list) and (not items or any(not _secret(t).strip() for t in items))
         if empty and (items or isinstance(value, str)):
