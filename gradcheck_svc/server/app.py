@@ -45,6 +45,7 @@ __all__ = ["GradcheckServer", "create_server", "serve"]
 
 log = logging.getLogger("gradcheck_svc.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradcheckService"].full_name
+_ANSWER_SECONDS = 0.5  # of the drain's grace, left for cut-off checks to send their answer
 
 
 class GradcheckServer:
@@ -76,8 +77,15 @@ class GradcheckServer:
         self.health.enter_graceful_shutdown()
         self.service.start_draining()
         deadline = time.monotonic() + (grace or 0.0)
-        while self.service.slots.in_flight and time.monotonic() < deadline:
+        # The last moments of the grace are kept for checks still running to answer UNAVAILABLE
+        # (SERVER_DRAINING, retry elsewhere) themselves, rather than be cut off by gRPC.
+        cut_off = deadline - min(_ANSWER_SECONDS, (grace or 0.0) / 4)
+        while self.service.slots.in_flight and time.monotonic() < cut_off:
             time.sleep(0.02)
+        if self.service.slots.in_flight:
+            self.service.cut_off_running()
+            while self.service.slots.in_flight and time.monotonic() < deadline:
+                time.sleep(0.02)
         self.grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
         self.service.close()
         self._stopped.set()

@@ -16,6 +16,7 @@ from grpc_status import rpc_status
 
 import gradcheck_svc as gc
 from gradcheck_svc.codec import DTYPES, encode_duration
+from gradcheck_svc.errors import CheckCancelledError
 from gradcheck_svc.report import Report
 from gradcheck_svc.server.external import check_external
 from gradcheck_svc.server.isolation import WorkerPool
@@ -52,6 +53,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         self.served_by = settings.served_by
         self.slots = CheckSlots(settings.max_concurrent_checks)
         self.draining = threading.Event()
+        self.cut_off = threading.Event()  # the drain's grace ran out: running checks stop now
         self.workers = workers  # None: every check runs in the handler thread
         self._stream_pool = ThreadPoolExecutor(
             settings.max_concurrent_checks, thread_name_prefix="gradcheck-stream"
@@ -62,6 +64,31 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         items still queued are cancelled (their done-callbacks answer them UNAVAILABLE)."""
         self.draining.set()
         self._stream_pool.shutdown(wait=False, cancel_futures=True)
+
+    def cut_off_running(self) -> None:
+        """The drain's grace is over: running checks stop at their next op (a worker is killed) and
+        answer UNAVAILABLE (``SERVER_DRAINING``) themselves, instead of gRPC's bare cancellation."""
+        self.cut_off.set()
+
+    def stopper(self, cancel: threading.Event) -> Callable[[], bool]:
+        """The ``cancelled`` test of one check: its client cancelled, or the drain cut it off."""
+        cut_off = self.cut_off
+        return lambda: cancel.is_set() or cut_off.is_set()
+
+    def drained(self, exc: BaseException) -> BaseException:
+        """``exc`` as the client should see it: a check stopped by the drain's end is UNAVAILABLE."""
+        stopped = isinstance(exc, CheckCancelledError) or (
+            isinstance(exc, Rejection) and exc.code == grpc.StatusCode.CANCELLED
+        )
+        if not (stopped and self.cut_off.is_set()):
+            return exc
+        return Rejection(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the server shut down before the check finished (grace_seconds="
+            f"{self.settings.grace_seconds:g}); checks have no side effects: retry it elsewhere",
+            reason="SERVER_DRAINING",
+            retry_after=0.0,
+        )
 
     def close(self) -> None:
         self.start_draining()
@@ -87,21 +114,22 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
     def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
         check_id = new_check_id()
         try:
-            self._admit()
+            self.admit()
         except Rejection as exc:
             self._log(check_id, request, None, None, time.perf_counter(), exc.code.name)
             context.abort_with_status(rpc_status.to_status(failure_for(exc, check_id).to_status()))
         try:
             cancel = threading.Event()
             context.add_callback(cancel.set)
-            return self._run(check_id, request, context.time_remaining(), cancel.is_set)
+            return self._run(check_id, request, context.time_remaining(), self.stopper(cancel))
         except Exception as exc:  # every failure becomes a status
-            context.abort_with_status(rpc_status.to_status(failure_for(exc, check_id).to_status()))
+            failure = failure_for(self.drained(exc), check_id)
+            context.abort_with_status(rpc_status.to_status(failure.to_status()))
             raise  # unreachable: abort raises
         finally:
             self.slots.release()
 
-    def _admit(self) -> None:
+    def admit(self) -> None:
         """Take a check slot, or refuse: draining, or every slot busy."""
         if self.draining.is_set():
             raise self._draining()
@@ -192,7 +220,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         request = wrapped.request
         check_id = new_check_id()
         try:
-            self._admit()
+            self.admit()
         except Rejection as exc:
             self._log(check_id, request, None, None, time.perf_counter(), exc.code.name)
             context.abort_with_status(rpc_status.to_status(failure_for(exc, check_id).to_status()))
@@ -211,9 +239,9 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
 
         def work() -> None:
             try:
-                events.put(self._run(check_id, request, remaining, cancel.is_set, progress))
+                events.put(self._run(check_id, request, remaining, self.stopper(cancel), progress))
             except Exception as exc:  # answered below, in the handler's thread
-                events.put(exc)
+                events.put(self.drained(exc))
             finally:
                 self.slots.release()
 
@@ -339,12 +367,12 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             try:
                 if self.draining.is_set():  # a slot freed by the drain itself starts nothing new
                     raise self._draining()
-                response = self._run(check_id, item.request, context.time_remaining(), cancel.is_set)
+                response = self._run(check_id, item.request, context.time_remaining(), self.stopper(cancel))
             finally:
                 self.slots.release()
             answers.put(pb.CheckStreamResponse(id=item.id, response=response))
         except Exception as exc:  # an item's failure is its answer; the stream goes on
-            answers.put(self._stream_error(item, exc, check_id))
+            answers.put(self._stream_error(item, self.drained(exc), check_id))
         finally:
             window.release()
 
