@@ -85,6 +85,13 @@ class Settings(BaseSettings):
         32, ge=1, description="checks running at once; more get RESOURCE_EXHAUSTED, never a queue"
     )
     stream_window: int = Field(4, ge=1, description="checks of one CheckStream running at once")
+    max_calls_per_client: int = Field(
+        0,
+        ge=0,
+        description="calls of one client running at once (a client is its bearer token, else its "
+        "connection); more get RESOURCE_EXHAUSTED (CLIENT_BUSY); 0: half the handler threads "
+        "(worker_threads), so one client never holds every thread nor, by default, every check slot",
+    )
     torch_threads: int = Field(
         0,
         ge=0,
@@ -187,6 +194,10 @@ class Settings(BaseSettings):
     @property
     def threads(self) -> int:
         return self.worker_threads or self.max_concurrent_checks + 8
+
+    @property
+    def calls_per_client(self) -> int:
+        return self.max_calls_per_client or max(1, self.threads // 2)
 
     @property
     def intra_op_threads(self) -> int:

@@ -33,6 +33,7 @@ from gradcheck_svc.engine.threads import use_threads
 from gradcheck_svc.report import Report
 from gradcheck_svc.server.auth import TokenAuthInterceptor
 from gradcheck_svc.server.decoding import DecodeErrorInterceptor
+from gradcheck_svc.server.fairness import ClientShareInterceptor
 from gradcheck_svc.server.isolation import WorkerPool
 from gradcheck_svc.server.service import GradcheckService
 from gradcheck_svc.server.worker import warm_up_engine
@@ -125,6 +126,9 @@ def create_server(
     interceptors: list[Any] = []
     if settings.auth_tokens:
         interceptors.append(TokenAuthInterceptor([t.get_secret_value() for t in settings.auth_tokens]))
+    interceptors.append(
+        ClientShareInterceptor(settings.calls_per_client, by_token=bool(settings.auth_tokens))
+    )
     interceptors.append(DecodeErrorInterceptor())
     grpc_server = grpc.server(
         ThreadPoolExecutor(settings.threads, thread_name_prefix="gradcheck-rpc"),
