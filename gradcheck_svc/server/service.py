@@ -417,6 +417,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                 max_expression_length=s.max_expression_length,
                 max_external_batch_size=s.max_external_batch,
                 max_external_reply_duration=encode_duration(s.external_reply_seconds),
+                max_calls_per_client=s.calls_per_client,
             ),
             served_by=self.served_by,
         )

@@ -74,6 +74,8 @@ def test_a_flooding_client_leaves_room_for_others(server: Running) -> None:
     with connection(server.address) as hostile_channel, connection(server.address) as other_channel:
         hostile = pb_grpc.GradcheckServiceStub(hostile_channel)
         other = pb_grpc.GradcheckServiceStub(other_channel)
+        capabilities = other.GetCapabilities(pb.GetCapabilitiesRequest(), timeout=30)
+        assert capabilities.limits.max_calls_per_client == 2  # a client can know its share
         floods = [hostile.Check.future(SLOW, timeout=60) for _ in range(6)]
         streams = [hostile.CheckStream(idle(), timeout=60) for _ in range(8)]
         time.sleep(0.5)
