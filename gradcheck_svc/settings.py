@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         "cores divided by max_concurrent_checks, at least 1 (so 1 unless checks are few and cores many)",
     )
     max_message_bytes: int = Field(64 * MiB, ge=1024, description="largest request or response message")
+    max_request_bytes_in_flight: int = Field(
+        256 * MiB,
+        ge=0,
+        description="bytes of the requests being checked at once, server-wide (requests under 64 KiB "
+        "are not counted); more get RESOURCE_EXHAUSTED (SERVER_BUSY); one request alone always fits",
+    )
     max_tensor_elements: int = Field(
         4_000_000, ge=1, description="largest tensor (inputs and expression intermediates), in elements"
     )

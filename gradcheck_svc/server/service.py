@@ -20,7 +20,7 @@ from gradcheck_svc.errors import CheckCancelledError
 from gradcheck_svc.report import Report
 from gradcheck_svc.server.external import check_external
 from gradcheck_svc.server.isolation import WorkerPool
-from gradcheck_svc.server.limiter import CheckSlots
+from gradcheck_svc.server.limiter import ByteBudget, CheckSlots
 from gradcheck_svc.server.plan import CheckPlan, runs_in_worker
 from gradcheck_svc.server.plan_cache import PlanCache
 from gradcheck_svc.server.runner import Deadline, PointProgress, execute, new_check_id
@@ -34,6 +34,7 @@ __all__ = ["GradcheckService"]
 
 log = logging.getLogger("gradcheck_svc.server")
 _DONE = object()
+_UNCOUNTED_BYTES = 64 * 1024  # requests this small stay off the byte budget (and its lock)
 _PROGRESS_EVERY = 0.5  # seconds between progress messages of one check
 
 
@@ -52,6 +53,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         self.plans = PlanCache(settings, registry)
         self.served_by = settings.served_by
         self.slots = CheckSlots(settings.max_concurrent_checks)
+        self.request_bytes = ByteBudget(settings.max_request_bytes_in_flight)
         self.draining = threading.Event()
         self.cut_off = threading.Event()  # the drain's grace ran out: running checks stop now
         self.workers = workers  # None: every check runs in the handler thread
@@ -149,6 +151,12 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         plan: CheckPlan | None = None
         response: pb.CheckResponse | None = None
         status = "OK"
+        size = request.ByteSize()
+        counted = size > _UNCOUNTED_BYTES
+        if counted and not self.request_bytes.try_take(size):
+            refusal = self._too_many_bytes(size)
+            self._log(check_id, request, None, None, started, refusal.code.name)
+            raise refusal
         try:
             plan = self.plans.plan(request)  # validated here, even if isolated
             deadline = Deadline.start(remaining, self.settings.max_check_seconds)
@@ -178,7 +186,20 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             status = failure_for(exc, check_id, quiet=True).code.name  # logged where it is answered
             raise
         finally:
+            if counted:
+                self.request_bytes.give_back(size)
             self._log(check_id, request, plan, response, started, status)
+
+    def _too_many_bytes(self, size: int) -> Rejection:
+        budget = self.request_bytes.size
+        return Rejection(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"server busy: requests of {self.request_bytes.used} bytes are being checked and this one has "
+            f"{size}, more than max_request_bytes_in_flight={budget} allows at once",
+            reason="SERVER_BUSY",
+            limit=("max_request_bytes_in_flight", str(budget)),
+            retry_after=1.0,
+        )
 
     def _log(
         self,
