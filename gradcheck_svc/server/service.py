@@ -23,6 +23,7 @@ from gradcheck_svc.server.isolation import WorkerPool
 from gradcheck_svc.server.limiter import ByteBudget, CheckSlots
 from gradcheck_svc.server.plan import CheckPlan, runs_in_worker
 from gradcheck_svc.server.plan_cache import PlanCache
+from gradcheck_svc.server.response_size import fit_response
 from gradcheck_svc.server.runner import Deadline, PointProgress, execute, new_check_id
 from gradcheck_svc.server.status import Rejection, failure_for
 from gradcheck_svc.settings import Settings
@@ -181,6 +182,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                     check_fn=self.check_fn,
                     progress=progress,
                 )
+            response = fit_response(response, self.settings.max_message_bytes)
             return response
         except Exception as exc:
             status = failure_for(exc, check_id, quiet=True).code.name  # logged where it is answered

@@ -1172,7 +1172,9 @@ class PairReport(_message.Message):
     def analytic(self) -> Global___DoubleList:
         """Whole analytic Jacobian, row-major in the layout above. Sent only for
         pairs of full mode whose Jacobian has at most 4096 entries (real
-        components: output components x input components); absent otherwise.
+        components: output components x input components); absent otherwise,
+        and left out of every report (with a note in Report.notes) when the
+        response would not fit in Limits.max_message_bytes with them.
         """
 
     @_builtins.property
