@@ -113,6 +113,9 @@ class Settings(BaseSettings):
         16_000_000, ge=1, description="largest total of input elements per request"
     )
     max_points: int = Field(1024, ge=1, description="most evaluation points per request")
+    max_request_tensors: int = Field(
+        16_384, ge=1, description="most tensors per request (points x inputs, module state included)"
+    )
     max_jacobian_entries: int = Field(100_000_000, ge=1, description="largest Jacobian the engine may check")
     max_evaluations: int = Field(1_000_000, ge=1, description="most finite-difference evaluations per check")
     max_check_seconds: float = Field(120.0, gt=0, description="wall-clock cap of one request")
