@@ -284,7 +284,8 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
     def CheckStream(
         self, request_iterator: Iterator[pb.CheckStreamRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.CheckStreamResponse]:
-        """Items run concurrently (at most ``stream_window`` at once) and are answered as they end.
+        """Items run concurrently (at most ``stream_window`` at once) and are answered as they end;
+        an answer not yet sent (the client does not read) counts against the window too.
 
         Draining: items that arrive, or are still queued, after SIGTERM are answered UNAVAILABLE
         and nothing new starts; once nothing is running the stream ends UNAVAILABLE. A stream
@@ -303,13 +304,15 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                 for item in request_iterator:
                     last_activity[0] = time.monotonic()
                     counts["submitted"] += 1
+                    # Backpressure: every answer holds a place in the window until it is sent, so
+                    # a client that never reads its answers stops being read (answers cannot pile up).
+                    while not window.acquire(timeout=0.1):
+                        if cancel.is_set():
+                            return
                     if self.draining.is_set():
                         answers.put(self._stream_error(item, self._draining()))
                         continue
-                    while not window.acquire(timeout=0.1):  # backpressure: a full window stops reading
-                        if cancel.is_set():
-                            return
-                    self._submit(item, context, cancel, answers, window)
+                    self._submit(item, context, cancel, answers)
             except Exception:  # the client went away while we read; nothing to answer
                 log.debug("CheckStream reader stopped", exc_info=True)
             finally:
@@ -342,6 +345,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             answered += 1
             last_activity[0] = time.monotonic()
             yield answer
+            window.release()  # sent: the reader may take the next item
 
     def _submit(
         self,
@@ -349,18 +353,15 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         context: grpc.ServicerContext,
         cancel: threading.Event,
         answers: queue.Queue[Any],
-        window: threading.Semaphore,
     ) -> None:
         def if_never_run(future: Future[None]) -> None:
             if future.cancelled():  # queued when the server closed: still owed an answer
                 answers.put(self._stream_error(item, self._draining()))
-                window.release()
 
         try:
-            future = self._stream_pool.submit(self._stream_item, item, context, cancel, answers, window)
+            future = self._stream_pool.submit(self._stream_item, item, context, cancel, answers)
         except RuntimeError:  # the pool is shut down
             answers.put(self._stream_error(item, self._draining()))
-            window.release()
             return
         future.add_done_callback(if_never_run)
 
@@ -373,7 +374,6 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         context: grpc.ServicerContext,
         cancel: threading.Event,
         answers: queue.Queue[Any],
-        window: threading.Semaphore,
     ) -> None:
         check_id = new_check_id()
         try:
@@ -396,8 +396,6 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             answers.put(pb.CheckStreamResponse(id=item.id, response=response))
         except Exception as exc:  # an item's failure is its answer; the stream goes on
             answers.put(self._stream_error(item, self.drained(exc), check_id))
-        finally:
-            window.release()
 
     # ------------------------------------------------------------------------- CheckExternal
 
