@@ -78,7 +78,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         cut_off = self.cut_off
         return lambda: cancel.is_set() or cut_off.is_set()
 
-    def drained(self, exc: BaseException) -> BaseException:
+    def drained(self, exc: Exception) -> Exception:
         """``exc`` as the client should see it: a check stopped by the drain's end is UNAVAILABLE."""
         stopped = isinstance(exc, CheckCancelledError) or (
             isinstance(exc, Rejection) and exc.code == grpc.StatusCode.CANCELLED
