@@ -439,6 +439,8 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                 max_external_batch_size=s.max_external_batch,
                 max_external_reply_duration=encode_duration(s.external_reply_seconds),
                 max_calls_per_client=s.calls_per_client,
+                max_request_tensors=s.max_request_tensors,
+                max_request_bytes_in_flight=s.max_request_bytes_in_flight,
             ),
             served_by=self.served_by,
         )

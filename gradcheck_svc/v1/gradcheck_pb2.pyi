@@ -1998,6 +1998,8 @@ class Limits(_message.Message):
     MAX_EXTERNAL_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     MAX_EXTERNAL_REPLY_DURATION_FIELD_NUMBER: _builtins.int
     MAX_CALLS_PER_CLIENT_FIELD_NUMBER: _builtins.int
+    MAX_REQUEST_TENSORS_FIELD_NUMBER: _builtins.int
+    MAX_REQUEST_BYTES_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     max_message_bytes: _builtins.int
     """Largest request or response message, in bytes."""
     max_tensor_elements: _builtins.int
@@ -2020,6 +2022,13 @@ class Limits(_message.Message):
     """Most calls (Check, CheckStream, CheckWithProgress, CheckExternal) one client
     may have running at once; more get RESOURCE_EXHAUSTED, reason CLIENT_BUSY. A
     client is its bearer token when the server has tokens, else its connection.
+    """
+    max_request_tensors: _builtins.int
+    """Most tensors in one request (points x inputs, a module's state included)."""
+    max_request_bytes_in_flight: _builtins.int
+    """Bytes of the requests being checked at once, server-wide (requests under
+    64 KiB are not counted; one request alone always fits); a large request
+    beyond it gets RESOURCE_EXHAUSTED, reason SERVER_BUSY, with RetryInfo.
     """
     @_builtins.property
     def max_check_duration(self) -> _duration_pb2.Duration:
@@ -2044,10 +2053,12 @@ class Limits(_message.Message):
         max_external_batch_size: _builtins.int = ...,
         max_external_reply_duration: _duration_pb2.Duration | None = ...,
         max_calls_per_client: _builtins.int = ...,
+        max_request_tensors: _builtins.int = ...,
+        max_request_bytes_in_flight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_check_duration", b"max_check_duration", "max_external_reply_duration", b"max_external_reply_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_calls_per_client", b"max_calls_per_client", "max_check_duration", b"max_check_duration", "max_concurrent_checks", b"max_concurrent_checks", "max_evaluations", b"max_evaluations", "max_expression_length", b"max_expression_length", "max_external_batch_size", b"max_external_batch_size", "max_external_reply_duration", b"max_external_reply_duration", "max_jacobian_entries", b"max_jacobian_entries", "max_message_bytes", b"max_message_bytes", "max_points", b"max_points", "max_request_elements", b"max_request_elements", "max_tensor_elements", b"max_tensor_elements"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_calls_per_client", b"max_calls_per_client", "max_check_duration", b"max_check_duration", "max_concurrent_checks", b"max_concurrent_checks", "max_evaluations", b"max_evaluations", "max_expression_length", b"max_expression_length", "max_external_batch_size", b"max_external_batch_size", "max_external_reply_duration", b"max_external_reply_duration", "max_jacobian_entries", b"max_jacobian_entries", "max_message_bytes", b"max_message_bytes", "max_points", b"max_points", "max_request_bytes_in_flight", b"max_request_bytes_in_flight", "max_request_elements", b"max_request_elements", "max_request_tensors", b"max_request_tensors", "max_tensor_elements", b"max_tensor_elements"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

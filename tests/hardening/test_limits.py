@@ -44,6 +44,9 @@ def test_capabilities_report_the_limits(tight: Running) -> None:
         limits = c.capabilities().limits
     assert limits["max_evaluations"] == 50 and limits["max_jacobian_entries"] == 10_000
     assert limits["max_concurrent_checks"] == Settings().max_concurrent_checks
+    assert limits["max_request_tensors"] == Settings().max_request_tensors
+    assert limits["max_request_bytes_in_flight"] == Settings().max_request_bytes_in_flight
+    assert limits["max_calls_per_client"] == Settings().calls_per_client
 
 
 def test_every_limit_is_a_gradcheck_variable(monkeypatch: pytest.MonkeyPatch) -> None:
