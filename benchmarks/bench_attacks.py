@@ -35,6 +35,15 @@ def peak(pid: int, field: str = "VmHWM") -> int:
     return next(int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith(f"{field}:"))
 
 
+def _many_scalars(count: int) -> pb.CheckRequest:
+    scalar = pb.Tensor(dtype=pb.DTYPE_FLOAT64, data=bytes(8))
+    point = pb.Point(tensors=[pb.NamedTensor(name=f"t{i}", tensor=scalar) for i in range(count)])
+    return pb.CheckRequest(
+        function=pb.FunctionSpec(registered=pb.RegisteredFunction(name="torch.sin")),
+        explicit_points=pb.ExplicitPoints(points=[point]),
+    )
+
+
 def attacks(skip_huge: bool) -> list[tuple[str, pb.CheckRequest, float | None]]:
     def expr(text: str, **t: torch.Tensor) -> pb.CheckRequest:
         return build_request(text, points=[t])
@@ -74,6 +83,7 @@ def attacks(skip_huge: bool) -> list[tuple[str, pb.CheckRequest, float | None]]:
             False,
         ),
         ("pinv 2000x2000, cap 5 s", expr("sum(pinv(a))", a=torch.randn(2000, 2000, dtype=F64)), None, False),
+        ("100,000 scalar tensors", _many_scalars(100_000), None, False),
     ]
     return [(n, r, d) for n, r, d, huge in found if not (huge and skip_huge and "2000" in n)]
 

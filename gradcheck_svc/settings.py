@@ -23,11 +23,15 @@ MiB = 1024 * 1024
 
 
 def _split(value: Any) -> Any:
+    """A comma-separated string (the environment), a JSON list, or a list whose strings may hold
+    commas themselves (``serve --auth-tokens t1,t2`` arrives as ``["t1,t2"]``): one flat list."""
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
             return json.loads(text)
         return [part.strip() for part in text.split(",") if part.strip()]
+    if isinstance(value, list | tuple):
+        return [part for item in value for part in (_split(item) if isinstance(item, str) else [item])]
     return value
 
 
@@ -81,6 +85,13 @@ class Settings(BaseSettings):
         32, ge=1, description="checks running at once; more get RESOURCE_EXHAUSTED, never a queue"
     )
     stream_window: int = Field(4, ge=1, description="checks of one CheckStream running at once")
+    max_calls_per_client: int = Field(
+        0,
+        ge=0,
+        description="calls of one client running at once (a client is its bearer token, else its "
+        "connection); more get RESOURCE_EXHAUSTED (CLIENT_BUSY); 0: half the handler threads "
+        "(worker_threads), so one client never holds every thread nor, by default, every check slot",
+    )
     torch_threads: int = Field(
         0,
         ge=0,
@@ -89,6 +100,12 @@ class Settings(BaseSettings):
         "cores divided by max_concurrent_checks, at least 1 (so 1 unless checks are few and cores many)",
     )
     max_message_bytes: int = Field(64 * MiB, ge=1024, description="largest request or response message")
+    max_request_bytes_in_flight: int = Field(
+        256 * MiB,
+        ge=0,
+        description="bytes of the requests being checked at once, server-wide (requests under 64 KiB "
+        "are not counted); more get RESOURCE_EXHAUSTED (SERVER_BUSY); one request alone always fits",
+    )
     max_tensor_elements: int = Field(
         4_000_000, ge=1, description="largest tensor (inputs and expression intermediates), in elements"
     )
@@ -96,6 +113,9 @@ class Settings(BaseSettings):
         16_000_000, ge=1, description="largest total of input elements per request"
     )
     max_points: int = Field(1024, ge=1, description="most evaluation points per request")
+    max_request_tensors: int = Field(
+        16_384, ge=1, description="most tensors per request (points x inputs, module state included)"
+    )
     max_jacobian_entries: int = Field(100_000_000, ge=1, description="largest Jacobian the engine may check")
     max_evaluations: int = Field(1_000_000, ge=1, description="most finite-difference evaluations per check")
     max_check_seconds: float = Field(120.0, gt=0, description="wall-clock cap of one request")
@@ -153,6 +173,10 @@ class Settings(BaseSettings):
         items = _split(value)
         if isinstance(value, str) and not value.strip().startswith("["):
             items = value.split(",")  # unfiltered: "a," has an empty second token
+        elif isinstance(value, list | tuple):  # flag values: "--auth-tokens a," likewise
+            items = [
+                part for item in value for part in (item.split(",") if isinstance(item, str) else [item])
+            ]
         # The default empty list means "no authentication"; an empty string given means a mistake.
         empty = isinstance(items, list) and (not items or any(not _secret(t).strip() for t in items))
         if empty and (items or isinstance(value, str)):
@@ -179,6 +203,10 @@ class Settings(BaseSettings):
     @property
     def threads(self) -> int:
         return self.worker_threads or self.max_concurrent_checks + 8
+
+    @property
+    def calls_per_client(self) -> int:
+        return self.max_calls_per_client or max(1, self.threads // 2)
 
     @property
     def intra_op_threads(self) -> int:

@@ -6,12 +6,17 @@
 // (b) checks a JavaScript function with a hand-written gradient through CheckExternal: the server
 //     sends batches of points and cotangents, this process answers with its own values and
 //     vector-Jacobian products. The correct gradient passes; one with a planted bug fails and the
-//     report names the element. Exit status 0 when every outcome is the expected one.
+//     report names the element;
+// (c) sends requests the server must refuse and reads each refusal as a program would: the gRPC
+//     status code, then the google.rpc.Status in the `grpc-status-details-bin` trailer (ErrorInfo's
+//     stable reason, BadRequest's field, QuotaFailure's limit), decoded with protobufjs from the
+//     vendored protos/google/rpc/*.proto. Exit status 0 when every outcome is the expected one.
 "use strict";
 
 const path = require("node:path");
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
+const protobuf = require("protobufjs");
 
 const PROTOS = path.resolve(__dirname, "..", "..", "protos");
 const definition = protoLoader.loadSync("gradcheck_svc/v1/gradcheck.proto", {
@@ -164,6 +169,95 @@ function describe({ report, stats }) {
   return lines.join("\n");
 }
 
+// ------------------------------------------------------------------------------------ (c) refusals
+
+// google.rpc.Status and its detail messages, from the same vendored protos (google/protobuf/*.proto
+// are bundled with protobufjs).
+function errorTypes() {
+  const root = new protobuf.Root();
+  root.resolvePath = (origin, target) => path.join(PROTOS, target);
+  root.loadSync(["google/rpc/status.proto", "google/rpc/error_details.proto"], { keepCase: true });
+  return root;
+}
+
+// What a program branches on: the status code's name, ErrorInfo.reason, the BadRequest fields and
+// the QuotaFailure subjects.
+function readRefusal(err, types) {
+  const codeName = Object.keys(grpc.status).find((k) => grpc.status[k] === err.code);
+  const out = { code: codeName, reason: "", fields: [], limits: [] };
+  const raw = err.metadata && err.metadata.get("grpc-status-details-bin")[0];
+  if (!raw) return out;
+  const status = types.lookupType("google.rpc.Status").decode(raw);
+  for (const any of status.details) {
+    const name = any.type_url.slice(any.type_url.lastIndexOf("/") + 1);
+    const detail = types.lookupType(name).decode(any.value);
+    if (name === "google.rpc.ErrorInfo") out.reason = detail.reason;
+    if (name === "google.rpc.BadRequest") out.fields.push(...detail.field_violations.map((v) => v.field));
+    if (name === "google.rpc.QuotaFailure") out.limits.push(...detail.violations.map((v) => v.subject));
+  }
+  return out;
+}
+
+const X9 = { tensors: [{ name: "x", tensor: tensor([9], []) }] };
+const REFUSALS = [
+  {
+    what: "unknown registered function",
+    request: { function: { registered: { name: "os.system" } }, explicit_points: { points: [X9] } },
+    expect: { code: "NOT_FOUND", reason: "FUNCTION_NOT_FOUND" },
+  },
+  {
+    what: "data shorter than its shape",
+    request: {
+      function: { expression: "x**2" },
+      explicit_points: { points: [{ tensors: [{ name: "x", tensor: { dtype: "DTYPE_FLOAT64", shape: [3], data: Buffer.alloc(7) } }] }] },
+    },
+    expect: { code: "INVALID_ARGUMENT", reason: "REQUEST_INVALID", field: "explicit_points.points[0].tensors[0].tensor.data" },
+  },
+  {
+    what: "dtype left unset",
+    request: {
+      function: { expression: "x**2" },
+      explicit_points: { points: [{ tensors: [{ name: "x", tensor: { shape: [], data: Buffer.alloc(8) } }] }] },
+    },
+    expect: { code: "INVALID_ARGUMENT", reason: "REQUEST_INVALID", field: "explicit_points.points[0].tensors[0].tensor.dtype" },
+  },
+  {
+    what: "an expression that reaches for Python",
+    request: { function: { expression: "__import__('os').system('true')" }, explicit_points: { points: [X9] } },
+    expect: { code: "INVALID_ARGUMENT", reason: "EXPRESSION_INVALID", field: "function.expression" },
+  },
+  {
+    what: "a shape beyond the server's limit",
+    request: { function: { expression: "sum(x)" }, sampling: { inputs: [{ name: "x", shape: [1e9] }] } },
+    expect: { code: "RESOURCE_EXHAUSTED", reason: "LIMIT_EXCEEDED", limit: "max_tensor_elements" },
+  },
+];
+
+function refused(client, request) {
+  return new Promise((resolve, reject) =>
+    client.Check(request, { deadline: Date.now() + 30000 }, (err) =>
+      err ? resolve(err) : reject(new Error("the server accepted a request it must refuse")),
+    ),
+  );
+}
+
+async function refusals(client) {
+  const types = errorTypes();
+  let good = true;
+  for (const { what, request, expect } of REFUSALS) {
+    const got = readRefusal(await refused(client, request), types);
+    const right =
+      got.code === expect.code &&
+      got.reason === expect.reason &&
+      (!expect.field || got.fields.includes(expect.field)) &&
+      (!expect.limit || got.limits.includes(expect.limit));
+    good = good && right;
+    const where = [...got.fields, ...got.limits].join(", ");
+    console.log(`refused ${what}: ${got.code} ${got.reason}${where ? ` (${where})` : ""}${right ? "" : " UNEXPECTED"}`);
+  }
+  return good;
+}
+
 // ------------------------------------------------------------------------------------ main
 
 async function main() {
@@ -183,7 +277,8 @@ async function main() {
       failing[0].worst.length === 1 &&
       failing[0].worst[0].input_index.join(",") === "1,2" &&
       failing[0].worst[0].output_index.join(",") === "1";
-    const good = seedsOk && correct.report.ok && !buggy.report.ok && named;
+    const refusalsOk = await refusals(client);
+    const good = seedsOk && correct.report.ok && !buggy.report.ok && named && refusalsOk;
     console.log(good ? "node client: all outcomes as expected" : "node client: UNEXPECTED OUTCOME");
     process.exitCode = good ? 0 : 1;
   } catch (err) {

@@ -402,7 +402,8 @@ def judge_floats(
             if extra is not None:
                 tolerance += _extra(extra[k][j]) if every or finite[k][j] else 0.0
             error = abs(a - n)
-            ratio = 0.0 if error == 0 else error / tolerance
+            # As compare.judge: a zero tolerance (atol = rtol = 0 asked for) makes any error infinite.
+            ratio = 0.0 if error == 0 else error / tolerance if tolerance > 0 else math.inf
             failed = error > tolerance
             kink = False
             if abs(fwd - bwd) > side * kink_bars * 2 + atol:

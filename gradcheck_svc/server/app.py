@@ -33,6 +33,7 @@ from gradcheck_svc.engine.threads import use_threads
 from gradcheck_svc.report import Report
 from gradcheck_svc.server.auth import TokenAuthInterceptor
 from gradcheck_svc.server.decoding import DecodeErrorInterceptor
+from gradcheck_svc.server.fairness import ClientShareInterceptor
 from gradcheck_svc.server.isolation import WorkerPool
 from gradcheck_svc.server.service import GradcheckService
 from gradcheck_svc.server.worker import warm_up_engine
@@ -45,6 +46,7 @@ __all__ = ["GradcheckServer", "create_server", "serve"]
 
 log = logging.getLogger("gradcheck_svc.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradcheckService"].full_name
+_ANSWER_SECONDS = 0.5  # of the drain's grace, left for cut-off checks to send their answer
 
 
 class GradcheckServer:
@@ -76,8 +78,15 @@ class GradcheckServer:
         self.health.enter_graceful_shutdown()
         self.service.start_draining()
         deadline = time.monotonic() + (grace or 0.0)
-        while self.service.slots.in_flight and time.monotonic() < deadline:
+        # The last moments of the grace are kept for checks still running to answer UNAVAILABLE
+        # (SERVER_DRAINING, retry elsewhere) themselves, rather than be cut off by gRPC.
+        cut_off = deadline - min(_ANSWER_SECONDS, (grace or 0.0) / 4)
+        while self.service.slots.in_flight and time.monotonic() < cut_off:
             time.sleep(0.02)
+        if self.service.slots.in_flight:
+            self.service.cut_off_running()
+            while self.service.slots.in_flight and time.monotonic() < deadline:
+                time.sleep(0.02)
         self.grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
         self.service.close()
         self._stopped.set()
@@ -117,6 +126,9 @@ def create_server(
     interceptors: list[Any] = []
     if settings.auth_tokens:
         interceptors.append(TokenAuthInterceptor([t.get_secret_value() for t in settings.auth_tokens]))
+    interceptors.append(
+        ClientShareInterceptor(settings.calls_per_client, by_token=bool(settings.auth_tokens))
+    )
     interceptors.append(DecodeErrorInterceptor())
     grpc_server = grpc.server(
         ThreadPoolExecutor(settings.threads, thread_name_prefix="gradcheck-rpc"),

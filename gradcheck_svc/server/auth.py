@@ -1,16 +1,23 @@
 """Optional bearer-token authentication: ``authorization: Bearer <token>`` metadata on every call.
 
 Tokens are compared in constant time against every configured token (no early exit that would
-tell which one almost matched). The health service stays open so load balancers can probe.
+tell which one almost matched); both sides are SHA-256 digests first, so neither the time nor the
+answer depends on a token's length. The health service stays open so load balancers can probe.
+A refusal is UNAUTHENTICATED with the same google.rpc.ErrorInfo (reason TOKEN_INVALID) as every
+other error of the service, so a client in any language can branch on it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
+from grpc_status import rpc_status
+
+from gradcheck_svc.server.status import Rejection, failure_for
 
 __all__ = ["TokenAuthInterceptor"]
 
@@ -21,7 +28,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]  #
     def __init__(self, tokens: Sequence[str]) -> None:
         if not tokens or any(not t for t in tokens):
             raise ValueError("TokenAuthInterceptor needs at least one token, and no empty one")
-        self._tokens = [t.encode() for t in tokens]
+        self._tokens = [_digest(t.encode()) for t in tokens]
 
     def _authorized(self, metadata: Sequence[tuple[str, Any]] | None) -> bool:
         value = next((v for k, v in metadata or () if k == "authorization"), "")
@@ -33,7 +40,8 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]  #
         given = token.strip().encode()
         if not given:  # "Bearer" with nothing after it
             return False
-        matches = [hmac.compare_digest(given, t) for t in self._tokens]  # all compared, always
+        digest = _digest(given)
+        matches = [hmac.compare_digest(digest, t) for t in self._tokens]  # all compared, always
         return any(matches)
 
     def intercept_service(
@@ -47,9 +55,20 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]  #
         return _deny(handler)
 
 
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
+
+
 def _deny(handler: Any) -> Any:
+    refusal = Rejection(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "missing or invalid bearer token (send metadata 'authorization: Bearer <token>')",
+        reason="TOKEN_INVALID",
+    )
+    status = rpc_status.to_status(failure_for(refusal).to_status())
+
     def abort(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+        context.abort_with_status(status)
 
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(abort)

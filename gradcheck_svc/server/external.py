@@ -80,13 +80,7 @@ def check_external(
         start = first.start
         label = start.function[:120] or "external"
         plan = _plan(start, service)
-        if service.draining.is_set():
-            raise Rejection(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        if not service.slots.try_acquire():
-            raise Rejection(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server busy: {service.slots.size} checks already running (max_concurrent_checks)",
-            )
+        service.admit()  # the same refusals as Check: SERVER_DRAINING or SERVER_BUSY, with RetryInfo
         try:
             run = _Run(service, plan, start, inbox, context)
         except BaseException:
@@ -94,7 +88,7 @@ def check_external(
             raise
         yield from run.messages()
     except Exception as exc:
-        failure = failure_for(exc, check_id)
+        failure = failure_for(service.drained(exc), check_id)
         outcome = failure.code.name
         context.abort_with_status(rpc_status.to_status(failure.to_status()))
     finally:
@@ -225,6 +219,7 @@ class _Run:
         self.outbox: queue.Queue[Any] = queue.Queue()
         self.cancel = threading.Event()
         context.add_callback(self.cancel.set)
+        self.stopped = service.stopper(self.cancel)
         self.deadline = Deadline.start(context.time_remaining(), settings.max_check_seconds)
         max_batch = settings.max_external_batch
         self.source = StreamSource(
@@ -235,7 +230,7 @@ class _Run:
             max_elements=settings.max_tensor_elements,
             reply_seconds=settings.external_reply_seconds,
             deadline=self.deadline,
-            cancelled=self.cancel.is_set,
+            cancelled=self.stopped,
             send=self.outbox.put,
             answers=inbox.messages,
         )
@@ -272,7 +267,7 @@ class _Run:
                 *self.plan.tensors,
                 input_names=self.plan.names,
                 deadline=self.deadline.at,
-                cancelled=self.cancel.is_set,
+                cancelled=self.stopped,
                 **self.plan.options,
             )
         except Exception as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-__all__ = ["CheckSlots"]
+__all__ = ["ByteBudget", "CheckSlots"]
 
 
 class CheckSlots:
@@ -46,3 +46,31 @@ class CheckSlots:
     def in_flight(self) -> int:
         with self._cond:
             return self.size - self._free
+
+
+class ByteBudget:
+    """Bytes of requests being decoded and checked at once, server-wide: each large request holds
+    a copy or three of its tensors (the parsed message, the decoded tensors, the copy a worker
+    process is sent), so without a cap many near-limit requests multiply the memory they take."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def try_take(self, amount: int) -> bool:
+        """Take ``amount``; a request alone on the server always fits, however large."""
+        with self._lock:
+            if self._used and self._used + amount > self.size:
+                return False
+            self._used += amount
+            return True
+
+    def give_back(self, amount: int) -> None:
+        with self._lock:
+            self._used -= amount
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return self._used

@@ -217,6 +217,7 @@ def _module_builder(
         return None
     msg = spec.registered
     where = "function.registered.module"
+    _check_tensor_count(len(msg.module.tensors), settings, f"{where}.tensors")
     init, state = decode_module(msg.module, max_elements=settings.max_tensor_elements, field=where)
     if sum(t.numel() for t in state.values()) > settings.max_request_elements:
         raise LimitExceededError(
@@ -295,8 +296,18 @@ def _check_name(name: str, field: str) -> None:
         )
 
 
+def _check_tensor_count(count: int, settings: Settings, field: str) -> None:
+    """Each tensor costs its decoding and binding whatever its size: a request of a million scalars
+    (well within max_request_elements) would take a minute of planning before any deadline runs."""
+    if count > settings.max_request_tensors:
+        raise LimitExceededError(
+            f"{field}: {count} tensors, more than max_request_tensors={settings.max_request_tensors}"
+        )
+
+
 def _explicit(msg: pb.ExplicitPoints, settings: Settings) -> list[list[tuple[str, torch.Tensor]]]:
     _check_count(len(msg.points), settings, "explicit_points.points")
+    _check_tensor_count(sum(len(p.tensors) for p in msg.points), settings, "explicit_points.points")
     # Validate every shape first, so an oversized request is refused before anything is decoded.
     total = 0
     for i, point in enumerate(msg.points):
@@ -327,8 +338,10 @@ def _explicit(msg: pb.ExplicitPoints, settings: Settings) -> list[list[tuple[str
 
 
 def _sampled(msg: pb.SamplingSpec, settings: Settings) -> list[list[tuple[str, torch.Tensor]]]:
+    _check_tensor_count(len(msg.inputs), settings, "sampling.inputs")
     spec = decode_sampling(msg, max_elements=settings.max_tensor_elements)
     _check_count(spec.count, settings, "sampling.count")
+    _check_tensor_count(len(spec.inputs) * spec.count, settings, "sampling")
     per_point = sum(validate_shape(i.shape, settings.max_tensor_elements) for i in spec.inputs)
     if per_point * spec.count > settings.max_request_elements:
         raise LimitExceededError(

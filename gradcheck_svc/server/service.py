@@ -16,12 +16,14 @@ from grpc_status import rpc_status
 
 import gradcheck_svc as gc
 from gradcheck_svc.codec import DTYPES, encode_duration
+from gradcheck_svc.errors import CheckCancelledError
 from gradcheck_svc.report import Report
 from gradcheck_svc.server.external import check_external
 from gradcheck_svc.server.isolation import WorkerPool
-from gradcheck_svc.server.limiter import CheckSlots
+from gradcheck_svc.server.limiter import ByteBudget, CheckSlots
 from gradcheck_svc.server.plan import CheckPlan, runs_in_worker
 from gradcheck_svc.server.plan_cache import PlanCache
+from gradcheck_svc.server.response_size import fit_response
 from gradcheck_svc.server.runner import Deadline, PointProgress, execute, new_check_id
 from gradcheck_svc.server.status import Rejection, failure_for
 from gradcheck_svc.settings import Settings
@@ -33,6 +35,7 @@ __all__ = ["GradcheckService"]
 
 log = logging.getLogger("gradcheck_svc.server")
 _DONE = object()
+_UNCOUNTED_BYTES = 64 * 1024  # requests this small stay off the byte budget (and its lock)
 _PROGRESS_EVERY = 0.5  # seconds between progress messages of one check
 
 
@@ -51,7 +54,9 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         self.plans = PlanCache(settings, registry)
         self.served_by = settings.served_by
         self.slots = CheckSlots(settings.max_concurrent_checks)
+        self.request_bytes = ByteBudget(settings.max_request_bytes_in_flight)
         self.draining = threading.Event()
+        self.cut_off = threading.Event()  # the drain's grace ran out: running checks stop now
         self.workers = workers  # None: every check runs in the handler thread
         self._stream_pool = ThreadPoolExecutor(
             settings.max_concurrent_checks, thread_name_prefix="gradcheck-stream"
@@ -62,6 +67,31 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         items still queued are cancelled (their done-callbacks answer them UNAVAILABLE)."""
         self.draining.set()
         self._stream_pool.shutdown(wait=False, cancel_futures=True)
+
+    def cut_off_running(self) -> None:
+        """The drain's grace is over: running checks stop at their next op (a worker is killed) and
+        answer UNAVAILABLE (``SERVER_DRAINING``) themselves, instead of gRPC's bare cancellation."""
+        self.cut_off.set()
+
+    def stopper(self, cancel: threading.Event) -> Callable[[], bool]:
+        """The ``cancelled`` test of one check: its client cancelled, or the drain cut it off."""
+        cut_off = self.cut_off
+        return lambda: cancel.is_set() or cut_off.is_set()
+
+    def drained(self, exc: Exception) -> Exception:
+        """``exc`` as the client should see it: a check stopped by the drain's end is UNAVAILABLE."""
+        stopped = isinstance(exc, CheckCancelledError) or (
+            isinstance(exc, Rejection) and exc.code == grpc.StatusCode.CANCELLED
+        )
+        if not (stopped and self.cut_off.is_set()):
+            return exc
+        return Rejection(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the server shut down before the check finished (grace_seconds="
+            f"{self.settings.grace_seconds:g}); checks have no side effects: retry it elsewhere",
+            reason="SERVER_DRAINING",
+            retry_after=0.0,
+        )
 
     def close(self) -> None:
         self.start_draining()
@@ -87,21 +117,22 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
     def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
         check_id = new_check_id()
         try:
-            self._admit()
+            self.admit()
         except Rejection as exc:
             self._log(check_id, request, None, None, time.perf_counter(), exc.code.name)
             context.abort_with_status(rpc_status.to_status(failure_for(exc, check_id).to_status()))
         try:
             cancel = threading.Event()
             context.add_callback(cancel.set)
-            return self._run(check_id, request, context.time_remaining(), cancel.is_set)
+            return self._run(check_id, request, context.time_remaining(), self.stopper(cancel))
         except Exception as exc:  # every failure becomes a status
-            context.abort_with_status(rpc_status.to_status(failure_for(exc, check_id).to_status()))
+            failure = failure_for(self.drained(exc), check_id)
+            context.abort_with_status(rpc_status.to_status(failure.to_status()))
             raise  # unreachable: abort raises
         finally:
             self.slots.release()
 
-    def _admit(self) -> None:
+    def admit(self) -> None:
         """Take a check slot, or refuse: draining, or every slot busy."""
         if self.draining.is_set():
             raise self._draining()
@@ -121,6 +152,12 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         plan: CheckPlan | None = None
         response: pb.CheckResponse | None = None
         status = "OK"
+        size = request.ByteSize()
+        counted = size > _UNCOUNTED_BYTES
+        if counted and not self.request_bytes.try_take(size):
+            refusal = self._too_many_bytes(size)
+            self._log(check_id, request, None, None, started, refusal.code.name)
+            raise refusal
         try:
             plan = self.plans.plan(request)  # validated here, even if isolated
             deadline = Deadline.start(remaining, self.settings.max_check_seconds)
@@ -145,12 +182,26 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                     check_fn=self.check_fn,
                     progress=progress,
                 )
+            response = fit_response(response, self.settings.max_message_bytes)
             return response
         except Exception as exc:
             status = failure_for(exc, check_id, quiet=True).code.name  # logged where it is answered
             raise
         finally:
+            if counted:
+                self.request_bytes.give_back(size)
             self._log(check_id, request, plan, response, started, status)
+
+    def _too_many_bytes(self, size: int) -> Rejection:
+        budget = self.request_bytes.size
+        return Rejection(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"server busy: requests of {self.request_bytes.used} bytes are being checked and this one has "
+            f"{size}, more than max_request_bytes_in_flight={budget} allows at once",
+            reason="SERVER_BUSY",
+            limit=("max_request_bytes_in_flight", str(budget)),
+            retry_after=1.0,
+        )
 
     def _log(
         self,
@@ -192,7 +243,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         request = wrapped.request
         check_id = new_check_id()
         try:
-            self._admit()
+            self.admit()
         except Rejection as exc:
             self._log(check_id, request, None, None, time.perf_counter(), exc.code.name)
             context.abort_with_status(rpc_status.to_status(failure_for(exc, check_id).to_status()))
@@ -211,9 +262,9 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
 
         def work() -> None:
             try:
-                events.put(self._run(check_id, request, remaining, cancel.is_set, progress))
+                events.put(self._run(check_id, request, remaining, self.stopper(cancel), progress))
             except Exception as exc:  # answered below, in the handler's thread
-                events.put(exc)
+                events.put(self.drained(exc))
             finally:
                 self.slots.release()
 
@@ -233,7 +284,8 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
     def CheckStream(
         self, request_iterator: Iterator[pb.CheckStreamRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.CheckStreamResponse]:
-        """Items run concurrently (at most ``stream_window`` at once) and are answered as they end.
+        """Items run concurrently (at most ``stream_window`` at once) and are answered as they end;
+        an answer not yet sent (the client does not read) counts against the window too.
 
         Draining: items that arrive, or are still queued, after SIGTERM are answered UNAVAILABLE
         and nothing new starts; once nothing is running the stream ends UNAVAILABLE. A stream
@@ -252,13 +304,15 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                 for item in request_iterator:
                     last_activity[0] = time.monotonic()
                     counts["submitted"] += 1
+                    # Backpressure: every answer holds a place in the window until it is sent, so
+                    # a client that never reads its answers stops being read (answers cannot pile up).
+                    while not window.acquire(timeout=0.1):
+                        if cancel.is_set():
+                            return
                     if self.draining.is_set():
                         answers.put(self._stream_error(item, self._draining()))
                         continue
-                    while not window.acquire(timeout=0.1):  # backpressure: a full window stops reading
-                        if cancel.is_set():
-                            return
-                    self._submit(item, context, cancel, answers, window)
+                    self._submit(item, context, cancel, answers)
             except Exception:  # the client went away while we read; nothing to answer
                 log.debug("CheckStream reader stopped", exc_info=True)
             finally:
@@ -291,6 +345,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             answered += 1
             last_activity[0] = time.monotonic()
             yield answer
+            window.release()  # sent: the reader may take the next item
 
     def _submit(
         self,
@@ -298,18 +353,15 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         context: grpc.ServicerContext,
         cancel: threading.Event,
         answers: queue.Queue[Any],
-        window: threading.Semaphore,
     ) -> None:
         def if_never_run(future: Future[None]) -> None:
             if future.cancelled():  # queued when the server closed: still owed an answer
                 answers.put(self._stream_error(item, self._draining()))
-                window.release()
 
         try:
-            future = self._stream_pool.submit(self._stream_item, item, context, cancel, answers, window)
+            future = self._stream_pool.submit(self._stream_item, item, context, cancel, answers)
         except RuntimeError:  # the pool is shut down
             answers.put(self._stream_error(item, self._draining()))
-            window.release()
             return
         future.add_done_callback(if_never_run)
 
@@ -322,7 +374,6 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         context: grpc.ServicerContext,
         cancel: threading.Event,
         answers: queue.Queue[Any],
-        window: threading.Semaphore,
     ) -> None:
         check_id = new_check_id()
         try:
@@ -339,14 +390,12 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             try:
                 if self.draining.is_set():  # a slot freed by the drain itself starts nothing new
                     raise self._draining()
-                response = self._run(check_id, item.request, context.time_remaining(), cancel.is_set)
+                response = self._run(check_id, item.request, context.time_remaining(), self.stopper(cancel))
             finally:
                 self.slots.release()
             answers.put(pb.CheckStreamResponse(id=item.id, response=response))
         except Exception as exc:  # an item's failure is its answer; the stream goes on
-            answers.put(self._stream_error(item, exc, check_id))
-        finally:
-            window.release()
+            answers.put(self._stream_error(item, self.drained(exc), check_id))
 
     # ------------------------------------------------------------------------- CheckExternal
 
@@ -389,6 +438,9 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                 max_expression_length=s.max_expression_length,
                 max_external_batch_size=s.max_external_batch,
                 max_external_reply_duration=encode_duration(s.external_reply_seconds),
+                max_calls_per_client=s.calls_per_client,
+                max_request_tensors=s.max_request_tensors,
+                max_request_bytes_in_flight=s.max_request_bytes_in_flight,
             ),
             served_by=self.served_by,
         )

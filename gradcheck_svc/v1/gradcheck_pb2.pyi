@@ -794,8 +794,14 @@ Global___SamplingSpec: _TypeAlias = SamplingSpec  # noqa: Y015
 
 @_typing.final
 class Options(_message.Message):
-    """Options of the check. They mirror gradcheck_svc.CheckOptions; every field is
-    optional and an unset field means the engine's default.
+    """Options of the check. They mirror gradcheck_svc.CheckOptions. Every field is
+    optional: an unset field (an unset message, an enum left at its UNSPECIFIED
+    zero) means the default written beside it, never a zero tolerance. A field
+    set explicitly is taken as given, zero included (atol = 0 is a real request
+    for no absolute floor). Out-of-range values get INVALID_ARGUMENT (reason
+    REQUEST_INVALID, BadRequest field "options.<name>"); tolerances and steps
+    must be finite. All tolerances are in the units of the Jacobian's entries
+    (output units per input unit).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -822,50 +828,60 @@ class Options(_message.Message):
     MAX_JACOBIAN_ENTRIES_FIELD_NUMBER: _builtins.int
     MAX_EVALUATIONS_FIELD_NUMBER: _builtins.int
     atol: _builtins.float
-    """Absolute tolerance floor; unset: derived from the dtype."""
+    """Absolute tolerance floor, >= 0. Unset: derived from the dtype, relative to
+    the scale of the pair's Jacobian (its largest |numeric| entry).
+    """
     rtol: _builtins.float
-    """Relative tolerance; unset: derived from the dtype."""
+    """Relative tolerance, >= 0. Unset: derived from the dtype."""
     eps: _builtins.float
-    """Finite-difference step relative to max(|x|, 1); unset: derived from the dtype."""
+    """Finite-difference step relative to max(|x|, 1), > 0. Unset: from the dtype
+    (2^-16 float64, 2^-7 float32: near the cube root of the unit roundoff).
+    """
     error_bars: _builtins.float
-    """How many error bars of the numeric estimate are tolerated."""
+    """How many error bars of the numeric estimate are tolerated, >= 0. Unset: 4."""
     mode: Global___Mode.ValueType
-    """Full Jacobian or random projections."""
+    """Full Jacobian or random projections. Unset: MODE_AUTO."""
     kinks: Global___Kinks.ValueType
-    """Whether kinks fail."""
+    """Whether kinks fail. Unset: KINKS_ALLOW."""
     nondet_tol: _builtins.float
-    """Accepted difference between two backward runs."""
+    """Accepted difference between two backward runs, >= 0. Unset: 0."""
     seed: _builtins.int
-    """Seed of the random projections and of anything else random in the engine."""
+    """Seed of the random projections and of anything else random in the engine.
+    Unset: 0 (checks are reproducible).
+    """
     order: _builtins.int
-    """1: first derivatives; 2: also second derivatives."""
+    """1: first derivatives; 2: also second derivatives. Unset: 1."""
     forward_ad: _builtins.bool
-    """Also check forward-mode (jvp) gradients."""
+    """Also check forward-mode (jvp) gradients. Unset: false."""
     scheme: Global___Scheme.ValueType
-    """Finite-difference scheme."""
+    """Finite-difference scheme. Unset: SCHEME_CENTRAL."""
     device: Global___Device.ValueType
-    """Device to run on."""
+    """Device to run on. Unset: the server's --device setting
+    (GetCapabilitiesResponse.default_device).
+    """
     compare_devices: _builtins.bool
-    """Also compare the analytic Jacobian on CPU with the one on CUDA."""
+    """Also compare the analytic Jacobian on CPU with the one on CUDA. Unset: false."""
     upcast: _builtins.bool
-    """Check in float64 whatever dtype the inputs have."""
+    """Check in float64 whatever dtype the inputs have. Unset: false."""
     fast_threshold: _builtins.int
-    """In auto mode, use fast mode above this many Jacobian entries."""
+    """In auto mode, use fast mode above this many Jacobian entries, >= 1.
+    Unset: 4,000,000.
+    """
     projections: _builtins.int
-    """Random projections per pair in fast mode."""
+    """Random projections per pair in fast mode, 1 to 64. Unset: 1."""
     chunk_size: _builtins.int
-    """Input columns perturbed per batched call; unset: sized to memory."""
+    """Input columns perturbed per batched call, >= 1. Unset: sized to memory."""
     max_worst: _builtins.int
-    """Worst elements listed per pair."""
+    """Worst elements listed per pair, 1 to 100. Unset: 5."""
     check_nondeterminism: _builtins.bool
-    """Run backward twice to detect nondeterminism."""
+    """Run backward twice to detect nondeterminism. Unset: true."""
     max_jacobian_entries: _builtins.int
-    """Refuse checks whose Jacobian has more entries (the server's limit applies
-    when it is lower).
+    """Refuse checks whose Jacobian has more entries, >= 1 (the server's limit
+    applies when it is lower). Unset: the server's Limits.max_jacobian_entries.
     """
     max_evaluations: _builtins.int
-    """Refuse checks needing more function evaluations (the server's limit applies
-    when it is lower).
+    """Refuse checks needing more function evaluations, >= 1 (the server's limit
+    applies when it is lower). Unset: the server's Limits.max_evaluations.
     """
     def __init__(
         self,
@@ -1156,7 +1172,9 @@ class PairReport(_message.Message):
     def analytic(self) -> Global___DoubleList:
         """Whole analytic Jacobian, row-major in the layout above. Sent only for
         pairs of full mode whose Jacobian has at most 4096 entries (real
-        components: output components x input components); absent otherwise.
+        components: output components x input components); absent otherwise,
+        and left out of every report (with a note in Report.notes) when the
+        response would not fit in Limits.max_message_bytes with them.
         """
 
     @_builtins.property
@@ -1979,6 +1997,9 @@ class Limits(_message.Message):
     MAX_EXPRESSION_LENGTH_FIELD_NUMBER: _builtins.int
     MAX_EXTERNAL_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     MAX_EXTERNAL_REPLY_DURATION_FIELD_NUMBER: _builtins.int
+    MAX_CALLS_PER_CLIENT_FIELD_NUMBER: _builtins.int
+    MAX_REQUEST_TENSORS_FIELD_NUMBER: _builtins.int
+    MAX_REQUEST_BYTES_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     max_message_bytes: _builtins.int
     """Largest request or response message, in bytes."""
     max_tensor_elements: _builtins.int
@@ -1997,6 +2018,18 @@ class Limits(_message.Message):
     """Longest expression, in characters."""
     max_external_batch_size: _builtins.int
     """Most points (cotangents, tangents) in one request of CheckExternal."""
+    max_calls_per_client: _builtins.int
+    """Most calls (Check, CheckStream, CheckWithProgress, CheckExternal) one client
+    may have running at once; more get RESOURCE_EXHAUSTED, reason CLIENT_BUSY. A
+    client is its bearer token when the server has tokens, else its connection.
+    """
+    max_request_tensors: _builtins.int
+    """Most tensors in one request (points x inputs, a module's state included)."""
+    max_request_bytes_in_flight: _builtins.int
+    """Bytes of the requests being checked at once, server-wide (requests under
+    64 KiB are not counted; one request alone always fits); a large request
+    beyond it gets RESOURCE_EXHAUSTED, reason SERVER_BUSY, with RetryInfo.
+    """
     @_builtins.property
     def max_check_duration(self) -> _duration_pb2.Duration:
         """Longest wall-clock time of one request."""
@@ -2019,10 +2052,13 @@ class Limits(_message.Message):
         max_expression_length: _builtins.int = ...,
         max_external_batch_size: _builtins.int = ...,
         max_external_reply_duration: _duration_pb2.Duration | None = ...,
+        max_calls_per_client: _builtins.int = ...,
+        max_request_tensors: _builtins.int = ...,
+        max_request_bytes_in_flight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_check_duration", b"max_check_duration", "max_external_reply_duration", b"max_external_reply_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_check_duration", b"max_check_duration", "max_concurrent_checks", b"max_concurrent_checks", "max_evaluations", b"max_evaluations", "max_expression_length", b"max_expression_length", "max_external_batch_size", b"max_external_batch_size", "max_external_reply_duration", b"max_external_reply_duration", "max_jacobian_entries", b"max_jacobian_entries", "max_message_bytes", b"max_message_bytes", "max_points", b"max_points", "max_request_elements", b"max_request_elements", "max_tensor_elements", b"max_tensor_elements"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_calls_per_client", b"max_calls_per_client", "max_check_duration", b"max_check_duration", "max_concurrent_checks", b"max_concurrent_checks", "max_evaluations", b"max_evaluations", "max_expression_length", b"max_expression_length", "max_external_batch_size", b"max_external_batch_size", "max_external_reply_duration", b"max_external_reply_duration", "max_jacobian_entries", b"max_jacobian_entries", "max_message_bytes", b"max_message_bytes", "max_points", b"max_points", "max_request_bytes_in_flight", b"max_request_bytes_in_flight", "max_request_elements", b"max_request_elements", "max_request_tensors", b"max_request_tensors", "max_tensor_elements", b"max_tensor_elements"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -2,6 +2,7 @@
 
 - After SIGTERM no new work starts on any RPC, open CheckStreams included; every item still
   queued is answered UNAVAILABLE; the process exits within the grace period plus a second.
+- A check still running when the grace runs out answers UNAVAILABLE (SERVER_DRAINING) itself.
 - A CheckStream with nothing running and nothing arriving is closed after stream_idle_seconds.
 - SIGKILL of the server takes its fork server and its workers (even a spinning one) with it.
 """
@@ -17,10 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import pytest
 import torch
+from grpc_status import rpc_status
 from service_servers import ServeProcess
 
 from gradcheck_svc.client import Registered, build_request
+from gradcheck_svc.server.status import reason_of
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 from gradcheck_svc.v1 import gradcheck_pb2_grpc as pb_grpc
 
@@ -199,4 +203,42 @@ def test_sigkill_of_the_server_takes_its_workers_along() -> None:
         for p in orphans:
             if _running(p):
                 os.kill(p, signal.SIGKILL)
+        process.stop()
+
+
+@pytest.mark.parametrize("isolation", ["thread", "auto"])
+def test_checks_cut_off_by_the_drain_answer_unavailable_with_a_reason(isolation: str) -> None:
+    # In a thread (stopped at its next op) or in a worker (killed): each RPC kind answers
+    # UNAVAILABLE / SERVER_DRAINING itself, not gRPC's bare "Cancelling all calls".
+    process = ServeProcess("--grace-seconds", str(GRACE), "--isolation", isolation)
+    try:
+        with grpc.insecure_channel(process.address) as channel:
+            stub = pb_grpc.GradcheckServiceStub(channel)
+            assert stub.Check(quick(), timeout=60).reports[0].ok
+            endless = slow(0.1, n=200)
+            unary = stub.Check.future(endless, timeout=60)
+            progress = stub.CheckWithProgress(pb.CheckWithProgressRequest(request=endless), timeout=60)
+            stream = Stream(stub)
+            stream.send("a", endless)
+            time.sleep(1.0)
+            sent = time.monotonic()
+            process.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError) as unary_error:
+                unary.result()
+            with pytest.raises(grpc.RpcError) as progress_error:
+                list(progress)
+            item = stream.next()
+            assert isinstance(item, pb.CheckStreamResponse)
+            assert item.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+            assert "grace_seconds" in item.error.message
+            for error in (unary_error.value, progress_error.value):
+                assert error.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+                status = rpc_status.from_call(error)  # type: ignore[arg-type]
+                assert status is not None
+                assert [reason_of(status)] == ["SERVER_DRAINING"]
+                assert "retry it elsewhere" in status.message
+            stream.close()
+            process.proc.wait(GRACE + 5)
+            assert time.monotonic() - sent < GRACE + 1.5
+    finally:
         process.stop()

@@ -90,7 +90,9 @@ def test_parser_accepts_or_rejects_with_a_reason(text: str) -> None:
         assert str(exc)
         return
     finally:
-        assert time.perf_counter() - started < 0.5  # parsing is bounded whatever the text
+        # Parsing is bounded whatever the text: a blow-up takes far longer than this; the margin is
+        # for a loaded machine, where one parse of a 31-node expression has taken 0.62 s.
+        assert time.perf_counter() - started < 2.0
     # Accepted: sizing it on the meta device is bounded too (torch's shape complaints, even its
     # AssertionErrors, are the server's "size unknown"; the check itself then reports the error).
     inputs = {v: torch.empty(3, 3, device="meta") for v in expression.variables}

@@ -1,10 +1,11 @@
-"""The limits tests/service does not already cover: finite-difference evaluations, limits reported by
-GetCapabilities, and settings read from GRADCHECK_* variables."""
+"""The limits tests/service does not already cover: finite-difference evaluations, tensors per
+request, limits reported by GetCapabilities, and settings read from GRADCHECK_* variables."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import grpc
 import pytest
 import torch
 from service_servers import Running, start_server
@@ -12,6 +13,8 @@ from service_servers import Running, start_server
 from gradcheck_svc.client import Client
 from gradcheck_svc.errors import ServiceError
 from gradcheck_svc.settings import Settings
+from gradcheck_svc.v1 import gradcheck_pb2 as pb
+from gradcheck_svc.v1 import gradcheck_pb2_grpc as pb_grpc
 
 F64 = torch.float64
 
@@ -41,6 +44,9 @@ def test_capabilities_report_the_limits(tight: Running) -> None:
         limits = c.capabilities().limits
     assert limits["max_evaluations"] == 50 and limits["max_jacobian_entries"] == 10_000
     assert limits["max_concurrent_checks"] == Settings().max_concurrent_checks
+    assert limits["max_request_tensors"] == Settings().max_request_tensors
+    assert limits["max_request_bytes_in_flight"] == Settings().max_request_bytes_in_flight
+    assert limits["max_calls_per_client"] == Settings().calls_per_client
 
 
 def test_every_limit_is_a_gradcheck_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -54,6 +60,9 @@ def test_every_limit_is_a_gradcheck_variable(monkeypatch: pytest.MonkeyPatch) ->
         "MAX_CHECK_SECONDS": 1.5,
         "KILL_AFTER_SECONDS": 0.5,
         "MAX_CONCURRENT_CHECKS": 3,
+        "MAX_CALLS_PER_CLIENT": 2,
+        "MAX_REQUEST_TENSORS": 7,
+        "MAX_REQUEST_BYTES_IN_FLIGHT": 5000,
     }
     for name, value in values.items():
         monkeypatch.setenv(f"GRADCHECK_{name}", str(value))
@@ -62,3 +71,30 @@ def test_every_limit_is_a_gradcheck_variable(monkeypatch: pytest.MonkeyPatch) ->
     for name, value in values.items():
         assert getattr(settings, name.lower()) == value
     assert settings.isolation == "process"
+
+
+def test_a_million_scalars_are_refused_before_any_is_decoded(tight: Running) -> None:
+    # Within max_request_elements, but each tensor costs its decoding: 100,000 scalars took 16 s
+    # of a handler thread (4.6 s of planning alone) before the check's deadline even started.
+    scalar = pb.Tensor(dtype=pb.DTYPE_FLOAT64, data=bytes(8))
+    point = pb.Point(tensors=[pb.NamedTensor(name=f"t{i}", tensor=scalar) for i in range(100_000)])
+    requests = {
+        "explicit_points.points": pb.CheckRequest(
+            function=pb.FunctionSpec(registered=pb.RegisteredFunction(name="torch.sin")),
+            explicit_points=pb.ExplicitPoints(points=[point]),
+        ),
+        "sampling": pb.CheckRequest(
+            function=pb.FunctionSpec(expression=" + ".join(f"x{k}" for k in range(20))),
+            sampling=pb.SamplingSpec(
+                inputs=[pb.SampledInput(name=f"x{k}") for k in range(20)], point_count=1000
+            ),
+        ),
+    }
+    with grpc.insecure_channel(tight.address) as channel:
+        stub = pb_grpc.GradcheckServiceStub(channel)
+        for field, request in requests.items():
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Check(request, timeout=5)
+            error = info.value
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, field  # type: ignore[attr-defined]
+            assert "max_request_tensors" in error.details() and field in error.details()  # type: ignore[attr-defined]

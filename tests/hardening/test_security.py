@@ -154,9 +154,11 @@ def test_settings_from_the_environment(pki: dict[str, Path], monkeypatch: pytest
 
 def test_tokens_are_compared_in_constant_time() -> None:
     source = inspect.getsource(auth.TokenAuthInterceptor._authorized)
-    assert "hmac.compare_digest(given, t) for t in self._tokens" in source and "given ==" not in source
-    interceptor = auth.TokenAuthInterceptor(["abc", "xyz"])
-    assert interceptor._authorized([("authorization", "Bearer xyz")])
+    assert "hmac.compare_digest(digest, t) for t in self._tokens" in source and "given ==" not in source
+    interceptor = auth.TokenAuthInterceptor(["abc", "a much longer token"])
+    # Digests of one length: the comparison's time does not depend on the tokens' lengths.
+    assert {len(t) for t in interceptor._tokens} == {32}
+    assert interceptor._authorized([("authorization", "Bearer a much longer token")])
     assert interceptor._authorized([("authorization", "bearer abc")])
     for bad in ([], [("authorization", "Basic abc")], [("authorization", "Bearer ab")], [("x", "abc")]):
         assert not interceptor._authorized(bad)

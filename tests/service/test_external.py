@@ -26,6 +26,7 @@ from gradcheck_svc.client import Client
 from gradcheck_svc.codec import decode_tensor, encode_point, encode_tensor
 from gradcheck_svc.engine.external import external_function
 from gradcheck_svc.errors import ServiceError
+from gradcheck_svc.server.status import reason_of
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 from gradcheck_svc.v1 import gradcheck_pb2_grpc as pb_grpc
 
@@ -354,8 +355,9 @@ def test_busy_server_refuses_a_second_check(server: Running, client: Client) -> 
     worker = threading.Thread(target=_raw, args=(server.address, slow))
     worker.start()
     assert holding.wait(10)
-    with pytest.raises(ServiceError, match="RESOURCE_EXHAUSTED"):
+    with pytest.raises(ServiceError, match="RESOURCE_EXHAUSTED") as busy:
         client.check_external(layer, layer_vjp, {"x": X, "w": W})
+    assert busy.value.reason == "SERVER_BUSY"  # as Check says it, so one retry rule serves both
     worker.join()
     _slot_is_free(client)
 
@@ -381,6 +383,8 @@ def test_drain_finishes_the_running_check_and_refuses_new_ones() -> None:
     worker.join()
     stopper.join()
     assert late is not None and late.code() == grpc.StatusCode.UNAVAILABLE
+    late_status = rpc_status.from_call(late)  # type: ignore[arg-type]
+    assert late_status is not None and reason_of(late_status) == "SERVER_DRAINING"
     error, seen = result[0]  # type: ignore[misc]
     assert error is None and seen[-1] == "report"
 

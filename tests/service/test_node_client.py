@@ -1,5 +1,6 @@
-"""The Node.js example (examples/node) against a real server: seeds as expressions, and its own
-JavaScript function with a hand-written gradient through CheckExternal (correct and planted bug).
+"""The Node.js example (examples/node) against a real server: seeds as expressions, its own
+JavaScript function with a hand-written gradient through CheckExternal (correct and planted bug),
+and refusals whose google.rpc details it decodes from the vendored protos.
 
 Needs ``node`` (20+) and the example's packages: ``.ci/run`` installs them with ``npm ci``; when
 they are missing here the test installs them the same way, and fails loudly if it cannot.
@@ -49,6 +50,15 @@ def test_node_client_seeds_and_its_own_gradient(node_example: Path, server: Runn
     assert buggy.startswith("ok=false")
     assert "d output / d W: STATUS_FAIL (1/12 failed)" in buggy
     assert "output[1] / W[1, 2]: analytic" in buggy
+    # Refusals read as a program in another language reads them: code, ErrorInfo reason, and the
+    # BadRequest field or QuotaFailure limit, from the grpc-status-details-bin trailer.
+    assert "refused unknown registered function: NOT_FOUND FUNCTION_NOT_FOUND" in out
+    data_field = "explicit_points.points[0].tensors[0].tensor.data"
+    assert f"refused data shorter than its shape: INVALID_ARGUMENT REQUEST_INVALID ({data_field})" in out
+    assert "refused dtype left unset: INVALID_ARGUMENT REQUEST_INVALID" in out
+    assert "reaches for Python: INVALID_ARGUMENT EXPRESSION_INVALID (function.expression)" in out
+    assert "beyond the server's limit: RESOURCE_EXHAUSTED LIMIT_EXCEEDED (max_tensor_elements)" in out
+    assert "UNEXPECTED" not in out
     assert "node client: all outcomes as expected" in out
 
 
