@@ -177,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
                             else:
                                 caught += 1
                 rows.append((label, fa, n_ok, caught, n_bug, invisible, time.perf_counter() - started))
+                if args.progress:
+                    print("done:", *rows[-1], flush=True)
     n_bugs = sum(len(c.bugs) for c in cases)
     print(
         f"{len(cases)} correct functions, {n_bugs} buggy twins, seeds {seeds.start}-{seeds.stop - 1}"
@@ -224,6 +226,7 @@ def main() -> int:
     parser.add_argument(
         "--torch", action="store_true", help="compare with torch.autograd.gradcheck (float64)"
     )
+    parser.add_argument("--progress", action="store_true", help="print each row as soon as it is measured")
     parser.add_argument("--verbose", action="store_true", help="print the report of every false alarm")
     return run(parser.parse_args())
 

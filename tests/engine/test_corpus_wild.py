@@ -65,3 +65,23 @@ def test_gradient_reversal_is_a_mismatch_that_expect_mismatch_accepts():
     assert not gc.check(reverse, x).ok
     assert gc.check(reverse, x, expect="mismatch").ok
     assert not gc.check(lambda x: GradMultiply.apply(x, 1.0, "none"), x, expect="mismatch").ok
+
+
+def test_a_one_percent_error_equal_to_the_steps_curvature_is_no_kink():
+    """In float32 the step is large: on Mish at x = -4 the one-sided difference D+ is off the
+    derivative by its own truncation, 1% here, and a backward 1% off landed on D+ and was taken
+    for a kink inside the step. D+'s side is held to its truncation |D+(2h) - D+(h)|."""
+    case = next(c for c in WILD_CASES if c.name == "mish")
+    inputs = make_wild_inputs(case, 100, torch.float32)
+    report = gc.check(_own(torch.float32, case.bound("one_percent_element")), *inputs, mode="full", seed=100)
+    assert not report.ok, str(report)
+    assert report.pairs[0].kinks == 0
+
+
+@pytest.mark.parametrize("offset", [0.3, 0.5, 0.7])
+def test_a_kink_inside_the_step_on_either_side_stays_a_kink_in_float32(offset):
+    """|x| with the kink between x - h and x (and between x and x + h): no failure either way."""
+    h = 0.0078125  # float32's step at |x| <= 1
+    x = torch.tensor([offset * h, -offset * h, 0.5, -0.25], dtype=torch.float32)
+    report = gc.check(_own(torch.float32, torch.abs), x, mode="full")
+    assert report.ok, str(report)
