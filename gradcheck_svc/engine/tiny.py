@@ -412,10 +412,15 @@ def judge_floats(
                 failed = (failed and not kink) if not tol.kinks_fail else (failed or kink)
             if elements and failed and not kink:
                 # ``compare._kinks_within_step``: a kink between x and x + 2h, told by the analytic
-                # value sitting on the one-sided difference of its own piece.
+                # value sitting on the one-sided difference of its own piece (D+ held to its own
+                # truncation, ``side``, as well).
                 noise = max(bar - abs(n - (fwd + bwd) / 2), 0.0)
                 margin = noise * _KINK_BARS + atol + tol.rtol * abs(a)
-                kink = abs(fwd - bwd) > 2 * margin and min(abs(a - fwd), abs(a - bwd)) <= margin
+                plus_margin = margin + side
+                spread = abs(fwd - bwd)
+                on_minus = spread > 2 * margin and abs(a - bwd) <= margin
+                on_plus = spread > 2 * plus_margin and abs(a - fwd) <= plus_margin
+                kink = on_minus or on_plus
                 if not tol.kinks_fail:
                     failed = not kink
             verdict = FloatVerdict(tolerance, error, ratio, failed, kink)

@@ -1,0 +1,235 @@
+"""Verdicts on custom autograd.Functions modelled on public code, over many seeds and shapes.
+
+    python benchmarks/bench_wild.py                            # 50 seeds, every dtype, mode, shape
+    python benchmarks/bench_wild.py --seeds 50 --first-seed 100 --dtypes float32 --own-dtype
+    python benchmarks/bench_wild.py --cases entmax15 rms_norm --modes full --torch
+
+The corpus is tests/engine/corpus_wild.py (entmax, Mish, Swish, fused bias+GeLU, RMSNorm,
+LayerNorm, cross-entropy with label smoothing, focal loss, rotary embedding, smooth-L1, bilinear
+sampling, the docs' LinearFunction, two outputs, a recomputing backward, ...), each correct and
+with planted-bug twins. Every case is checked with ``gradcheck_svc.check`` at ``--seeds`` points
+per shape ("small" 6x5, "medium" 16x12), dtype and mode:
+
+- ``full``, ``fast``: that mode; ``auto``: the default options (auto picks full at these sizes);
+  ``auto-fast``: auto with ``fast_threshold=100``, so that auto really picks fast mode.
+- ``--own-dtype``: every function refuses float64 copies, so finite differences stay in its dtype.
+
+A planted bug can be invisible at a point (1% on a row of entmax whose support is one element:
+that row's gradient is 0 either way). Such runs are counted apart: the buggy backward's Jacobian,
+computed in float64 at the same point, is compared with the correct one, and a bug whose Jacobian
+differs by less than 1e-10 relative is "invisible", not "missed". ``--torch`` also runs
+torch.autograd.gradcheck in float64 at the same points and lists every run where the two verdicts
+differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "engine"))
+
+from corpus_wild import WILD_CASES, WildCase, make_wild_inputs
+
+import gradcheck_svc as gc
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+SHAPES = {"small": (6, 5), "medium": (16, 12)}
+MODES = {"full": {"mode": "full"}, "fast": {"mode": "fast"}, "auto": {}, "auto-fast": {"fast_threshold": 100}}
+INVISIBLE = 1e-10
+
+
+def _only_in(dtype: torch.dtype, fn: Callable[..., object]) -> Callable[..., object]:
+    """``fn`` refusing floating inputs of any other dtype, as code written for one dtype does."""
+
+    def call(*inputs: torch.Tensor) -> object:
+        if any(t.is_floating_point() and t.dtype != dtype for t in inputs):
+            raise TypeError(f"written for {dtype} inputs only")
+        return fn(*inputs)
+
+    call.__name__ = call.__qualname__ = getattr(fn, "__name__", "fn")
+    return call
+
+
+def _grad_inputs(case: WildCase, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """The inputs as torch.autograd.gradcheck wants them: the checked ones requiring grad."""
+    return [
+        t.detach().clone().requires_grad_(t.is_floating_point() and (case.grad is None or case.grad[i]))
+        for i, t in enumerate(inputs)
+    ]
+
+
+def _vjps(case: WildCase, bug: str, inputs: list[torch.Tensor], cotangents: list) -> torch.Tensor:
+    """The backward's products with a few cotangents, every checked input's gradient flattened."""
+    wrt = [t for t in inputs if t.requires_grad]
+    out = case.bound(bug)(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    rows = []
+    for cot in cotangents:
+        grads = torch.autograd.grad(outs, wrt, cot, retain_graph=True, allow_unused=True)
+        rows.append(
+            torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(w)).reshape(-1)
+                    for g, w in zip(grads, wrt, strict=True)
+                ]
+            )
+        )
+    return torch.stack(rows)
+
+
+def _invisible(case: WildCase, bug: str, inputs: tuple[torch.Tensor, ...]) -> bool:
+    """Whether the buggy backward equals the correct one at this point: their products with
+    random cotangents (which tell two different Jacobians apart with probability 1) agree."""
+    grad_in = _grad_inputs(case, inputs)
+    out = case.bound()(*grad_in)
+    outs = out if isinstance(out, tuple) else (out,)
+    g = torch.Generator().manual_seed(1234)
+    cotangents = [[torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs] for _ in range(3)]
+    right, wrong = _vjps(case, "none", grad_in, cotangents), _vjps(case, bug, grad_in, cotangents)
+    scale = right.abs().max().clamp_min(1e-300)
+    return bool((right - wrong).abs().max() / scale < INVISIBLE)
+
+
+def _torch_ok(case: WildCase, bug: str, inputs: tuple[torch.Tensor, ...]) -> bool:
+    try:
+        return torch.autograd.gradcheck(case.bound(bug), _grad_inputs(case, inputs), raise_exception=False)
+    except RuntimeError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    cases = [c for c in WILD_CASES if not args.cases or c.name in args.cases]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    rows = []
+    misses: dict[str, list[str]] = collections.defaultdict(list)
+    torch_rows: dict[str, list[int]] = {}
+    disagreements: list[str] = []
+    visible_cache: dict[tuple[str, str, str, int], bool] = {}
+    for shape_name in args.shapes:
+        shape = SHAPES[shape_name]
+        if args.torch:
+            counts = [0, 0, 0, 0]  # false alarms, correct runs, caught, visible bug runs
+            for case in cases:
+                for seed in seeds:
+                    inputs = make_wild_inputs(case, seed, torch.float64, shape)
+                    ours = gc.check(case.bound(), *inputs, seed=seed).ok
+                    theirs = _torch_ok(case, "none", inputs)
+                    counts[0] += not theirs
+                    counts[1] += 1
+                    if ours != theirs:
+                        disagreements.append(
+                            f"{shape_name} {case.name} seed {seed}: ours {ours}, torch {theirs}"
+                        )
+                    for bug in case.bugs:
+                        key = (shape_name, case.name, bug, seed)
+                        if key not in visible_cache:
+                            visible_cache[key] = not _invisible(case, bug, inputs)
+                        if not visible_cache[key]:
+                            continue
+                        ours = gc.check(case.bound(bug), *inputs, seed=seed).ok
+                        theirs = _torch_ok(case, bug, inputs)
+                        counts[2] += not theirs
+                        counts[3] += 1
+                        if ours != theirs:
+                            disagreements.append(
+                                f"{shape_name} {case.name}[{bug}] seed {seed}: ours {ours}, torch {theirs}"
+                            )
+            torch_rows[shape_name] = counts
+        for dtype_name in args.dtypes:
+            dtype = DTYPES[dtype_name]
+            for mode in args.modes:
+                options = MODES[mode]
+                label = f"{dtype_name}{' own' if args.own_dtype else ''} {mode} {shape_name}"
+                started = time.perf_counter()
+                n_ok = fa = n_bug = caught = invisible = 0
+                for case in cases:
+                    for seed in seeds:
+                        inputs = make_wild_inputs(case, seed, dtype, shape)
+                        inputs64 = make_wild_inputs(case, seed, torch.float64, shape)
+
+                        def bind(bug: str = "none", case: WildCase = case, dtype: torch.dtype = dtype):
+                            return _only_in(dtype, case.bound(bug)) if args.own_dtype else case.bound(bug)
+
+                        report = gc.check(bind(), *inputs, seed=seed, **options)
+                        n_ok += 1
+                        if not report.ok:
+                            fa += 1
+                            misses[label].append(f"false alarm {case.name} seed {seed}")
+                            if args.verbose:
+                                print(report)
+                        for bug in case.bugs:
+                            key = (shape_name, case.name, bug, seed)
+                            if key not in visible_cache:
+                                visible_cache[key] = not _invisible(case, bug, inputs64)
+                            if not visible_cache[key]:
+                                invisible += 1
+                                continue
+                            n_bug += 1
+                            if gc.check(bind(bug), *inputs, seed=seed, **options).ok:
+                                misses[label].append(f"missed {case.name}[{bug}] seed {seed}")
+                            else:
+                                caught += 1
+                rows.append((label, fa, n_ok, caught, n_bug, invisible, time.perf_counter() - started))
+                if args.progress:
+                    print("done:", *rows[-1], flush=True)
+    n_bugs = sum(len(c.bugs) for c in cases)
+    print(
+        f"{len(cases)} correct functions, {n_bugs} buggy twins, seeds {seeds.start}-{seeds.stop - 1}"
+        + (
+            ", every function refusing dtypes other than its own (in-dtype differences)"
+            if args.own_dtype
+            else ""
+        )
+    )
+    print(
+        f"{'dtype mode shape':<28} {'false alarms':>14} {'caught/visible':>18} {'invisible':>9} {'time':>7}"
+    )
+    for label, fa, n_ok, caught, n_bug, invisible, seconds in rows:
+        print(
+            f"{label:<28} {fa:>5}/{n_ok:<4} {100 * fa / max(n_ok, 1):4.1f}% "
+            f"{caught:>5}/{n_bug:<4} {100 * caught / max(n_bug, 1):5.1f}% {invisible:>9} {seconds:6.1f}s"
+        )
+    for shape_name, (fa, n_ok, caught, n_bug) in torch_rows.items():
+        print(
+            f"{'torch gradcheck f64 ' + shape_name:<28} {fa:>5}/{n_ok:<4} {100 * fa / max(n_ok, 1):4.1f}% "
+            f"{caught:>5}/{n_bug:<4} {100 * caught / max(n_bug, 1):5.1f}%"
+        )
+    if args.torch:
+        print(f"\nverdicts differing from torch.autograd.gradcheck (float64): {len(disagreements)}")
+        for line in disagreements[:20]:
+            print("  " + line)
+    for label, lines in misses.items():
+        by_case = collections.Counter(line.rsplit(" seed ", 1)[0] for line in lines)
+        print(f"\n{label}: " + ", ".join(f"{name} x{n}" for name, n in by_case.most_common()))
+        print("  e.g. " + "; ".join(lines[:6]))
+    return 0 if not misses else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, default=50)
+    parser.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0)")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--cases", nargs="+", default=None, choices=[c.name for c in WILD_CASES])
+    parser.add_argument("--own-dtype", action="store_true", help="functions refuse float64 copies")
+    parser.add_argument(
+        "--torch", action="store_true", help="compare with torch.autograd.gradcheck (float64)"
+    )
+    parser.add_argument("--progress", action="store_true", help="print each row as soon as it is measured")
+    parser.add_argument("--verbose", action="store_true", help="print the report of every false alarm")
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
