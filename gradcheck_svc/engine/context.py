@@ -120,7 +120,6 @@ class Context:
     _eval_bytes: int | None = field(default=None, init=False)
     _eval_seconds: float = field(default=0.0, init=False)
     _plain_calls: bool = field(default=False, init=False)  # see PLAIN_ROWS
-    _cancelled_scales: dict[tuple[int, int], float] = field(default_factory=dict, init=False)
     _external: bool = field(default=False, init=False)  # fn is an ExternalFunction
     # ``tolerance`` per block (its dtypes and offsets): asked for every pair, several times, and
     # fixed by the options, the dtypes and the block's values.
@@ -296,11 +295,8 @@ class Context:
         backward is still held to the block's own scale, so no bug hides under this floor."""
         if self.wide_analytic is None or self.forward_rounding is None:
             return 0.0
-        key = (output.offset, leaf.offset)
-        if key not in self._cancelled_scales:
-            top = _largest_finite(self.f0[output.rows])
-            self._cancelled_scales[key] = top / max(_largest_finite(leaf.real), 1.0)
-        return self._cancelled_scales[key]
+        # computed once per block: ``tolerance`` keeps what it makes
+        return _largest_finite(self.f0[output.rows]) / max(_largest_finite(leaf.real), 1.0)
 
     def rounding_allowance(self, rows: torch.Tensor | slice, numeric: torch.Tensor) -> torch.Tensor | None:
         """Extra tolerance of the user's analytic values in output ``rows`` (numeric block
