@@ -16,6 +16,7 @@ __all__ = [
     "all_finite",
     "largest_change",
     "largest_change_of_floats",
+    "same_contents",
     "same_values",
     "within",
     "within_ulps",
@@ -95,6 +96,16 @@ def same_values(first: torch.Tensor, again: torch.Tensor, unit: float) -> bool:
     if first.numel() <= FEW_VALUES and first.shape == again.shape and first.tolist() == again.tolist():
         return True  # equal values (a NaN never compares equal: those go on to within_ulps)
     return within_ulps(again, first, unit)
+
+
+def same_contents(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``b`` holds exactly what ``a`` holds: shape, dtype and values, NaN where NaN was
+    (a copy taken before a call of fn, against the tensor after it)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if torch.equal(a, b):
+        return True
+    return (a.is_floating_point() or a.is_complex()) and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _magnitude(x: float, y: float) -> float:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch._functorch.utils import enable_single_level_autograd_function
 
-from gradcheck_svc.engine.agreement import within
+from gradcheck_svc.engine.agreement import same_contents, within
 from gradcheck_svc.errors import FunctionRaisedError
 
 __all__ = ["batched_plain_forward", "plain_forward_calls"]
@@ -88,7 +88,7 @@ def batched_plain_forward(
                 looped.append(one(copy))
             except Exception:  # the loop that follows says what fn raised
                 return None
-            writes = writes or copy._version != version or not _same(copy, row)
+            writes = writes or copy._version != version or not same_contents(row, copy)
     source = batch.clone() if writes else batch
     version = batch._version
     try:
@@ -112,10 +112,3 @@ def batched_plain_forward(
     if batched.untyped_storage().data_ptr() == batch.untyped_storage().data_ptr():
         return batched.clone()  # fn returned its input: the values, not the caller's batch
     return batched
-
-
-def _same(copy: torch.Tensor, row: torch.Tensor) -> bool:
-    """Whether a plain call left its copy of ``row`` as it was (NaN where NaN was)."""
-    if copy.shape != row.shape or copy.dtype != row.dtype:
-        return False
-    return torch.equal(copy, row) or bool(((copy == row) | (copy.isnan() & row.isnan())).all())

@@ -18,7 +18,7 @@ from typing import Any, cast
 import torch
 from torch.utils import _pytree as pytree
 
-from gradcheck_svc.engine.agreement import all_finite
+from gradcheck_svc.engine.agreement import all_finite, same_contents
 from gradcheck_svc.errors import (
     FunctionRaisedError,
     InvalidOptionError,
@@ -215,7 +215,7 @@ class Problem:
                 self._call_flat(copies)
         except Exception:  # fn's own error was reported where it happened; nothing more to learn
             return []
-        return [name for name, slot, _ in self.watched if not _same(copies[slot], before[slot])]
+        return [name for name, slot, _ in self.watched if not same_contents(before[slot], copies[slot])]
 
     @functools.cached_property
     def n_inputs(self) -> int:
@@ -304,13 +304,6 @@ def _version(t: torch.Tensor) -> int:
         return t._version
     except RuntimeError:  # an inference tensor has no version counter
         return -1
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal values, NaN where the other has NaN too."""
-    return a.shape == b.shape and bool(
-        ((a == b) | (a.isnan() & b.isnan()) if a.is_floating_point() or a.is_complex() else a == b).all()
-    )
 
 
 def _output_name(out: Any, path: Any) -> str:
