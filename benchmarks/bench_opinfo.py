@@ -4,11 +4,13 @@
     python benchmarks/bench_opinfo.py --samples all         # every sample (~40 min per dtype on 2 cores)
     python benchmarks/bench_opinfo.py --ops linalg fft      # ops whose name contains any of these
     python benchmarks/bench_opinfo.py --dtype float64 -v    # one dtype, every sample's verdict printed
+    python benchmarks/bench_opinfo.py --device cuda         # the ops' samples on the GPU
 
-Each sample of each op that supports autograd on CPU is checked by ``gradcheck_svc.check`` (default
-options) and by ``torch.autograd.gradcheck`` (default options, the op's own ``nondet_tol``), on the
-same function and the same inputs. Printed: agreements, disagreements with their reasons (the
-exception or the failing pairs), and the total time of each tool.
+Each sample of each op that supports autograd on the device (``--device``, default cpu) is checked
+by ``gradcheck_svc.check`` (default options) and by ``torch.autograd.gradcheck`` (default options,
+the op's own ``nondet_tol``), on the same function and the same inputs. Printed: agreements,
+disagreements with their reasons (the exception or the failing pairs), and the total time of each
+tool.
 
 In float64 the goal is no sample where torch passes and we fail or crash. In float32, torch's checker
 is known to fail most samples (its tolerances are float64's); the figure that matters is our pass rate.
@@ -204,15 +206,17 @@ def _ops(filters: list[str]) -> list[Any]:
     return chosen
 
 
-def sweep(dtype: torch.dtype, ops: list[Any], every_sample: bool, limit: int, verbose: bool) -> list[Row]:
+def sweep(
+    dtype: torch.dtype, ops: list[Any], every_sample: bool, limit: int, verbose: bool, device: str = "cpu"
+) -> list[Row]:
     rows: list[Row] = []
     for op in ops:
-        if dtype not in op.supported_backward_dtypes("cpu"):
+        if dtype not in op.supported_backward_dtypes(device):
             continue
         name = op.name + (f".{op.variant_test_name}" if op.variant_test_name else "")
         torch.manual_seed(0)
         try:
-            samples = op.sample_inputs("cpu", dtype, requires_grad=True)
+            samples = op.sample_inputs(device, dtype, requires_grad=True)
         except Exception as exc:
             print(f"  {name}: cannot build samples ({_short(exc)})", file=sys.stderr)
             continue
@@ -290,6 +294,7 @@ def main() -> None:
     parser.add_argument("--ops", nargs="*", default=[], help="only ops whose name contains one of these")
     parser.add_argument("--dtype", choices=[*_DTYPES, "both"], default="both")
     parser.add_argument("--limit", type=int, default=60, help="seconds allowed per sample and tool")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the samples live")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -297,8 +302,8 @@ def main() -> None:
     ops = _ops(args.ops)
     names = list(_DTYPES) if args.dtype == "both" else [args.dtype]
     for name in names:
-        rows = sweep(_DTYPES[name], ops, args.samples == "all", args.limit, args.verbose)
-        _report(name, rows)
+        rows = sweep(_DTYPES[name], ops, args.samples == "all", args.limit, args.verbose, args.device)
+        _report(f"{name} on {args.device}", rows)
 
 
 if __name__ == "__main__":
