@@ -22,6 +22,7 @@ from gradcheck_svc.engine.edge_inputs import (
 from gradcheck_svc.engine.expectation import apply_expectation
 from gradcheck_svc.engine.fast import run_fast
 from gradcheck_svc.engine.full import run_full
+from gradcheck_svc.engine.precision import TF32_NOTE, on_cuda, tf32_off
 from gradcheck_svc.engine.problem import Problem, build_problem
 from gradcheck_svc.engine.progress import Progress, ProgressFn
 from gradcheck_svc.engine.reference import Reference, choose_reference
@@ -45,6 +46,10 @@ from gradcheck_svc.options import (
 from gradcheck_svc.report import PairReport, Report, Status
 
 __all__ = ["assert_grads", "check"]
+
+
+# The dtypes whose products TF32 would round (see precision.py).
+_TF32_DTYPES = (torch.float32, torch.complex64)
 
 
 def _function_name(fn: Any) -> str:
@@ -105,11 +110,15 @@ def check(
         )
     device = resolve_device(opts.device, inputs)
     fn_kwargs, input_names = call.fn_kwargs, call.input_names
-    problem, _ = build_problem(
-        fn, inputs, fn_kwargs, input_names=input_names, device=device, upcast=opts.upcast, wrt=call.wrt
-    )
-    with serial_if_small(_largest_batch(problem, opts)):
-        report = _check_problem(problem, fn, inputs, opts, call, device, progress)
+    # From fn's first call on: f(x) must come from the same arithmetic at every call.
+    with tf32_off(on_cuda(device, fn, inputs)) as tf32_was_allowed:
+        problem, _ = build_problem(
+            fn, inputs, fn_kwargs, input_names=input_names, device=device, upcast=opts.upcast, wrt=call.wrt
+        )
+        with serial_if_small(_largest_batch(problem, opts)):
+            report = _check_problem(problem, fn, inputs, opts, call, device, progress)
+    if tf32_was_allowed and any(leaf.dtype in _TF32_DTYPES for leaf in problem.leaves):
+        report.notes.append(TF32_NOTE)
     report.timings["total_s"] = round(time.perf_counter() - started, 6)
     return apply_expectation(report, call.expect)
 

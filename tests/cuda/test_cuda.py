@@ -76,3 +76,47 @@ def test_large_check_on_cuda_fast_and_full():
     assert gc.check(
         lambda x: torch.sin(torch.tanh(w @ x)), torch.randn(1000, dtype=torch.float64, device="cuda")
     ).ok
+
+
+class _Conv2d(torch.autograd.Function):
+    """conv2d with a hand-written backward; ``scale`` multiplies the weight's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, w, scale):
+        ctx.save_for_backward(x, w)
+        ctx.scale = scale
+        return torch.nn.functional.conv2d(x, w)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        gx = torch.nn.grad.conv2d_input(x.shape, w, g)
+        gw = torch.nn.grad.conv2d_weight(x, w.shape, g) * ctx.scale
+        return gx, gw, None
+
+
+@pytest.fixture
+def tf32_allowed():
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    yield
+    assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("high", True)
+    torch.set_float32_matmul_precision(before[0])
+    torch.backends.cudnn.allow_tf32 = before[1]
+
+
+def test_float32_conv_and_matmul_with_tf32_allowed_pass_and_bugs_are_caught(tf32_allowed):
+    """With TF32 (10-bit mantissa products) a correct float32 conv backward is ~1e-3 off the float64
+    differences; the check runs it with TF32 off, says so, and still catches a 0.1% error."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 12, 12, device="cuda")
+    w = torch.randn(16, 8, 3, 3, device="cuda")
+    report = gc.check(lambda x, w: _Conv2d.apply(x, w, 1.0), x, w)
+    assert report.ok, report
+    assert any("TF32" in note for note in report.notes)
+    assert not gc.check(lambda x, w: _Conv2d.apply(x, w, 1.001), x, w).ok
+    conv3d = torch.nn.Conv3d(4, 6, 3).cuda()
+    assert gc.check(conv3d, torch.randn(1, 4, 6, 6, 6, device="cuda")).ok
+    a, b = torch.randn(16, 256, device="cuda"), torch.randn(256, 64, device="cuda")
+    assert gc.check(lambda a, b: torch.tanh(a @ b / 16), a, b).ok
