@@ -3,6 +3,7 @@
     python benchmarks/bench_verdicts.py                  # 50 seeds, float64/float32/float16/bfloat16
     python benchmarks/bench_verdicts.py --seeds 10 --dtypes float32 --modes fast
     python benchmarks/bench_verdicts.py --seeds 50 --first-seed 50   # seeds 50..99
+    python benchmarks/bench_verdicts.py --seeds 10 --device cuda     # on the GPU
 
 The corpus (tests/engine/corpus.py) holds correct custom autograd.Functions of the kinds people
 write (tanh-GeLU with bias, sparsemax, SiLU, softplus, softmax, logsumexp, a layer-norm-like row
@@ -67,6 +68,7 @@ def run(
     verbose: bool,
     own_dtype: bool = False,
     first_seed: int = 0,
+    device: str = "cpu",
 ) -> int:
     rows = []
     misses: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -78,7 +80,7 @@ def run(
             correct_runs = false_alarms = bug_runs = caught = 0
             for case in CASES:
                 for seed in range(first_seed, first_seed + seeds):
-                    inputs = make_inputs(case, seed, dtype, shape)
+                    inputs = tuple(t.to(device) for t in make_inputs(case, seed, dtype, shape))
                     bind = (lambda *b, d=dtype, c=case: _only_in(d, c.bound(*b))) if own_dtype else case.bound
                     report = gc.check(bind(), *inputs, seed=seed, **options)
                     correct_runs += 1
@@ -137,8 +139,11 @@ def main() -> int:
     parser.add_argument(
         "--own-dtype", action="store_true", help="functions refuse float64 copies: in-dtype differences"
     )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the inputs live")
     args = parser.parse_args()
-    return run(args.seeds, args.dtypes, args.modes, args.verbose, args.own_dtype, args.first_seed)
+    return run(
+        args.seeds, args.dtypes, args.modes, args.verbose, args.own_dtype, args.first_seed, args.device
+    )
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ class Sparsemax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bug):
         z, _ = torch.sort(x, dim=-1, descending=True)
-        k = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype)
+        k = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype, device=x.device)
         cumsum = z.cumsum(-1)
         support = 1 + k * z > cumsum
         k_max = support.sum(-1, keepdim=True)
@@ -223,7 +223,7 @@ class LinearTanh(torch.autograd.Function):
         x, w, y = ctx.saved_tensors
         gz = grad * (1 - y * y)
         if ctx.bug == "one_percent":
-            gz = gz * torch.where(torch.arange(gz.shape[-1]) == 0, 1.01, 1.0).to(gz.dtype)
+            gz = gz * torch.where(torch.arange(gz.shape[-1], device=gz.device) == 0, 1.01, 1.0).to(gz.dtype)
         gx = gz @ (w.T if ctx.bug == "transposed" else w)
         gw = gz.T @ x
         gb = gz.mean(0) if ctx.bug == "broadcast" else gz.sum(0)
