@@ -122,9 +122,10 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             self._log(check_id, request, None, None, time.perf_counter(), exc.code.name)
             context.abort_with_status(rpc_status.to_status(failure_for(exc, check_id).to_status()))
         try:
-            cancel = threading.Event()
-            context.add_callback(cancel.set)
-            return self._run(check_id, request, context.time_remaining(), self.stopper(cancel))
+            # Polled by the check between its steps: the call's own state (cancelled by the client
+            # or past its deadline), read where it is kept, with no event or callback of our own.
+            active, cut_off = context.is_active, self.cut_off.is_set
+            return self._run(check_id, request, context.time_remaining(), lambda: cut_off() or not active())
         except Exception as exc:  # every failure becomes a status
             failure = failure_for(self.drained(exc), check_id)
             context.abort_with_status(rpc_status.to_status(failure.to_status()))
