@@ -88,9 +88,15 @@ class Settings(BaseSettings):
     max_calls_per_client: int = Field(
         0,
         ge=0,
-        description="calls of one client running at once (a client is its bearer token, else its "
-        "connection); more get RESOURCE_EXHAUSTED (CLIENT_BUSY); 0: half the handler threads "
+        description="calls of one client running at once (a client is its bearer token, else as "
+        "client_identity says); more get RESOURCE_EXHAUSTED (CLIENT_BUSY); 0: half the handler threads "
         "(worker_threads), so one client never holds every thread nor, by default, every check slot",
+    )
+    client_identity: Literal["address", "connection"] = Field(
+        "address",
+        description="who a client is when the server has no tokens: its IP address (one process "
+        "opening many connections is one client), or each connection (behind a proxy, where every "
+        "client shares the proxy's address; there, tokens tell clients apart best)",
     )
     torch_threads: int = Field(
         0,
