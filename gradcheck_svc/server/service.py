@@ -55,6 +55,8 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         self.served_by = settings.served_by
         self.slots = CheckSlots(settings.max_concurrent_checks)
         self.request_bytes = ByteBudget(settings.max_request_bytes_in_flight)
+        # Each guarded check may grow to max_check_bytes: the server-wide sum of those is capped.
+        self.check_bytes = ByteBudget(settings.check_bytes_in_flight)
         self.draining = threading.Event()
         self.cut_off = threading.Event()  # the drain's grace ran out: running checks stop now
         self.workers = workers  # None: every check runs in the handler thread
@@ -159,8 +161,13 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             refusal = self._too_many_bytes(size)
             self._log(check_id, request, None, None, started, refusal.code.name)
             raise refusal
+        reserved = 0
         try:
             plan = self.plans.plan(request)  # validated here, even if isolated
+            if not plan.light:  # a light check is small everywhere, sized up front
+                if not self.check_bytes.try_take(self.settings.max_check_bytes):
+                    raise self._out_of_check_memory()
+                reserved = self.settings.max_check_bytes
             deadline = Deadline.start(remaining, self.settings.max_check_seconds)
             isolated = runs_in_worker(self.settings.isolation, plan.operator_code, plan.light)
             if self.workers is not None and isolated:
@@ -191,7 +198,20 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         finally:
             if counted:
                 self.request_bytes.give_back(size)
+            if reserved:
+                self.check_bytes.give_back(reserved)
             self._log(check_id, request, plan, response, started, status)
+
+    def _out_of_check_memory(self) -> Rejection:
+        budget, each = self.check_bytes.size, self.settings.max_check_bytes
+        return Rejection(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"server busy: the checks running hold {self.check_bytes.used} bytes of memory "
+            f"(max_check_bytes={each} each) and this one would pass max_check_bytes_in_flight={budget}",
+            reason="SERVER_BUSY",
+            limit=("max_check_bytes_in_flight", str(budget)),
+            retry_after=1.0,
+        )
 
     def _too_many_bytes(self, size: int) -> Rejection:
         budget = self.request_bytes.size

@@ -63,6 +63,7 @@ def test_every_limit_is_a_gradcheck_variable(monkeypatch: pytest.MonkeyPatch) ->
         "MAX_CALLS_PER_CLIENT": 2,
         "MAX_REQUEST_TENSORS": 7,
         "MAX_REQUEST_BYTES_IN_FLIGHT": 5000,
+        "MAX_CHECK_BYTES_IN_FLIGHT": 6 * 1024 * 1024,
     }
     for name, value in values.items():
         monkeypatch.setenv(f"GRADCHECK_{name}", str(value))
