@@ -13,6 +13,7 @@ GetCapabilities are cheap and not counted.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import threading
@@ -72,6 +73,7 @@ def client_of(context: grpc.ServicerContext, by_token: bool, by_connection: bool
     return "peer:" + (peer if by_connection else peer_address(peer))
 
 
+@functools.lru_cache(maxsize=4096)  # a connection's calls share its peer string: parsed once
 def peer_address(peer: str) -> str:
     """gRPC's peer string without its port: ``ipv4:10.0.0.7:51234`` -> ``ipv4:10.0.0.7``,
     ``ipv6:%5B::1%5D:51234`` -> ``ipv6:::1``; an IPv4 address mapped into IPv6 is the IPv4 address
