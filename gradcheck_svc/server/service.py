@@ -462,6 +462,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                 max_calls_per_client=s.calls_per_client,
                 max_request_tensors=s.max_request_tensors,
                 max_request_bytes_in_flight=s.max_request_bytes_in_flight,
+                max_check_bytes_in_flight=s.check_bytes_in_flight,
             ),
             served_by=self.served_by,
         )
