@@ -122,19 +122,18 @@ def execute(
     # from the service equals the one the same call gives in-process; the step the engine resolved
     # ("eps", the numeric "reference") are figures of the check and stay. The whole response is
     # one constructor call (upb builds it), not a message filled field by field from Python.
-    return pb.CheckResponse(
-        check_id=check_id,
-        reports=[
-            report_fields(
-                report,
-                options=reported_options(report, plan.client_options),
-                point=index,
-                served_by=served_by,
-                function=plan.label,
-            )
-            for index, report in enumerate(reports)
-        ],
-    )
+    # (upb takes a nested message as a dict of its fields; the generated stubs only say messages.)
+    fields: list[Any] = [
+        report_fields(
+            report,
+            options=reported_options(report, plan.client_options),
+            point=index,
+            served_by=served_by,
+            function=plan.label,
+        )
+        for index, report in enumerate(reports)
+    ]
+    return pb.CheckResponse(check_id=check_id, reports=fields)
 
 
 def run_plan(
