@@ -49,11 +49,10 @@ def two_addresses(running: Running) -> tuple[str, str]:
 
 @pytest.fixture
 def server() -> Iterator[Running]:
-    # Listening on every interface (dual stack), so that clients can come from two addresses.
+    # "localhost" listens on both loopback addresses, so that clients can come from two addresses.
     running = start_server(
         replica_name="fair",
-        host="::",
-        insecure=True,
+        host="localhost",
         isolation="thread",
         max_concurrent_checks=4,
         max_calls_per_client=2,
