@@ -41,6 +41,7 @@ __all__ = [
     "encode_sampling",
     "encode_tensor",
     "encode_value",
+    "report_fields",
     "validate_shape",
 ]
 
@@ -265,20 +266,18 @@ def _finite(field: str, *values: float) -> None:
 # ----------------------------------------------------------------------------- values
 
 
-def encode_duration(seconds: float) -> duration_pb2.Duration:
-    msg = duration_pb2.Duration()
-    _set_duration(msg, seconds)
-    return msg
-
-
-def _set_duration(msg: duration_pb2.Duration, seconds: float) -> None:
-    """``msg.FromNanoseconds(round(seconds * 1e9))`` without its pure-Python detour."""
+def _duration_fields(seconds: float) -> dict[str, int]:
+    """``Duration.FromNanoseconds(round(seconds * 1e9))`` as keyword arguments, without its
+    pure-Python detour."""
     nanos = round(seconds * 1e9)
     whole, part = divmod(nanos, 1_000_000_000)
     if whole < 0 and part > 0:  # a Duration's seconds and nanos share one sign
         whole, part = whole + 1, part - 1_000_000_000
-    msg.seconds = whole
-    msg.nanos = part
+    return {"seconds": whole, "nanos": part}
+
+
+def encode_duration(seconds: float) -> duration_pb2.Duration:
+    return duration_pb2.Duration(**_duration_fields(seconds))
 
 
 def _seconds(msg: duration_pb2.Duration) -> float:
@@ -288,20 +287,24 @@ def _seconds(msg: duration_pb2.Duration) -> float:
 
 def encode_value(value: Any) -> pb.Value:
     """None, bool, int, float, str or a list/tuple of those -> Value."""
+    return pb.Value(**_value_fields(value))
+
+
+def _value_fields(value: Any) -> dict[str, Any]:
     if value is None:
-        return pb.Value()
+        return {}
     if isinstance(value, bool):
-        return pb.Value(bool_value=value)
+        return {"bool_value": value}
     if isinstance(value, int):
         if not -(2**63) <= value < 2**63:
             raise ValueError(f"integer {value} does not fit in int64")
-        return pb.Value(int_value=value)
+        return {"int_value": value}
     if isinstance(value, float):
-        return pb.Value(double_value=value)
+        return {"double_value": value}
     if isinstance(value, str):
-        return pb.Value(string_value=value)
+        return {"string_value": value}
     if isinstance(value, list | tuple):
-        return pb.Value(list_value=pb.ValueList(values=[encode_value(v) for v in value]))
+        return {"list_value": {"values": [_value_fields(v) for v in value]}}
     raise TypeError(f"cannot send a value of type {type(value).__name__}")
 
 
@@ -431,22 +434,18 @@ def _report_mode(m: pb.Report) -> str:
     return _mode_name(m.mode, m.scheme)
 
 
-def _set_doubles(msg: pb.DoubleList, values: Sequence[float] | None) -> None:
-    if values is not None:
-        msg.SetInParent()  # present even when empty
-        msg.values.extend(values)
-
-
-def _encode_element(e: ElementError, msg: pb.ElementError) -> None:
-    msg.output_index.extend(e.output_index)
-    msg.input_index.extend(e.input_index)
-    msg.output_part = _PARTS[e.output_part]
-    msg.input_part = _PARTS[e.input_part]
-    msg.analytic = e.analytic
-    msg.numeric = e.numeric
-    msg.error_bar = e.error_bar
-    msg.tolerance = e.tolerance
-    msg.kink = e.kink
+def _element_fields(e: ElementError) -> dict[str, Any]:
+    return {
+        "output_index": e.output_index,
+        "input_index": e.input_index,
+        "output_part": _PARTS[e.output_part],
+        "input_part": _PARTS[e.input_part],
+        "analytic": e.analytic,
+        "numeric": e.numeric,
+        "error_bar": e.error_bar,
+        "tolerance": e.tolerance,
+        "kink": e.kink,
+    }
 
 
 def _decode_element(m: pb.ElementError) -> ElementError:
@@ -463,41 +462,39 @@ def _decode_element(m: pb.ElementError) -> ElementError:
     )
 
 
-def _set_fields(msg: Any, **values: Any) -> None:
-    """Set many fields at once: a message merged from keyword arguments, where upb does the work."""
-    msg.MergeFrom(type(msg)(**values))
-
-
-def _encode_pair(p: PairReport, msg: pb.PairReport) -> None:
-    _set_fields(
-        msg,
-        output=p.output,
-        input=p.input,
-        check=_CHECK_ENUMS[p.check],
-        status=_STATUS_ENUMS[p.status],
-        mode=_MODES.get(p.mode, pb.MODE_UNSPECIFIED),
-        output_shape=p.output_shape,
-        input_shape=p.input_shape,
-        dtype=_dtype_enum(p.dtype),
-        max_abs_error=p.max_abs_error,
-        max_rel_error=p.max_rel_error,
-        max_error_ratio=p.max_error_ratio,
-        checked_count=p.elements_checked,
-        failed_count=p.elements_failed,
-        kink_count=p.kinks,
-        message=p.message,
-    )
-    for e in p.worst:
-        _encode_element(e, msg.worst.add())
-    _set_doubles(msg.analytic, p.analytic)
-    _set_doubles(msg.numeric, p.numeric)
-    _set_doubles(msg.error_bars, p.error_bars)
-    _set_doubles(msg.taylor_rates, p.taylor_rates)
+def _pair_fields(p: PairReport) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "output": p.output,
+        "input": p.input,
+        "check": _CHECK_ENUMS[p.check],
+        "status": _STATUS_ENUMS[p.status],
+        "mode": _MODES.get(p.mode, pb.MODE_UNSPECIFIED),
+        "output_shape": p.output_shape,
+        "input_shape": p.input_shape,
+        "dtype": _dtype_enum(p.dtype),
+        "max_abs_error": p.max_abs_error,
+        "max_rel_error": p.max_rel_error,
+        "max_error_ratio": p.max_error_ratio,
+        "checked_count": p.elements_checked,
+        "failed_count": p.elements_failed,
+        "kink_count": p.kinks,
+        "message": p.message,
+        "worst": [_element_fields(e) for e in p.worst],
+    }
+    # Optional lists: present (even when empty) exactly when the report has them.
+    for name, values in (
+        ("analytic", p.analytic),
+        ("numeric", p.numeric),
+        ("error_bars", p.error_bars),
+        ("taylor_rates", p.taylor_rates),
+    ):
+        if values is not None:
+            fields[name] = {"values": values}
     if p.nondeterminism is not None:
-        msg.nondeterminism = p.nondeterminism
+        fields["nondeterminism"] = p.nondeterminism
     if p.error_map is not None:
-        msg.error_map.SetInParent()  # present even when it has no rows
-        msg.error_map.rows.extend(pb.DoubleList(values=row) for row in p.error_map)
+        fields["error_map"] = {"rows": [{"values": row} for row in p.error_map]}
+    return fields
 
 
 def _decode_pair(m: pb.PairReport) -> PairReport:
@@ -530,36 +527,39 @@ def _decode_pair(m: pb.PairReport) -> PairReport:
     )
 
 
-def encode_report(
-    r: Report, msg: pb.Report | None = None, *, options: Mapping[str, Any] | None = None
-) -> pb.Report:
-    """A Report as a message; into ``msg`` when given (a response's own field: nothing is copied).
-    ``options``, when given, are written in place of the report's own."""
-    msg = pb.Report() if msg is None else msg
-    for p in r.pairs:
-        _encode_pair(p, msg.pairs.add())
-    _set_fields(
-        msg,
-        ok=r.ok,
-        dtypes=sorted({_dtype_enum(d) for d in r.dtype.split(",") if d}),
-        device=pb.DEVICE_CUDA if r.device.startswith("cuda") else pb.DEVICE_CPU,
-        device_name=r.device,
-        mode=_MODES.get(r.mode, pb.MODE_UNSPECIFIED),
-        scheme=_SCHEME_ENUMS[r.scheme],
-        order=r.order,
-        function=r.function,
-        notes=r.notes,
-        served_by=r.served_by,
-    )
-    for phase, seconds in r.timings.items():
-        _set_duration(msg.timings[phase.removesuffix("_s")], seconds)
+def encode_report(r: Report, *, options: Mapping[str, Any] | None = None, **extra: Any) -> pb.Report:
+    """A Report as a message. ``options``, when given, are written in place of the report's own;
+    ``extra`` fields (e.g. ``point``, ``served_by``) in place of the report's."""
+    return pb.Report(**report_fields(r, options=options, **extra))
+
+
+def report_fields(r: Report, *, options: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """A Report as the keyword arguments of ``pb.Report``: a whole response is then built by one
+    constructor call, where upb does the work, instead of field by field from Python."""
+    fields: dict[str, Any] = {
+        "ok": r.ok,
+        "pairs": [_pair_fields(p) for p in r.pairs],
+        "dtypes": sorted({_dtype_enum(d) for d in r.dtype.split(",") if d}),
+        "device": pb.DEVICE_CUDA if r.device.startswith("cuda") else pb.DEVICE_CPU,
+        "device_name": r.device,
+        "mode": _MODES.get(r.mode, pb.MODE_UNSPECIFIED),
+        "scheme": _SCHEME_ENUMS[r.scheme],
+        "order": r.order,
+        "function": r.function,
+        "notes": r.notes,
+        "served_by": r.served_by,
+        "timings": {phase.removesuffix("_s"): _duration_fields(s) for phase, s in r.timings.items()},
+        "options": {
+            name: _value_fields(_plain(value))
+            for name, value in (r.options if options is None else options).items()
+        },
+    }
     if r.point is not None:
-        msg.point = r.point
+        fields["point"] = r.point
     if r.error is not None:
-        msg.error = r.error
-    for name, value in (r.options if options is None else options).items():
-        msg.options[name].CopyFrom(encode_value(_plain(value)))
-    return msg
+        fields["error"] = r.error
+    fields.update(extra)
+    return fields
 
 
 def _plain(value: Any) -> Any:

@@ -58,6 +58,18 @@ def usable_cores() -> int:
     return max(1, min(cores, quota) if quota else cores)
 
 
+def usable_memory() -> int:
+    """Bytes of memory this process may use: the machine's, and no more than a cgroup v2 limit
+    (``docker run --memory 8g``) allows."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
 def _cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
     """Cores' worth of CPU time the cgroup v2 quota grants (``"200000 100000"`` -> 2); None: no quota."""
     try:
@@ -88,9 +100,15 @@ class Settings(BaseSettings):
     max_calls_per_client: int = Field(
         0,
         ge=0,
-        description="calls of one client running at once (a client is its bearer token, else its "
-        "connection); more get RESOURCE_EXHAUSTED (CLIENT_BUSY); 0: half the handler threads "
+        description="calls of one client running at once (a client is its bearer token, else as "
+        "client_identity says); more get RESOURCE_EXHAUSTED (CLIENT_BUSY); 0: half the handler threads "
         "(worker_threads), so one client never holds every thread nor, by default, every check slot",
+    )
+    client_identity: Literal["address", "connection"] = Field(
+        "address",
+        description="who a client is when the server has no tokens: its IP address (one process "
+        "opening many connections is one client), or each connection (behind a proxy, where every "
+        "client shares the proxy's address; there, tokens tell clients apart best)",
     )
     torch_threads: int = Field(
         0,
@@ -123,6 +141,13 @@ class Settings(BaseSettings):
         1024 * MiB,
         ge=MiB,
         description="memory cap of one check: live bytes of the tensors it creates, counted at every op",
+    )
+    max_check_bytes_in_flight: int = Field(
+        0,
+        ge=0,
+        description="memory of all checks at once, server-wide: each check not sized up front as small "
+        "holds max_check_bytes of it while it runs; one that does not fit gets RESOURCE_EXHAUSTED "
+        "(SERVER_BUSY, with RetryInfo); 0: half the memory of the machine or of its cgroup",
     )
     stream_idle_seconds: float = Field(
         60.0, gt=0, description="a CheckStream with no item running or arriving for this long is closed"
@@ -213,6 +238,10 @@ class Settings(BaseSettings):
         """torch's thread count for every check: ``torch_threads``, or with 0 a share of the cores
         that keeps ``max_concurrent_checks`` checks from asking for more threads than there are cores."""
         return self.torch_threads or max(1, usable_cores() // self.max_concurrent_checks)
+
+    @property
+    def check_bytes_in_flight(self) -> int:
+        return self.max_check_bytes_in_flight or usable_memory() // 2
 
     @property
     def served_by(self) -> str:

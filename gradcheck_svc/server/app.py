@@ -127,7 +127,11 @@ def create_server(
     if settings.auth_tokens:
         interceptors.append(TokenAuthInterceptor([t.get_secret_value() for t in settings.auth_tokens]))
     interceptors.append(
-        ClientShareInterceptor(settings.calls_per_client, by_token=bool(settings.auth_tokens))
+        ClientShareInterceptor(
+            settings.calls_per_client,
+            by_token=bool(settings.auth_tokens),
+            by_connection=settings.client_identity == "connection",
+        )
     )
     interceptors.append(DecodeErrorInterceptor())
     grpc_server = grpc.server(

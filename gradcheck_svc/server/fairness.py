@@ -2,25 +2,31 @@
 
 Without it one client holding every check slot and handler thread (many calls, or open streams
 that send nothing) turns every other client away with RESOURCE_EXHAUSTED for as long as it likes.
-A client is its bearer token when the server has tokens (however many connections it opens), else
-its connection (the peer address and port: without tokens the server knows nothing better). A call
-beyond the share gets RESOURCE_EXHAUSTED, reason ``CLIENT_BUSY``, with ``RetryInfo``. Health,
-reflection and GetCapabilities are cheap and not counted.
+A client is its bearer token when the server has tokens (however many connections it opens). Without
+tokens it is its IP address by default: counting connections would let one process that opens many
+of them take as many shares. The trade-off is a proxy or NAT in front of the server, where every
+client arrives from one address and all share one share; there, give clients tokens, or set
+``client_identity=connection`` (each connection a client, the port included). A call beyond the
+share gets RESOURCE_EXHAUSTED, reason ``CLIENT_BUSY``, with ``RetryInfo``. Health, reflection and
+GetCapabilities are cheap and not counted.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import ipaddress
 import threading
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 from grpc_status import rpc_status
 
 from gradcheck_svc.server.status import Rejection, failure_for
 
-__all__ = ["ClientShare", "ClientShareInterceptor"]
+__all__ = ["ClientShare", "ClientShareInterceptor", "peer_address"]
 
 _COUNTED = "/gradcheck_svc.v1.GradcheckService/"
 _FREE = {_COUNTED + "GetCapabilities"}
@@ -55,20 +61,40 @@ class ClientShare:
             return self._running.get(client, 0)
 
 
-def client_of(context: grpc.ServicerContext, by_token: bool) -> str:
-    """The bearer token's digest when tokens identify clients, else the connection's peer."""
+def client_of(context: grpc.ServicerContext, by_token: bool, by_connection: bool = False) -> str:
+    """The bearer token's digest when tokens identify clients, else the peer's address (with its
+    port when each connection is a client of its own)."""
     if by_token:
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
                 token = value.decode("latin-1") if isinstance(value, bytes) else value
                 return "token:" + hashlib.sha256(token.encode()).hexdigest()
-    return "peer:" + context.peer()
+    peer = context.peer()
+    return "peer:" + (peer if by_connection else peer_address(peer))
+
+
+@functools.lru_cache(maxsize=4096)  # a connection's calls share its peer string: parsed once
+def peer_address(peer: str) -> str:
+    """gRPC's peer string without its port: ``ipv4:10.0.0.7:51234`` -> ``ipv4:10.0.0.7``,
+    ``ipv6:%5B::1%5D:51234`` -> ``ipv6:::1``; an IPv4 address mapped into IPv6 is the IPv4 address
+    (one host on a dual-stack socket is one client). Other kinds (``unix:``) are kept whole."""
+    scheme, _, rest = peer.partition(":")
+    if scheme not in ("ipv4", "ipv6"):
+        return peer
+    host = unquote(rest.rpartition(":")[0]).strip("[]")
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])  # a zone (fe80::1%eth0) is not the host
+    except ValueError:
+        return peer
+    mapped = getattr(address, "ipv4_mapped", None)
+    return f"ipv4:{mapped}" if mapped is not None else f"ipv{address.version}:{address}"
 
 
 class ClientShareInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]  # grpc-stubs' generics are stub-only
-    def __init__(self, limit: int, *, by_token: bool) -> None:
+    def __init__(self, limit: int, *, by_token: bool, by_connection: bool = False) -> None:
         self.share = ClientShare(limit)
         self._by_token = by_token
+        self._by_connection = by_connection
         self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     def intercept_service(
@@ -86,7 +112,7 @@ class ClientShareInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg] 
 
     def _enter(self, context: grpc.ServicerContext) -> None:
         """Count the call against its client until it ends, or refuse it."""
-        client = client_of(context, self._by_token)
+        client = client_of(context, self._by_token, self._by_connection)
         if not self.share.try_take(client):
             refusal = Rejection(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -26,7 +26,7 @@ import grpc
 import torch
 
 import gradcheck_svc as gc
-from gradcheck_svc.codec import encode_report
+from gradcheck_svc.codec import report_fields
 from gradcheck_svc.engine.guard import CheckGuard
 from gradcheck_svc.errors import (
     CheckCancelledError,
@@ -118,18 +118,22 @@ def execute(
         max_bytes=max_bytes,
         progress=progress,
     )
-    response = pb.CheckResponse(check_id=check_id)
-    for index, report in enumerate(reports):
-        # Options the server imposed (limits, its default device) stay out of the report, so a
-        # report from the service equals the one the same call gives in-process; the step the
-        # engine resolved ("eps", the numeric "reference") are figures of the check and stay.
-        msg = encode_report(
-            report, response.reports.add(), options=reported_options(report, plan.client_options)
+    # Options the server imposed (limits, its default device) stay out of the report, so a report
+    # from the service equals the one the same call gives in-process; the step the engine resolved
+    # ("eps", the numeric "reference") are figures of the check and stay. The whole response is
+    # one constructor call (upb builds it), not a message filled field by field from Python.
+    # (upb takes a nested message as a dict of its fields; the generated stubs only say messages.)
+    fields: list[Any] = [
+        report_fields(
+            report,
+            options=reported_options(report, plan.client_options),
+            point=index,
+            served_by=served_by,
+            function=plan.label,
         )
-        msg.point = index
-        msg.served_by = served_by
-        msg.function = plan.label
-    return response
+        for index, report in enumerate(reports)
+    ]
+    return pb.CheckResponse(check_id=check_id, reports=fields)
 
 
 def run_plan(

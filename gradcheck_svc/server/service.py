@@ -55,6 +55,8 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         self.served_by = settings.served_by
         self.slots = CheckSlots(settings.max_concurrent_checks)
         self.request_bytes = ByteBudget(settings.max_request_bytes_in_flight)
+        # Each guarded check may grow to max_check_bytes: the server-wide sum of those is capped.
+        self.check_bytes = ByteBudget(settings.check_bytes_in_flight)
         self.draining = threading.Event()
         self.cut_off = threading.Event()  # the drain's grace ran out: running checks stop now
         self.workers = workers  # None: every check runs in the handler thread
@@ -122,9 +124,10 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             self._log(check_id, request, None, None, time.perf_counter(), exc.code.name)
             context.abort_with_status(rpc_status.to_status(failure_for(exc, check_id).to_status()))
         try:
-            cancel = threading.Event()
-            context.add_callback(cancel.set)
-            return self._run(check_id, request, context.time_remaining(), self.stopper(cancel))
+            # Polled by the check between its steps: the call's own state (cancelled by the client
+            # or past its deadline), read where it is kept, with no event or callback of our own.
+            active, cut_off = context.is_active, self.cut_off.is_set
+            return self._run(check_id, request, context.time_remaining(), lambda: cut_off() or not active())
         except Exception as exc:  # every failure becomes a status
             failure = failure_for(self.drained(exc), check_id)
             context.abort_with_status(rpc_status.to_status(failure.to_status()))
@@ -158,8 +161,13 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             refusal = self._too_many_bytes(size)
             self._log(check_id, request, None, None, started, refusal.code.name)
             raise refusal
+        reserved = 0
         try:
             plan = self.plans.plan(request)  # validated here, even if isolated
+            if not plan.light:  # a light check is small everywhere, sized up front
+                if not self.check_bytes.try_take(self.settings.max_check_bytes):
+                    raise self._out_of_check_memory()
+                reserved = self.settings.max_check_bytes
             deadline = Deadline.start(remaining, self.settings.max_check_seconds)
             isolated = runs_in_worker(self.settings.isolation, plan.operator_code, plan.light)
             if self.workers is not None and isolated:
@@ -190,7 +198,20 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         finally:
             if counted:
                 self.request_bytes.give_back(size)
+            if reserved:
+                self.check_bytes.give_back(reserved)
             self._log(check_id, request, plan, response, started, status)
+
+    def _out_of_check_memory(self) -> Rejection:
+        budget, each = self.check_bytes.size, self.settings.max_check_bytes
+        return Rejection(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"server busy: the checks running hold {self.check_bytes.used} bytes of memory "
+            f"(max_check_bytes={each} each) and this one would pass max_check_bytes_in_flight={budget}",
+            reason="SERVER_BUSY",
+            limit=("max_check_bytes_in_flight", str(budget)),
+            retry_after=1.0,
+        )
 
     def _too_many_bytes(self, size: int) -> Rejection:
         budget = self.request_bytes.size
@@ -441,6 +462,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                 max_calls_per_client=s.calls_per_client,
                 max_request_tensors=s.max_request_tensors,
                 max_request_bytes_in_flight=s.max_request_bytes_in_flight,
+                max_check_bytes_in_flight=s.check_bytes_in_flight,
             ),
             served_by=self.served_by,
         )

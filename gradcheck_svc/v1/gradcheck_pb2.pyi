@@ -2000,6 +2000,7 @@ class Limits(_message.Message):
     MAX_CALLS_PER_CLIENT_FIELD_NUMBER: _builtins.int
     MAX_REQUEST_TENSORS_FIELD_NUMBER: _builtins.int
     MAX_REQUEST_BYTES_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    MAX_CHECK_BYTES_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     max_message_bytes: _builtins.int
     """Largest request or response message, in bytes."""
     max_tensor_elements: _builtins.int
@@ -2021,7 +2022,8 @@ class Limits(_message.Message):
     max_calls_per_client: _builtins.int
     """Most calls (Check, CheckStream, CheckWithProgress, CheckExternal) one client
     may have running at once; more get RESOURCE_EXHAUSTED, reason CLIENT_BUSY. A
-    client is its bearer token when the server has tokens, else its connection.
+    client is its bearer token when the server has tokens, else its IP address
+    (or each connection, when the server is set up so behind a proxy).
     """
     max_request_tensors: _builtins.int
     """Most tensors in one request (points x inputs, a module's state included)."""
@@ -2029,6 +2031,12 @@ class Limits(_message.Message):
     """Bytes of the requests being checked at once, server-wide (requests under
     64 KiB are not counted; one request alone always fits); a large request
     beyond it gets RESOURCE_EXHAUSTED, reason SERVER_BUSY, with RetryInfo.
+    """
+    max_check_bytes_in_flight: _builtins.int
+    """Memory of all checks at once, server-wide: each check not sized up front as
+    small holds max_check_bytes of it while it runs (one check alone always
+    runs); one beyond it gets RESOURCE_EXHAUSTED, reason SERVER_BUSY, with
+    RetryInfo and a QuotaFailure whose subject is max_check_bytes_in_flight.
     """
     @_builtins.property
     def max_check_duration(self) -> _duration_pb2.Duration:
@@ -2055,10 +2063,11 @@ class Limits(_message.Message):
         max_calls_per_client: _builtins.int = ...,
         max_request_tensors: _builtins.int = ...,
         max_request_bytes_in_flight: _builtins.int = ...,
+        max_check_bytes_in_flight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_check_duration", b"max_check_duration", "max_external_reply_duration", b"max_external_reply_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_calls_per_client", b"max_calls_per_client", "max_check_duration", b"max_check_duration", "max_concurrent_checks", b"max_concurrent_checks", "max_evaluations", b"max_evaluations", "max_expression_length", b"max_expression_length", "max_external_batch_size", b"max_external_batch_size", "max_external_reply_duration", b"max_external_reply_duration", "max_jacobian_entries", b"max_jacobian_entries", "max_message_bytes", b"max_message_bytes", "max_points", b"max_points", "max_request_bytes_in_flight", b"max_request_bytes_in_flight", "max_request_elements", b"max_request_elements", "max_request_tensors", b"max_request_tensors", "max_tensor_elements", b"max_tensor_elements"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_calls_per_client", b"max_calls_per_client", "max_check_bytes_in_flight", b"max_check_bytes_in_flight", "max_check_duration", b"max_check_duration", "max_concurrent_checks", b"max_concurrent_checks", "max_evaluations", b"max_evaluations", "max_expression_length", b"max_expression_length", "max_external_batch_size", b"max_external_batch_size", "max_external_reply_duration", b"max_external_reply_duration", "max_jacobian_entries", b"max_jacobian_entries", "max_message_bytes", b"max_message_bytes", "max_points", b"max_points", "max_request_bytes_in_flight", b"max_request_bytes_in_flight", "max_request_elements", b"max_request_elements", "max_request_tensors", b"max_request_tensors", "max_tensor_elements", b"max_tensor_elements"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

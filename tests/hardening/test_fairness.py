@@ -1,9 +1,10 @@
 """One client cannot starve the others: at most max_calls_per_client of its calls run at once.
 
-A client is its connection (or its bearer token when the server has tokens). The hostile client
-here floods one connection with slow checks and idle CheckStreams; a second connection is still
-served, the flood's extra calls get RESOURCE_EXHAUSTED (CLIENT_BUSY) with RetryInfo and QuotaFailure,
-and the share comes back once the hostile calls end, cancelled ones included.
+A client is its IP address (or its bearer token when the server has tokens, or each connection
+with client_identity=connection). The hostile client here floods the server over many connections
+of its own with slow checks and idle CheckStreams; a client from another address is still served,
+the flood's extra calls get RESOURCE_EXHAUSTED (CLIENT_BUSY) with RetryInfo and QuotaFailure, and
+the share comes back once the hostile calls end, cancelled ones included.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from grpc_status import rpc_status
 from service_servers import Running, start_server
 
 from gradcheck_svc.client import Registered, build_request
+from gradcheck_svc.server.fairness import peer_address
 from gradcheck_svc.settings import Settings
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 from gradcheck_svc.v1 import gradcheck_pb2_grpc as pb_grpc
@@ -39,10 +41,21 @@ def connection(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
 
 
+def two_addresses(running: Running) -> tuple[str, str]:
+    """The server as reached over IPv4 and over IPv6 loopback: two client addresses on one machine."""
+    port = running.address.rpartition(":")[2]
+    return f"127.0.0.1:{port}", f"[::1]:{port}"
+
+
 @pytest.fixture
 def server() -> Iterator[Running]:
+    # "localhost" listens on both loopback addresses, so that clients can come from two addresses.
     running = start_server(
-        replica_name="fair", isolation="thread", max_concurrent_checks=4, max_calls_per_client=2
+        replica_name="fair",
+        host="localhost",
+        isolation="thread",
+        max_concurrent_checks=4,
+        max_calls_per_client=2,
     )
     yield running
     running.server.stop(grace=0)
@@ -71,13 +84,16 @@ def test_a_flooding_client_leaves_room_for_others(server: Running) -> None:
         quiet.wait(30)
         yield from ()
 
-    with connection(server.address) as hostile_channel, connection(server.address) as other_channel:
-        hostile = pb_grpc.GradcheckServiceStub(hostile_channel)
+    hostile_address, other_address = two_addresses(server)
+    hostile_channels = [connection(hostile_address) for _ in range(14)]  # a connection per call
+    with connection(other_address) as other_channel:
+        hostile = pb_grpc.GradcheckServiceStub(hostile_channels[0])
+        each = [pb_grpc.GradcheckServiceStub(channel) for channel in hostile_channels]
         other = pb_grpc.GradcheckServiceStub(other_channel)
         capabilities = other.GetCapabilities(pb.GetCapabilitiesRequest(), timeout=30)
         assert capabilities.limits.max_calls_per_client == 2  # a client can know its share
-        floods = [hostile.Check.future(SLOW, timeout=60) for _ in range(6)]
-        streams = [hostile.CheckStream(idle(), timeout=60) for _ in range(8)]
+        floods = [stub.Check.future(SLOW, timeout=60) for stub in each[:6]]
+        streams = [stub.CheckStream(idle(), timeout=60) for stub in each[6:]]
         time.sleep(0.5)
         assert other.Check(QUICK, timeout=30).reports[0].ok
         with pytest.raises(grpc.RpcError) as extra:
@@ -103,6 +119,39 @@ def test_a_flooding_client_leaves_room_for_others(server: Running) -> None:
             except grpc.RpcError as exc:
                 assert refusal(exc)[0] == "CLIENT_BUSY" and time.monotonic() < deadline
                 time.sleep(0.05)
+    for channel in hostile_channels:
+        channel.close()
+
+
+def test_each_connection_is_a_client_when_configured_so() -> None:
+    """client_identity=connection (behind a proxy, where every client has the proxy's address):
+    two connections from one address hold a share each."""
+    running = start_server(
+        replica_name="fair-connections",
+        isolation="thread",
+        max_concurrent_checks=4,
+        max_calls_per_client=1,
+        client_identity="connection",
+    )
+    try:
+        with connection(running.address) as first, connection(running.address) as second:
+            holding = pb_grpc.GradcheckServiceStub(first).Check.future(SLOW, timeout=60)
+            time.sleep(0.3)
+            stub = pb_grpc.GradcheckServiceStub(second)
+            assert stub.Check(QUICK, timeout=30).reports[0].ok  # the same address, another client
+            with pytest.raises(grpc.RpcError) as again:  # the first connection is at its share
+                pb_grpc.GradcheckServiceStub(first).Check(QUICK, timeout=30)
+            assert refusal(again.value)[0] == "CLIENT_BUSY"
+            assert holding.result().reports[0].ok
+    finally:
+        running.server.stop(grace=0)
+
+
+def test_peer_addresses_drop_the_port_and_the_ipv6_mapping() -> None:
+    assert peer_address("ipv4:10.0.0.7:51234") == "ipv4:10.0.0.7"
+    assert peer_address("ipv6:%5B::1%5D:51234") == peer_address("ipv6:[::1]:4") == "ipv6:::1"
+    assert peer_address("ipv6:%5B::ffff:10.0.0.7%5D:80") == "ipv4:10.0.0.7"
+    assert peer_address("unix:/run/gradcheck.sock") == "unix:/run/gradcheck.sock"
 
 
 def test_with_tokens_a_client_is_its_token_on_any_connection() -> None:

@@ -7,9 +7,9 @@ wire one of the documented codes with a message; nothing may crash, hang or allo
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import math
-import time
 from collections.abc import Iterator
 
 import grpc
@@ -23,6 +23,7 @@ from gradcheck_svc import codec
 from gradcheck_svc.client import Client
 from gradcheck_svc.errors import InvalidRequestError, LimitExceededError, SpecError
 from gradcheck_svc.specs import EXPRESSION_FUNCTIONS, parse_expression
+from gradcheck_svc.specs.expression import DEFAULT_LIMITS
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 from gradcheck_svc.v1 import gradcheck_pb2_grpc as pb_grpc
 
@@ -83,21 +84,49 @@ def tensors_msgs() -> st.SearchStrategy[pb.Tensor]:
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(expressions)
 def test_parser_accepts_or_rejects_with_a_reason(text: str) -> None:
-    started = time.perf_counter()
     try:
         expression = parse_expression(text)
     except SpecError as exc:
         assert str(exc)
         return
-    finally:
-        # Parsing is bounded whatever the text: a blow-up takes far longer than this; the margin is
-        # for a loaded machine, where one parse of a 31-node expression has taken 0.62 s.
-        assert time.perf_counter() - started < 2.0
+    # Parsing is bounded whatever the text: what is accepted is no longer, no larger and no deeper
+    # than the limits the parser and the evaluator's cost rest on (a text past them is refused,
+    # see test_parser_refuses_what_exceeds_its_limits).
+    assert len(text) <= DEFAULT_LIMITS.max_length
+    nodes, depth = syntax_size(text)
+    assert nodes <= DEFAULT_LIMITS.max_nodes and depth <= DEFAULT_LIMITS.max_depth
     # Accepted: sizing it on the meta device is bounded too (torch's shape complaints, even its
     # AssertionErrors, are the server's "size unknown"; the check itself then reports the error).
     inputs = {v: torch.empty(3, 3, device="meta") for v in expression.variables}
     with contextlib.suppress(Exception):
         assert expression.largest_intermediate(inputs) <= 9 ** (len(text) + 1)
+
+
+def syntax_size(text: str) -> tuple[int, int]:
+    """Python AST nodes and nesting depth of an expression's text."""
+    stack, nodes, deepest = [(ast.parse(text.strip(), mode="eval"), 1)], 0, 0
+    while stack:
+        node, depth = stack.pop()
+        nodes, deepest = nodes + 1, max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return nodes, deepest
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("(" * 60 + "x" + " + 1)" * 60, "nests deeper"),  # deep nesting, within the length limit
+        ("-" * 1500 + "x", "nests deeper"),
+        ("sin(" * 60 + "x" + ")" * 60, "nests deeper"),
+        (" + ".join(["x"] * 300), "nests deeper"),  # a long chain is a deep tree
+        ("max(" + ", ".join(["x"] * 450) + ")", "syntax nodes"),  # flat but large
+        ("x" + " + x" * 600, "longer than"),  # past the length limit: refused before Python parses it
+        ("x" * (DEFAULT_LIMITS.max_length + 1), "longer than"),
+    ],
+)
+def test_parser_refuses_what_exceeds_its_limits(text: str, says: str) -> None:
+    with pytest.raises(SpecError, match=says):
+        parse_expression(text)
 
 
 @settings(max_examples=400, deadline=500)

@@ -47,6 +47,7 @@ def test_capabilities_report_the_limits(tight: Running) -> None:
     assert limits["max_request_tensors"] == Settings().max_request_tensors
     assert limits["max_request_bytes_in_flight"] == Settings().max_request_bytes_in_flight
     assert limits["max_calls_per_client"] == Settings().calls_per_client
+    assert limits["max_check_bytes_in_flight"] == Settings().check_bytes_in_flight
 
 
 def test_every_limit_is_a_gradcheck_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -63,6 +64,7 @@ def test_every_limit_is_a_gradcheck_variable(monkeypatch: pytest.MonkeyPatch) ->
         "MAX_CALLS_PER_CLIENT": 2,
         "MAX_REQUEST_TENSORS": 7,
         "MAX_REQUEST_BYTES_IN_FLIGHT": 5000,
+        "MAX_CHECK_BYTES_IN_FLIGHT": 6 * 1024 * 1024,
     }
     for name, value in values.items():
         monkeypatch.setenv(f"GRADCHECK_{name}", str(value))
