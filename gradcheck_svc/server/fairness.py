@@ -110,8 +110,8 @@ class ClientShareInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg] 
         self._wrapped[details.method] = (handler, wrapped)
         return wrapped
 
-    def _enter(self, context: grpc.ServicerContext) -> None:
-        """Count the call against its client until it ends, or refuse it."""
+    def _enter(self, context: grpc.ServicerContext) -> Callable[[], None]:
+        """Count the call against its client, or refuse it; returns what gives the share back."""
         client = client_of(context, self._by_token, self._by_connection)
         if not self.share.try_take(client):
             refusal = Rejection(
@@ -129,15 +129,23 @@ class ClientShareInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg] 
             if once.acquire(blocking=False):
                 self.share.give_back(client)
 
-        if not context.add_callback(release):  # the call has already ended
-            release()
+        return release
 
     def _wrap(self, handler: Any) -> Any:
         inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
 
         def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
-            self._enter(context)
-            return inner(request, context)
+            release = self._enter(context)
+            if handler.response_streaming:  # the handler returns at once; the stream ends later
+                if not context.add_callback(release):  # the call has already ended
+                    release()
+                return inner(request, context)
+            # A single answer: the share comes back before it is sent, so a client that sends its
+            # next call the moment it has the answer is not refused for the call just finished.
+            try:
+                return inner(request, context)
+            finally:
+                release()
 
         make: dict[tuple[bool, bool], Callable[..., Any]] = {
             (False, False): grpc.unary_unary_rpc_method_handler,

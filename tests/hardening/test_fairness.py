@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import pytest
@@ -21,7 +23,7 @@ from grpc_status import rpc_status
 from service_servers import Running, start_server
 
 from gradcheck_svc.client import Registered, build_request
-from gradcheck_svc.server.fairness import peer_address
+from gradcheck_svc.server.fairness import ClientShareInterceptor, peer_address
 from gradcheck_svc.settings import Settings
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 from gradcheck_svc.v1 import gradcheck_pb2_grpc as pb_grpc
@@ -185,3 +187,74 @@ def test_the_default_share_leaves_slots_and_threads_to_others() -> None:
     default = Settings()
     assert default.calls_per_client < default.max_concurrent_checks
     assert Settings(max_calls_per_client=3).calls_per_client == 3
+
+
+def test_a_call_sent_the_moment_the_last_answer_came_is_not_refused() -> None:
+    """The share of a call with one answer comes back before the answer is sent: a client with a
+    share of one that sends each call as soon as it has the last answer is never CLIENT_BUSY."""
+    running = start_server(
+        replica_name="fair-back-to-back", isolation="thread", max_concurrent_checks=4, max_calls_per_client=1
+    )
+    try:
+        with connection(running.address) as channel:
+            stub = pb_grpc.GradcheckServiceStub(channel)
+            for _ in range(50):
+                assert stub.Check(QUICK, timeout=30).reports[0].ok
+    finally:
+        running.server.stop(grace=0)
+
+
+class _Call:
+    """What the share reads of a call, with gRPC's order of events made visible: callbacks run
+    when the call has ended, after its answer went out."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[], None]] = []
+
+    def invocation_metadata(self) -> tuple:
+        return ()
+
+    def peer(self) -> str:
+        return "ipv4:10.0.0.7:50000"
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        self.callbacks.append(callback)
+        return True
+
+    def end(self) -> None:
+        for callback in self.callbacks:
+            callback()
+
+
+def _wrapped(interceptor: ClientShareInterceptor, handler: Any) -> Any:
+    method = "/gradcheck_svc.v1.GradcheckService/Check"
+    return interceptor.intercept_service(lambda _: handler, SimpleNamespace(method=method))
+
+
+def test_the_share_comes_back_as_a_single_answer_is_returned_and_as_a_stream_ends() -> None:
+    interceptor = ClientShareInterceptor(1, by_token=False)
+    held_while_running: list[int] = []
+
+    def answer(request: Any, context: Any) -> str:
+        held_while_running.append(interceptor.share.running("peer:ipv4:10.0.0.7"))
+        return "answer"
+
+    unary = _wrapped(interceptor, grpc.unary_unary_rpc_method_handler(answer))
+    call = _Call()
+    assert unary.unary_unary(None, call) == "answer"
+    assert held_while_running == [1]
+    assert interceptor.share.running("peer:ipv4:10.0.0.7") == 0  # before the answer is sent
+    call.end()
+    assert interceptor.share.running("peer:ipv4:10.0.0.7") == 0
+
+    def answers(request: Any, context: Any) -> Iterator[str]:
+        yield "first"
+        yield "second"
+
+    streaming = _wrapped(interceptor, grpc.unary_stream_rpc_method_handler(answers))
+    call = _Call()
+    stream = streaming.unary_stream(None, call)
+    assert list(stream) == ["first", "second"]
+    assert interceptor.share.running("peer:ipv4:10.0.0.7") == 1  # until gRPC ends the call
+    call.end()
+    assert interceptor.share.running("peer:ipv4:10.0.0.7") == 0
