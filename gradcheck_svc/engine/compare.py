@@ -193,26 +193,26 @@ def _judge_finite(
         else:
             failed[candidates] &= ~inside
     if within_step:
-        _kinks_within_step(analytic, diff, tol, atol, failed, kink, far_left)
-        if ties is not None:
-            _tied(ties, error, tolerance, tol, failed, kink)
+        left = _kinks_within_step(analytic, diff, tol, atol, failed, kink, far_left)
+        if ties is not None and left is not None:
+            _tied(ties, left, error, tolerance, tol, failed, kink)
     return Judgement(tolerance, error, ratio, failed, kink, torch.zeros_like(failed))
 
 
 def _tied(
     ties: Ties,
+    at: tuple[torch.Tensor, ...],
     error: torch.Tensor,
     tolerance: torch.Tensor,
     tol: Tolerance,
     failed: torch.Tensor,
     kink: torch.Tensor,
 ) -> None:
-    """Failing elements a tie of the inputs accounts for (``ties.TieTest``): kinks (in place),
-    failed only when kinks fail. A block with many failing elements is left as judged."""
-    at = (failed & ~kink).nonzero()
-    if not 0 < at.shape[0] <= _MAX_TIE_ELEMENTS:
+    """Failing elements ``at`` (no kink) a tie of the inputs accounts for (``ties.TieTest``):
+    kinks (in place), failed only when kinks fail. Many failing elements are left as judged."""
+    if not 0 < at[0].numel() <= _MAX_TIE_ELEMENTS:
         return
-    for r, c in at.tolist():
+    for r, c in zip(at[0].tolist(), at[1].tolist(), strict=True):
         if ties(r, c, float(error[r, c]), float(tolerance[r, c])):
             kink[r, c] = True
             failed[r, c] = tol.kinks_fail
@@ -226,9 +226,10 @@ def _kinks_within_step(
     failed: torch.Tensor,
     kink: torch.Tensor,
     far_left: FarLeft | None = None,
-) -> None:
+) -> tuple[torch.Tensor, ...] | None:
     """Failing elements with a kink inside the step, between ``x`` and ``x + 2h``: marked as
-    kinks (in place), failed only when kinks fail.
+    kinks (in place), failed only when kinks fail. Returns the failing elements that are not
+    kinks (None when none failed).
 
     A kink at ``x + t h`` with ``0 < t < 1`` spoils ``D+`` and ``D+(2h)`` alike, so the kink test
     of ``judge`` (one-sided differences apart beyond ``|D+(2h) - D+(h)|``) misses it, and the
@@ -250,7 +251,7 @@ def _kinks_within_step(
     """
     at = (failed & ~kink).nonzero(as_tuple=True)
     if not at[0].numel():
-        return
+        return None
     forward, backward, value = diff.forward[at], diff.backward[at], diff.value[at]
     noise = (diff.bar[at] - (value - (forward + backward) / 2).abs()).clamp_(min=0.0)
     a = analytic[at]
@@ -267,6 +268,7 @@ def _kinks_within_step(
     kink[at] = within
     if not tol.kinks_fail:
         failed[at] = ~within
+    return tuple(t[~within] for t in at)
 
 
 def _left_curvature(

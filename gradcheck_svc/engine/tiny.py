@@ -161,7 +161,8 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
                     [_FORWARD_ROUNDING * rounding[rows[k]] * abs(n) for n in row]
                     for k, row in zip(mine, block_diff.value, strict=True)
                 ]
-            left = far_left.of([rows[k] for k in mine])
+            judged_rows = [rows[k] for k in mine]
+            left = far_left.of(judged_rows)
             verdicts = judge_floats(
                 analytic,
                 block_diff,
@@ -169,7 +170,7 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
                 extra=extra,
                 elements=True,
                 far_left=left,
-                ties=_ties(ctx, i, jac_t[i], [rows[k] for k in mine]),
+                ties=_ties(ctx, i, jac_t[i], judged_rows),
             )
             if wide_t is not None:
                 wide = [[wide_t[i][j][rows[k]] for j in range(columns)] for k in mine]
@@ -179,7 +180,7 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
                     ctx.wide_tolerance(block, leaf),
                     elements=True,
                     far_left=left,
-                    ties=_ties(ctx, i, wide_t[i], [rows[k] for k in mine]),
+                    ties=_ties(ctx, i, wide_t[i], judged_rows),
                 )
                 analytic, pair.wide_only = merge_wide_floats(analytic, verdicts, wide, wide_verdicts)
             pair.add(columns, [rows[k] - block.offset for k in mine], analytic, block_diff, verdicts)
