@@ -12,10 +12,11 @@ points; a composition of smooth and piecewise parts. Points are integers or mult
 
 Each case is checked at ``--seeds`` points of each size, dtype and mode: the correct function
 (a verdict that is not ok is a *false alarm*: correct code must pass, or be reported a kink), a
-twin 1% off at an element where the function is smooth (must be caught), and a twin ``+ 2 g`` off
-at an element on a corner, outside every subgradient, and one that counts a tie twice (the
-gradient of one of two equal inputs added to the other's): both must be caught. ``--own-dtype``: the
-function refuses float64 copies, so differences stay in its dtype. Modes: full, fast, auto (the
+twin 1% off at an element where the function is smooth (must be caught), a twin off by
+``(jump + 1) g`` at an element on a corner, outside every subgradient (must be caught), and one
+that counts a tie twice (the gradient of one of two equal inputs added to the other's; see the
+report for which of those an element-wise check can see). ``--own-dtype``: the function refuses
+float64 copies, so differences stay in its dtype. Modes: full, fast, auto (the
 default options). torch.autograd.gradcheck runs in float64 on the same points (its false alarms
 at kinks are expected: it knows no kinks).
 """
@@ -131,9 +132,8 @@ def run(args: argparse.Namespace) -> int:
     for label, (fa, n_ok, kinks, cs, ns, ck, nk, ct, nt) in sorted(
         table.items(), key=lambda kv: kv[0].startswith("torch")
     ):
-        print(
-            f"{label:<30} {fa:>6}/{n_ok:<7} {kinks:>6}/{n_ok:<7} {cs:>7}/{ns:<7} {ck:>7}/{nk:<7} {ct:>7}/{nt:<7}"
-        )
+        counts = f"{cs:>7}/{ns:<7} {ck:>7}/{nk:<7} {ct:>7}/{nt:<7}"
+        print(f"{label:<30} {fa:>6}/{n_ok:<7} {kinks:>6}/{n_ok:<7} {counts}")
     for label, lines in notes.items():
         by_case = collections.Counter(line.rsplit(" seed ", 1)[0] for line in lines)
         print(f"\n{label}: " + ", ".join(f"{name} x{count}" for name, count in by_case.most_common()))
