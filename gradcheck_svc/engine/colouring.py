@@ -26,6 +26,7 @@ import torch
 
 from gradcheck_svc.engine.compare import Judgement, PairAccumulator, Tolerance, judge
 from gradcheck_svc.engine.entries import Listing, Nodes, adaptive_singles, entry_differences
+from gradcheck_svc.engine.far_left import far_left_of_groups, tied_entries
 from gradcheck_svc.engine.numeric import NODES, Differences, Probes, differences, perturb, steps
 
 if TYPE_CHECKING:  # only the type: this module stays free of the driver's imports at run time
@@ -337,7 +338,11 @@ def _check_groups(
         per_step = step_of[j_known]
         element = Differences(*(t[known] / per_step for t in diff.parts()))
         analytic = jac_t[j_known, r_abs]
-        verdict = _flat(judge(analytic.unsqueeze(0), _as_row(element), tol, elements=True))
+        left = far_left_of_groups(ctx, index, x, (columns, group, step), r_abs, g_known, per_step)
+        tied = tied_entries(ctx, index, jac_t, j_known, r_abs) if singletons else None
+        verdict = _flat(
+            judge(analytic.unsqueeze(0), _as_row(element), tol, elements=True, far_left=left, ties=tied)
+        )
         if not singletons:
             failing = verdict.failed | verdict.nonfinite
             failed_groups[g_known[failing]] = True

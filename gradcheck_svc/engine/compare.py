@@ -11,6 +11,7 @@ chunks so no pair ever needs its whole Jacobian in memory.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,8 +22,10 @@ from gradcheck_svc.report import Check, ElementError, PairReport, Status
 
 __all__ = [
     "ClearTest",
+    "FarLeft",
     "Judgement",
     "PairAccumulator",
+    "Ties",
     "Tolerance",
     "clear_passes",
     "judge",
@@ -39,6 +42,13 @@ _MAP_BINS = 128  # error maps are max-pooled to at most this many bins per side
 # within a rank.
 _FAILED, _KINK, _PASSED = 2, 1, 0
 _KINK_BARS = 4.0  # one-sided error bars the two one-sided differences must be apart at a kink
+# The backward differences over 2h, D-(2h) = (f(x) - f(x - 2h)) / 2h, of the elements at the given
+# (row, column) positions of a judged block: a node the caller evaluates for those alone.
+FarLeft = Callable[[tuple[torch.Tensor, ...]], torch.Tensor]
+# Whether a tie of the inputs accounts for the failing element (row, column) of a judged block,
+# given its error and tolerance (``ties.TieTest``): it is then a kink.
+Ties = Callable[[int, int, float, float], bool]
+_MAX_TIE_ELEMENTS = 32  # failing elements a block asks about; more is a wrong backward, not ties
 
 
 @dataclass(frozen=True)
@@ -75,15 +85,20 @@ def judge(
     extra: torch.Tensor | None = None,
     *,
     elements: bool = False,
+    far_left: FarLeft | None = None,
+    ties: Ties | None = None,
 ) -> Judgement:
     """Judge each element; ``scale`` (per element) replaces the block's largest |numeric| as
     the magnitude the relative atol applies to; ``extra`` (per element) adds to the tolerance.
     ``elements``: each entry is one Jacobian element with its own stencil (not a projection),
-    so a kink inside the step can be told by the analytic value (``_kinks_within_step``)."""
+    so a kink inside the step can be told by the analytic value (``_kinks_within_step``).
+    ``far_left``: the backward difference over ``2h`` of the elements it is given, for the few
+    whose kink verdict needs it (``_left_curvature``); without it those keep the four nodes'.
+    ``ties``: asked about the few elements that still fail (``_tied``)."""
     numeric = diff.value
     atol_extra = extra.nan_to_num(nan=0.0, posinf=0.0) if extra is not None else None
     if _all_finite(analytic, numeric, diff.bar, diff.one_sided_bar):
-        return _judge_finite(analytic, diff, tol, scale, atol_extra, elements)
+        return _judge_finite(analytic, diff, tol, scale, atol_extra, elements, far_left, ties)
     finite_a = torch.isfinite(analytic)
     finite_n = torch.isfinite(numeric)
     both_finite = finite_a & finite_n
@@ -101,7 +116,9 @@ def judge(
         scale = torch.where(both_finite, scale.nan_to_num(nan=0.0, posinf=0.0), zero)
     if atol_extra is not None:
         atol_extra = torch.where(both_finite, atol_extra, zero)
-    verdict = _judge_finite(torch.where(both_finite, analytic, zero), clean, tol, scale, atol_extra, elements)
+    verdict = _judge_finite(
+        torch.where(both_finite, analytic, zero), clean, tol, scale, atol_extra, elements, far_left, ties
+    )
     verdict.ratio = torch.where(nonfinite, float("inf"), verdict.ratio)
     verdict.failed |= nonfinite
     verdict.nonfinite = nonfinite
@@ -115,6 +132,8 @@ def _judge_finite(
     scale: torch.Tensor | None,
     extra: torch.Tensor | None,
     within_step: bool = False,
+    far_left: FarLeft | None = None,
+    ties: Ties | None = None,
 ) -> Judgement:
     """The verdict where every value is finite; in-place ops keep the passes over memory few."""
     numeric = diff.value
@@ -151,14 +170,52 @@ def _judge_finite(
         margin = diff.one_sided_bar[candidates] * kink_bars
         margin += atol[candidates] if isinstance(atol, torch.Tensor) else atol
         inside = (a >= torch.minimum(fwd, bwd) - margin) & (a <= torch.maximum(fwd, bwd) + margin)
+        decided = within_step and far_left is not None
+        if decided and not bool(inside.all()):
+            # D- is off the left piece's derivative by that piece's own truncation, which no
+            # margin above measures (D+(2h) is on the right): ``2h`` to the left measures it.
+            out = (~inside).nonzero(as_tuple=True)[0]
+            at = tuple(t[out] for t in candidates)
+            assert far_left is not None
+            bend = (far_left(at) - bwd[out]).abs_().mul_(kink_bars)
+            wide = margin[out] + bend
+            inside[out] = (a[out] >= torch.minimum(fwd[out], bwd[out]) - wide) & (
+                a[out] <= torch.maximum(fwd[out], bwd[out]) + wide
+            )
         kink[candidates] = inside
-        if not tol.kinks_fail:
-            failed[candidates] &= ~inside
-        else:
+        if tol.kinks_fail:
             failed[candidates] |= inside
+        elif decided:
+            # One element's own stencil with a kink at the point: the one-sided differences are
+            # each piece's derivative, and the Richardson value and its bar (which spans the
+            # jump) mean nothing; a value beyond both pieces is no subgradient.
+            failed[candidates] = ~inside
+        else:
+            failed[candidates] &= ~inside
     if within_step:
-        _kinks_within_step(analytic, diff, tol, atol, failed, kink)
+        left = _kinks_within_step(analytic, diff, tol, atol, failed, kink, far_left)
+        if ties is not None and left is not None:
+            _tied(ties, left, error, tolerance, tol, failed, kink)
     return Judgement(tolerance, error, ratio, failed, kink, torch.zeros_like(failed))
+
+
+def _tied(
+    ties: Ties,
+    at: tuple[torch.Tensor, ...],
+    error: torch.Tensor,
+    tolerance: torch.Tensor,
+    tol: Tolerance,
+    failed: torch.Tensor,
+    kink: torch.Tensor,
+) -> None:
+    """Failing elements ``at`` (no kink) a tie of the inputs accounts for (``ties.TieTest``):
+    kinks (in place), failed only when kinks fail. Many failing elements are left as judged."""
+    if not 0 < at[0].numel() <= _MAX_TIE_ELEMENTS:
+        return
+    for r, c in zip(at[0].tolist(), at[1].tolist(), strict=True):
+        if ties(r, c, float(error[r, c]), float(tolerance[r, c])):
+            kink[r, c] = True
+            failed[r, c] = tol.kinks_fail
 
 
 def _kinks_within_step(
@@ -168,9 +225,11 @@ def _kinks_within_step(
     atol: float | torch.Tensor,
     failed: torch.Tensor,
     kink: torch.Tensor,
-) -> None:
+    far_left: FarLeft | None = None,
+) -> tuple[torch.Tensor, ...] | None:
     """Failing elements with a kink inside the step, between ``x`` and ``x + 2h``: marked as
-    kinks (in place), failed only when kinks fail.
+    kinks (in place), failed only when kinks fail. Returns the failing elements that are not
+    kinks (None when none failed).
 
     A kink at ``x + t h`` with ``0 < t < 1`` spoils ``D+`` and ``D+(2h)`` alike, so the kink test
     of ``judge`` (one-sided differences apart beyond ``|D+(2h) - D+(h)|``) misses it, and the
@@ -186,10 +245,13 @@ def _kinks_within_step(
     error can land on ``D+`` exactly so. A kink between ``x - h`` and ``x`` leaves ``D+`` and
     ``D+(2h)`` on the clean piece, so ``D+``'s side is held to that truncation as well (the
     margin and the feature it must stand out from); ``D-`` has no second node to measure it.
+
+    With ``far_left``, ``D-`` gets one (``_left_curvature``): elements whose analytic value lies
+    on ``D-``'s side of the spread take ``x - 2h``, and a kink right of ``x`` is told from a bend.
     """
     at = (failed & ~kink).nonzero(as_tuple=True)
     if not at[0].numel():
-        return
+        return None
     forward, backward, value = diff.forward[at], diff.backward[at], diff.value[at]
     noise = (diff.bar[at] - (value - (forward + backward) / 2).abs()).clamp_(min=0.0)
     a = analytic[at]
@@ -197,12 +259,53 @@ def _kinks_within_step(
     margin = noise * _KINK_BARS + floor + tol.rtol * a.abs()
     plus_margin = margin + diff.one_sided_bar[at]
     spread = (forward - backward).abs()
-    on_minus = ((a - backward).abs() <= margin) & (spread > 2 * margin)
     on_plus = ((a - forward).abs() <= plus_margin) & (spread > 2 * plus_margin)
+    if far_left is None:
+        on_minus = ((a - backward).abs() <= margin) & (spread > 2 * margin)
+    else:
+        on_minus = _left_curvature(a, forward, backward, margin, spread, at, far_left)
     within = on_minus | on_plus
     kink[at] = within
     if not tol.kinks_fail:
         failed[at] = ~within
+    return tuple(t[~within] for t in at)
+
+
+def _left_curvature(
+    a: torch.Tensor,
+    forward: torch.Tensor,
+    backward: torch.Tensor,
+    margin: torch.Tensor,
+    spread: torch.Tensor,
+    at: tuple[torch.Tensor, ...],
+    far_left: FarLeft,
+) -> torch.Tensor:
+    """Which elements ``at`` have a kink between ``x`` and ``x + 2h`` and an analytic value on
+    the left piece's derivative, told with the node ``x - 2h``.
+
+    From ``x - 2h``, ``x - h`` and ``x`` the left piece's derivative reads to second order,
+    ``L = 2 D- - D-(2h)``. A smooth curve bends as much on both sides: the central difference
+    ``D`` is then within ``O(h^2)`` of ``L``, while a kink right of ``x`` puts it half the spread
+    away (``D+`` alone carries the jump): a wrong value that merely landed on ``D-`` (a 1%
+    error in float32, whose steps are large) is no longer taken for a kink. A correct value
+    sits on ``D-`` within noise, or on ``L`` within noise and that estimate's truncation where
+    the left piece bends. Only elements whose value is nearer ``D-`` than ``D+`` take the node.
+    """
+    near = (((a - backward).abs() <= (a - forward).abs()) & (spread > 2 * margin)).nonzero(as_tuple=True)[0]
+    on_minus = torch.zeros_like(a, dtype=torch.bool)
+    if not near.numel():
+        return on_minus
+    backward_2h = far_left(tuple(t[near] for t in at))
+    b, s = backward[near], spread[near]
+    left = 2 * b - backward_2h
+    central = (forward[near] + b) / 2
+    kinked = (central - left).abs() > s / 4
+    m = margin[near]
+    # On D- itself as before, now that a bend is ruled out; or on L, where the left piece bends
+    # (D- is then off by that bend, more than noise), unless a second kink left of x spoils L.
+    on_left = ((a[near] - b).abs() <= m) | ((a[near] - left).abs() <= m + (b - backward_2h).abs() / 4)
+    on_minus[near] = kinked & on_left
+    return on_minus
 
 
 @dataclass

@@ -21,6 +21,7 @@ from gradcheck_svc.engine.analytic import Analytic
 from gradcheck_svc.engine.colouring import run_coloured
 from gradcheck_svc.engine.compare import ClearTest, PairAccumulator, clear_passes, judge, merge_wide
 from gradcheck_svc.engine.context import Context
+from gradcheck_svc.engine.far_left import far_left_of, ties_of
 from gradcheck_svc.engine.numeric import (
     DTYPE_DEFAULTS,
     NODES,
@@ -398,7 +399,7 @@ def _judge_columns(
             directions=probed(rows),
         )
         ctx.timed("compare_s", t0)
-        _judge_blocks(ctx, i, cols, columns, selection, accumulators, rows, diff, None)
+        _judge_blocks(ctx, i, cols, columns, selection, accumulators, rows, diff, None, h)
         return
 
     pair = evaluated[: 2 * c]
@@ -475,7 +476,7 @@ def _judge_columns(
         for mine, theirs in zip(diff.parts(), full.parts(), strict=True):
             mine.T[redo] = theirs.T
     ctx.timed("compare_s", t0)
-    _judge_blocks(ctx, i, cols, columns, selection, accumulators, rows, diff, tests if lean else None)
+    _judge_blocks(ctx, i, cols, columns, selection, accumulators, rows, diff, tests if lean else None, h)
 
 
 def _judge_blocks(
@@ -488,9 +489,11 @@ def _judge_blocks(
     rows: _Rows,
     diff: Differences,
     clear: dict[int, ClearTest] | None,
+    h: torch.Tensor,
 ) -> None:
-    """Judge the numeric block ``diff`` of columns ``cols`` against every analytic side, output
-    by output. ``clear``: every element passed the first-pass test, whose verdicts stand."""
+    """Judge the numeric block ``diff`` of columns ``cols`` (steps ``h``) against every analytic
+    side, output by output. ``clear``: every element passed the first-pass test, whose verdicts
+    stand."""
     problem = ctx.problem
     c = cols.numel()
     t0 = time.perf_counter()
@@ -513,10 +516,16 @@ def _judge_blocks(
             reverse.checked += skipped
             continue
         allowance = ctx.rounding_allowance(rows.index[lo:hi], d_o.value)
-        verdict = judge(a_o, d_o, tol, extra=allowance, elements=True)
+        left = far_left_of(ctx, i, cols, h, rows.index[lo:hi])
+        tied = ties_of(ctx, i, cols, rows.index[lo:hi], columns.reverse)
+        verdict = judge(a_o, d_o, tol, extra=allowance, elements=True, far_left=left, ties=tied)
         if wide is not None:
             w_o = wide[lo:hi]
-            wide_verdict = judge(w_o, d_o, ctx.wide_tolerance(block, leaf), elements=True)
+            assert columns.wide is not None
+            tied_wide = ties_of(ctx, i, cols, rows.index[lo:hi], columns.wide)
+            wide_verdict = judge(
+                w_o, d_o, ctx.wide_tolerance(block, leaf), elements=True, far_left=left, ties=tied_wide
+            )
             shown, verdict, only_wide = merge_wide(a_o, verdict, w_o, wide_verdict)
             reverse.wide_only += int(only_wide.sum())
         else:
@@ -526,7 +535,7 @@ def _judge_blocks(
         if forward is not None:
             f_o = forward[lo:hi]
             fwd = accumulators.of(Check.FORWARD, o, i)
-            fwd.add(cols, f_o, d_o, judge(f_o, d_o, tol, elements=True), rows=rows_in_block)
+            fwd.add(cols, f_o, d_o, judge(f_o, d_o, tol, elements=True, far_left=left), rows=rows_in_block)
             exact = _exact(a_o)
             vs = accumulators.of(Check.FORWARD_VS_REVERSE, o, i)
             vs.add(cols, f_o, exact, judge(f_o, exact, tol), rows=rows_in_block)

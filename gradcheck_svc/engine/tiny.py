@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -31,7 +32,9 @@ from gradcheck_svc.engine.compare import (
     _FAILED,
     _KINK,
     _KINK_BARS,
+    _MAX_TIE_ELEMENTS,
     _PASSED,
+    Ties,
     Tolerance,
     pair_fields,
     pair_status,
@@ -41,6 +44,7 @@ from gradcheck_svc.engine.compare import (
 from gradcheck_svc.engine.context import _FORWARD_ROUNDING, Context
 from gradcheck_svc.engine.numeric import _FLOOR_ULPS, _MIN_NOISE_SAMPLES, NODES, derivative_weights
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, flat_index
+from gradcheck_svc.engine.ties import TieTest
 from gradcheck_svc.report import Check, ElementError, PairReport
 
 __all__ = [
@@ -145,6 +149,7 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
         ]
         rows = [r for r in range(m) if active[r]]
         diff = differences_on_floats(evaluated, f0, offsets, ctx.numeric_machine_eps, x_scale, rows)
+        far_left = _FarLeft(ctx, i, f0)
         for block in problem.outputs:
             mine = [k for k, r in enumerate(rows) if block.offset <= r < block.offset + block.size]
             pair = _Pair(block, leaf, options.max_worst)
@@ -156,12 +161,27 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
                     [_FORWARD_ROUNDING * rounding[rows[k]] * abs(n) for n in row]
                     for k, row in zip(mine, block_diff.value, strict=True)
                 ]
+            judged_rows = [rows[k] for k in mine]
+            left = far_left.of(judged_rows)
             verdicts = judge_floats(
-                analytic, block_diff, ctx.tolerance(block, leaf), extra=extra, elements=True
+                analytic,
+                block_diff,
+                ctx.tolerance(block, leaf),
+                extra=extra,
+                elements=True,
+                far_left=left,
+                ties=_ties(ctx, i, jac_t[i], judged_rows),
             )
             if wide_t is not None:
                 wide = [[wide_t[i][j][rows[k]] for j in range(columns)] for k in mine]
-                wide_verdicts = judge_floats(wide, block_diff, ctx.wide_tolerance(block, leaf), elements=True)
+                wide_verdicts = judge_floats(
+                    wide,
+                    block_diff,
+                    ctx.wide_tolerance(block, leaf),
+                    elements=True,
+                    far_left=left,
+                    ties=_ties(ctx, i, wide_t[i], judged_rows),
+                )
                 analytic, pair.wide_only = merge_wide_floats(analytic, verdicts, wide, wide_verdicts)
             pair.add(columns, [rows[k] - block.offset for k in mine], analytic, block_diff, verdicts)
             pair.checked += (block.size - len(mine)) * columns
@@ -212,6 +232,52 @@ def _evaluate_leaf(ctx: Context, i: int) -> tuple[int, list[list[float]], list[l
     ctx.timed("numeric_s", start)
     x_scale = [max(abs(v), step) for v, step in zip(x, h, strict=True)]
     return c, evaluated, offsets, x_scale
+
+
+class _FarLeft:
+    """``far_left.far_left_of`` on floats: ``D-(2h)`` of the columns of leaf ``i`` a verdict asks
+    for, each evaluated once (``x - 2h``, as ``numeric.backward_2h``)."""
+
+    def __init__(self, ctx: Context, i: int, f0: list[float]) -> None:
+        self.ctx, self.i, self.f0 = ctx, i, f0
+        self.known: dict[int, list[float]] = {}
+
+    def of(self, rows: list[int]) -> Callable[[int, int], float]:
+        """For a block whose judged rows are output rows ``rows``: ``(k, j) -> D-(2h)``."""
+
+        def far_left(k: int, j: int) -> float:
+            if j not in self.known:
+                self.known[j] = self._column(j)
+            return self.known[j][rows[k]]
+
+        return far_left
+
+    def _column(self, j: int) -> list[float]:
+        leaf = self.ctx.numeric_problem.leaves[self.i]
+        x = leaf.real.tolist()
+        h = 2.0 ** round(math.log2(max(abs(x[j]), 1.0) * self.ctx.eps(leaf)))
+        row = list(x)
+        row[j] = x[j] - 2.0 * h
+        offset = row[j] - x[j]
+        values = self.ctx.evaluate_values(self.i, [row], columns=0)
+        if values is None:
+            batch = torch.tensor([row], dtype=torch.float64, device=leaf.real.device)
+            values = self.ctx.evaluate(self.i, batch, columns=0).tolist()
+        return [(f - v) / -offset for f, v in zip(self.f0, values[0], strict=True)]
+
+
+def _ties(ctx: Context, i: int, jac_t: list[list[float]], rows: list[int]) -> Ties:
+    """``far_left.ties_of`` on lists: the tie test of a block whose judged rows are output rows
+    ``rows``, every column of leaf ``i`` with its transposed analytic Jacobian ``jac_t``."""
+    test: TieTest | None = None
+
+    def tied(k: int, j: int, error: float, tolerance: float) -> bool:
+        nonlocal test
+        if test is None:
+            test = TieTest(ctx, i, lambda column, row: jac_t[column][row])
+        return test.explains(j, rows[k], error, tolerance)
+
+    return tied
 
 
 class FloatDifferences:
@@ -354,8 +420,11 @@ def judge_floats(
     extra: list[list[float]] | None = None,
     *,
     elements: bool = False,
+    far_left: Callable[[int, int], float] | None = None,
+    ties: Ties | None = None,
 ) -> list[list[FloatVerdict]]:
-    """``compare.judge`` of a block, element by element (``scale``, ``extra``, ``elements``: as there)."""
+    """``compare.judge`` of a block, element by element (``scale``, ``extra``, ``elements``,
+    ``far_left``: as there, the last one per element ``(k, j)``)."""
     finite = [
         [math.isfinite(a) and math.isfinite(n) for a, n in zip(ra, rn, strict=True)]
         for ra, rn in zip(analytic, diff.value, strict=True)
@@ -406,10 +475,18 @@ def judge_floats(
             ratio = 0.0 if error == 0 else error / tolerance if tolerance > 0 else math.inf
             failed = error > tolerance
             kink = False
-            if abs(fwd - bwd) > side * kink_bars * 2 + atol:
+            candidate = abs(fwd - bwd) > side * kink_bars * 2 + atol
+            if candidate:
                 margin = side * kink_bars + atol
                 kink = min(fwd, bwd) - margin <= a <= max(fwd, bwd) + margin
-                failed = (failed and not kink) if not tol.kinks_fail else (failed or kink)
+                decided = elements and far_left is not None
+                if decided and not kink:
+                    assert far_left is not None
+                    wide = margin + abs(far_left(k, j) - bwd) * kink_bars
+                    kink = min(fwd, bwd) - wide <= a <= max(fwd, bwd) + wide
+                # As compare.judge: with the node x - 2h, the interval alone decides an element.
+                decisive = not kink if decided else (failed and not kink)
+                failed = (failed or kink) if tol.kinks_fail else decisive
             if elements and failed and not kink:
                 # ``compare._kinks_within_step``: a kink between x and x + 2h, told by the analytic
                 # value sitting on the one-sided difference of its own piece (D+ held to its own
@@ -418,8 +495,17 @@ def judge_floats(
                 margin = noise * _KINK_BARS + atol + tol.rtol * abs(a)
                 plus_margin = margin + side
                 spread = abs(fwd - bwd)
-                on_minus = spread > 2 * margin and abs(a - bwd) <= margin
                 on_plus = spread > 2 * plus_margin and abs(a - fwd) <= plus_margin
+                if far_left is None:
+                    on_minus = spread > 2 * margin and abs(a - bwd) <= margin
+                else:  # compare._left_curvature
+                    on_minus = False
+                    if abs(a - bwd) <= abs(a - fwd) and spread > 2 * margin:
+                        bwd_2h = far_left(k, j)
+                        left = 2 * bwd - bwd_2h
+                        kinked = abs((fwd + bwd) / 2 - left) > spread / 4
+                        on_left = abs(a - bwd) <= margin or abs(a - left) <= margin + abs(bwd - bwd_2h) / 4
+                        on_minus = kinked and on_left
                 kink = on_minus or on_plus
                 if not tol.kinks_fail:
                     failed = not kink
@@ -431,6 +517,14 @@ def judge_floats(
                     verdict.ratio, verdict.failed, verdict.nonfinite = math.inf, True, True
             out.append(verdict)
         verdicts.append(out)
+    if elements and ties is not None:
+        # compare._tied: the few elements that still fail, asked in row-major order.
+        at = [(k, j) for k, row in enumerate(verdicts) for j, v in enumerate(row) if v.failed and not v.kink]
+        if 0 < len(at) <= _MAX_TIE_ELEMENTS:
+            for k, j in at:
+                v = verdicts[k][j]
+                if ties(k, j, v.error, v.tolerance):
+                    v.kink, v.failed = True, tol.kinks_fail
     return verdicts
 
 
