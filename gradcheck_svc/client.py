@@ -10,7 +10,10 @@
 Targets: one address, a ``dns:///name:port`` (gRPC's round_robin over every address the name
 resolves to), or a list of addresses (one channel each, used in turn; a call that finds one
 unavailable moves on to the next, which is safe because checks have no side effects).
-``retry=True`` adds a gRPC retry policy (UNAVAILABLE, with backoff) to every channel.
+``retry=True`` adds a gRPC retry policy (UNAVAILABLE, with backoff) to every channel. A server that
+refuses a call because it is busy (RESOURCE_EXHAUSTED, ``SERVER_BUSY`` or ``CLIENT_BUSY``: it never
+queues) says when to come back in ``RetryInfo``; the client waits that long and sends the call again,
+for at most ``busy_wait`` seconds and within the call's timeout.
 An unreachable server raises ``ServiceError(code="UNAVAILABLE")`` after ``connect_timeout``.
 
 Security from the environment, so the CLI and the pytest plugin get it for free: a ``token`` left
@@ -25,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -158,6 +162,8 @@ def _service_config(retry: bool | int) -> str:
 
 
 _FAILOVER_CODES = ("UNAVAILABLE", "CANCELLED")
+# Refusals of a server that is busy right now (it never queues): worth the wait its RetryInfo asks.
+_BUSY_REASONS = ("SERVER_BUSY", "CLIENT_BUSY")
 
 
 class _Channel:
@@ -249,9 +255,21 @@ def _service_error(exc: grpc.RpcError, target: str) -> ServiceError:
         message += " (" + "; ".join(extra) + ")"
     name = code.name if code else None
     reason, metadata = _error_info(status)
-    return ServiceError(
+    error = ServiceError(
         f"{name or 'ERROR'} from {target}: {message}", code=name, reason=reason, metadata=metadata
     )
+    error.retry_after = _retry_delay(status)
+    return error
+
+
+def _retry_delay(status: status_pb2.Status | None) -> float | None:
+    """Seconds the server's google.rpc.RetryInfo asks the client to wait, if it sent one."""
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
+    return None
 
 
 def _error_info(status: status_pb2.Status | None) -> tuple[str | None, dict[str, str]]:
@@ -277,6 +295,7 @@ class Client:
         timeout: float | None = 600.0,
         connect_timeout: float = 5.0,
         retry: bool | int = False,
+        busy_wait: float = 120.0,
         max_message_bytes: int = 64 * 1024 * 1024,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
@@ -287,8 +306,11 @@ class Client:
         targets = [target] if isinstance(target, str) else list(target)
         if not targets:
             raise ValueError("Client needs at least one target")
+        if busy_wait < 0:
+            raise ValueError(f"busy_wait must be >= 0 seconds, got {busy_wait}")
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.busy_wait = busy_wait
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -318,6 +340,26 @@ class Client:
         return sorted(order, key=lambda c: c.failing)  # stable: otherwise the rotation is kept
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
+        """``_call_once``, sent again after the wait a busy server asks for (its RetryInfo), for at
+        most ``busy_wait`` seconds and never past ``timeout``."""
+        started = time.monotonic()
+        waits = 0
+        while True:
+            remaining = None if timeout is None else timeout - (time.monotonic() - started)
+            try:
+                return self._call_once(method, request, remaining)
+            except ServiceError as exc:
+                if exc.code != "RESOURCE_EXHAUSTED" or exc.reason not in _BUSY_REASONS:
+                    raise
+                # Jitter: clients refused together must not all come back together.
+                delay = (exc.retry_after or 1.0) * random.uniform(1.0, 1.5) * min(2**waits, 8)
+                waited = time.monotonic() - started
+                if waited + delay > self.busy_wait or (timeout is not None and waited + delay >= timeout):
+                    raise
+                waits += 1
+                time.sleep(delay)
+
+    def _call_once(self, method: str, request: Any, timeout: float | None) -> Any:
         """Call ``method`` on the next channel; when that replica is unavailable or went away
         mid-call, try the other targets once each.
 

@@ -113,7 +113,8 @@ class ServiceError(GradcheckError):
 
     ``code`` is the gRPC status code name (e.g. ``"INVALID_ARGUMENT"``) when known; ``reason`` the
     server's stable google.rpc.ErrorInfo reason (e.g. ``"LIMIT_EXCEEDED"``, ``"SERVER_BUSY"``), or
-    None when the status carried none; ``metadata`` its ErrorInfo metadata (the limit and its value).
+    None when the status carried none; ``metadata`` its ErrorInfo metadata (the limit and its value);
+    ``retry_after`` the seconds its google.rpc.RetryInfo asked the client to wait, if any.
     """
 
     def __init__(
@@ -127,6 +128,7 @@ class ServiceError(GradcheckError):
         self.code = code
         self.reason = reason
         self.metadata = metadata or {}
+        self.retry_after: float | None = None
 
 
 class GradientMismatch(GradcheckError, AssertionError):
