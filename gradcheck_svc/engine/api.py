@@ -27,7 +27,7 @@ from gradcheck_svc.engine.progress import Progress, ProgressFn
 from gradcheck_svc.engine.reference import Reference, choose_reference
 from gradcheck_svc.engine.second_order import second_order_problem
 from gradcheck_svc.engine.taylor import run_taylor
-from gradcheck_svc.engine.threads import largest_batch, serial_if_small
+from gradcheck_svc.engine.threads import guessed_batch, largest_batch, serial_if_small
 from gradcheck_svc.engine.tiny import run_tiny
 from gradcheck_svc.errors import (
     FunctionRaisedError,
@@ -105,10 +105,13 @@ def check(
         )
     device = resolve_device(opts.device, inputs)
     fn_kwargs, input_names = call.fn_kwargs, call.input_names
-    problem, _ = build_problem(
-        fn, inputs, fn_kwargs, input_names=input_names, device=device, upcast=opts.upcast, wrt=call.wrt
-    )
-    with serial_if_small(_largest_batch(problem, opts)):
+    fast, auto = opts.mode == "fast", opts.mode == "auto"
+    guess = guessed_batch(fn, inputs, fast, auto, opts.projections, opts.fast_threshold)
+    with serial_if_small(guess) as resize:  # the first call too: on busy cores it costs most
+        problem, _ = build_problem(
+            fn, inputs, fn_kwargs, input_names=input_names, device=device, upcast=opts.upcast, wrt=call.wrt
+        )
+        resize(_largest_batch(problem, opts))
         report = _check_problem(problem, fn, inputs, opts, call, device, progress)
     report.timings["total_s"] = round(time.perf_counter() - started, 6)
     return apply_expectation(report, call.expect)
