@@ -28,7 +28,7 @@ from gradcheck_svc.engine.progress import Progress, ProgressFn
 from gradcheck_svc.engine.reference import Reference, choose_reference
 from gradcheck_svc.engine.second_order import second_order_problem
 from gradcheck_svc.engine.taylor import run_taylor
-from gradcheck_svc.engine.threads import largest_batch, serial_if_small
+from gradcheck_svc.engine.threads import guessed_batch, largest_batch, serial_if_small
 from gradcheck_svc.engine.tiny import run_tiny
 from gradcheck_svc.errors import (
     FunctionRaisedError,
@@ -110,13 +110,16 @@ def check(
         )
     device = resolve_device(opts.device, inputs)
     fn_kwargs, input_names = call.fn_kwargs, call.input_names
-    # From fn's first call on: f(x) must come from the same arithmetic at every call.
-    with tf32_off(on_cuda(device, fn, inputs)) as tf32_was_allowed:
+    fast, auto = opts.mode == "fast", opts.mode == "auto"
+    guess = guessed_batch(fn, inputs, fast, auto, opts.projections, opts.fast_threshold)
+    # From fn's first call on: f(x) must come from the same arithmetic at every call, and on busy
+    # cores the first call on several threads costs most of a small check.
+    with tf32_off(on_cuda(device, fn, inputs)) as tf32_was_allowed, serial_if_small(guess) as resize:
         problem, _ = build_problem(
             fn, inputs, fn_kwargs, input_names=input_names, device=device, upcast=opts.upcast, wrt=call.wrt
         )
-        with serial_if_small(_largest_batch(problem, opts)):
-            report = _check_problem(problem, fn, inputs, opts, call, device, progress)
+        resize(_largest_batch(problem, opts))
+        report = _check_problem(problem, fn, inputs, opts, call, device, progress)
     if tf32_was_allowed and any(leaf.dtype in _TF32_DTYPES for leaf in problem.leaves):
         report.notes.append(TF32_NOTE)
     report.timings["total_s"] = round(time.perf_counter() - started, 6)

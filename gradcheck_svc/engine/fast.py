@@ -62,8 +62,37 @@ def run_fast(ctx: Context) -> list[PairReport]:
         if ctx.rough_projections:
             ctx.note("the kink stayed at the smaller step: the kink is at the point itself")
     if failing:
+        written = _leaves_a_call_writes(ctx)
+        if written:
+            return [
+                _written_leaves(report) if (report.output, report.input) in _names(ctx, failing) else report
+                for report in reports
+            ]
         reports = _recheck_in_full(ctx, reports, failing)
     return reports
+
+
+def _leaves_a_call_writes(ctx: Context) -> list[str]:
+    """Checked inputs one call of fn changes, writes the version counter misses included.
+
+    Fast mode hands fn fresh copies only, so a forward that writes into its input through
+    ``.data`` moves no value the check reads, and a full re-check (which does read the input)
+    would judge its Jacobian at a point fn has since moved. Asked only once projections failed:
+    it costs one call of fn on copies."""
+    leaves = {leaf.name for leaf in ctx.problem.leaves}
+    return [name for name in ctx.problem.inputs_a_call_writes() if name in leaves]
+
+
+def _names(ctx: Context, pairs: list[tuple[int, int]]) -> set[tuple[str, str]]:
+    problem = ctx.problem
+    return {(problem.outputs[o].name, problem.leaves[i].name) for o, i in pairs}
+
+
+def _written_leaves(report: PairReport) -> PairReport:
+    """A failed projection of a function that changes its own input: no Jacobian to judge."""
+    report.status = Status.NONDETERMINISTIC
+    report.message = "fn returned different values for the same input"
+    return report
 
 
 def _repeatable(ctx: Context) -> bool:

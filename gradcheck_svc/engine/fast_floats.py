@@ -93,7 +93,11 @@ def run_fast_on_floats(ctx: Context) -> tuple[list[PairReport], list[tuple[int, 
         t = direction_step(ctx, leaf)
         steps = [node * t for node in NODES]
         batch = [[xj + step * uj for xj, uj in zip(x, row, strict=True)] for step in steps for row in u]
-        evaluated = ctx.evaluate(i, torch.tensor(batch, dtype=torch.float64, device=device)).tolist()
+        # the calls ``evaluate`` makes, on fresh copies of the leaf made from the floats where it
+        # would call fn row by row (no batch to build, stack and read back)
+        evaluated = ctx.evaluate_values(i, batch, columns=count)
+        if evaluated is None:
+            evaluated = ctx.evaluate(i, torch.tensor(batch, dtype=torch.float64, device=device)).tolist()
         offsets = [[step] * count for step in steps]
         numeric.append(
             differences_on_floats(evaluated, f0, offsets, ctx.numeric_machine_eps, [1.0] * count, outputs)

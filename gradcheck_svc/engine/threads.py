@@ -5,6 +5,9 @@ splits such an op over its thread pool, the split costs more than the op, and fa
 machine whose cores are busy: every parallel region waits until each of its threads gets a core
 (measured on 2 busy cores: ``F.linear`` on a 4x16 input, 8 ms on one thread, 90 ms on two).
 
+The first call of fn, which shows the outputs, runs under a count guessed from the inputs: on busy
+cores, a dense fn's first call on two threads took as long as the rest of its check on one.
+
 torch's thread count is process state that threads started later copy when they first run a
 parallel op, so it is changed only while no other Python thread runs (a library call or a test,
 not a threaded server), and put back as it was when the check ends. A server sets it once, at
@@ -15,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
-__all__ = ["largest_batch", "serial_if_small", "use_threads"]
+__all__ = ["guessed_batch", "largest_batch", "serial_if_small", "use_threads"]
 
 # A check whose largest batch (three perturbed copies of every column it perturbs at once, each
 # with its outputs) holds up to this many elements (2 MiB of float64) is a small check.
@@ -35,22 +39,43 @@ def largest_batch(n_inputs: int, n_outputs: int, perturbed: int) -> int:
     return 3 * perturbed * (n_inputs + n_outputs)
 
 
+def guessed_batch(
+    fn: Any, inputs: Sequence[Any], fast: bool, auto: bool, projections: int, threshold: int
+) -> int:
+    """``largest_batch`` before the first call has shown fn's outputs: from the floating input
+    tensors given (and a module's parameters), with as many outputs as inputs. ``fast``: fast
+    mode asked for; ``auto``: the mode is chosen at ``threshold`` Jacobian entries."""
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    if isinstance(fn, torch.nn.Module):
+        tensors += list(fn.parameters())
+    floating = [t for t in tensors if t.is_floating_point() or t.is_complex()]
+    n = sum(t.numel() * (2 if t.is_complex() else 1) for t in floating)
+    fast = fast or (auto and n * n > threshold)
+    return largest_batch(n, n, projections * max(len(floating), 1) if fast else n)
+
+
 @contextlib.contextmanager
-def serial_if_small(batch_elements: int) -> Iterator[None]:
-    """torch on one thread inside the block when the check is small (its largest batch holds at
-    most ``_SMALL_BATCH`` elements) and no other thread can notice."""
-    if not _OPENMP or batch_elements > _SMALL_BATCH or threading.active_count() != 1:
-        yield
-        return
+def serial_if_small(batch_elements: int) -> Iterator[Callable[[int], None]]:
+    """torch on one thread inside the block while the check is small (its largest batch holds at
+    most ``_SMALL_BATCH`` elements) and no other thread can notice. Yields ``resize``: the block
+    tells it the check's largest batch once it knows better (after the first call of fn)."""
     before = torch.get_num_threads()
-    if before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
+    serial = False  # whether the count is ours (1) now
+
+    def resize(elements: int) -> None:
+        nonlocal serial
+        if not _OPENMP or before == 1 or threading.active_count() != 1:
+            return
+        if serial != (elements <= _SMALL_BATCH):
+            serial = not serial
+            torch.set_num_threads(1 if serial else before)
+
+    resize(batch_elements)
     try:
-        yield
+        yield resize
     finally:
-        torch.set_num_threads(before)
+        if serial:
+            torch.set_num_threads(before)
 
 
 def use_threads(count: int) -> None:

@@ -24,8 +24,10 @@ PROBE = "service_test_ops:tells_torch_threads"
 
 def threads_seen(address: str) -> int:
     """torch's thread count where the server ran a check of ``PROBE`` (its error names it)."""
+    # 256 elements: a check that small inputs mark small runs torch on one thread from fn's
+    # first call on, where the server's worker process runs no other thread (threads.py)
     with Client(address, timeout=120) as client:
-        report = client.check_registered(PROBE, torch.tensor([1.0, 2.0], dtype=torch.float64))
+        report = client.check_registered(PROBE, torch.linspace(1.0, 2.0, 256, dtype=torch.float64))
     found = re.search(r"torch threads here: (\d+)", report.error or "")
     assert found, report
     return int(found.group(1))
