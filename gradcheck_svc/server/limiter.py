@@ -56,21 +56,32 @@ class ByteBudget:
     def __init__(self, size: int) -> None:
         self.size = size
         self._used = 0
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
 
     def try_take(self, amount: int) -> bool:
         """Take ``amount``; a request alone on the server always fits, however large."""
-        with self._lock:
+        with self._cond:
             if self._used and self._used + amount > self.size:
                 return False
             self._used += amount
             return True
 
+    def take(self, amount: int, *, give_up: Callable[[], bool], poll: float = 0.05) -> bool:
+        """Wait until ``amount`` fits and take it; return False as soon as ``give_up()`` turns true."""
+        with self._cond:
+            while self._used and self._used + amount > self.size:
+                if give_up():
+                    return False
+                self._cond.wait(poll)
+            self._used += amount
+            return True
+
     def give_back(self, amount: int) -> None:
-        with self._lock:
+        with self._cond:
             self._used -= amount
+            self._cond.notify_all()
 
     @property
     def used(self) -> int:
-        with self._lock:
+        with self._cond:
             return self._used

@@ -149,8 +149,12 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         remaining: float | None,
         cancelled: Callable[[], bool],
         progress: PointProgress | None = None,
+        wait_for_memory: Callable[[], Rejection | None] | None = None,
     ) -> pb.CheckResponse:
-        """plan -> deadline -> run -> encode, in this thread or in a worker process."""
+        """plan -> deadline -> run -> encode, in this thread or in a worker process. A check that
+        does not fit in the check memory left is refused, or, given ``wait_for_memory`` (the
+        refusal to raise once waiting is pointless, else None), waits for it as a stream's items
+        wait for a slot."""
         started = time.perf_counter()
         plan: CheckPlan | None = None
         response: pb.CheckResponse | None = None
@@ -165,9 +169,13 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         try:
             plan = self.plans.plan(request)  # validated here, even if isolated
             if not plan.light:  # a light check is small everywhere, sized up front
-                if not self.check_bytes.try_take(self.settings.max_check_bytes):
-                    raise self._out_of_check_memory()
-                reserved = self.settings.max_check_bytes
+                each = self.settings.max_check_bytes
+                if wait_for_memory is None:
+                    if not self.check_bytes.try_take(each):
+                        raise self._out_of_check_memory()
+                elif not self.check_bytes.take(each, give_up=lambda: wait_for_memory() is not None):
+                    raise wait_for_memory() or self._out_of_check_memory()
+                reserved = each
             deadline = Deadline.start(remaining, self.settings.max_check_seconds)
             isolated = runs_in_worker(self.settings.isolation, plan.operator_code, plan.light)
             if self.workers is not None and isolated:
@@ -400,18 +408,28 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         try:
             remaining = context.time_remaining()
             deadline = Deadline.start(remaining, self.settings.max_check_seconds)
-            if not self.slots.acquire(
-                give_up=lambda: cancel.is_set() or deadline.passed() or self.draining.is_set()
-            ):
+            cancelled = Rejection(grpc.StatusCode.CANCELLED, "the client cancelled the stream")
+
+            def stop_waiting() -> Rejection | None:
+                """Why this item should stop waiting (for a slot, for check memory), or None."""
                 if self.draining.is_set():
-                    raise self._draining()
+                    return self._draining()
                 if deadline.passed():
-                    raise deadline.rejection()
-                raise Rejection(grpc.StatusCode.CANCELLED, "the client cancelled the stream")
+                    return deadline.rejection()
+                return cancelled if cancel.is_set() else None
+
+            if not self.slots.acquire(give_up=lambda: stop_waiting() is not None):
+                raise stop_waiting() or cancelled
             try:
                 if self.draining.is_set():  # a slot freed by the drain itself starts nothing new
                     raise self._draining()
-                response = self._run(check_id, item.request, context.time_remaining(), self.stopper(cancel))
+                response = self._run(
+                    check_id,
+                    item.request,
+                    context.time_remaining(),
+                    self.stopper(cancel),
+                    wait_for_memory=stop_waiting,
+                )
             finally:
                 self.slots.release()
             answers.put(pb.CheckStreamResponse(id=item.id, response=response))

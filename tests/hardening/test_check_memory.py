@@ -21,6 +21,7 @@ from service_servers import Running, start_server
 
 from gradcheck_svc.client import Registered, build_request
 from gradcheck_svc.settings import MiB, Settings
+from gradcheck_svc.v1 import gradcheck_pb2 as pb
 from gradcheck_svc.v1 import gradcheck_pb2_grpc as pb_grpc
 
 F64 = torch.float64
@@ -85,6 +86,26 @@ def test_heavy_checks_share_one_memory_budget(server: Running) -> None:
             except grpc.RpcError as exc:
                 assert details(exc)[0] == "SERVER_BUSY" and time.monotonic() < deadline
                 time.sleep(0.1)
+
+
+def test_a_streams_heavy_items_wait_for_memory_as_they_wait_for_a_slot(server: Running) -> None:
+    """A CheckStream is a queue its client chose: an item past the memory left waits for it (as for
+    a slot) instead of answering SERVER_BUSY, while a unary Check in that moment is refused."""
+    items = [
+        pb.CheckStreamRequest(id="slow", request=HEAVY_AND_SLOW),
+        pb.CheckStreamRequest(id="after", request=HEAVY),
+    ]
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GradcheckServiceStub(channel)
+        answers = stub.CheckStream(iter(items), timeout=120)
+        time.sleep(0.5)  # both items started: the slow one holds the memory, the other waits
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Check(HEAVY, timeout=60)
+        assert details(refused.value)[0] == "SERVER_BUSY"
+        got = {answer.id: answer for answer in answers}
+    assert set(got) == {"slow", "after"}
+    assert all(answer.HasField("response") for answer in got.values()), got
+    assert all(answer.response.reports[0].ok for answer in got.values())
 
 
 def test_the_default_budget_is_a_share_of_the_machine() -> None:
