@@ -132,8 +132,10 @@ class Context:
     _tolerances: dict[tuple[torch.dtype, torch.dtype, int, int], Tolerance] = field(
         default_factory=dict, init=False
     )
-    # ``_cancelled_terms``' measurement, per output element: made only when an output asks for it
+    # ``_cancelled_terms``' measurement, per output element: made only when an output asks for
+    # it; and its answer per output block (asked by both tolerances of every pair)
     _rounded_terms: torch.Tensor | None = field(default=None, init=False)
+    _cancelled: dict[int, float] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.analytic = Analytic(self.problem, self.notes.add)
@@ -313,7 +315,13 @@ class Context:
         |f| says nothing of them (``(x - x.mean()).sum() * x.sum()``). 0 elsewhere, unmeasured."""
         if self.forward_rounding is None:
             return 0.0
-        rows = output.rows
+        found = self._cancelled.get(output.offset)
+        if found is None:
+            found = self._cancelled[output.offset] = self._measured_terms(output.rows)
+        return found
+
+    def _measured_terms(self, rows: slice) -> float:
+        assert self.forward_rounding is not None
         if (
             _largest_finite(self.f0[rows]) > 0
             and _largest_finite(self.forward_rounding[rows]) < _CANCELLED_GAP
