@@ -6,9 +6,13 @@
 
 The corpus is tests/engine/corpus_wild.py (entmax, Mish, Swish, fused bias+GeLU, RMSNorm,
 LayerNorm, cross-entropy with label smoothing, focal loss, rotary embedding, smooth-L1, bilinear
-sampling, the docs' LinearFunction, two outputs, a recomputing backward, ...), each correct and
-with planted-bug twins. Every case is checked with ``gradcheck_svc.check`` at ``--seeds`` points
-per shape ("small" 6x5, "medium" 16x12), dtype and mode:
+sampling, the docs' LinearFunction, two outputs, a recomputing backward, ...) and
+tests/engine/corpus_wild2.py (sparsemax, soft-DTW, a fused GRU cell, depthwise conv, GroupNorm,
+weight standardisation on a transposed weight, attention recomputed from its logsumexp, Chamfer
+distance with integer outputs, interp1d, a complex multiply, an in-place ELU, a polar transform,
+a sort, a correlation layer, ...; ``--corpus`` picks one), each correct and with planted-bug
+twins. Every case is checked with ``gradcheck_svc.check`` at ``--seeds`` points per shape
+("small" 6x5, "medium" 16x12), dtype and mode:
 
 - ``full``, ``fast``: that mode; ``auto``: the default options (auto picks full at these sizes);
   ``auto-fast``: auto with ``fast_threshold=100``, so that auto really picks fast mode.
@@ -36,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "engine"))
 
 from corpus_wild import WILD_CASES, WildCase, make_wild_inputs
+from corpus_wild2 import WILD_CASES_2
 
 import gradcheck_svc as gc
 
@@ -43,13 +48,19 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 SHAPES = {"small": (6, 5), "medium": (16, 12)}
 MODES = {"full": {"mode": "full"}, "fast": {"mode": "fast"}, "auto": {}, "auto-fast": {"fast_threshold": 100}}
 INVISIBLE = 1e-10
+CORPORA = {"first": WILD_CASES, "second": WILD_CASES_2, "both": WILD_CASES + WILD_CASES_2}
 
 
 def _only_in(dtype: torch.dtype, fn: Callable[..., object]) -> Callable[..., object]:
     """``fn`` refusing floating inputs of any other dtype, as code written for one dtype does."""
 
+    complex_dtype = torch.complex64 if dtype == torch.float32 else torch.complex128
+
     def call(*inputs: torch.Tensor) -> object:
-        if any(t.is_floating_point() and t.dtype != dtype for t in inputs):
+        if any(
+            (t.is_floating_point() and t.dtype != dtype) or (t.is_complex() and t.dtype != complex_dtype)
+            for t in inputs
+        ):
             raise TypeError(f"written for {dtype} inputs only")
         return fn(*inputs)
 
@@ -60,16 +71,30 @@ def _only_in(dtype: torch.dtype, fn: Callable[..., object]) -> Callable[..., obj
 def _grad_inputs(case: WildCase, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     """The inputs as torch.autograd.gradcheck wants them: the checked ones requiring grad."""
     return [
-        t.detach().clone().requires_grad_(t.is_floating_point() and (case.grad is None or case.grad[i]))
+        _copy(t).requires_grad_(_inexact(t) and (case.grad is None or case.grad[i]))
         for i, t in enumerate(inputs)
     ]
+
+
+def _inexact(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy with the same strides (a non-contiguous input stays one)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t.detach())
+
+
+def _differentiable(out: object) -> tuple[torch.Tensor, ...]:
+    """The floating and complex outputs (integer ones, such as returned indices, have no gradient)."""
+    outs = out if isinstance(out, tuple) else (out,)
+    return tuple(o for o in outs if _inexact(o))
 
 
 def _vjps(case: WildCase, bug: str, inputs: list[torch.Tensor], cotangents: list) -> torch.Tensor:
     """The backward's products with a few cotangents, every checked input's gradient flattened."""
     wrt = [t for t in inputs if t.requires_grad]
-    out = case.bound(bug)(*inputs)
-    outs = out if isinstance(out, tuple) else (out,)
+    outs = _differentiable(case.bound(bug)(*inputs))
     rows = []
     for cot in cotangents:
         grads = torch.autograd.grad(outs, wrt, cot, retain_graph=True, allow_unused=True)
@@ -88,8 +113,7 @@ def _invisible(case: WildCase, bug: str, inputs: tuple[torch.Tensor, ...]) -> bo
     """Whether the buggy backward equals the correct one at this point: their products with
     random cotangents (which tell two different Jacobians apart with probability 1) agree."""
     grad_in = _grad_inputs(case, inputs)
-    out = case.bound()(*grad_in)
-    outs = out if isinstance(out, tuple) else (out,)
+    outs = _differentiable(case.bound()(*grad_in))
     g = torch.Generator().manual_seed(1234)
     cotangents = [[torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs] for _ in range(3)]
     right, wrong = _vjps(case, "none", grad_in, cotangents), _vjps(case, bug, grad_in, cotangents)
@@ -105,7 +129,7 @@ def _torch_ok(case: WildCase, bug: str, inputs: tuple[torch.Tensor, ...]) -> boo
 
 
 def run(args: argparse.Namespace) -> int:
-    cases = [c for c in WILD_CASES if not args.cases or c.name in args.cases]
+    cases = [c for c in CORPORA[args.corpus] if not args.cases or c.name in args.cases]
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     rows = []
     misses: dict[str, list[str]] = collections.defaultdict(list)
@@ -221,7 +245,10 @@ def main() -> int:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--cases", nargs="+", default=None, choices=[c.name for c in WILD_CASES])
+    parser.add_argument(
+        "--corpus", default="both", choices=list(CORPORA), help="corpus_wild.py, corpus_wild2.py or both"
+    )
+    parser.add_argument("--cases", nargs="+", default=None, choices=[c.name for c in CORPORA["both"]])
     parser.add_argument("--own-dtype", action="store_true", help="functions refuse float64 copies")
     parser.add_argument(
         "--torch", action="store_true", help="compare with torch.autograd.gradcheck (float64)"

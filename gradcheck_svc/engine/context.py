@@ -20,7 +20,7 @@ from gradcheck_svc.engine.numeric import NODES
 from gradcheck_svc.engine.numeric import defaults_for as _defaults_for
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, Problem
 from gradcheck_svc.engine.progress import Progress
-from gradcheck_svc.engine.reference import Reference
+from gradcheck_svc.engine.reference import Reference, rounded_terms
 from gradcheck_svc.errors import CheckCancelledError, LimitExceededError
 from gradcheck_svc.options import CheckOptions
 
@@ -33,6 +33,12 @@ _ROW_BYTES = 128 * 2**20  # memory for one batch of cotangents through the backw
 _ROUNDING_RTOL = 16.0
 _ROUNDING_ATOL = 32.0
 _FORWARD_ROUNDING = 4.0  # times the forward's relative rounding, per output element
+# An output whose low-precision value strays this far (relative) from the float64 one, or is
+# exactly 0, may be a cancellation: the size of its terms is measured (``_cancelled_terms``).
+_CANCELLED_GAP = 2.0**-10
+# Units of float64 rounding of those terms, over the step, allowed the float64 run of the
+# backward: the float64 differences of a cancellation carry that much rounding.
+_WIDE_CANCELLED_ULPS = 8.0
 # A batch of at most this many perturbed copies (scalar inputs, one projection in fast mode) of a
 # problem of at most PLAIN_ELEMENTS input and output elements is evaluated by plain calls, one at
 # a time: that many calls of fn cost less than a vmap call plus the plain call that verifies it and
@@ -126,6 +132,10 @@ class Context:
     _tolerances: dict[tuple[torch.dtype, torch.dtype, int, int], Tolerance] = field(
         default_factory=dict, init=False
     )
+    # ``_cancelled_terms``' measurement, per output element: made only when an output asks for
+    # it; and its answer per output block (asked by both tolerances of every pair)
+    _rounded_terms: torch.Tensor | None = field(default=None, init=False)
+    _cancelled: dict[int, float] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.analytic = Analytic(self.problem, self.notes.add)
@@ -296,7 +306,30 @@ class Context:
         if self.wide_analytic is None or self.forward_rounding is None:
             return 0.0
         # computed once per block: ``tolerance`` keeps what it makes
-        return _largest_finite(self.f0[output.rows]) / max(_largest_finite(leaf.real), 1.0)
+        terms = max(_largest_finite(self.f0[output.rows]), self._cancelled_terms(output))
+        return terms / max(_largest_finite(leaf.real), 1.0)
+
+    def _cancelled_terms(self, output: OutputBlock) -> float:
+        """Where ``output`` is a cancellation (its low-precision value mostly rounding, or exactly
+        0), the size of the terms that cancel, measured near x (``reference.rounded_terms``): its
+        |f| says nothing of them (``(x - x.mean()).sum() * x.sum()``). 0 elsewhere, unmeasured."""
+        if self.forward_rounding is None:
+            return 0.0
+        found = self._cancelled.get(output.offset)
+        if found is None:
+            found = self._cancelled[output.offset] = self._measured_terms(output.rows)
+        return found
+
+    def _measured_terms(self, rows: slice) -> float:
+        assert self.forward_rounding is not None
+        if (
+            _largest_finite(self.f0[rows]) > 0
+            and _largest_finite(self.forward_rounding[rows]) < _CANCELLED_GAP
+        ):
+            return 0.0
+        if self._rounded_terms is None:
+            self._rounded_terms = rounded_terms(self.problem, self.numeric_problem, self.options.seed)
+        return _largest_finite(self._rounded_terms[rows])
 
     def rounding_allowance(self, rows: torch.Tensor | slice, numeric: torch.Tensor) -> torch.Tensor | None:
         """Extra tolerance of the user's analytic values in output ``rows`` (numeric block
@@ -312,13 +345,18 @@ class Context:
         dtype's rounding hides on the other comparison does not."""
         unit = defaults_for(output.dtype, leaf.dtype).machine_eps / 2
         o = self.options
+        wide = defaults_for(torch.float64)
+        # a cancelling output's float64 differences round at the scale of its terms, over the step
+        cancelled = (
+            _WIDE_CANCELLED_ULPS * wide.machine_eps * self._cancelled_terms(output) / (o.eps or wide.eps)
+        )
         return Tolerance(
             atol=o.atol,
             atol_factor=unit,
             rtol=o.rtol if o.rtol is not None else unit,
             bars=o.error_bars,
             kinks_fail=o.kinks == "fail",
-            slack=o.nondet_tol,
+            slack=o.nondet_tol + cancelled,
         )
 
     def screen_tolerance(self) -> Tolerance:

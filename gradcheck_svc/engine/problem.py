@@ -109,12 +109,31 @@ class Leaf:
             shown.append((index, part, float(self.real[position])))
         return shown, bad.numel()
 
+    @functools.cached_property
+    def layout(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """How the user's tensor lies in memory when it is a dense permutation of row-major
+        (a transposed view, channels-last): the order of its dims by stride and the inverse;
+        None for a contiguous tensor (or one with gaps or overlaps, which fn gets contiguous).
+
+        fn gets its inputs in this layout at every call, as the user passes them: a backward
+        that reads strides (or assumes contiguity) is wrong only there."""
+        value = self.value
+        if value.dim() < 2 or value.is_contiguous():
+            return None
+        order = tuple(sorted(range(value.dim()), key=lambda d: -value.stride(d)))
+        if not value.permute(order).is_contiguous():
+            return None
+        inverse = tuple(sorted(range(value.dim()), key=lambda d: order[d]))
+        return order, inverse
+
     def graph_input(self) -> torch.Tensor:
-        """A fresh copy to differentiate with respect to: a real leaf in its own shape, so that no
-        view separates it from fn in the graph (the backward of a view costs as much as a small
-        op's); a complex leaf as its flat real view (fn gets ``from_real`` of it)."""
+        """A fresh copy to differentiate with respect to: a real leaf in its own shape and
+        layout, so that no view separates it from fn in the graph (the backward of a view costs
+        as much as a small op's); a complex leaf as its flat real view (fn gets ``from_real``)."""
         if self.is_complex:
             return self.real.detach().clone().requires_grad_(True)
+        if self.layout is not None:
+            return self.value.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
         return self.value.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
 
     @functools.cached_property
@@ -132,10 +151,16 @@ class Leaf:
         return made if len(self.shape) == 1 else made.reshape(self.shape)
 
     def from_real(self, flat: torch.Tensor) -> torch.Tensor:
-        """Inverse of ``real``; differentiable and vmap-friendly."""
-        if self.is_complex:
-            return torch.view_as_complex(flat.reshape(*self.shape, 2))
-        return flat.reshape(self.shape)
+        """Inverse of ``real``, in the user's ``layout``; differentiable and vmap-friendly."""
+        value = (
+            torch.view_as_complex(flat.reshape(*self.shape, 2))
+            if self.is_complex
+            else flat.reshape(self.shape)
+        )
+        if self.layout is None:
+            return value
+        order, inverse = self.layout
+        return value.permute(order).contiguous().permute(inverse)
 
 
 @dataclass

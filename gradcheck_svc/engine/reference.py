@@ -23,12 +23,15 @@ from gradcheck_svc.engine.numeric import defaults_for
 from gradcheck_svc.engine.problem import Problem, build_problem
 from gradcheck_svc.errors import CheckError
 
-__all__ = ["Reference", "choose_reference"]
+__all__ = ["Reference", "choose_reference", "rounded_terms"]
 
 _WIDE = (torch.float64, torch.complex128)
 # A float64 copy whose values stray further than this many units of the low precision from the
 # user's values is not the same function (it branches on dtype, or casts inside).
 _AGREEMENT_ULPS = 2.0**12
+# ``rounded_terms``: how many points near x it evaluates, and how far from x (relative).
+_PROBE_POINTS = 8
+_PROBE_SPREAD = 2.0**-6
 
 
 @dataclass(frozen=True)
@@ -137,3 +140,34 @@ def _magnitude(value: float) -> float:
     """|value| with NaN and +inf read as 0, as ``nan_to_num(nan=0.0, posinf=0.0)`` reads them."""
     magnitude = abs(value)
     return 0.0 if math.isnan(magnitude) or magnitude == math.inf else magnitude
+
+
+def rounded_terms(low: Problem, wide: Problem, seed: int) -> torch.Tensor:
+    """Per output element, the size of the terms its low-precision forward rounds: the largest
+    gap between the user's forward and the float64 copy at a few points near x (the same points
+    in both dtypes), in units of the low precision.
+
+    Where f is a cancellation (``(x - x.mean()).sum()``), |f| says nothing of the terms that
+    cancel, and its gap at x alone may be zero by chance (both sides exactly 0); at a few
+    points nearby it is not. Zeros where fn fails at a probe point or is not finite there.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    unit = defaults_for(*(o.dtype for o in low.outputs)).machine_eps
+    largest: torch.Tensor | None = None
+    for _ in range(_PROBE_POINTS):
+        lows, wides = [], []
+        for leaf_low, leaf_wide in zip(low.leaves, wide.leaves, strict=True):
+            base = leaf_low.real.detach()
+            shift = torch.rand(base.shape, generator=generator, dtype=torch.float64).mul_(2).sub_(1)
+            moved = (base.to(torch.float64) * (1 + _PROBE_SPREAD * shift.to(base.device))).to(base.dtype)
+            lows.append(moved)
+            wides.append(moved.to(leaf_wide.real.dtype))
+        try:
+            with torch.no_grad():
+                gap = (low.flat(*lows) - wide.flat(*wides)).abs()
+        except Exception:  # the user's function at a point of our choosing: no allowance
+            return torch.zeros(sum(o.size for o in low.outputs), dtype=torch.float64)
+        gap = gap.nan_to_num(nan=0.0, posinf=0.0)
+        largest = gap if largest is None else torch.maximum(largest, gap)
+    assert largest is not None
+    return largest / unit

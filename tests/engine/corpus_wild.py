@@ -776,16 +776,20 @@ WILD_CASES: tuple[WildCase, ...] = (
 )
 
 
+_COMPLEX = {torch.float64: torch.complex128, torch.float32: torch.complex64}
+
+
 def make_wild_inputs(
     case: WildCase, seed: int, dtype: torch.dtype, shape: tuple[int, int] = (6, 5)
 ) -> tuple[torch.Tensor, ...]:
-    """The case's inputs for ``seed``: floating ones drawn in float64 and rounded to ``dtype``,
-    integer ones as drawn; ``requires_grad`` set where the case says."""
+    """The case's inputs for ``seed``: floating ones drawn in float64 and rounded to ``dtype``
+    (complex ones to its complex dtype), integer and boolean ones as drawn; ``requires_grad``
+    set where the case says."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i, t in enumerate(case.inputs(g, shape)):
-        if t.is_floating_point():
-            t = t.to(dtype)
+        if t.is_floating_point() or t.is_complex():
+            t = t.to(dtype if t.is_floating_point() else _COMPLEX[dtype])
             if case.grad is not None:
                 t.requires_grad_(case.grad[i])
         out.append(t)

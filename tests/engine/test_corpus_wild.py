@@ -1,4 +1,5 @@
-"""Verdicts on the Functions modelled on public code (corpus_wild.py), a few seeds each.
+"""Verdicts on the Functions modelled on public code (corpus_wild.py and corpus_wild2.py), a few
+seeds each.
 
 The sweep over many seeds, shapes, dtypes and modes, with torch.autograd.gradcheck alongside,
 is benchmarks/bench_wild.py.
@@ -9,10 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 from corpus_wild import WILD_CASES, GradMultiply, make_wild_inputs
+from corpus_wild2 import WILD_CASES_2
 
 import gradcheck_svc as gc
 
-BUGGY = [(case, bug) for case in WILD_CASES for bug in case.bugs]
+CASES = WILD_CASES + WILD_CASES_2
+BUGGY = [(case, bug) for case in CASES for bug in case.bugs]
 # Seeds at which every planted bug changes the backward at the point (entmax's 1% on row 0 is
 # invisible where that row's support is one element: its gradient is 0 either way).
 BUG_SEEDS = (3, 7)
@@ -21,8 +24,13 @@ BUG_SEEDS = (3, 7)
 def _own(dtype: torch.dtype, fn):
     """``fn`` refusing other dtypes, so the finite differences stay in ``dtype``."""
 
+    complex_dtype = torch.complex64 if dtype == torch.float32 else torch.complex128
+
     def call(*inputs):
-        if any(t.is_floating_point() and t.dtype != dtype for t in inputs):
+        if any(
+            (t.is_floating_point() and t.dtype != dtype) or (t.is_complex() and t.dtype != complex_dtype)
+            for t in inputs
+        ):
             raise TypeError("one dtype only")
         return fn(*inputs)
 
@@ -30,14 +38,14 @@ def _own(dtype: torch.dtype, fn):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("case", WILD_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_correct_code_passes_in_the_default_mode(case, dtype):
     for seed in (0, 11):
         report = gc.check(case.bound(), *make_wild_inputs(case, seed, dtype), seed=seed)
         assert report.ok, f"seed {seed}: {report}"
 
 
-@pytest.mark.parametrize("case", WILD_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_correct_code_passes_fast_and_in_its_own_float32(case):
     inputs = make_wild_inputs(case, 5, torch.float32, (16, 12))
     assert gc.check(case.bound(), *inputs, mode="fast", seed=5).ok

@@ -163,17 +163,26 @@ def test_each_perturbed_copy_reaches_fn_as_a_fresh_tensor_of_the_inputs_shape() 
     assert len({pointer for _, pointer in perturbed_u}) == len(perturbed_u)
 
 
-def test_a_transposed_input_reaches_fn_contiguous_and_its_gradient_keeps_memory_order() -> None:
+def test_a_transposed_input_reaches_fn_as_given_and_its_gradient_keeps_logical_order() -> None:
+    """fn gets the user's layout (a backward may depend on it: test_edge_layout.py), so code that
+    cannot take the user's own input raises here as it does when the user calls it."""
     x = torch.arange(6, dtype=D).reshape(3, 2).T  # (2, 3), not contiguous
     weights = torch.arange(1.0, 7.0, dtype=D).reshape(2, 3)
+    seen = []
 
     def weighted(t: torch.Tensor) -> torch.Tensor:
-        return (t.view(-1) ** 2 * weights.view(-1)).sum()  # view() needs a contiguous t
+        seen.append(t.stride())
+        return (t.reshape(-1) ** 2 * weights.view(-1)).sum()
 
     report = gcs.check(weighted, x, mode="full")
     assert report.ok
+    assert set(seen) == {x.stride()}
     expected = (2 * x.contiguous() * weights).reshape(-1).tolist()
     assert report.pairs[0].analytic == pytest.approx(expected)
+    with pytest.raises(RuntimeError):
+        x.view(-1)  # as fn written with view() raises on the user's own input ...
+    with pytest.raises(gcs.FunctionRaisedError, match="view size"):
+        gcs.check(lambda t: (t.view(-1) ** 2).sum(), x, mode="full")  # ... so it does here
 
 
 @pytest.mark.parametrize("tiny_path", [True, False])

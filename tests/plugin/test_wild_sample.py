@@ -1,4 +1,4 @@
-"""A sample of the Functions modelled on public code (tests/engine/corpus_wild.py) checked
+"""A sample of the Functions modelled on public code (tests/engine/corpus_wild*.py) checked
 through the ``assert_grads`` fixture in a user's test file: correct ones pass in float64 and
 float32, a planted bug raises GradientMismatch."""
 
@@ -14,10 +14,11 @@ FIXTURE_SAMPLE = """
 import pytest
 import torch
 from corpus_wild import WILD_CASES, make_wild_inputs
+from corpus_wild2 import WILD_CASES_2
 
 import gradcheck_svc as gc
 
-SAMPLE = {c.name: c for c in WILD_CASES if c.name in NAMES}
+SAMPLE = {c.name: c for c in WILD_CASES + WILD_CASES_2 if c.name in NAMES}
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLE))
@@ -37,6 +38,7 @@ def test_bug(assert_grads, name):
 
 def test_a_sample_through_the_pytest_fixture(pytester: pytest.Pytester) -> None:
     names = ("entmax15", "vocab_cross_entropy", "rotary", "linear_function", "softmax_with_lse")
+    names += ("chamfer", "complex_multiply", "weight_standardization", "inplace_elu", "polar")
     pytester.syspathinsert(CORPUS_DIR)
     pytester.makepyfile(test_wild=FIXTURE_SAMPLE.replace("NAMES", repr(names)))
     result = pytester.runpytest_inprocess()
