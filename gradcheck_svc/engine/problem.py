@@ -120,7 +120,8 @@ class Leaf:
         value = self.value
         if value.dim() < 2 or value.is_contiguous():
             return None
-        order = tuple(sorted(range(value.dim()), key=lambda d: -value.stride(d)))
+        strides = value.stride()
+        order = tuple(sorted(range(value.dim()), key=lambda d: -strides[d]))
         if not value.permute(order).is_contiguous():
             return None
         inverse = tuple(sorted(range(value.dim()), key=lambda d: order[d]))
