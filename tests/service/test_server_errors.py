@@ -219,7 +219,8 @@ def limited() -> Iterator[Running]:
 
 @pytest.fixture
 def limited_client(limited: Running) -> Iterator[Client]:
-    with Client(limited.address, timeout=30) as c:
+    # busy_wait=0: these tests see the server's refusals, which the client otherwise waits out
+    with Client(limited.address, timeout=30, busy_wait=0) as c:
         yield c
 
 
