@@ -15,9 +15,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-from service_servers import Running, start_server
+from service_servers import Running, refusal, start_server
 
 from gradcheck_svc.client import Registered, build_request
 from gradcheck_svc.settings import MiB, Settings
@@ -47,22 +45,6 @@ def server() -> Iterator[Running]:
     running.server.stop(grace=0)
 
 
-def details(error: grpc.RpcError) -> tuple[str, list[str], bool]:
-    """ErrorInfo's reason, QuotaFailure's subjects, and whether RetryInfo came along."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    reason, subjects, retry = "", [], False
-    for detail in status.details:
-        info, quota = error_details_pb2.ErrorInfo(), error_details_pb2.QuotaFailure()
-        if detail.Unpack(info):
-            reason = info.reason
-        elif detail.Unpack(quota):
-            subjects += [v.subject for v in quota.violations]
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = True
-    return reason, subjects, retry
-
-
 def test_heavy_checks_share_one_memory_budget(server: Running) -> None:
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.GradcheckServiceStub(channel)
@@ -74,7 +56,7 @@ def test_heavy_checks_share_one_memory_budget(server: Running) -> None:
         error = refused.value
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
         assert "max_check_bytes_in_flight" in error.details()  # type: ignore[attr-defined]
-        assert details(error) == ("SERVER_BUSY", ["max_check_bytes_in_flight"], True)
+        assert refusal(error) == ("SERVER_BUSY", ["max_check_bytes_in_flight"], True)
         assert stub.Check(LIGHT, timeout=60).reports[0].ok  # small checks hold no share of it
         assert not holding.done()
         holding.cancel()
@@ -84,7 +66,7 @@ def test_heavy_checks_share_one_memory_budget(server: Running) -> None:
                 assert stub.Check(HEAVY, timeout=60).reports[0].ok
                 break
             except grpc.RpcError as exc:
-                assert details(exc)[0] == "SERVER_BUSY" and time.monotonic() < deadline
+                assert refusal(exc)[0] == "SERVER_BUSY" and time.monotonic() < deadline
                 time.sleep(0.1)
 
 
@@ -101,7 +83,7 @@ def test_a_streams_heavy_items_wait_for_memory_as_they_wait_for_a_slot(server: R
         time.sleep(0.5)  # both items started: the slow one holds the memory, the other waits
         with pytest.raises(grpc.RpcError) as refused:
             stub.Check(HEAVY, timeout=60)
-        assert details(refused.value)[0] == "SERVER_BUSY"
+        assert refusal(refused.value)[0] == "SERVER_BUSY"
         got = {answer.id: answer for answer in answers}
     assert set(got) == {"slow", "after"}
     assert all(answer.HasField("response") for answer in got.values()), got

@@ -18,9 +18,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-from service_servers import Running, start_server
+from service_servers import Running, refusal, start_server
 
 from gradcheck_svc.client import Registered, build_request
 from gradcheck_svc.server.fairness import ClientShareInterceptor, peer_address
@@ -61,22 +59,6 @@ def server() -> Iterator[Running]:
     )
     yield running
     running.server.stop(grace=0)
-
-
-def refusal(error: grpc.RpcError) -> tuple[str, list[str], bool]:
-    """ErrorInfo's reason, QuotaFailure's subjects, and whether RetryInfo came along."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    reason, subjects, retry = "", [], False
-    for detail in status.details:
-        info, quota = error_details_pb2.ErrorInfo(), error_details_pb2.QuotaFailure()
-        if detail.Unpack(info):
-            reason = info.reason
-        elif detail.Unpack(quota):
-            subjects += [v.subject for v in quota.violations]
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = True
-    return reason, subjects, retry
 
 
 def test_a_flooding_client_leaves_room_for_others(server: Running) -> None:

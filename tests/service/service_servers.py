@@ -13,7 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import service_test_ops
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from gradcheck_svc.server import GradcheckServer, create_server
 from gradcheck_svc.settings import Settings
@@ -110,3 +113,19 @@ class ServeProcess:
     def log(self) -> str:
         time.sleep(0.1)  # let the stderr reader catch up
         return "".join(self.stderr_lines)
+
+
+def refusal(error: grpc.RpcError) -> tuple[str, list[str], bool]:
+    """A refusal's ErrorInfo reason, QuotaFailure subjects, and whether RetryInfo came along."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    reason, subjects, retry = "", [], False
+    for detail in status.details:
+        info, quota = error_details_pb2.ErrorInfo(), error_details_pb2.QuotaFailure()
+        if detail.Unpack(info):
+            reason = info.reason
+        elif detail.Unpack(quota):
+            subjects += [v.subject for v in quota.violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = True
+    return reason, subjects, retry
