@@ -20,7 +20,7 @@ from gradcheck_svc.engine.numeric import NODES
 from gradcheck_svc.engine.numeric import defaults_for as _defaults_for
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, Problem
 from gradcheck_svc.engine.progress import Progress
-from gradcheck_svc.engine.reference import Reference, rounded_terms
+from gradcheck_svc.engine.reference import Reference, narrowed_terms, rounded_terms
 from gradcheck_svc.errors import CheckCancelledError, LimitExceededError
 from gradcheck_svc.options import CheckOptions
 
@@ -39,6 +39,9 @@ _CANCELLED_GAP = 2.0**-10
 # Units of float64 rounding of those terms, over the step, allowed the float64 run of the
 # backward: the float64 differences of a cancellation carry that much rounding.
 _WIDE_CANCELLED_ULPS = 8.0
+# A float64 output block whose values are at most this many float32 ulps of its inputs' scale may
+# be a cancellation of terms of that size: a float32 copy measures them (``_narrowed_terms``).
+_NARROW_CANCELLED_ULPS = 1.0
 # A batch of at most this many perturbed copies (scalar inputs, one projection in fast mode) of a
 # problem of at most PLAIN_ELEMENTS input and output elements is evaluated by plain calls, one at
 # a time: that many calls of fn cost less than a vmap call plus the plain call that verifies it and
@@ -293,8 +296,44 @@ class Context:
                 rtol=o.rtol if o.rtol is not None else rtol,
                 bars=o.error_bars,
                 kinks_fail=o.kinks == "fail",
-                slack=o.nondet_tol + _ROUNDING_ATOL * d.machine_eps * self._cancelled_scale(output, leaf),
+                slack=o.nondet_tol
+                + _ROUNDING_ATOL * d.machine_eps * self._cancelled_scale(output, leaf)
+                + self._float64_cancellation(output, leaf),
             )
+        return found
+
+    def _float64_cancellation(self, output: OutputBlock, leaf: Leaf) -> float:
+        """A float64 check of an output that is a cancellation (its value rounding of terms that
+        cancel, ``F.batch_norm(x).sum(0)``): its differences carry the rounding of those terms
+        over the step, which neither their error bars (power-of-two steps scale the rounding with
+        the step) nor the block's scale (about 0) allow. That rounding, ``_WIDE_CANCELLED_ULPS``
+        units at the terms' size over the step (the analytic side's rounding of the same terms,
+        over |x| rather than the step, is less), where a float32 copy measures the terms; 0
+        elsewhere, unmeasured: outputs not of float64 inputs and outputs, or not small."""
+        if self.reference is not None and self.reference.problem is not self.problem:
+            return 0.0
+        if output.dtype != torch.float64 or leaf.dtype != torch.float64:
+            return 0.0
+        wide = defaults_for(torch.float64)
+        return (
+            _WIDE_CANCELLED_ULPS
+            * wide.machine_eps
+            * self._narrowed_terms(output)
+            / (self.options.eps or wide.eps)
+        )
+
+    def _narrowed_terms(self, output: OutputBlock) -> float:
+        found = self._cancelled.get(output.offset)
+        if found is not None:
+            return found
+        inputs = max((_largest_finite(leaf.real) for leaf in self.problem.leaves), default=0.0)
+        small = _NARROW_CANCELLED_ULPS * defaults_for(torch.float32).machine_eps * max(inputs, 1.0)
+        found = 0.0
+        if _largest_finite(self.f0[output.rows]) <= small:
+            if self._rounded_terms is None:
+                self._rounded_terms = narrowed_terms(self.problem, self.options.seed)
+            found = _largest_finite(self._rounded_terms[output.rows])
+        self._cancelled[output.offset] = found
         return found
 
     def _cancelled_scale(self, output: OutputBlock, leaf: Leaf) -> float:

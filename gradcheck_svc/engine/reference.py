@@ -11,6 +11,7 @@ user's dtype, and says why.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from gradcheck_svc.engine.numeric import defaults_for
 from gradcheck_svc.engine.problem import Problem, build_problem
 from gradcheck_svc.errors import CheckError
 
-__all__ = ["Reference", "choose_reference", "rounded_terms"]
+__all__ = ["Reference", "choose_reference", "narrowed_terms", "rounded_terms"]
 
 _WIDE = (torch.float64, torch.complex128)
 # A float64 copy whose values stray further than this many units of the low precision from the
@@ -142,7 +143,25 @@ def _magnitude(value: float) -> float:
     return 0.0 if math.isnan(magnitude) or magnitude == math.inf else magnitude
 
 
-def rounded_terms(low: Problem, wide: Problem, seed: int) -> torch.Tensor:
+def narrowed_terms(problem: Problem, seed: int) -> torch.Tensor:
+    """``rounded_terms`` of a float64 problem, its float32 run as the low precision: float64
+    has no wider reference, but the gap of a float32 copy measures the terms that cancel all the
+    same. Zeros where fn does not run on float32 copies (it returns float64 from them, say): no
+    measurement, no allowance."""
+    if any(leaf.is_complex for leaf in problem.leaves) or any(o.is_complex for o in problem.outputs):
+        return torch.zeros(problem.n_outputs, dtype=torch.float64)
+    narrow = dataclasses.replace(
+        problem,
+        outputs=[dataclasses.replace(o, dtype=torch.float32) for o in problem.outputs],
+        first_call=None,
+        first_root=None,
+    )
+    return rounded_terms(narrow, problem, seed, narrow=torch.float32)
+
+
+def rounded_terms(
+    low: Problem, wide: Problem, seed: int, *, narrow: torch.dtype | None = None
+) -> torch.Tensor:
     """Per output element, the size of the terms its low-precision forward rounds: the largest
     gap between the user's forward and the float64 copy at a few points near x (the same points
     in both dtypes), in units of the low precision.
@@ -150,6 +169,8 @@ def rounded_terms(low: Problem, wide: Problem, seed: int) -> torch.Tensor:
     Where f is a cancellation (``(x - x.mean()).sum()``), |f| says nothing of the terms that
     cancel, and its gap at x alone may be zero by chance (both sides exactly 0); at a few
     points nearby it is not. Zeros where fn fails at a probe point or is not finite there.
+    ``narrow``: the dtype of ``low``'s inputs where its leaves are not (a float32 run of a float64
+    problem), else the leaves' own.
     """
     generator = torch.Generator().manual_seed(seed)
     unit = defaults_for(*(o.dtype for o in low.outputs)).machine_eps
@@ -159,7 +180,9 @@ def rounded_terms(low: Problem, wide: Problem, seed: int) -> torch.Tensor:
         for leaf_low, leaf_wide in zip(low.leaves, wide.leaves, strict=True):
             base = leaf_low.real.detach()
             shift = torch.rand(base.shape, generator=generator, dtype=torch.float64).mul_(2).sub_(1)
-            moved = (base.to(torch.float64) * (1 + _PROBE_SPREAD * shift.to(base.device))).to(base.dtype)
+            moved = (base.to(torch.float64) * (1 + _PROBE_SPREAD * shift.to(base.device))).to(
+                narrow or base.dtype
+            )
             lows.append(moved)
             wides.append(moved.to(leaf_wide.real.dtype))
         try:
