@@ -32,7 +32,7 @@ __all__ = ["WILD_CASES", "WildCase", "make_wild_inputs"]
 
 def _first_row(t: torch.Tensor, factor: float) -> torch.Tensor:
     """``t`` with its first row (first element along dim 0) scaled by ``factor``: a 1% slip."""
-    scale = torch.ones(t.shape[0], *([1] * (t.dim() - 1)), dtype=t.dtype)
+    scale = torch.ones(t.shape[0], *([1] * (t.dim() - 1)), dtype=t.dtype, device=t.device)
     scale[0] = factor
     return t * scale
 
@@ -346,7 +346,7 @@ class VocabCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, label_smoothing, bug):
         logits_max = logits.max(dim=-1)[0]
         logits = logits - logits_max.unsqueeze(-1)
-        rows = torch.arange(logits.shape[0])
+        rows = torch.arange(logits.shape[0], device=logits.device)
         predicted = logits[rows, target]
         exp_logits = logits.exp()
         sum_exp = exp_logits.sum(-1)
@@ -366,7 +366,7 @@ class VocabCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         softmax, target = ctx.saved_tensors
         grad = softmax.clone()
-        rows = torch.arange(grad.shape[0])
+        rows = torch.arange(grad.shape[0], device=grad.device)
         smoothing = ctx.label_smoothing * ctx.vocab / (ctx.vocab - 1)
         update = (1.0 - smoothing) if ctx.label_smoothing > 0 else 1.0
         if ctx.bug == "sign":
@@ -387,7 +387,7 @@ class SigmoidFocalLoss(torch.autograd.Function):
     def forward(ctx, x, target, gamma, alpha, bug):
         ctx.save_for_backward(x, target)
         ctx.gamma, ctx.alpha, ctx.bug = gamma, alpha, bug
-        cls = torch.arange(x.shape[1]).unsqueeze(0)
+        cls = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
         flag_p = (target.unsqueeze(1) == cls).to(x.dtype)
         flag_n = 1 - flag_p
         p = 1.0 / (1.0 + torch.exp(-x))
@@ -400,7 +400,7 @@ class SigmoidFocalLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         x, target = ctx.saved_tensors
         gamma, alpha = ctx.gamma, ctx.alpha
-        cls = torch.arange(x.shape[1]).unsqueeze(0)
+        cls = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
         flag_p = (target.unsqueeze(1) == cls).to(x.dtype)
         flag_n = 1 - flag_p
         p = 1.0 / (1.0 + torch.exp(-x))
@@ -507,7 +507,7 @@ class BilinearSample(torch.autograd.Function):
         y0, x0, wy, wx = BilinearSample._corners(img, pts)
         v00, v01 = img[:, y0, x0], img[:, y0, x0 + 1]
         v10, v11 = img[:, y0 + 1, x0], img[:, y0 + 1, x0 + 1]
-        flat = torch.zeros(c, h * w, dtype=img.dtype)
+        flat = torch.zeros(c, h * w, dtype=img.dtype, device=img.device)
         corners = (
             (y0, x0, (1 - wy) * (1 - wx)),
             (y0, x0 + 1, (1 - wy) * wx),

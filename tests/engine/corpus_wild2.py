@@ -39,7 +39,7 @@ class Sparsemax(torch.autograd.Function):
     def forward(ctx, x, bug):
         x = x - x.max(dim=-1, keepdim=True).values
         zs = torch.sort(x, dim=-1, descending=True).values
-        rng = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype)
+        rng = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype, device=x.device)
         is_gt = (1 + rng * zs > zs.cumsum(-1)).to(x.dtype)
         k = (is_gt * rng).max(dim=-1, keepdim=True).values
         tau = ((is_gt * zs).sum(-1, keepdim=True) - 1) / k
@@ -94,9 +94,9 @@ class SoftDTW(torch.autograd.Function):
     @staticmethod
     def forward(ctx, D, gamma, bug):
         n, m = D.shape
-        inf = torch.tensor(math.inf, dtype=D.dtype)
+        inf = torch.tensor(math.inf, dtype=D.dtype, device=D.device)
         R = [[inf] * (m + 2) for _ in range(n + 2)]
-        R[0][0] = torch.zeros((), dtype=D.dtype)
+        R[0][0] = torch.zeros((), dtype=D.dtype, device=D.device)
         for i in range(1, n + 1):
             for j in range(1, m + 1):
                 r = -torch.stack([R[i - 1][j - 1], R[i - 1][j], R[i][j - 1]]) / gamma
@@ -183,7 +183,7 @@ class DepthwiseConv1d(torch.autograd.Function):
         gw = (cols * gy[..., None]).sum((0, 2))
         if bug == "first_batch_only":
             gw = (cols[:1] * gy[:1, ..., None]).sum((0, 2))
-        gxp = torch.zeros(x.shape[0], x.shape[1], length + 2 * p, dtype=x.dtype)
+        gxp = torch.zeros(x.shape[0], x.shape[1], length + 2 * p, dtype=x.dtype, device=x.device)
         for j in range(k):
             tap = k - 1 - j if bug == "flipped_kernel" else j
             gxp[:, :, j : j + length] += gy * w[None, :, tap, None]
@@ -403,7 +403,7 @@ class Interp1d(torch.autograd.Function):
         upper = idx + 1
         if bug == "last_interval":  # the upper weight lands on the lower knot in the last interval
             upper = torch.where(idx == x.numel() - 2, idx, upper)
-        gy = torch.zeros(x.numel(), dtype=g.dtype)
+        gy = torch.zeros(x.numel(), dtype=g.dtype, device=g.device)
         gy.index_add_(0, idx, g * (1 - w1))
         gy.index_add_(0, upper, g * w1)
         gxnew = -g * slope if bug == "slope_sign" else g * slope
