@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "engine"))
 
+from corpus import only_in
 from kink_cases import KINK_CASES, kink_element, make_kink_input, planted, smooth_element, tied_pair
 
 import gradcheck_svc as gc
@@ -41,20 +42,6 @@ import gradcheck_svc as gc
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 MODES = {"full": {"mode": "full"}, "fast": {"mode": "fast"}, "auto": {}}
 _COLUMN = {"smooth": 3, "at_kink": 5, "at_tie": 7}  # where a twin's caught count goes in a row
-
-
-def _only_in(
-    dtype: torch.dtype, fn: Callable[[torch.Tensor], torch.Tensor]
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``fn`` refusing floating inputs of any other dtype, as code written for one dtype does."""
-
-    def call(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != dtype:
-            raise TypeError(f"written for {dtype} inputs only")
-        return fn(x)
-
-    call.__name__ = call.__qualname__ = getattr(fn, "__name__", "fn")
-    return call
 
 
 def _torch_ok(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> bool:
@@ -97,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                     x = x64.to(dtype)
 
                     def bind(fn: Callable, dtype: torch.dtype = dtype) -> Callable:
-                        return _only_in(dtype, fn) if args.own_dtype else fn
+                        return only_in(dtype, fn) if args.own_dtype else fn
 
                     for mode in args.modes:
                         label = f"{dtype_name}{' own' if args.own_dtype else ''} {mode} n={n}"

@@ -25,14 +25,13 @@ import collections
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "engine"))
 
-from corpus import CASES, make_inputs
+from corpus import CASES, make_inputs, only_in
 
 import gradcheck_svc as gc
 
@@ -47,18 +46,6 @@ MODE_OPTIONS = {
     "fast": ({"mode": "fast"}, (6, 5)),
     "auto": ({"fast_threshold": 100}, (12, 8)),
 }
-
-
-def _only_in(dtype: torch.dtype, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """``fn`` refusing floating inputs of any other dtype, as code written for one dtype does."""
-
-    def call(*inputs: torch.Tensor) -> torch.Tensor:
-        if any(t.is_floating_point() and t.dtype != dtype for t in inputs):
-            raise TypeError(f"written for {dtype} inputs only")
-        return fn(*inputs)
-
-    call.__name__ = call.__qualname__ = getattr(fn, "__name__", "fn")
-    return call
 
 
 def run(
@@ -81,7 +68,7 @@ def run(
             for case in CASES:
                 for seed in range(first_seed, first_seed + seeds):
                     inputs = tuple(t.to(device) for t in make_inputs(case, seed, dtype, shape))
-                    bind = (lambda *b, d=dtype, c=case: _only_in(d, c.bound(*b))) if own_dtype else case.bound
+                    bind = (lambda *b, d=dtype, c=case: only_in(d, c.bound(*b))) if own_dtype else case.bound
                     report = gc.check(bind(), *inputs, seed=seed, **options)
                     correct_runs += 1
                     if not report.ok:

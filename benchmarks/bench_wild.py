@@ -32,13 +32,13 @@ import argparse
 import collections
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "engine"))
 
+from corpus import only_in
 from corpus_wild import WILD_CASES, WildCase, make_wild_inputs
 from corpus_wild2 import WILD_CASES_2
 
@@ -49,23 +49,6 @@ SHAPES = {"small": (6, 5), "medium": (16, 12)}
 MODES = {"full": {"mode": "full"}, "fast": {"mode": "fast"}, "auto": {}, "auto-fast": {"fast_threshold": 100}}
 INVISIBLE = 1e-10
 CORPORA = {"first": WILD_CASES, "second": WILD_CASES_2, "both": WILD_CASES + WILD_CASES_2}
-
-
-def _only_in(dtype: torch.dtype, fn: Callable[..., object]) -> Callable[..., object]:
-    """``fn`` refusing floating inputs of any other dtype, as code written for one dtype does."""
-
-    complex_dtype = torch.complex64 if dtype == torch.float32 else torch.complex128
-
-    def call(*inputs: torch.Tensor) -> object:
-        if any(
-            (t.is_floating_point() and t.dtype != dtype) or (t.is_complex() and t.dtype != complex_dtype)
-            for t in inputs
-        ):
-            raise TypeError(f"written for {dtype} inputs only")
-        return fn(*inputs)
-
-    call.__name__ = call.__qualname__ = getattr(fn, "__name__", "fn")
-    return call
 
 
 def _grad_inputs(case: WildCase, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
@@ -179,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
                         inputs64 = make_wild_inputs(case, seed, torch.float64, shape)
 
                         def bind(bug: str = "none", case: WildCase = case, dtype: torch.dtype = dtype):
-                            return _only_in(dtype, case.bound(bug)) if args.own_dtype else case.bound(bug)
+                            return only_in(dtype, case.bound(bug)) if args.own_dtype else case.bound(bug)
 
                         report = gc.check(bind(), *inputs, seed=seed, **options)
                         n_ok += 1

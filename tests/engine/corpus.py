@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CASES", "Case", "make_inputs"]
+__all__ = ["CASES", "Case", "make_inputs", "only_in"]
 
 _GELU_K = 0.79788456
 _GELU_A = 0.044715
@@ -289,3 +289,21 @@ def make_inputs(case: Case, seed: int, dtype: torch.dtype, shape: tuple[int, int
     """The case's inputs for ``seed``, drawn in float64 and rounded to ``dtype``."""
     g = torch.Generator().manual_seed(seed)
     return tuple(t.to(dtype) for t in case.inputs(g, shape))
+
+
+def only_in(dtype: torch.dtype, fn: Callable[..., object]) -> Callable[..., object]:
+    """``fn`` refusing floating inputs of any other dtype, as code written for one dtype (a float32
+    constant inside) does: its finite differences then stay in ``dtype`` (``--own-dtype``)."""
+
+    complex_dtype = torch.complex64 if dtype == torch.float32 else torch.complex128
+
+    def call(*inputs: torch.Tensor) -> object:
+        if any(
+            (t.is_floating_point() and t.dtype != dtype) or (t.is_complex() and t.dtype != complex_dtype)
+            for t in inputs
+        ):
+            raise TypeError(f"written for {dtype} inputs only")
+        return fn(*inputs)
+
+    call.__name__ = call.__qualname__ = getattr(fn, "__name__", "fn")
+    return call

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from corpus import only_in
 from corpus_wild import WILD_CASES, make_wild_inputs
 from kink_cases import KINK_CASES, kink_element, make_kink_input, planted, smooth_element
 
@@ -16,17 +17,6 @@ from gradcheck_svc.report import Status
 
 MODES = [{"mode": "full"}, {"mode": "fast"}, {}]
 DTYPES = [torch.float64, torch.float32]
-
-
-def only_in(dtype: torch.dtype, fn):
-    """``fn`` refusing other dtypes, so that its differences stay in ``dtype``."""
-
-    def call(*inputs: torch.Tensor):
-        if any(t.is_floating_point() and t.dtype != dtype for t in inputs):
-            raise TypeError(f"written for {dtype} inputs only")
-        return fn(*inputs)
-
-    return call
 
 
 def _case(name: str):
