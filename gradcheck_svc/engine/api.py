@@ -28,7 +28,7 @@ from gradcheck_svc.engine.progress import Progress, ProgressFn
 from gradcheck_svc.engine.reference import Reference, choose_reference
 from gradcheck_svc.engine.second_order import second_order_problem
 from gradcheck_svc.engine.taylor import run_taylor
-from gradcheck_svc.engine.threads import guessed_batch, largest_batch, serial_if_small
+from gradcheck_svc.engine.threads import check_batch, guessed_batch, serial_if_small
 from gradcheck_svc.engine.tiny import run_tiny
 from gradcheck_svc.errors import (
     FunctionRaisedError,
@@ -110,15 +110,15 @@ def check(
         )
     device = resolve_device(opts.device, inputs)
     fn_kwargs, input_names = call.fn_kwargs, call.input_names
-    fast, auto = opts.mode == "fast", opts.mode == "auto"
-    guess = guessed_batch(fn, inputs, fast, auto, opts.projections, opts.fast_threshold)
+    guess = guessed_batch(fn, inputs, opts.mode, opts.projections, opts.fast_threshold)
     # From fn's first call on: f(x) must come from the same arithmetic at every call, and on busy
     # cores the first call on several threads costs most of a small check.
     with tf32_off(on_cuda(device, fn, inputs)) as tf32_was_allowed, serial_if_small(guess) as resize:
         problem, _ = build_problem(
             fn, inputs, fn_kwargs, input_names=input_names, device=device, upcast=opts.upcast, wrt=call.wrt
         )
-        resize(_largest_batch(problem, opts))
+        n, m, leaves = problem.n_inputs, problem.n_outputs, len(problem.leaves)
+        resize(check_batch(n, m, leaves, opts.mode, opts.projections, opts.fast_threshold))
         report = _check_problem(problem, fn, inputs, opts, call, device, progress)
     if tf32_was_allowed and any(leaf.dtype in _TF32_DTYPES for leaf in problem.leaves):
         report.notes.append(TF32_NOTE)
@@ -210,14 +210,6 @@ def _run_mode(ctx: Context, opts: CheckOptions, mode: str) -> tuple[list[PairRep
         tiny = run_tiny(ctx)
         return (tiny if tiny is not None else [a.report() for a in run_full(ctx).values()]), mode
     return run_fast(ctx), mode
-
-
-def _largest_batch(problem: Problem, opts: CheckOptions) -> int:
-    """Elements of the largest batch the check builds: fast mode perturbs its projections, full
-    mode every column (as ``_mode`` will choose)."""
-    n, m = problem.n_inputs, problem.n_outputs
-    fast = opts.mode == "fast" or (opts.mode == "auto" and n * m > opts.fast_threshold)
-    return largest_batch(n, m, opts.projections * len(problem.leaves) if fast else n)
 
 
 def _mode(ctx: Context, opts: CheckOptions) -> str:

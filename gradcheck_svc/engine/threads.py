@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["guessed_batch", "largest_batch", "serial_if_small", "use_threads"]
+__all__ = ["check_batch", "guessed_batch", "largest_batch", "serial_if_small", "use_threads"]
 
 # A check whose largest batch (three perturbed copies of every column it perturbs at once, each
 # with its outputs) holds up to this many elements (2 MiB of float64) is a small check.
@@ -39,19 +39,25 @@ def largest_batch(n_inputs: int, n_outputs: int, perturbed: int) -> int:
     return 3 * perturbed * (n_inputs + n_outputs)
 
 
-def guessed_batch(
-    fn: Any, inputs: Sequence[Any], fast: bool, auto: bool, projections: int, threshold: int
+def check_batch(
+    n_inputs: int, n_outputs: int, leaves: int, mode: str, projections: int, threshold: int
 ) -> int:
-    """``largest_batch`` before the first call has shown fn's outputs: from the floating input
-    tensors given (and a module's parameters), with as many outputs as inputs. ``fast``: fast
-    mode asked for; ``auto``: the mode is chosen at ``threshold`` Jacobian entries."""
+    """``largest_batch`` of a check in ``mode``: fast mode perturbs ``projections`` directions of
+    each of its ``leaves``, full mode every column; "auto" is fast above ``threshold`` Jacobian
+    entries."""
+    fast = mode == "fast" or (mode == "auto" and n_inputs * n_outputs > threshold)
+    return largest_batch(n_inputs, n_outputs, projections * leaves if fast else n_inputs)
+
+
+def guessed_batch(fn: Any, inputs: Sequence[Any], mode: str, projections: int, threshold: int) -> int:
+    """``check_batch`` before the first call has shown fn's outputs: from the floating input
+    tensors given (and a module's parameters), with as many outputs as inputs."""
     tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
     if isinstance(fn, torch.nn.Module):
         tensors += list(fn.parameters())
     floating = [t for t in tensors if t.is_floating_point() or t.is_complex()]
     n = sum(t.numel() * (2 if t.is_complex() else 1) for t in floating)
-    fast = fast or (auto and n * n > threshold)
-    return largest_batch(n, n, projections * max(len(floating), 1) if fast else n)
+    return check_batch(n, n, max(len(floating), 1), mode, projections, threshold)
 
 
 @contextlib.contextmanager
