@@ -27,6 +27,9 @@ handler starts: serializing, sending, the server's threads waking), the handler,
 inside the service's handler the engine's own call. The server records them from wrappers around
 its handlers (bench-only, in this process only) and hands them over at the end.
 
+The servers log as a default server does (INFO: one line per check); ``--log-level WARNING``
+measures them without the line, as this benchmark did before.
+
 Latency: one client, calls interleaved (the three in a shuffled order each round, so neither drift
 nor a fixed neighbour favours one), after a warm-up; p50, p90 and p99. Throughput: ``--clients``
 threads of this process calling as fast as they can for ``--seconds`` (each with its own channel).
@@ -72,14 +75,23 @@ MARKS = f"/{ECHO_SERVICE}/Marks"
 # ----------------------------------------------------------------------------- the server side
 
 
-def serve(device: str, timeline: bool = False) -> None:
+def serve(device: str, log_level: str, timeline: bool = False) -> None:
     """Run a gradcheck server with the echo handler; print the port; stop when stdin closes.
-    With ``timeline``, each handler (and the engine's call inside the service) records when it
-    starts and ends, for the Marks method to hand over."""
+    Its log is set up as ``gradcheck-svc serve`` sets it up, at ``log_level``, its lines written to
+    the null device (a real server's go to a file or a collector). With ``timeline``, each
+    handler (and the engine's call inside the service) records when it starts and ends, for the
+    Marks method to hand over."""
+    import logging
+
     from gradcheck_svc.server import create_server
     from gradcheck_svc.server.service import GradcheckService
     from gradcheck_svc.settings import Settings
 
+    logging.basicConfig(
+        level=log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",  # as gradcheck-svc serve's
+        stream=open(os.devnull, "w"),  # noqa: SIM115  # the server's whole life
+    )
     reply = [pb.CheckResponse()]
     marks: dict[str, list[tuple[int, int]]] = {}
 
@@ -120,7 +132,7 @@ def serve(device: str, timeline: bool = False) -> None:
         return reply[0]
 
     server, port = create_server(
-        Settings(port=0, device=device, max_concurrent_checks=64, log_level="WARNING"),
+        Settings(port=0, device=device, max_concurrent_checks=64, log_level=log_level),
         check_fn=marked("service engine", gc.check),
     )
     # Registered like the service's own methods (the generated code registers them), so neither
@@ -309,16 +321,21 @@ def main() -> int:
         help="also split each remote way into the client's own work, the trips there and back and the "
         "handler (a second interleaved pass of --iterations calls, this tree's server only)",
     )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        help="the servers' log level (INFO, a server's default, writes a line per check; WARNING none)",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.device, args.timeline)
+        serve(args.device, args.log_level, args.timeline)
         return 0
 
-    servers = [start_server(args.device, timeline=args.timeline)]
+    servers = [start_server(args.device, args.log_level, timeline=args.timeline)]
     try:
         if args.baseline_tree is not None:
-            servers.append(start_server(args.device, args.baseline_tree.resolve()))
+            servers.append(start_server(args.device, args.log_level, args.baseline_tree.resolve()))
         targets = [target for _, target in servers]
         return run(args, targets[0], psutil.Process(servers[0][0].pid), *targets[1:])
     finally:
@@ -329,13 +346,14 @@ def main() -> int:
 
 
 def start_server(
-    device: str, tree: Path | None = None, *, timeline: bool = False
+    device: str, log_level: str, tree: Path | None = None, *, timeline: bool = False
 ) -> tuple[subprocess.Popen[str], str]:
     """A server subprocess (its gradcheck_svc from ``tree`` when given) and its address; with
     ``timeline``, its handlers record their spans."""
     env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
+    command = [sys.executable, __file__, "--serve", "--device", device, "--log-level", log_level]
     process = subprocess.Popen(
-        [sys.executable, __file__, "--serve", "--device", device, *(["--timeline"] if timeline else [])],
+        [*command, *(["--timeline"] if timeline else [])],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
