@@ -19,6 +19,17 @@ Three ways to get the same answer for d/dx sin(x / 2**1.5) at x = 100 (float32):
               (the request decoded and planned, the report encoded, the client's request and
               Report built).
 
+``--timeline`` adds a second interleaved pass that splits each remote way with timestamps taken in
+both processes on the same monotonic clock: the client's own work before sending (the service's
+request built) and after receipt (its Report decoded), the trip there (from the call until the
+handler starts: serializing, sending, the server's threads waking), the handler, the trip back
+(from the handler's end until the call returns: the response sent, the waiting client woken), and
+inside the service's handler the engine's own call. The server records them from wrappers around
+its handlers (bench-only, in this process only) and hands them over at the end.
+
+The servers log as a default server does (INFO: one line per check); ``--log-level WARNING``
+measures them without the line, as this benchmark did before.
+
 Latency: one client, calls interleaved (the three in a shuffled order each round, so neither drift
 nor a fixed neighbour favours one), after a warm-up; p50, p90 and p99. Throughput: ``--clients``
 threads of this process calling as fast as they can for ``--seconds`` (each with its own channel).
@@ -42,6 +53,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -49,6 +61,7 @@ import torch
 
 import gradcheck_svc as gc
 from gradcheck_svc.client import Client, build_request
+from gradcheck_svc.codec import decode_report
 from gradcheck_svc.specs import compile_expression
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
@@ -56,17 +69,54 @@ EXPRESSION = "sin(x / 2**1.5)"
 ECHO_SERVICE = "bench.Echo"
 ECHO, SET_REPLY = f"/{ECHO_SERVICE}/Echo", f"/{ECHO_SERVICE}/SetReply"
 ENGINE_ONLY = f"/{ECHO_SERVICE}/EngineOnly"
+MARKS = f"/{ECHO_SERVICE}/Marks"
 
 
 # ----------------------------------------------------------------------------- the server side
 
 
-def serve(device: str) -> None:
-    """Run a gradcheck server with the echo handler; print the port; stop when stdin closes."""
+def serve(device: str, log_level: str, timeline: bool = False) -> None:
+    """Run a gradcheck server with the echo handler; print the port; stop when stdin closes.
+    Its log is set up as ``gradcheck-svc serve`` sets it up, at ``log_level``, its lines written to
+    the null device (a real server's go to a file or a collector). With ``timeline``, each
+    handler (and the engine's call inside the service) records when it starts and ends, for the
+    Marks method to hand over."""
+    import logging
+
     from gradcheck_svc.server import create_server
+    from gradcheck_svc.server.service import GradcheckService
     from gradcheck_svc.settings import Settings
 
+    logging.basicConfig(
+        level=log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",  # as gradcheck-svc serve's
+        stream=open(os.devnull, "w"),  # noqa: SIM115  # the server's whole life
+    )
     reply = [pb.CheckResponse()]
+    marks: dict[str, list[tuple[int, int]]] = {}
+
+    def marked(way: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if not timeline:
+            return fn
+        spans = marks.setdefault(way, [])
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            started = time.monotonic_ns()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spans.append((started, time.monotonic_ns()))
+
+        return run
+
+    def hand_over(request: bytes, context: grpc.ServicerContext) -> bytes:
+        taken = {way: spans[:] for way, spans in marks.items()}
+        for spans in marks.values():
+            spans.clear()
+        return json.dumps(taken).encode()
+
+    # The service's own handler, wrapped before the server registers it (this process only).
+    GradcheckService.Check = marked("service", GradcheckService.Check)  # type: ignore[method-assign]
 
     def set_reply(request: pb.CheckResponse, context: grpc.ServicerContext) -> pb.CheckResponse:
         reply[0] = request
@@ -82,18 +132,19 @@ def serve(device: str) -> None:
         return reply[0]
 
     server, port = create_server(
-        Settings(port=0, device=device, max_concurrent_checks=64, log_level="WARNING")
+        Settings(port=0, device=device, max_concurrent_checks=64, log_level=log_level),
+        check_fn=marked("service engine", gc.check),
     )
     # Registered like the service's own methods (the generated code registers them), so neither
     # way pays the generic-handler lookup the other does not.
     handlers = {
         "Echo": grpc.unary_unary_rpc_method_handler(
-            echo,
+            marked("echo", echo),
             request_deserializer=pb.CheckRequest.FromString,
             response_serializer=pb.CheckResponse.SerializeToString,
         ),
         "EngineOnly": grpc.unary_unary_rpc_method_handler(
-            engine_only,
+            marked("engine only", engine_only),
             request_deserializer=pb.CheckRequest.FromString,
             response_serializer=pb.CheckResponse.SerializeToString,
         ),
@@ -102,6 +153,7 @@ def serve(device: str) -> None:
             request_deserializer=pb.CheckResponse.FromString,
             response_serializer=pb.CheckResponse.SerializeToString,
         ),
+        "Marks": grpc.unary_unary_rpc_method_handler(hand_over),  # raw bytes both ways
     }
     server.grpc_server.add_registered_method_handlers(ECHO_SERVICE, handlers)
     server.start()
@@ -129,6 +181,72 @@ def latency(calls: dict[str, Callable[[], object]], iterations: int) -> dict[str
             call()
             times[name].append(time.perf_counter() - started)
     return times
+
+
+# A remote call for the timeline: returns when it sent (the gRPC call began) and when the answer
+# came back (the call returned), monotonic nanoseconds; what it does before and after is its own.
+TimedCall = Callable[[], tuple[int, int]]
+
+
+def timeline(
+    remote: dict[str, TimedCall], local: Callable[[], object], iterations: int, marks: Callable[[], dict]
+) -> dict[str, dict[str, float]]:
+    """p50 of each stage of each remote way (microseconds), from ``iterations`` interleaved calls
+    of every way (and of ``local``, the in-process check, whose p50 is "total" of "in-process").
+    ``marks()`` returns and clears the server's spans: {way: [(start, end), ...]} in call order,
+    and "service engine" for the engine's call inside the service's handler."""
+    calls: dict[str, Callable[[], object]] = {**remote, "in-process": local}
+    rows: dict[str, list[tuple[int, ...]]] = {name: [] for name in calls}
+    order = list(calls.items())
+    shuffle = random.Random(2).shuffle
+    marks()  # what the server recorded before: not ours
+    for _ in range(iterations):
+        shuffle(order)
+        for name, call in order:
+            started = time.monotonic_ns()
+            if name in remote:
+                sent, received = remote[name]()
+            else:
+                call()
+                sent = received = started
+            rows[name].append((started, sent, received, time.monotonic_ns()))
+    spans = marks()
+    p50 = lambda values: statistics.median(values) / 1e3  # noqa: E731
+    stages = {"in-process": {"total": p50([r[3] - r[0] for r in rows["in-process"]])}}
+    for name in remote:
+        handled = spans[name]
+        assert len(handled) == len(rows[name]), (name, len(handled), len(rows[name]))
+        pairs = list(zip(rows[name], handled, strict=True))
+        stages[name] = {
+            "total": p50([c[3] - c[0] for c, _ in pairs]),
+            "client before": p50([c[1] - c[0] for c, _ in pairs]),
+            "trip there": p50([h[0] - c[1] for c, h in pairs]),
+            "handler": p50([h[1] - h[0] for _, h in pairs]),
+            "trip back": p50([c[2] - h[1] for c, h in pairs]),
+            "client after": p50([c[3] - c[2] for c, _ in pairs]),
+        }
+    engine = spans.get("service engine", [])
+    if "service" in stages and engine:
+        stages["service"]["engine in handler"] = p50([end - start for start, end in engine])
+    return stages
+
+
+def print_timeline(stages: dict[str, dict[str, float]]) -> None:
+    columns = ("total", "client before", "trip there", "handler", "trip back", "client after")
+    print(f"{'timeline, p50 us':<16}" + "".join(f"{c:>15}" for c in columns) + f"{'engine in handler':>19}")
+    for name, stage in stages.items():
+        cells = "".join(f"{stage[c]:>15.0f}" if c in stage else f"{'':>15}" for c in columns)
+        engine = stage.get("engine in handler")
+        print(f"{name:<16}{cells}" + (f"{engine:>19.0f}" if engine is not None else ""))
+    inside = stages.get("engine only", {}).get("handler")
+    if inside is not None:
+        local, echo = stages["in-process"]["total"], stages["echo"]
+        print(
+            f"the check in a handler of the server {inside:.0f} us against {local:.0f} us in-process; "
+            f"engine only's trips {stages['engine only']['trip there']:.0f} + "
+            f"{stages['engine only']['trip back']:.0f} us against the echo's "
+            f"{echo['trip there']:.0f} + {echo['trip back']:.0f} us"
+        )
 
 
 def throughput(make_call: Callable[[], Callable[[], object]], clients: int, seconds: float) -> float:
@@ -197,16 +315,27 @@ def main() -> int:
         "commit): a second server runs from it, and its service, echo and engine-only handler join "
         "the latency interleaving, so both servers are compared in one run (the client is this tree's)",
     )
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="also split each remote way into the client's own work, the trips there and back and the "
+        "handler (a second interleaved pass of --iterations calls, this tree's server only)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        help="the servers' log level (INFO, a server's default, writes a line per check; WARNING none)",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.device)
+        serve(args.device, args.log_level, args.timeline)
         return 0
 
-    servers = [start_server(args.device)]
+    servers = [start_server(args.device, args.log_level, timeline=args.timeline)]
     try:
         if args.baseline_tree is not None:
-            servers.append(start_server(args.device, args.baseline_tree.resolve()))
+            servers.append(start_server(args.device, args.log_level, args.baseline_tree.resolve()))
         targets = [target for _, target in servers]
         return run(args, targets[0], psutil.Process(servers[0][0].pid), *targets[1:])
     finally:
@@ -216,11 +345,15 @@ def main() -> int:
             process.wait(30)
 
 
-def start_server(device: str, tree: Path | None = None) -> tuple[subprocess.Popen[str], str]:
-    """A server subprocess (its gradcheck_svc from ``tree`` when given) and its address."""
+def start_server(
+    device: str, log_level: str, tree: Path | None = None, *, timeline: bool = False
+) -> tuple[subprocess.Popen[str], str]:
+    """A server subprocess (its gradcheck_svc from ``tree`` when given) and its address; with
+    ``timeline``, its handlers record their spans."""
     env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
+    command = [sys.executable, __file__, "--serve", "--device", device, "--log-level", log_level]
     process = subprocess.Popen(
-        [sys.executable, __file__, "--serve", "--device", device],
+        [*command, *(["--timeline"] if timeline else [])],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -228,6 +361,48 @@ def start_server(device: str, tree: Path | None = None) -> tuple[subprocess.Pope
     )
     assert process.stdout is not None
     return process, f"127.0.0.1:{int(process.stdout.readline())}"
+
+
+def timed_ways(
+    args: argparse.Namespace, target: str, request: pb.CheckRequest, x: torch.Tensor, fn: Callable[..., Any]
+) -> dict[str, dict[str, float]]:
+    """The timeline of the three remote ways, on one client's channel (see ``timeline``)."""
+    client = Client(target)
+    channel = client._channels[0].channel
+
+    def unary(method: str) -> TimedCall:
+        call = channel.unary_unary(
+            method,
+            request_serializer=pb.CheckRequest.SerializeToString,
+            response_deserializer=pb.CheckResponse.FromString,
+            _registered_method=True,
+        )
+
+        def timed() -> tuple[int, int]:
+            sent = time.monotonic_ns()
+            call(request, timeout=600)
+            return sent, time.monotonic_ns()
+
+        return timed
+
+    def service() -> tuple[int, int]:  # Client.check's steps, with the moments it sends and receives
+        built = build_request(EXPRESSION, points=[{"x": x}], options={"device": args.device})
+        sent = time.monotonic_ns()
+        response = client._call("Check", built, client.timeout)
+        received = time.monotonic_ns()
+        [decode_report(r) for r in response.reports]
+        return sent, received
+
+    def marks() -> dict[str, list[tuple[int, int]]]:
+        return json.loads(channel.unary_unary(MARKS)(b"", timeout=10))
+
+    remote = {"echo": unary(ECHO), "engine only": unary(ENGINE_ONLY), "service": service}
+    local = lambda: gc.check(fn, x, input_names=["x"], device=args.device)  # noqa: E731
+    timeline(remote, local, 100, marks)  # warm-up
+    try:
+        return timeline(remote, local, args.iterations, marks)
+    finally:
+        client.close()
 
 
 def run(args: argparse.Namespace, target: str, server: psutil.Process, baseline: str | None = None) -> int:
@@ -283,6 +458,7 @@ def run(args: argparse.Namespace, target: str, server: psutil.Process, baseline:
     calls = {name: call for name, call in calls.items() if name in makers}
     cpu = cpu_per_call(calls, server, args.cpu_calls)
     rates = {name: throughput(make, args.clients, args.seconds) for name, make in makers.items()}
+    stages = timed_ways(args, target, request, x, fn) if args.timeline else None
 
     stats = {name: percentiles(samples) for name, samples in times.items()}
     figures = {
@@ -359,6 +535,9 @@ def run(args: argparse.Namespace, target: str, server: psutil.Process, baseline:
             f"own work (service over its server's engine only): this tree's {own:.3f} ms, "
             f"the baseline's {base_own:.3f} ms"
         )
+    if stages is not None:
+        print()
+        print_timeline(stages)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"figures": figures, "overhead_echo_round_trips": overhead / echo_p50,

@@ -121,13 +121,21 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         try:
             self.admit()
         except Rejection as exc:
-            self._log(check_id, request, None, None, time.perf_counter(), exc.code.name)
+            self._log(check_id, request, None, None, 0.0, exc.code.name)
             context.abort_with_status(rpc_status.to_status(failure_for(exc, check_id).to_status()))
         try:
             # Polled by the check between its steps: the call's own state (cancelled by the client
             # or past its deadline), read where it is kept, with no event or callback of our own.
             active, cut_off = context.is_active, self.cut_off.is_set
-            return self._run(check_id, request, context.time_remaining(), lambda: cut_off() or not active())
+            return self._run(
+                check_id,
+                request,
+                context.time_remaining(),
+                lambda: cut_off() or not active(),
+                # The log line is written once the answer is sent, not before: after a check it
+                # costs a tenth of a millisecond or more, which the client would wait for.
+                log_later=context.add_callback,
+            )
         except Exception as exc:  # every failure becomes a status
             failure = failure_for(self.drained(exc), check_id)
             context.abort_with_status(rpc_status.to_status(failure.to_status()))
@@ -150,11 +158,14 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         cancelled: Callable[[], bool],
         progress: PointProgress | None = None,
         wait_for_memory: Callable[[], Rejection | None] | None = None,
+        log_later: Callable[[Callable[[], None]], bool] | None = None,
     ) -> pb.CheckResponse:
         """plan -> deadline -> run -> encode, in this thread or in a worker process. A check that
         does not fit in the check memory left is refused, or, given ``wait_for_memory`` (the
         refusal to raise once waiting is pointless, else None), waits for it as a stream's items
-        wait for a slot."""
+        wait for a slot. ``log_later`` (a call's ``add_callback``) writes the check's log line
+        when the call ends instead of before the answer; where it cannot (the call has ended
+        already), the line is written at once."""
         started = time.perf_counter()
         plan: CheckPlan | None = None
         response: pb.CheckResponse | None = None
@@ -163,7 +174,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         counted = size > _UNCOUNTED_BYTES
         if counted and not self.request_bytes.try_take(size):
             refusal = self._too_many_bytes(size)
-            self._log(check_id, request, None, None, started, refusal.code.name)
+            self._log(check_id, request, None, None, time.perf_counter() - started, refusal.code.name)
             raise refusal
         reserved = 0
         try:
@@ -208,7 +219,14 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                 self.request_bytes.give_back(size)
             if reserved:
                 self.check_bytes.give_back(reserved)
-            self._log(check_id, request, plan, response, started, status)
+            if log.isEnabledFor(logging.INFO):
+                seconds = time.perf_counter() - started
+
+                def line() -> None:
+                    self._log(check_id, request, plan, response, seconds, status)
+
+                if log_later is None or not log_later(line):
+                    line()
 
     def _out_of_check_memory(self) -> Rejection:
         budget, each = self.check_bytes.size, self.settings.max_check_bytes
@@ -238,7 +256,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         request: pb.CheckRequest,
         plan: CheckPlan | None,
         response: pb.CheckResponse | None,
-        started: float,
+        seconds: float,
         status: str,
     ) -> None:
         if not log.isEnabledFor(logging.INFO):  # nothing of the line is built when it goes nowhere
@@ -258,7 +276,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
             device,
             ok,
             status,
-            time.perf_counter() - started,
+            seconds,
             extra,
         )
 
@@ -274,7 +292,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         try:
             self.admit()
         except Rejection as exc:
-            self._log(check_id, request, None, None, time.perf_counter(), exc.code.name)
+            self._log(check_id, request, None, None, 0.0, exc.code.name)
             context.abort_with_status(rpc_status.to_status(failure_for(exc, check_id).to_status()))
         events: queue.Queue[Any] = queue.Queue()
         cancel = threading.Event()

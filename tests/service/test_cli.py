@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from typing import Any
 
 import pytest
@@ -185,7 +186,9 @@ def test_health_as_a_real_subprocess(served: ServeProcess, capsys: pytest.Captur
 
 def test_one_log_line_per_check(served: ServeProcess, capsys: pytest.CaptureFixture[str]) -> None:
     run(capsys, "check", "--target", served.address, "--expr", "x**2 + 1", "--at", "x=3")
-    lines = [line for line in served.log().splitlines() if "function='x**2 + 1'" in line]
+    deadline = time.monotonic() + 20  # the line is written once the answer has gone out
+    while not (lines := [line for line in served.log().splitlines() if "function='x**2 + 1'" in line]):
+        assert time.monotonic() < deadline, "no log line"
     assert len(lines) == 1
     assert all(
         f in lines[0] for f in ("check id=", "points=1", "device=cpu", "ok=true", "status=OK", "duration=")
