@@ -7,8 +7,11 @@ tokens it is its IP address by default: counting connections would let one proce
 of them take as many shares. The trade-off is a proxy or NAT in front of the server, where every
 client arrives from one address and all share one share; there, give clients tokens, or set
 ``client_identity=connection`` (each connection a client, the port included). A call beyond the
-share gets RESOURCE_EXHAUSTED, reason ``CLIENT_BUSY``, with ``RetryInfo``. Health, reflection and
-GetCapabilities are cheap and not counted.
+share gets RESOURCE_EXHAUSTED, reason ``CLIENT_BUSY``, with ``RetryInfo``, before its request is
+read (see request_body.py): a client past its share cannot make the server receive and parse
+messages it will refuse. Reflection streams are counted too (each holds a handler thread while it
+is open). Health and GetCapabilities are cheap and not counted, but every unary call, counted or
+not, gets ``request_body_seconds`` for its request message.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from urllib.parse import unquote
 import grpc
 from grpc_status import rpc_status
 
+from gradcheck_svc.server.request_body import BodyWatch, as_request_streaming
 from gradcheck_svc.server.status import Rejection, failure_for
 
 __all__ = ["ClientShare", "ClientShareInterceptor", "peer_address"]
 
-_COUNTED = "/gradcheck_svc.v1.GradcheckService/"
-_FREE = {_COUNTED + "GetCapabilities"}
+_COUNTED = ("/gradcheck_svc.v1.GradcheckService/", "/grpc.reflection.v1alpha.ServerReflection/")
+_FREE = {"/gradcheck_svc.v1.GradcheckService/GetCapabilities"}
 
 
 class ClientShare:
@@ -91,22 +95,31 @@ def peer_address(peer: str) -> str:
 
 
 class ClientShareInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]  # grpc-stubs' generics are stub-only
-    def __init__(self, limit: int, *, by_token: bool, by_connection: bool = False) -> None:
+    def __init__(
+        self, limit: int, *, by_token: bool, by_connection: bool = False, body_seconds: float = 30.0
+    ) -> None:
         self.share = ClientShare(limit)
         self._by_token = by_token
         self._by_connection = by_connection
+        self.body_watch = BodyWatch(body_seconds)
         self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
     ) -> Any:
         handler = continuation(details)
-        if handler is None or not details.method.startswith(_COUNTED) or details.method in _FREE:
-            return handler
+        if handler is None:
+            return None
         cached = self._wrapped.get(details.method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = self._wrap(handler)
+        counted = details.method.startswith(_COUNTED) and details.method not in _FREE
+        if not handler.request_streaming:  # counted or not: the body is read here, within its time
+            wrapped = as_request_streaming(handler, self.body_watch, self._enter if counted else _nothing)
+        elif counted:
+            wrapped = self._wrap(handler)
+        else:
+            wrapped = handler
         self._wrapped[details.method] = (handler, wrapped)
         return wrapped
 
@@ -132,7 +145,8 @@ class ClientShareInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg] 
         return release
 
     def _wrap(self, handler: Any) -> Any:
-        inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        """A request-streaming handler whose calls are counted (nothing is read before they are)."""
+        inner = handler.stream_unary or handler.stream_stream
 
         def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
             release = self._enter(context)
@@ -147,14 +161,17 @@ class ClientShareInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg] 
             finally:
                 release()
 
-        make: dict[tuple[bool, bool], Callable[..., Any]] = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }
-        return make[(handler.request_streaming, handler.response_streaming)](
+        make = (
+            grpc.stream_stream_rpc_method_handler
+            if handler.response_streaming
+            else grpc.stream_unary_rpc_method_handler
+        )
+        return make(
             behaviour,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+def _nothing(context: grpc.ServicerContext) -> None:
+    return None
