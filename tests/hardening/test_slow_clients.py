@@ -167,3 +167,17 @@ def test_a_well_formed_body_sent_as_a_stream_is_checked(server: Running) -> None
         call = channel.stream_unary(CHECK, response_deserializer=pb.CheckResponse.FromString)
         response = call(iter([SEED.SerializeToString()]), timeout=30, metadata=bearer(POLITE))
         assert response.reports[0].ok and response.reports[0].pairs
+
+
+def test_huge_metadata_is_refused_and_the_server_serves_on(server: Running) -> None:
+    """Headers of a megabyte (a huge token, many keys) end that call at gRPC's metadata limit; the
+    server neither parses them into memory nor stops serving."""
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GradcheckServiceStub(channel)
+        for metadata in (bearer("x" * 1_000_000), tuple((f"k{i}", "v" * 1000) for i in range(1000))):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Check(SEED, timeout=30, metadata=metadata)
+            error = refused.value
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+            assert "metadata size exceeds" in error.details()  # type: ignore[attr-defined]
+        assert stub.Check(SEED, timeout=30, metadata=bearer(POLITE)).reports[0].ok
