@@ -9,10 +9,10 @@ slot is released on every path.
 
 Memory is held as Check holds it: the engine and the tensors decoded from the client's answers run
 under a CheckGuard (``max_check_bytes``), and a check that is not small everywhere (more than
-LIGHT_INPUTS input elements, or outputs of more than LIGHT_ELEMENTS, known from the first answer)
-takes ``max_check_bytes`` of ``max_check_bytes_in_flight`` while it runs, or is refused SERVER_BUSY
-with RetryInfo. It gives it back when its engine thread ends and, whatever else happens, when the
-handler ends.
+LIGHT_INPUTS input elements; outputs of more than LIGHT_ELEMENTS or a Jacobian of more than
+LIGHT_JACOBIAN entries, known from the first answer) takes ``max_check_bytes`` of
+``max_check_bytes_in_flight`` while it runs, or is refused SERVER_BUSY with RetryInfo. It gives it
+back when its engine thread ends and, whatever else happens, when the handler ends.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def check_external(
     started = time.perf_counter()
     label, outcome = "-", "OK"
     run: _Run | None = None
-    memory = CheckMemory(service)
+    memory: CheckMemory | None = None
     try:
         inbox = Inbox(requests)
         remaining = context.time_remaining()
@@ -89,9 +89,11 @@ def check_external(
         start = first.start
         label = start.function[:120] or "external"
         plan = _plan(start, service)
+        inputs = sum(t.numel() for t in plan.tensors)
+        memory = CheckMemory(service, inputs)
         service.admit()  # the same refusals as Check: SERVER_DRAINING or SERVER_BUSY, with RetryInfo
         try:
-            if sum(t.numel() for t in plan.tensors) > LIGHT_INPUTS:
+            if inputs > LIGHT_INPUTS:
                 memory.reserve()
             run = _Run(service, plan, start, inbox, context, memory)
         except BaseException:
@@ -107,7 +109,8 @@ def check_external(
         # no code after the last yield runs.
         if run is not None:
             service.slots.release()
-        memory.release()
+        if memory is not None:
+            memory.release()
         log.info(
             "check-external id=%s function=%r requests=%d status=%s duration=%.3fs%s",
             check_id,
@@ -180,8 +183,9 @@ class CheckMemory:
     """One external check's share of ``max_check_bytes_in_flight``: taken at most once, given back
     at most once, from whichever thread ends first."""
 
-    def __init__(self, service: GradcheckService) -> None:
+    def __init__(self, service: GradcheckService, inputs: int = 0) -> None:
         self._service = service
+        self._inputs = inputs  # elements of the checked point
         self._held = 0
         self._lock = threading.Lock()
 
@@ -196,7 +200,7 @@ class CheckMemory:
             self._held = each
 
     def outputs_known(self, elements: int) -> None:
-        if elements > LIGHT_ELEMENTS:
+        if elements > LIGHT_ELEMENTS or elements * self._inputs > LIGHT_JACOBIAN:
             self.reserve()
 
     def release(self) -> None:
@@ -206,6 +210,9 @@ class CheckMemory:
             self._service.check_bytes.give_back(held)
 
 
+# A dense Jacobian of this many entries is 8 MB in float64; the engine holds a few such arrays
+# (analytic, numeric, error bars), so a larger one is not small, whatever the input and output counts.
+LIGHT_JACOBIAN = 1 << 20
 _END = object()
 _MAX_AHEAD = 2  # a client answers only what it was asked: more unread messages than this is a flood
 

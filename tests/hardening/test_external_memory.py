@@ -150,6 +150,13 @@ def test_a_heavy_external_check_holds_check_memory_and_others_are_refused(server
         error = wide.result()
         assert error is not None and refusal(error) == ("SERVER_BUSY", ["max_check_bytes_in_flight"], True)
 
+        # Few inputs and outputs, but a Jacobian of 2,000,000 entries: not small either.
+        dense_x = torch.linspace(0.1, 2.0, 1000, dtype=F64)
+        dense = RawExternal(channel, start(dense_x), outputs_of(2000))
+        dense.go.set()
+        error = dense.result()
+        assert error is not None and refusal(error) == ("SERVER_BUSY", ["max_check_bytes_in_flight"], True)
+
         # A heavy Check shares the budget; small external checks hold none of it and run.
         with pytest.raises(grpc.RpcError) as refused:
             stub.Check(HEAVY_CHECK, timeout=60)
