@@ -10,8 +10,9 @@ client arrives from one address and all share one share; there, give clients tok
 share gets RESOURCE_EXHAUSTED, reason ``CLIENT_BUSY``, with ``RetryInfo``, before its request is
 read (see request_body.py): a client past its share cannot make the server receive and parse
 messages it will refuse. Reflection streams are counted too (each holds a handler thread while it
-is open). Health and GetCapabilities are cheap and not counted, but every unary call, counted or
-not, gets ``request_body_seconds`` for its request message.
+is open), and so are health Watch streams (open without a token, and each one counts against
+gRPC's ``maximum_concurrent_rpcs``). Health checks and GetCapabilities are cheap and not counted,
+but every unary call, counted or not, gets ``request_body_seconds`` for its request message.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ __all__ = ["ClientShare", "ClientShareInterceptor", "peer_address"]
 
 _COUNTED = ("/gradcheck_svc.v1.GradcheckService/", "/grpc.reflection.v1alpha.ServerReflection/")
 _FREE = {"/gradcheck_svc.v1.GradcheckService/GetCapabilities"}
+# Open without a token, and each open stream counts against gRPC's maximum_concurrent_rpcs: counted,
+# so that one client cannot open enough of them to have every other call refused.
+_WATCH = "/grpc.health.v1.Health/Watch"
 
 
 class ClientShare:
@@ -114,7 +118,11 @@ class ClientShareInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg] 
         if cached is not None and cached[0] is handler:
             return cached[1]
         counted = details.method.startswith(_COUNTED) and details.method not in _FREE
-        if not handler.request_streaming:  # counted or not: the body is read here, within its time
+        if details.method == _WATCH and _served_apart(handler):
+            wrapped = self._counted_apart(handler)
+        elif not counted and _served_apart(handler):
+            wrapped = handler  # health: its own small pool and non-blocking Watch stay as they are
+        elif not handler.request_streaming:  # counted or not: the body is read here, within its time
             wrapped = as_request_streaming(handler, self.body_watch, self._enter if counted else _nothing)
         elif counted:
             wrapped = self._wrap(handler)
@@ -143,6 +151,26 @@ class ClientShareInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg] 
                 self.share.give_back(client)
 
         return release
+
+    def _counted_apart(self, handler: Any) -> Any:
+        """A server-streaming handler served outside the main pool (health's Watch), counted, with
+        its pool and non-blocking way kept."""
+        inner = handler.unary_stream
+
+        def behaviour(request: Any, context: grpc.ServicerContext, *more: Any, **named: Any) -> Any:
+            release = self._enter(context)
+            if not context.add_callback(release):  # the call has already ended
+                release()
+            return inner(request, context, *more, **named)
+
+        for name in ("experimental_non_blocking", "experimental_thread_pool"):
+            if hasattr(inner, name):
+                setattr(behaviour, name, getattr(inner, name))
+        return grpc.unary_stream_rpc_method_handler(
+            behaviour,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
     def _wrap(self, handler: Any) -> Any:
         """A request-streaming handler whose calls are counted (nothing is read before they are)."""
@@ -175,3 +203,13 @@ class ClientShareInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg] 
 
 def _nothing(context: grpc.ServicerContext) -> None:
     return None
+
+
+def _served_apart(handler: Any) -> bool:
+    """Whether gRPC runs this handler outside the main pool (an ``experimental_thread_pool`` of its
+    own, or non-blocking): it holds none of the threads the checks need, and wrapping it would lose
+    that."""
+    inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    return getattr(inner, "experimental_thread_pool", None) is not None or bool(
+        getattr(inner, "experimental_non_blocking", False)
+    )

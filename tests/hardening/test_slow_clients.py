@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_status import rpc_status
 from service_servers import Running, refusal, start_server
@@ -181,3 +182,28 @@ def test_huge_metadata_is_refused_and_the_server_serves_on(server: Running) -> N
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
             assert "metadata size exceeds" in error.details()  # type: ignore[attr-defined]
         assert stub.Check(SEED, timeout=30, metadata=bearer(POLITE)).reports[0].ok
+
+
+def test_health_watches_count_against_the_share(server: Running) -> None:
+    """Health Watch needs no token and each open stream counts against gRPC's limit of calls at
+    once: one client's watches beyond its share are refused, so they cannot have every other call
+    refused; the watches it keeps still answer, from health's own pool."""
+    share = server.server.service.settings.calls_per_client
+    threads = server.server.service.settings.threads
+    with grpc.insecure_channel(server.address) as channel, grpc.insecure_channel(server.address) as polite:
+        health = health_pb2_grpc.HealthStub(channel)
+        watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(threads + 4)]
+        try:
+            statuses = []
+            for watch in watches:
+                try:
+                    statuses.append(health_pb2.HealthCheckResponse.ServingStatus.Name(next(watch).status))
+                except grpc.RpcError as exc:
+                    statuses.append(reason(exc) or exc.code().name)  # type: ignore[attr-defined]
+            assert statuses.count("SERVING") == share
+            assert set(statuses) <= {"SERVING", "CLIENT_BUSY", "RESOURCE_EXHAUSTED"}
+            stub = pb_grpc.GradcheckServiceStub(polite)
+            assert stub.Check(SEED, timeout=30, metadata=bearer(POLITE)).reports[0].ok
+        finally:
+            for watch in watches:
+                watch.cancel()
