@@ -149,6 +149,13 @@ class Settings(BaseSettings):
         "holds max_check_bytes of it while it runs; one that does not fit gets RESOURCE_EXHAUSTED "
         "(SERVER_BUSY, with RetryInfo); 0: half the memory of the machine or of its cgroup",
     )
+    request_body_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="longest wait for the request message of a Check or CheckWithProgress call once it has "
+        "begun; a call whose body is still missing then is cancelled, so calls that never send their "
+        "body cannot hold the handler threads",
+    )
     stream_idle_seconds: float = Field(
         60.0, gt=0, description="a CheckStream with no item running or arriving for this long is closed"
     )

@@ -131,6 +131,7 @@ def create_server(
             settings.calls_per_client,
             by_token=bool(settings.auth_tokens),
             by_connection=settings.client_identity == "connection",
+            body_seconds=settings.request_body_seconds,
         )
     )
     interceptors.append(DecodeErrorInterceptor())

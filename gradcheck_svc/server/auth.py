@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from grpc_status import rpc_status
 
+from gradcheck_svc.server.request_body import refuse_before_reading
 from gradcheck_svc.server.status import Rejection, failure_for
 
 __all__ = ["TokenAuthInterceptor"]
@@ -60,20 +61,11 @@ def _digest(token: bytes) -> bytes:
 
 
 def _deny(handler: Any) -> Any:
+    """Refuses before the request is read: an unauthenticated client cannot make the server
+    receive and parse a message of up to max_message_bytes, nor hold a thread by never sending one."""
     refusal = Rejection(
         grpc.StatusCode.UNAUTHENTICATED,
         "missing or invalid bearer token (send metadata 'authorization: Bearer <token>')",
         reason="TOKEN_INVALID",
     )
-    status = rpc_status.to_status(failure_for(refusal).to_status())
-
-    def abort(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort_with_status(status)
-
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
+    return refuse_before_reading(handler, rpc_status.to_status(failure_for(refusal).to_status()))

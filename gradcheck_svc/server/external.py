@@ -6,6 +6,13 @@ and the client's answer comes back through a reader thread. The engine runs only
 arithmetic (no client code). The handler yields the engine's requests, then the Report; any
 failure (bad answer, silence, deadline, cancellation, drain) ends the RPC with its status, and the
 slot is released on every path.
+
+Memory is held as Check holds it: the engine and the tensors decoded from the client's answers run
+under a CheckGuard (``max_check_bytes``), and a check that is not small everywhere (more than
+LIGHT_INPUTS input elements; outputs of more than LIGHT_ELEMENTS or a Jacobian of more than
+LIGHT_JACOBIAN entries, known from the first answer) takes ``max_check_bytes`` of
+``max_check_bytes_in_flight`` while it runs, or is refused SERVER_BUSY with RetryInfo. It gives it
+back when its engine thread ends and, whatever else happens, when the handler ends.
 """
 
 from __future__ import annotations
@@ -39,14 +46,15 @@ from gradcheck_svc.errors import (
 from gradcheck_svc.options import CheckOptions
 from gradcheck_svc.report import Report
 from gradcheck_svc.server.external_source import NAME, NAME_RULE, ClientFailed, ExchangeEnded, StreamSource
-from gradcheck_svc.server.runner import Deadline, new_check_id, reported_options
+from gradcheck_svc.server.plan import LIGHT_ELEMENTS, LIGHT_INPUTS
+from gradcheck_svc.server.runner import Deadline, guarded, new_check_id, reported_options
 from gradcheck_svc.server.status import Rejection, failure_for
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
 if TYPE_CHECKING:
     from gradcheck_svc.server.service import GradcheckService
 
-__all__ = ["check_external"]
+__all__ = ["CheckMemory", "check_external"]
 
 log = logging.getLogger("gradcheck_svc.server")
 _REQUEST_LEVEL = (
@@ -70,6 +78,7 @@ def check_external(
     started = time.perf_counter()
     label, outcome = "-", "OK"
     run: _Run | None = None
+    memory: CheckMemory | None = None
     try:
         inbox = Inbox(requests)
         remaining = context.time_remaining()
@@ -80,9 +89,13 @@ def check_external(
         start = first.start
         label = start.function[:120] or "external"
         plan = _plan(start, service)
+        inputs = sum(t.numel() for t in plan.tensors)
+        memory = CheckMemory(service, inputs)
         service.admit()  # the same refusals as Check: SERVER_DRAINING or SERVER_BUSY, with RetryInfo
         try:
-            run = _Run(service, plan, start, inbox, context)
+            if inputs > LIGHT_INPUTS:
+                memory.reserve()
+            run = _Run(service, plan, start, inbox, context, memory)
         except BaseException:
             service.slots.release()
             raise
@@ -96,6 +109,8 @@ def check_external(
         # no code after the last yield runs.
         if run is not None:
             service.slots.release()
+        if memory is not None:
+            memory.release()
         log.info(
             "check-external id=%s function=%r requests=%d status=%s duration=%.3fs%s",
             check_id,
@@ -164,6 +179,40 @@ def _plan(start: pb.ExternalStart, service: GradcheckService) -> _Plan:
     return _Plan(names, tensors, options, client)
 
 
+class CheckMemory:
+    """One external check's share of ``max_check_bytes_in_flight``: taken at most once, given back
+    at most once, from whichever thread ends first."""
+
+    def __init__(self, service: GradcheckService, inputs: int = 0) -> None:
+        self._service = service
+        self._inputs = inputs  # elements of the checked point
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def reserve(self) -> None:
+        """Take ``max_check_bytes``, or raise the refusal Check gives (SERVER_BUSY, RetryInfo)."""
+        with self._lock:
+            if self._held:
+                return
+            each = self._service.settings.max_check_bytes
+            if not self._service.check_bytes.try_take(each):
+                raise self._service._out_of_check_memory()
+            self._held = each
+
+    def outputs_known(self, elements: int) -> None:
+        if elements > LIGHT_ELEMENTS or elements * self._inputs > LIGHT_JACOBIAN:
+            self.reserve()
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held = self._held, 0
+        if held:
+            self._service.check_bytes.give_back(held)
+
+
+# A dense Jacobian of this many entries is 8 MB in float64; the engine holds a few such arrays
+# (analytic, numeric, error bars), so a larger one is not small, whatever the input and output counts.
+LIGHT_JACOBIAN = 1 << 20
 _END = object()
 _MAX_AHEAD = 2  # a client answers only what it was asked: more unread messages than this is a flood
 
@@ -211,9 +260,12 @@ class _Run:
         start: pb.ExternalStart,
         inbox: Inbox,
         context: grpc.ServicerContext,
+        memory: CheckMemory,
     ) -> None:
         settings = service.settings
         self.plan = plan
+        self.memory = memory
+        self.max_bytes = settings.max_check_bytes
         self.label = start.function[:200] or "external"
         self.log_tag = start.log_tag[:64]
         self.outbox: queue.Queue[Any] = queue.Queue()
@@ -233,6 +285,7 @@ class _Run:
             cancelled=self.stopped,
             send=self.outbox.put,
             answers=inbox.messages,
+            outputs_known=memory.outputs_known,
         )
         self._served_by = service.served_by
 
@@ -253,11 +306,13 @@ class _Run:
 
     def _check(self) -> None:
         try:
-            report = self._report()
+            report = guarded(self._report, self.deadline, self.stopped, self.max_bytes)
             self.outbox.put(pb.CheckExternalResponse(report=encode_report(report)))
             self.outbox.put(_END)
         except BaseException as exc:
             self.outbox.put(exc)
+        finally:
+            self.memory.release()  # the engine's tensors are gone with its thread
 
     def _report(self) -> Report:
         fn = external_function(self.source, self.label)

@@ -9,6 +9,7 @@ fallbacks (another vmap path, a plain loop) cannot send more requests to a clien
 
 from __future__ import annotations
 
+import math
 import queue
 import re
 import threading
@@ -74,6 +75,7 @@ class StreamSource:
         cancelled: Callable[[], bool],
         send: Callable[[pb.CheckExternalResponse], None],
         answers: queue.Queue[pb.CheckExternalRequest | str | None],
+        outputs_known: Callable[[int], None] = lambda elements: None,
     ) -> None:
         self._inputs = [_Slot(n, tuple(t.shape), t.dtype) for n, t in inputs]
         self._base = [t.detach() for _, t in inputs]
@@ -86,6 +88,9 @@ class StreamSource:
         self._cancelled = cancelled
         self._send = send
         self._answers = answers
+        # Told the elements of one evaluation's outputs once the first answer declares them (the
+        # check's size is known only then); it may refuse the check by raising.
+        self._outputs_known = outputs_known
         self._outputs: list[_Slot] | None = None
         self._sequence = 0
         self._lock = threading.Lock()  # one request in flight at a time
@@ -115,6 +120,7 @@ class StreamSource:
             answer = self._exchange(msg, msg.evaluate, "values")
             if self._outputs is None:
                 self._outputs = self._learn_outputs(answer.values.outputs)
+                self._outputs_known(sum(math.prod(o.shape) for o in self._outputs))
             outs.append(self._decode_all(answer.values.outputs, self._outputs, size, "values.outputs"))
         return [torch.cat([o[i] for o in outs]) for i in range(len(self._outputs or []))]
 

@@ -7,8 +7,12 @@ tokens it is its IP address by default: counting connections would let one proce
 of them take as many shares. The trade-off is a proxy or NAT in front of the server, where every
 client arrives from one address and all share one share; there, give clients tokens, or set
 ``client_identity=connection`` (each connection a client, the port included). A call beyond the
-share gets RESOURCE_EXHAUSTED, reason ``CLIENT_BUSY``, with ``RetryInfo``. Health, reflection and
-GetCapabilities are cheap and not counted.
+share gets RESOURCE_EXHAUSTED, reason ``CLIENT_BUSY``, with ``RetryInfo``, before its request is
+read (see request_body.py): a client past its share cannot make the server receive and parse
+messages it will refuse. Reflection streams are counted too (each holds a handler thread while it
+is open), and so are health Watch streams (open without a token, and each one counts against
+gRPC's ``maximum_concurrent_rpcs``). Health checks and GetCapabilities are cheap and not counted,
+but every unary call, counted or not, gets ``request_body_seconds`` for its request message.
 """
 
 from __future__ import annotations
@@ -24,12 +28,16 @@ from urllib.parse import unquote
 import grpc
 from grpc_status import rpc_status
 
+from gradcheck_svc.server.request_body import BodyWatch, as_request_streaming
 from gradcheck_svc.server.status import Rejection, failure_for
 
 __all__ = ["ClientShare", "ClientShareInterceptor", "peer_address"]
 
-_COUNTED = "/gradcheck_svc.v1.GradcheckService/"
-_FREE = {_COUNTED + "GetCapabilities"}
+_COUNTED = ("/gradcheck_svc.v1.GradcheckService/", "/grpc.reflection.v1alpha.ServerReflection/")
+_FREE = {"/gradcheck_svc.v1.GradcheckService/GetCapabilities"}
+# Open without a token, and each open stream counts against gRPC's maximum_concurrent_rpcs: counted,
+# so that one client cannot open enough of them to have every other call refused.
+_WATCH = "/grpc.health.v1.Health/Watch"
 
 
 class ClientShare:
@@ -91,22 +99,35 @@ def peer_address(peer: str) -> str:
 
 
 class ClientShareInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]  # grpc-stubs' generics are stub-only
-    def __init__(self, limit: int, *, by_token: bool, by_connection: bool = False) -> None:
+    def __init__(
+        self, limit: int, *, by_token: bool, by_connection: bool = False, body_seconds: float = 30.0
+    ) -> None:
         self.share = ClientShare(limit)
         self._by_token = by_token
         self._by_connection = by_connection
+        self.body_watch = BodyWatch(body_seconds)
         self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
     ) -> Any:
         handler = continuation(details)
-        if handler is None or not details.method.startswith(_COUNTED) or details.method in _FREE:
-            return handler
+        if handler is None:
+            return None
         cached = self._wrapped.get(details.method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = self._wrap(handler)
+        counted = details.method.startswith(_COUNTED) and details.method not in _FREE
+        if details.method == _WATCH and _served_apart(handler):
+            wrapped = self._counted_apart(handler)
+        elif not counted and _served_apart(handler):
+            wrapped = handler  # health: its own small pool and non-blocking Watch stay as they are
+        elif not handler.request_streaming:  # counted or not: the body is read here, within its time
+            wrapped = as_request_streaming(handler, self.body_watch, self._enter if counted else _nothing)
+        elif counted:
+            wrapped = self._wrap(handler)
+        else:
+            wrapped = handler
         self._wrapped[details.method] = (handler, wrapped)
         return wrapped
 
@@ -131,8 +152,29 @@ class ClientShareInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg] 
 
         return release
 
+    def _counted_apart(self, handler: Any) -> Any:
+        """A server-streaming handler served outside the main pool (health's Watch), counted, with
+        its pool and non-blocking way kept."""
+        inner = handler.unary_stream
+
+        def behaviour(request: Any, context: grpc.ServicerContext, *more: Any, **named: Any) -> Any:
+            release = self._enter(context)
+            if not context.add_callback(release):  # the call has already ended
+                release()
+            return inner(request, context, *more, **named)
+
+        for name in ("experimental_non_blocking", "experimental_thread_pool"):
+            if hasattr(inner, name):
+                setattr(behaviour, name, getattr(inner, name))
+        return grpc.unary_stream_rpc_method_handler(
+            behaviour,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
     def _wrap(self, handler: Any) -> Any:
-        inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        """A request-streaming handler whose calls are counted (nothing is read before they are)."""
+        inner = handler.stream_unary or handler.stream_stream
 
         def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
             release = self._enter(context)
@@ -147,14 +189,27 @@ class ClientShareInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg] 
             finally:
                 release()
 
-        make: dict[tuple[bool, bool], Callable[..., Any]] = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }
-        return make[(handler.request_streaming, handler.response_streaming)](
+        make = (
+            grpc.stream_stream_rpc_method_handler
+            if handler.response_streaming
+            else grpc.stream_unary_rpc_method_handler
+        )
+        return make(
             behaviour,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+def _nothing(context: grpc.ServicerContext) -> None:
+    return None
+
+
+def _served_apart(handler: Any) -> bool:
+    """Whether gRPC runs this handler outside the main pool (an ``experimental_thread_pool`` of its
+    own, or non-blocking): it holds none of the threads the checks need, and wrapping it would lose
+    that."""
+    inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    return getattr(inner, "experimental_thread_pool", None) is not None or bool(
+        getattr(inner, "experimental_non_blocking", False)
+    )

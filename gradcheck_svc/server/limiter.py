@@ -76,6 +76,13 @@ class ByteBudget:
             self._used += amount
             return True
 
+    def hold(self, amount: int, uncounted: int, *, give_up: Callable[[], bool]) -> int | None:
+        """Wait for room and take ``amount`` (nothing for at most ``uncounted`` bytes); returns what
+        was taken, for ``give_back``, or None once ``give_up()`` turned true first."""
+        if amount <= uncounted:
+            return 0
+        return amount if self.take(amount, give_up=give_up) else None
+
     def give_back(self, amount: int) -> None:
         with self._cond:
             self._used -= amount

@@ -43,7 +43,7 @@ from gradcheck_svc.server.plan import CheckPlan, PlannedPoint
 from gradcheck_svc.server.status import Rejection
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
-__all__ = ["Deadline", "PointProgress", "execute", "new_check_id", "run_plan"]
+__all__ = ["Deadline", "PointProgress", "execute", "guarded", "new_check_id", "run_plan"]
 
 log = logging.getLogger("gradcheck_svc.server")
 
@@ -148,7 +148,7 @@ def run_plan(
     """The engine's report for each point, in order (``execute`` adds the service's fields)."""
     reports = []
     if plan.build_fn is not None:  # a registered module, built here (in the worker when isolated)
-        plan = replace(plan, fn=_guarded(plan.build_fn, deadline, cancelled, max_bytes), build_fn=None)
+        plan = replace(plan, fn=guarded(plan.build_fn, deadline, cancelled, max_bytes), build_fn=None)
     for index, point in enumerate(plan.points):
         if cancelled():
             raise CheckCancelledError("the client cancelled the check")
@@ -173,11 +173,12 @@ def _guarded_point(
 
     if plan.light:  # small everywhere, sized up front: the engine's own polls bound it
         return run()
-    return _guarded(run, deadline, cancelled, max_bytes)
+    return guarded(run, deadline, cancelled, max_bytes)
 
 
-def _guarded(run: Callable[[], _T], deadline: Deadline, cancelled: Callable[[], bool], max_bytes: int) -> _T:
-    """``run()`` under a CheckGuard: a point's check, or a registered module's constructor."""
+def guarded(run: Callable[[], _T], deadline: Deadline, cancelled: Callable[[], bool], max_bytes: int) -> _T:
+    """``run()`` under a CheckGuard: a point's check, a registered module's constructor, or a
+    CheckExternal check (the engine's arithmetic and the tensors decoded from the client's answers)."""
     guard = CheckGuard(max_bytes=max_bytes, deadline=deadline.at, cancelled=cancelled)
     result: _T | None = None
     try:

@@ -159,6 +159,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         progress: PointProgress | None = None,
         wait_for_memory: Callable[[], Rejection | None] | None = None,
         log_later: Callable[[Callable[[], None]], bool] | None = None,
+        bytes_held: bool = False,
     ) -> pb.CheckResponse:
         """plan -> deadline -> run -> encode, in this thread or in a worker process. A check that
         does not fit in the check memory left is refused, or, given ``wait_for_memory`` (the
@@ -171,7 +172,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         response: pb.CheckResponse | None = None
         status = "OK"
         size = request.ByteSize()
-        counted = size > _UNCOUNTED_BYTES
+        counted = size > _UNCOUNTED_BYTES and not bytes_held  # a stream item's were taken when read
         if counted and not self.request_bytes.try_take(size):
             refusal = self._too_many_bytes(size)
             self._log(check_id, request, None, None, time.perf_counter() - started, refusal.code.name)
@@ -346,6 +347,9 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         counts = {"submitted": 0}
         last_activity = [time.monotonic()]
 
+        def stopped() -> bool:
+            return cancel.is_set() or self.draining.is_set()
+
         def read() -> None:
             try:
                 for item in request_iterator:
@@ -359,7 +363,15 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                     if self.draining.is_set():
                         answers.put(self._stream_error(item, self._draining()))
                         continue
-                    self._submit(item, context, cancel, answers)
+                    # An item read and waiting holds its bytes too: the reader waits for room in
+                    # max_request_bytes_in_flight before it reads on, so items read ahead stay bounded.
+                    held = self.request_bytes.hold(item.request.ByteSize(), _UNCOUNTED_BYTES, give_up=stopped)
+                    if held is None:
+                        if cancel.is_set():
+                            return
+                        answers.put(self._stream_error(item, self._draining()))
+                        continue
+                    self._submit(item, context, cancel, answers, held)
             except Exception:  # the client went away while we read; nothing to answer
                 log.debug("CheckStream reader stopped", exc_info=True)
             finally:
@@ -400,15 +412,20 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         context: grpc.ServicerContext,
         cancel: threading.Event,
         answers: queue.Queue[Any],
+        held: int = 0,
     ) -> None:
         def if_never_run(future: Future[None]) -> None:
             if future.cancelled():  # queued when the server closed: still owed an answer
                 answers.put(self._stream_error(item, self._draining()))
+            if held:  # run or not, the item is done with its bytes
+                self.request_bytes.give_back(held)
 
         try:
             future = self._stream_pool.submit(self._stream_item, item, context, cancel, answers)
         except RuntimeError:  # the pool is shut down
             answers.put(self._stream_error(item, self._draining()))
+            if held:
+                self.request_bytes.give_back(held)
             return
         future.add_done_callback(if_never_run)
 
@@ -447,6 +464,7 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
                     context.time_remaining(),
                     self.stopper(cancel),
                     wait_for_memory=stop_waiting,
+                    bytes_held=True,
                 )
             finally:
                 self.slots.release()

@@ -223,7 +223,9 @@ def test_the_share_comes_back_as_a_single_answer_is_returned_and_as_a_stream_end
 
     unary = _wrapped(interceptor, grpc.unary_unary_rpc_method_handler(answer))
     call = _Call()
-    assert unary.unary_unary(None, call) == "answer"
+    # The request is read by the share's own handler, after the share is taken: gRPC hands it the
+    # request stream of the unary call.
+    assert unary.stream_unary(iter([None]), call) == "answer"
     assert held_while_running == [1]
     assert interceptor.share.running("peer:ipv4:10.0.0.7") == 0  # before the answer is sent
     call.end()
@@ -235,7 +237,7 @@ def test_the_share_comes_back_as_a_single_answer_is_returned_and_as_a_stream_end
 
     streaming = _wrapped(interceptor, grpc.unary_stream_rpc_method_handler(answers))
     call = _Call()
-    stream = streaming.unary_stream(None, call)
+    stream = streaming.stream_stream(iter([None]), call)
     assert list(stream) == ["first", "second"]
     assert interceptor.share.running("peer:ipv4:10.0.0.7") == 1  # until gRPC ends the call
     call.end()

@@ -1,10 +1,13 @@
 """Many near-limit requests at once cannot multiply their memory: the bytes of the requests being
 checked are capped server-wide (max_request_bytes_in_flight). Beyond the cap a large request is
-refused at once, RESOURCE_EXHAUSTED (SERVER_BUSY) with RetryInfo and the limit named; small
-requests never count, and one request alone always fits."""
+refused at once, RESOURCE_EXHAUSTED (SERVER_BUSY) with RetryInfo and the limit named (a
+CheckStream's items wait for room, read no further meanwhile); small requests never count, and one
+request alone always fits."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -16,6 +19,7 @@ from service_servers import Running, start_server
 
 from gradcheck_svc.client import build_request
 from gradcheck_svc.server.limiter import ByteBudget
+from gradcheck_svc.v1 import gradcheck_pb2 as pb
 from gradcheck_svc.v1 import gradcheck_pb2_grpc as pb_grpc
 
 F64 = torch.float64
@@ -65,3 +69,30 @@ def test_one_request_alone_fits_a_budget_smaller_than_itself() -> None:
     assert budget.try_take(100) and not budget.try_take(1)
     budget.give_back(100)
     assert budget.try_take(5) and budget.try_take(5) and not budget.try_take(1)
+
+
+def test_stream_items_beyond_the_budget_wait_and_are_read_no_further(running: Running) -> None:
+    """A CheckStream's items hold their bytes from the moment they are read: past the budget the
+    reader waits for room instead of reading more items into memory (or refusing them)."""
+    budget = running.server.service.request_bytes
+    items = [pb.CheckStreamRequest(id=str(k), request=LARGE) for k in range(3)]
+    assert budget.try_take(LARGE.ByteSize())  # another large request in flight
+    released = False
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.GradcheckServiceStub(channel)
+            answers = stub.CheckStream(iter(items), timeout=60)
+            got: list[pb.CheckStreamResponse] = []
+            reader = threading.Thread(target=lambda: got.extend(answers))
+            reader.start()
+            time.sleep(1.0)  # time enough for a refusal to come back, had there been one
+            assert got == [] and budget.used == LARGE.ByteSize()  # the first item waits, holding nothing
+            budget.give_back(LARGE.ByteSize())
+            released = True
+            reader.join(60)
+        assert sorted(a.id for a in got) == ["0", "1", "2"]
+        assert all(a.HasField("response") and a.response.reports[0].ok for a in got)
+        assert budget.used == 0
+    finally:
+        if not released:
+            budget.give_back(LARGE.ByteSize())
