@@ -46,7 +46,7 @@ from gradcheck_svc.errors import (
 from gradcheck_svc.options import CheckOptions
 from gradcheck_svc.report import Report
 from gradcheck_svc.server.external_source import NAME, NAME_RULE, ClientFailed, ExchangeEnded, StreamSource
-from gradcheck_svc.server.plan import LIGHT_ELEMENTS, LIGHT_INPUTS
+from gradcheck_svc.server.plan import LIGHT_ELEMENTS, LIGHT_INPUTS, LIGHT_JACOBIAN
 from gradcheck_svc.server.runner import Deadline, guarded, new_check_id, reported_options
 from gradcheck_svc.server.status import Rejection, failure_for
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
@@ -210,9 +210,6 @@ class CheckMemory:
             self._service.check_bytes.give_back(held)
 
 
-# A dense Jacobian of this many entries is 8 MB in float64; the engine holds a few such arrays
-# (analytic, numeric, error bars), so a larger one is not small, whatever the input and output counts.
-LIGHT_JACOBIAN = 1 << 20
 _END = object()
 _MAX_AHEAD = 2  # a client answers only what it was asked: more unread messages than this is a flood
 

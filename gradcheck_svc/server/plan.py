@@ -49,14 +49,26 @@ from gradcheck_svc.specs import (
 from gradcheck_svc.specs.params import check_scalar_value
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
 
-__all__ = ["LIGHT_ELEMENTS", "LIGHT_INPUTS", "CheckPlan", "PlannedPoint", "plan_check", "runs_in_worker"]
+__all__ = [
+    "LIGHT_ELEMENTS",
+    "LIGHT_INPUTS",
+    "LIGHT_JACOBIAN",
+    "CheckPlan",
+    "PlannedPoint",
+    "plan_check",
+    "runs_in_worker",
+]
 
 # A check sized up front whose inputs and every intermediate are this small cannot reach the memory
 # budget (the engine's batches are sized from a measured evaluation) nor run long between the
 # engine's own deadline polls, so it runs without the per-op guard and its cost (a Python call per
-# torch op, several times a tiny check's own time). Everything else runs under the guard.
+# torch op, several times a tiny check's own time). Everything else runs under the guard. The
+# Jacobian counts too: inputs x largest intermediate bounds it, and full mode holds it dense (at
+# 650 inputs and 30,000 outputs, both small, a full check held 1.4 GB without the guard): a dense
+# Jacobian of LIGHT_JACOBIAN entries is 8 MB in float64, and the engine holds a few such arrays.
 LIGHT_INPUTS = 4096
 LIGHT_ELEMENTS = 65536
+LIGHT_JACOBIAN = 1 << 20
 
 _INPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\[\]']{0,63}\Z")
 
@@ -158,7 +170,12 @@ def _light(largest: int | None, points: list[PlannedPoint]) -> bool:
     inputs = max(
         (sum(t.numel() for t in p.tensors if isinstance(t, torch.Tensor)) for p in points), default=0
     )
-    return largest is not None and largest <= LIGHT_ELEMENTS and inputs <= LIGHT_INPUTS
+    return (
+        largest is not None
+        and largest <= LIGHT_ELEMENTS
+        and inputs <= LIGHT_INPUTS
+        and inputs * largest <= LIGHT_JACOBIAN
+    )
 
 
 # ----------------------------------------------------------------------------- function

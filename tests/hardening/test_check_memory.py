@@ -94,3 +94,20 @@ def test_the_default_budget_is_a_share_of_the_machine() -> None:
     settings = Settings()
     assert settings.max_check_bytes <= settings.check_bytes_in_flight
     assert Settings(max_check_bytes_in_flight=3 * MiB).check_bytes_in_flight == 3 * MiB
+
+
+def test_a_check_with_small_inputs_and_outputs_but_a_large_jacobian_is_not_light(server: Running) -> None:
+    """650 inputs and 30,000 outputs are each small, but full mode holds their 2e7-entry Jacobian
+    dense (1.4 GB in-process): such a check runs under the per-check guard and is stopped at
+    max_check_bytes, instead of running unguarded in a handler thread."""
+    outer = build_request(
+        "outer(x, y)",
+        points=[{"x": torch.rand(600, dtype=F64), "y": torch.rand(50, dtype=F64)}],
+        options={"mode": "full"},
+    )
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GradcheckServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Check(outer, timeout=120)
+        assert refusal(refused.value)[:2] == ("LIMIT_EXCEEDED", ["max_check_bytes"])
+        assert stub.Check(LIGHT, timeout=60).reports[0].ok  # the server serves on
