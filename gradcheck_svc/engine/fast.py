@@ -114,7 +114,8 @@ def kinked_outputs(ctx: Context) -> torch.Tensor | None:
     """Per output element, whether along some direction of the last projections its one-sided
     differences lie further apart, or its error bar (the Richardson truncation: a kink between
     x + h and x + 2h leaves the one-sided differences level) is wider, than a smooth function's
-    (``fast_batched._settled``'s test: ``SMOOTH_SPREAD`` of the difference, above the noise):
+    (``fast_batched._settled``'s test: ``SMOOTH_SPREAD`` of the difference or of the typical
+    one along the direction, whichever is larger, above the noise):
     ``(M,)`` bool, None without differences (every pair settled on the central one)."""
     found = None
     f0 = ctx.numeric_f0.abs().nan_to_num(nan=0.0, posinf=0.0)
@@ -122,9 +123,13 @@ def kinked_outputs(ctx: Context) -> torch.Tensor | None:
         m = parts.shape[-1]
         value, bar = parts[..., 0, :, :], parts[..., 1, :, :]
         forward, backward = parts[..., 2, :, :], parts[..., 3, :, :]
-        magnitude = value.abs()
-        sigma = (magnitude.nan_to_num(nan=0.0, posinf=0.0) + f0) * (_FLOOR_ULPS * ctx.numeric_machine_eps)
-        smooth = torch.add(magnitude * SMOOTH_SPREAD, sigma, alpha=2 * _KINK_BARS * 1.5 * 2**0.5 / t)
+        magnitude = value.abs().nan_to_num_(nan=0.0, posinf=0.0)
+        sigma = (magnitude + f0) * (_FLOOR_ULPS * ctx.numeric_machine_eps)
+        # An element's differences measured on the scale of the typical one along the direction:
+        # where its own derivative crosses 0 (x tanh x at 0), a smooth bend is no kink.
+        typical = magnitude.mean(dim=-1, keepdim=True)
+        smooth = torch.maximum(magnitude, typical).mul_(SMOOTH_SPREAD)
+        smooth.add_(sigma, alpha=2 * _KINK_BARS * 1.5 * 2**0.5 / t)
         rough = ((forward - backward).abs() > smooth) | (bar > smooth)
         rough = rough.reshape(-1, m).any(dim=0)
         found = rough if found is None else found | rough
