@@ -10,9 +10,11 @@ sampling, the docs' LinearFunction, two outputs, a recomputing backward, ...) an
 tests/engine/corpus_wild2.py (sparsemax, soft-DTW, a fused GRU cell, depthwise conv, GroupNorm,
 weight standardisation on a transposed weight, attention recomputed from its logsumexp, Chamfer
 distance with integer outputs, interp1d, a complex multiply, an in-place ELU, a polar transform,
-a sort, a correlation layer, ...; ``--corpus`` picks one), each correct and with planted-bug
-twins. Every case is checked with ``gradcheck_svc.check`` at ``--seeds`` points per shape
-("small" 6x5, "medium" 16x12), dtype and mode:
+a sort, a correlation layer, ...) and tests/engine/corpus_kinky.py (relu, leaky relu, hardtanh,
+abs, a relu MLP and a max pool on random normal inputs; ``--corpus`` picks one or "all"), each
+correct and with planted-bug twins. Every case is checked with ``gradcheck_svc.check`` at
+``--seeds`` points per shape ("small" 6x5, "medium" 16x12, "large" 64x64, where the default options
+pick fast mode for most cases: the column "fast" counts the checks that ran in it), dtype and mode:
 
 - ``full``, ``fast``: that mode; ``auto``: the default options (auto picks full at these sizes);
   ``auto-fast``: auto with ``fast_threshold=100``, so that auto really picks fast mode.
@@ -39,16 +41,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "engine"))
 
 from corpus import only_in
+from corpus_kinky import KINKY_CASES
 from corpus_wild import WILD_CASES, WildCase, make_wild_inputs
 from corpus_wild2 import WILD_CASES_2
 
 import gradcheck_svc as gc
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-SHAPES = {"small": (6, 5), "medium": (16, 12)}
+# "large": 4096 elements, where the default options pick fast mode for most cases
+SHAPES = {"small": (6, 5), "medium": (16, 12), "large": (64, 64)}
 MODES = {"full": {"mode": "full"}, "fast": {"mode": "fast"}, "auto": {}, "auto-fast": {"fast_threshold": 100}}
 INVISIBLE = 1e-10
-CORPORA = {"first": WILD_CASES, "second": WILD_CASES_2, "both": WILD_CASES + WILD_CASES_2}
+CORPORA = {
+    "first": WILD_CASES,
+    "second": WILD_CASES_2,
+    "both": WILD_CASES + WILD_CASES_2,
+    "kinky": KINKY_CASES,
+    "all": WILD_CASES + WILD_CASES_2 + KINKY_CASES,
+}
 
 
 def _grad_inputs(case: WildCase, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
@@ -155,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
                 options = MODES[mode]
                 label = f"{dtype_name}{' own' if args.own_dtype else ''} {mode} {shape_name}"
                 started = time.perf_counter()
-                n_ok = fa = n_bug = caught = invisible = 0
+                n_ok = fa = n_bug = caught = invisible = n_fast = 0
                 for case in cases:
                     for seed in seeds:
                         inputs = make_wild_inputs(case, seed, dtype, shape)
@@ -166,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
 
                         report = gc.check(bind(), *inputs, seed=seed, **options)
                         n_ok += 1
+                        n_fast += report.mode == "fast"
                         if not report.ok:
                             fa += 1
                             misses[label].append(f"false alarm {case.name} seed {seed}")
@@ -179,11 +190,15 @@ def run(args: argparse.Namespace) -> int:
                                 invisible += 1
                                 continue
                             n_bug += 1
-                            if gc.check(bind(bug), *inputs, seed=seed, **options).ok:
+                            report = gc.check(bind(bug), *inputs, seed=seed, **options)
+                            n_fast += report.mode == "fast"
+                            if report.ok:
                                 misses[label].append(f"missed {case.name}[{bug}] seed {seed}")
                             else:
                                 caught += 1
-                rows.append((label, fa, n_ok, caught, n_bug, invisible, time.perf_counter() - started))
+                rows.append(
+                    (label, fa, n_ok, caught, n_bug, invisible, n_fast, time.perf_counter() - started)
+                )
                 if args.progress:
                     print("done:", *rows[-1], flush=True)
     n_bugs = sum(len(c.bugs) for c in cases)
@@ -196,12 +211,14 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     print(
-        f"{'dtype mode shape':<28} {'false alarms':>14} {'caught/visible':>18} {'invisible':>9} {'time':>7}"
+        f"{'dtype mode shape':<28} {'false alarms':>14} {'caught/visible':>18} {'invisible':>9} "
+        f"{'fast':>9} {'time':>7}"
     )
-    for label, fa, n_ok, caught, n_bug, invisible, seconds in rows:
+    for label, fa, n_ok, caught, n_bug, invisible, n_fast, seconds in rows:
         print(
             f"{label:<28} {fa:>5}/{n_ok:<4} {100 * fa / max(n_ok, 1):4.1f}% "
-            f"{caught:>5}/{n_bug:<4} {100 * caught / max(n_bug, 1):5.1f}% {invisible:>9} {seconds:6.1f}s"
+            f"{caught:>5}/{n_bug:<4} {100 * caught / max(n_bug, 1):5.1f}% {invisible:>9} "
+            f"{n_fast:>4}/{n_ok + n_bug:<4} {seconds:6.1f}s"
         )
     for shape_name, (fa, n_ok, caught, n_bug) in torch_rows.items():
         print(
@@ -229,9 +246,12 @@ def main() -> int:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument(
-        "--corpus", default="both", choices=list(CORPORA), help="corpus_wild.py, corpus_wild2.py or both"
+        "--corpus",
+        default="both",
+        choices=list(CORPORA),
+        help="corpus_wild.py, corpus_wild2.py, both, corpus_kinky.py or all",
     )
-    parser.add_argument("--cases", nargs="+", default=None, choices=[c.name for c in CORPORA["both"]])
+    parser.add_argument("--cases", nargs="+", default=None, choices=sorted({c.name for c in CORPORA["all"]}))
     parser.add_argument("--own-dtype", action="store_true", help="functions refuse float64 copies")
     parser.add_argument(
         "--torch", action="store_true", help="compare with torch.autograd.gradcheck (float64)"

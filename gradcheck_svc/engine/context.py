@@ -126,6 +126,10 @@ class Context:
     # how many projections' one-sided differences were apart (a kink within the step).
     direction_scale: float = field(default=1.0, init=False)
     rough_projections: int = field(default=0, init=False)
+    # ... the differences along the directions each projection summed (``fast.kinked_outputs``
+    # reads them), and the cotangents' mask that leaves out output elements a kink made rough.
+    fast_parts: list[tuple[float, torch.Tensor]] = field(default_factory=list, init=False)
+    cotangent_mask: torch.Tensor | None = field(default=None, init=False)
     _eval_bytes: int | None = field(default=None, init=False)
     _eval_seconds: float = field(default=0.0, init=False)
     _plain_calls: bool = field(default=False, init=False)  # see PLAIN_ROWS

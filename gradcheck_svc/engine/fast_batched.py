@@ -119,6 +119,7 @@ def run_fast_batched(ctx: Context) -> tuple[list[PairReport], list[tuple[int, in
     parts = None
     if doubtful:
         parts = _differences(evaluated, ctx.numeric_f0, t, ctx.numeric_machine_eps, count)
+        ctx.fast_parts.append((t, parts))
     ctx.timed("numeric_s", t0)
 
     reports: list[PairReport] = []

@@ -239,6 +239,8 @@ def reverse_projections(
     """J^T v for ``count`` seeded cotangents per output block: the cotangents, the backward's
     rows, and the same batch run a second time to detect nondeterminism (None when not checked)."""
     cotangents = random_cotangents(ctx.problem.outputs, count, generator, ctx.f0.device)
+    if ctx.cotangent_mask is not None:  # output elements left out (``fast.run_fast``)
+        cotangents = cotangents * ctx.cotangent_mask
     grads = ctx.analytic.rows(cotangents)
     again = ctx.analytic.rows(cotangents) if ctx.options.check_nondeterminism else None
     return cotangents, grads, again
