@@ -265,10 +265,17 @@ def _rerun_dense(
         again = ctx.analytic.rows(cotangents * scale)
         return [largest_change(first[:, chunk].T, again[i] / scale) for i, first in jac.items()]
 
-    found = separate(changes(RERUN_SCALE), lambda: changes(1.0), ctx.options.nondet_tol)
+    largest = [_largest_magnitude(first[:, chunk]) for first in jac.values()]
+    found = separate(changes(RERUN_SCALE), lambda: changes(1.0), ctx.options.nondet_tol, largest)
     for i, (delta, nonlinearity) in zip(jac, found, strict=True):
         for o in selection.outputs_of(i):
             accumulators.of(Check.REVERSE, o, i).record_rerun(delta, nonlinearity, ctx.options.nondet_tol)
+
+
+def _largest_magnitude(values: torch.Tensor) -> float:
+    """max |value| over the finite values, 0 for none."""
+    finite = values[values.isfinite()]
+    return float(finite.abs().max()) if finite.numel() else 0.0
 
 
 def _analytic_columns(

@@ -6,7 +6,10 @@ transforms them elementwise (``sign``, a constant added where grad_output is non
 re-run of the backward that looks for nondeterminism therefore uses cotangents twice as large
 and halves what it gets: exact in floating point for any backward linear in grad_output (a power
 of two scales every product and sum exactly), so a change is nondeterminism or a backward that
-is not linear; one plain re-run, made only then, tells the two apart.
+is not linear; one plain re-run, made only then, tells the two apart. Exact except where values
+underflow: a subnormal result of the first run has fewer bits than the doubled one, so changes
+within ``_UNDERFLOW_SHARE`` of the leaf's largest value do not count as nonlinearity (a backward
+that ignores grad_output is off by half of its values).
 """
 
 from __future__ import annotations
@@ -16,23 +19,29 @@ from collections.abc import Callable, Sequence
 __all__ = ["RERUN_SCALE", "nonlinear_message", "separate"]
 
 RERUN_SCALE = 2.0
+_UNDERFLOW_SHARE = 2.0**-8
 
 
 def separate(
-    scaled: Sequence[float], plain: Callable[[], Sequence[float]], tolerance: float
+    scaled: Sequence[float],
+    plain: Callable[[], Sequence[float]],
+    tolerance: float,
+    largest: Sequence[float],
 ) -> list[tuple[float, float | None]]:
     """Per leaf, from the largest changes of the doubled re-run: ``(nondeterminism,
-    nonlinearity)``, the second None unless the doubled run changed beyond ``tolerance`` while
-    a plain re-run (``plain()``, called only then) did not."""
+    nonlinearity)``, the second None unless the doubled run changed beyond ``tolerance`` and
+    beyond the underflow share of the leaf's ``largest`` |value| while a plain re-run
+    (``plain()``, called only then) did not change beyond ``tolerance``."""
     if all(delta <= tolerance for delta in scaled):
         return [(delta, None) for delta in scaled]
     again = plain()
     found: list[tuple[float, float | None]] = []
-    for delta, same in zip(scaled, again, strict=True):
+    for delta, same, size in zip(scaled, again, largest, strict=True):
         if delta <= tolerance:
             found.append((delta, None))
         else:
-            found.append((same, delta if same <= tolerance else None))
+            linear = same > tolerance or delta <= _UNDERFLOW_SHARE * size
+            found.append((same, None if linear else delta))
     return found
 
 

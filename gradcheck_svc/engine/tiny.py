@@ -133,7 +133,10 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
             again = _transposed_jacobian(ctx.analytic, m, ctx.f0.device, scale)
             return [_largest_change(j, a) for j, a in zip(jac_t, again, strict=True)]
 
-        reruns = list(separate(changes(RERUN_SCALE), lambda: changes(1.0), options.nondet_tol))
+        largest = [
+            max((abs(v) for column in j for v in column if math.isfinite(v)), default=0.0) for j in jac_t
+        ]
+        reruns = list(separate(changes(RERUN_SCALE), lambda: changes(1.0), options.nondet_tol, largest))
     wide_t = (
         _transposed_jacobian(ctx.wide_analytic, m, ctx.f0.device) if ctx.wide_analytic is not None else None
     )

@@ -72,3 +72,13 @@ def test_nondeterminism_is_still_told_from_nonlinearity():
     report = gc.check(Noisy.apply, torch.randn(6, dtype=torch.float64))
     assert [p.status for p in report.pairs] == [Status.NONDETERMINISTIC]
     assert "linear" not in report.pairs[0].message
+
+
+@pytest.mark.parametrize("size", [3, 40, 300])
+def test_subnormal_values_of_a_linear_backward_are_not_nonlinearity(size):
+    # x @ w * 1e-41 in float32: the backward's values are subnormal, rounded to a grid the doubled
+    # re-run falls between; halving it back is then not exact, though the backward is linear
+    x = torch.linspace(0.3, 1.7, size, dtype=torch.float32)
+    w = torch.linspace(0.5, 1.5, size, dtype=torch.float32)
+    report = gc.check(lambda t: torch.stack([(t * w).sum(), (t * w * 1e-41).sum()]), x)
+    assert report.ok, report
