@@ -106,15 +106,28 @@ class Plant:
     element: int = 0  # for the one-element kinds
 
 
-def wrapped(fn: Callable[..., Any], plant: Plant, n_outputs: int) -> Callable[..., Any]:
-    """``fn`` as a custom Function whose backward is the true vjp with ``plant`` planted."""
+def differentiable_outputs(fn: Callable[..., Any], args: tuple[torch.Tensor, ...]) -> list[bool]:
+    """Which of fn's outputs autograd differentiates (``save_mean`` of a batch norm is not)."""
+    with torch.enable_grad():
+        outs = _leaves(fn(*(a.detach().requires_grad_(True) for a in args)))
+    return [o.requires_grad for o in outs]
+
+
+def wrapped(
+    fn: Callable[..., Any], plant: Plant, n_outputs: int, differentiable: list[bool] | None = None
+) -> Callable[..., Any]:
+    """``fn`` as a custom Function whose backward is the true vjp with ``plant`` planted; outputs
+    autograd does not differentiate (``differentiable``) are marked so."""
 
     class Planted(torch.autograd.Function):
         @staticmethod
         def forward(ctx: Any, *inputs: torch.Tensor) -> Any:
             ctx.save_for_backward(*inputs)
             outs = [o.clone() for o in _leaves(fn(*inputs))]
-            ctx.mark_non_differentiable(*[o for o in outs if not _differentiable(o)])
+            flags = differentiable or [True] * len(outs)
+            ctx.mark_non_differentiable(
+                *[o for o, d in zip(outs, flags, strict=True) if not (d and _differentiable(o))]
+            )
             return tuple(outs)
 
         @staticmethod
@@ -231,6 +244,14 @@ def column_share(fn: Callable[..., Any], args: tuple[torch.Tensor, ...], plant: 
     return mine / best if best else 0.0
 
 
+def _share(fn: Callable[..., Any], args: tuple[torch.Tensor, ...], plant: Plant) -> float | None:
+    """``column_share``, None where torch's jacobian cannot take fn (complex outputs)."""
+    try:
+        return column_share(fn, args, plant)
+    except RuntimeError:
+        return None
+
+
 @dataclass
 class Tally:
     visible: int = 0
@@ -275,6 +296,7 @@ def sweep(ops: list[Any], samples: int, limit: int, verbose: bool) -> None:
                 if _entries(args, fn) > _MAX_ENTRIES:
                     continue
                 n_out = len(_leaves(fn(*args)))
+                flags = differentiable_outputs(fn, args)
                 planted = plants(fn, args, seed=index)
             except Exception:
                 continue  # the op raises on this sample: nothing to check
@@ -286,7 +308,7 @@ def sweep(ops: list[Any], samples: int, limit: int, verbose: bool) -> None:
                 if dtype == torch.float32 and not ok32:
                     continue
                 plain = ours(fn, _copies(args, dtype), mode, limit)
-                right = ours(wrapped(fn, Plant("none"), n_out), _copies(args, dtype), mode, limit)
+                right = ours(wrapped(fn, Plant("none"), n_out, flags), _copies(args, dtype), mode, limit)
                 base[label] = plain.ok
                 if plain.ok and not right.ok:
                     alarms.append(f"{where} {label}: correct wrapper fails ({right.crashed or right.ratio})")
@@ -295,7 +317,7 @@ def sweep(ops: list[Any], samples: int, limit: int, verbose: bool) -> None:
             for kind, plant in planted.items():
                 tally = tallies[kind]
                 tally.visible += 1
-                bad = wrapped(fn, plant, n_out)
+                bad = wrapped(fn, plant, n_out, flags)
                 for label, dtype, mode in CHECKERS:
                     if label not in base:
                         continue
@@ -305,8 +327,10 @@ def sweep(ops: list[Any], samples: int, limit: int, verbose: bool) -> None:
                     if not verdict.ok:
                         tally.caught[label] += 1
                     elif mode == "auto":
-                        share = column_share(fn, args, plant) if kind.startswith("elem") else None
+                        share = _share(fn, args, plant) if kind.startswith("elem") else None
                         misses.append(Miss(where, kind, label, verdict.ratio, share))
+                        if verbose:
+                            print(f"  missed: {where} {kind} {label} err/tol {verdict.ratio:.3g}", flush=True)
                 start = time.perf_counter()
                 if not theirs(bad, args, op, limit).ok:
                     tally.caught["torch64"] += 1
