@@ -194,7 +194,7 @@ def _entries(args: tuple[torch.Tensor, ...], fn: Callable[..., Any]) -> int:
     return sum(t.numel() for t in outs) * sum(t.numel() for t in args)
 
 
-def _ops(filters: list[str]) -> list[Any]:
+def _ops(filters: list[str], skip: list[str] | None = None) -> list[Any]:
     from torch.testing._internal.common_methods_invocations import op_db
 
     chosen = []
@@ -202,6 +202,8 @@ def _ops(filters: list[str]) -> list[Any]:
         if not op.supports_autograd:
             continue
         if filters and not any(f in op.name or f in op.variant_test_name for f in filters):
+            continue
+        if skip and any(f in op.name or f in op.variant_test_name for f in skip):
             continue
         chosen.append(op)
     return chosen
@@ -306,6 +308,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=[*_DTYPES, "both"], default="both")
     parser.add_argument("--limit", type=int, default=60, help="seconds allowed per sample and tool")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the samples live")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], help="leave out ops whose name contains one of these"
+    )
     parser.add_argument("--part", default="1/1", help="K/N: every N-th op from the K-th, to split a sweep")
     parser.add_argument("--no-torch", action="store_true", help="our verdicts alone (torch's not run)")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -313,7 +318,7 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     k, n = (int(v) for v in args.part.split("/"))
-    ops = _ops(args.ops)[k - 1 :: n]
+    ops = _ops(args.ops, args.skip)[k - 1 :: n]
     names = list(_DTYPES) if args.dtype == "both" else [args.dtype]
     for name in names:
         rows = sweep(
