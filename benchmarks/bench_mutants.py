@@ -18,7 +18,9 @@ with ``torch.autograd.grad`` inside), then mutated in realistic ways:
 - ``ones``: the gradient of grad_output = ones, whatever grad_output's values.
 
 The mutated input is the first one on which the mutant is visible: a mutant whose vjp equals the
-true one for a random grad_output (relative difference under 1e-10) is skipped as invisible.
+true one for a random grad_output (relative difference under 1e-10, or a difference under 1e-10
+of the size a vjp has from fn's values over its inputs', where the true vjp is rounding of 0) is
+skipped as invisible.
 The un-mutated wrapper is checked too: it must pass wherever the plain op passes (a false alarm
 otherwise). Checked by ``gradcheck_svc.check`` in the default mode (auto) and ``mode="fast"``, in
 float64 and on float32 copies of the same inputs (fn runs on float64 copies by default), and by
@@ -163,6 +165,14 @@ def plants(fn: Callable[..., Any], args: tuple[torch.Tensor, ...], seed: int) ->
         torch.randn(o.shape, generator=gen, dtype=o.dtype) if _differentiable(o) else None for o in outs
     )
     truth = true_vjp(fn, args, cot)
+    # The true vjp may itself be rounding (corrcoef of two numbers is 1: its gradient is 0 or
+    # 1e-17); a mutant of rounding is no visible bug. The floor: the size a vjp has from the
+    # cotangent and fn's values over its inputs'.
+    size = max((float(o.abs().max()) for o in outs if _differentiable(o) and o.numel()), default=1.0)
+    spread = max((float(a.abs().max()) for a in args if a.numel()), default=1.0)
+    cot_size = max((float(c.abs().max()) for c in cot if c is not None and c.numel()), default=1.0)
+    floor = _INVISIBLE * cot_size * max(size, 1.0) / max(spread, 1.0)
+    truth_size = sum(float(g.double().norm()) ** 2 for g in truth) ** 0.5
     found: dict[str, Plant] = {}
     for kind in KINDS:
         for target, g in enumerate(truth):
@@ -181,7 +191,7 @@ def plants(fn: Callable[..., Any], args: tuple[torch.Tensor, ...], seed: int) ->
             else:
                 bad = list(truth)
                 bad[target] = mutate(kind, g, element)
-            if _relative(bad, truth) >= _INVISIBLE:
+            if _relative(bad, truth) * truth_size >= floor and _relative(bad, truth) >= _INVISIBLE:
                 found[kind] = Plant(kind, target, element)
                 break
     return found
