@@ -22,7 +22,7 @@ from gradcheck_svc.engine.colouring import run_coloured
 from gradcheck_svc.engine.compare import ClearTest, PairAccumulator, clear_passes, judge, merge_wide
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.far_left import far_left_of, ties_of
-from gradcheck_svc.engine.linearity import RERUN_SCALE, separate
+from gradcheck_svc.engine.linearity import RERUN_SCALE, separate, unscaled
 from gradcheck_svc.engine.numeric import (
     DTYPE_DEFAULTS,
     NODES,
@@ -263,7 +263,7 @@ def _rerun_dense(
 
     def changes(scale: float) -> list[float]:
         again = ctx.analytic.rows(cotangents * scale)
-        return [largest_change(first[:, chunk].T, again[i] / scale) for i, first in jac.items()]
+        return [largest_change(first[:, chunk].T, unscaled(again[i], scale)) for i, first in jac.items()]
 
     largest = [_largest_magnitude(first[:, chunk]) for first in jac.values()]
     found = separate(changes(RERUN_SCALE), lambda: changes(1.0), ctx.options.nondet_tol, largest)

@@ -16,10 +16,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-__all__ = ["RERUN_SCALE", "nonlinear_message", "separate"]
+import torch
+
+__all__ = ["RERUN_SCALE", "nonlinear_message", "separate", "unscaled"]
 
 RERUN_SCALE = 2.0
 _UNDERFLOW_SHARE = 2.0**-8
+
+
+def unscaled(g: torch.Tensor, scale: float) -> torch.Tensor:
+    """A gradient of cotangents ``scale`` times as large, divided back; autograd's zero tensor
+    without storage (which ``tolist`` refuses) made a plain one."""
+    if g._is_zerotensor():
+        return torch.zeros(g.shape, dtype=g.dtype, device=g.device)
+    return g if scale == 1.0 else g / scale
 
 
 def separate(

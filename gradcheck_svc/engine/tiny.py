@@ -42,7 +42,7 @@ from gradcheck_svc.engine.compare import (
     wide_only_message,
 )
 from gradcheck_svc.engine.context import _FORWARD_ROUNDING, Context
-from gradcheck_svc.engine.linearity import RERUN_SCALE, nonlinear_message, separate
+from gradcheck_svc.engine.linearity import RERUN_SCALE, nonlinear_message, separate, unscaled
 from gradcheck_svc.engine.numeric import _FLOOR_ULPS, _MIN_NOISE_SAMPLES, NODES, derivative_weights
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, flat_index
 from gradcheck_svc.engine.ties import TieTest
@@ -208,7 +208,7 @@ def _transposed_jacobian(
         return few
     cotangents = torch.eye(m, dtype=torch.float64, device=device)
     if scale != 1.0:
-        return [(g / scale).T.tolist() for g in analytic.rows(cotangents * scale)]
+        return [unscaled(g, scale).T.tolist() for g in analytic.rows(cotangents * scale)]
     return [g.T.tolist() for g in analytic.rows(cotangents)]
 
 
