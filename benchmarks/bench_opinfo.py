@@ -5,6 +5,7 @@
     python benchmarks/bench_opinfo.py --ops linalg fft      # ops whose name contains any of these
     python benchmarks/bench_opinfo.py --dtype float64 -v    # one dtype, every sample's verdict printed
     python benchmarks/bench_opinfo.py --device cuda         # the ops' samples on the GPU
+    python benchmarks/bench_opinfo.py --part 1/4 --no-torch # a quarter of the ops, ours alone
 
 Each sample of each op that supports autograd on the device (``--device``, default cpu) is checked
 by ``gradcheck_svc.check`` (default options) and by ``torch.autograd.gradcheck`` (default options,
@@ -193,7 +194,7 @@ def _entries(args: tuple[torch.Tensor, ...], fn: Callable[..., Any]) -> int:
     return sum(t.numel() for t in outs) * sum(t.numel() for t in args)
 
 
-def _ops(filters: list[str]) -> list[Any]:
+def _ops(filters: list[str], skip: list[str] | None = None) -> list[Any]:
     from torch.testing._internal.common_methods_invocations import op_db
 
     chosen = []
@@ -202,12 +203,20 @@ def _ops(filters: list[str]) -> list[Any]:
             continue
         if filters and not any(f in op.name or f in op.variant_test_name for f in filters):
             continue
+        if skip and any(f in op.name or f in op.variant_test_name for f in skip):
+            continue
         chosen.append(op)
     return chosen
 
 
 def sweep(
-    dtype: torch.dtype, ops: list[Any], every_sample: bool, limit: int, verbose: bool, device: str = "cpu"
+    dtype: torch.dtype,
+    ops: list[Any],
+    every_sample: bool,
+    limit: int,
+    verbose: bool,
+    device: str = "cpu",
+    torch_too: bool = True,
 ) -> list[Row]:
     rows: list[Row] = []
     for op in ops:
@@ -233,8 +242,12 @@ def sweep(
                 continue  # the op itself raises on this sample: nothing for either tool to check
             # Each tool gets its own copies: a failed check must not leave state for the other.
             ours = _ours(fn, tuple(a.detach().clone() for a in args), limit)
-            theirs = _theirs(
-                fn, tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args), op, limit
+            theirs = (
+                _theirs(
+                    fn, tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args), op, limit
+                )
+                if torch_too
+                else Outcome(False, 0.0, "not run")
             )
             row = Row(name, index, ours, theirs)
             if ours.ok and not theirs.ok:
@@ -295,14 +308,28 @@ def main() -> None:
     parser.add_argument("--dtype", choices=[*_DTYPES, "both"], default="both")
     parser.add_argument("--limit", type=int, default=60, help="seconds allowed per sample and tool")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the samples live")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], help="leave out ops whose name contains one of these"
+    )
+    parser.add_argument("--part", default="1/1", help="K/N: every N-th op from the K-th, to split a sweep")
+    parser.add_argument("--no-torch", action="store_true", help="our verdicts alone (torch's not run)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    ops = _ops(args.ops)
+    k, n = (int(v) for v in args.part.split("/"))
+    ops = _ops(args.ops, args.skip)[k - 1 :: n]
     names = list(_DTYPES) if args.dtype == "both" else [args.dtype]
     for name in names:
-        rows = sweep(_DTYPES[name], ops, args.samples == "all", args.limit, args.verbose, args.device)
+        rows = sweep(
+            _DTYPES[name],
+            ops,
+            args.samples == "all",
+            args.limit,
+            args.verbose,
+            args.device,
+            not args.no_torch,
+        )
         _report(f"{name} on {args.device}", rows)
 
 

@@ -178,11 +178,12 @@ class Analytic:
                 result = loop()
         return [_float64_values(g) for g in result]
 
-    def few_rows(self, m: int) -> list[list[list[float]]] | None:
+    def few_rows(self, m: int, scale: float = 1.0) -> list[list[list[float]]] | None:
         """``rows`` of the identity's ``m`` rows as Python floats, ``(n_i, m)`` per leaf (the
         transposed Jacobian), for a problem of a handful of rows: the plain backward calls ``rows``
         makes there, without tensors to stack and read back (a float of any dtype reads back as
-        its float64 value, as ``rows`` converts it). None where ``rows`` would batch them."""
+        its float64 value, as ``rows`` converts it). None where ``rows`` would batch them.
+        ``scale`` (a power of two) multiplies the cotangents and divides the results."""
         if m > _FEW_ROWS or ("func" not in self._paths and self._paths != ["loop"]):
             return None
         try:
@@ -190,7 +191,8 @@ class Analytic:
             if len(self._onehot) != m:  # the rows of the identity, made once per check
                 eye = torch.eye(m, dtype=torch.float64, device=y.device)
                 self._onehot = list(eye.unbind()) if m > 1 else [eye.reshape(1)]
-            per_row = [self._grads(y, reals, c, batched=False) for c in self._onehot]
+            cotangents = self._onehot if scale == 1.0 else [c * scale for c in self._onehot]
+            per_row = [self._grads(y, reals, c, batched=False) for c in cotangents]
         except (CheckError, torch.cuda.OutOfMemoryError):
             raise
         except Exception as exc:  # as ``_run`` words the loop's failure
@@ -198,6 +200,8 @@ class Analytic:
                 f"backward raised while computing reverse-mode rows: {_describe(exc)}{_hint(exc)}"
             ) from exc
         values = [[_values(g) for g in row] for row in per_row]  # [row][leaf] -> (n_i,)
+        if scale != 1.0:
+            values = [[[v / scale for v in leaf] for leaf in row] for row in values]
         if m == 1:
             return [[[v] for v in leaf] for leaf in values[0]]
         return [[list(column) for column in zip(*leaf, strict=True)] for leaf in zip(*values, strict=True)]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gradcheck_svc.engine.linearity import nonlinear_message
 from gradcheck_svc.engine.numeric import SMOOTH_SPREAD, Central, Differences
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, flat_index
 from gradcheck_svc.report import Check, ElementError, PairReport, Status
@@ -407,13 +408,16 @@ def _largest(values: torch.Tensor) -> float:
     return float(values.max())
 
 
-def pair_status(*, nonfinite: bool, nondeterministic: bool, failed: bool, kinks: bool) -> Status:
-    """A pair's verdict from what its elements showed, the most serious first."""
+def pair_status(
+    *, nonfinite: bool, nondeterministic: bool, failed: bool, kinks: bool, nonlinear: bool = False
+) -> Status:
+    """A pair's verdict from what its elements showed, the most serious first; a backward not
+    linear in grad_output (``linearity``) fails whatever its elements showed."""
     if nonfinite:
         return Status.NONFINITE
     if nondeterministic:
         return Status.NONDETERMINISTIC
-    if failed:
+    if failed or nonlinear:
         return Status.FAIL
     if kinks:
         return Status.KINK
@@ -461,6 +465,7 @@ class PairAccumulator:
     max_ratio: float = 0.0
     nondeterminism: float | None = None
     nondeterministic: bool = False
+    nonlinearity: float | None = None  # the backward's departure from linearity in grad_output
     wide_only: int = 0  # elements that failed only in the float64 run of the backward
     message: str = ""
     _worst: list[tuple[int, float, ElementError]] = field(default_factory=list)
@@ -639,6 +644,13 @@ class PairAccumulator:
         self.nondeterminism = delta
         self.nondeterministic = delta > tolerance
 
+    def record_rerun(self, nondeterminism: float, nonlinearity: float | None, tolerance: float) -> None:
+        """``record_nondeterminism``, and a backward found not linear in grad_output (``linearity``)."""
+        self.record_nondeterminism(nondeterminism, tolerance)
+        if nonlinearity is not None:
+            self.nonlinearity = nonlinearity
+            self.message = nonlinear_message(nonlinearity)
+
     @property
     def status(self) -> Status:
         return pair_status(
@@ -646,6 +658,7 @@ class PairAccumulator:
             nondeterministic=self.nondeterministic,
             failed=bool(self.failed),
             kinks=bool(self.kinks),
+            nonlinear=self.nonlinearity is not None,
         )
 
     def report(self) -> PairReport:

@@ -143,6 +143,7 @@ class Context:
     # it; and its answer per output block (asked by both tolerances of every pair)
     _rounded_terms: torch.Tensor | None = field(default=None, init=False)
     _cancelled: dict[int, float] = field(default_factory=dict, init=False)
+    _steps: dict[torch.dtype, float] = field(default_factory=dict, init=False)  # ``eps`` per leaf dtype
 
     def __post_init__(self) -> None:
         self.analytic = Analytic(self.problem, self.notes.add)
@@ -264,8 +265,18 @@ class Context:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
 
     def eps(self, leaf: Leaf) -> float:
-        """The relative step for ``leaf`` (a leaf of the numeric problem: its dtype sets the step)."""
-        return self.options.eps if self.options.eps is not None else defaults_for(leaf.dtype).eps
+        """The relative step for ``leaf`` (a leaf of the numeric problem): its dtype's, or that of
+        the outputs where even the most precise of them is less precise (``x.double()`` in,
+        ``.float()`` out): a float64 step over float32 values has rounding of 2^-7 relative."""
+        if self.options.eps is not None:
+            return self.options.eps
+        found = self._steps.get(leaf.dtype)
+        if found is None:
+            outputs = [defaults_for(o.dtype) for o in self.numeric_problem.outputs]
+            own = defaults_for(leaf.dtype)
+            finest = min(outputs, key=lambda d: d.machine_eps, default=own)
+            found = self._steps[leaf.dtype] = max(own, finest, key=lambda d: d.machine_eps).eps
+        return found
 
     @functools.cached_property
     def machine_eps(self) -> float:

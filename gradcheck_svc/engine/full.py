@@ -22,6 +22,7 @@ from gradcheck_svc.engine.colouring import run_coloured
 from gradcheck_svc.engine.compare import ClearTest, PairAccumulator, clear_passes, judge, merge_wide
 from gradcheck_svc.engine.context import Context
 from gradcheck_svc.engine.far_left import far_left_of, ties_of
+from gradcheck_svc.engine.linearity import RERUN_SCALE, separate, unscaled
 from gradcheck_svc.engine.numeric import (
     DTYPE_DEFAULTS,
     NODES,
@@ -251,17 +252,30 @@ def _rerun_dense(
     selection: _Selection,
     accumulators: _Accumulators,
 ) -> None:
-    """Run the first batch of the backward again, exactly as before, and compare per leaf.
+    """Run the first batch of the backward again, with cotangents twice as large (``linearity``),
+    and compare per leaf.
 
     The very same batch: a batch of another size may round differently (other GEMM blocking),
     which is not nondeterminism. The backward is shared by every output: its second run speaks
     for all pairs.
     """
-    again = ctx.analytic.rows(onehot(chunk, ctx.problem.n_outputs))
-    for i, first in jac.items():
-        delta = largest_change(first[:, chunk].T, again[i])
+    cotangents = onehot(chunk, ctx.problem.n_outputs)
+
+    def changes(scale: float) -> list[float]:
+        again = ctx.analytic.rows(cotangents * scale)
+        return [largest_change(first[:, chunk].T, unscaled(again[i], scale)) for i, first in jac.items()]
+
+    largest = [_largest_magnitude(first[:, chunk]) for first in jac.values()]
+    found = separate(changes(RERUN_SCALE), lambda: changes(1.0), ctx.options.nondet_tol, largest)
+    for i, (delta, nonlinearity) in zip(jac, found, strict=True):
         for o in selection.outputs_of(i):
-            accumulators.of(Check.REVERSE, o, i).record_nondeterminism(delta, ctx.options.nondet_tol)
+            accumulators.of(Check.REVERSE, o, i).record_rerun(delta, nonlinearity, ctx.options.nondet_tol)
+
+
+def _largest_magnitude(values: torch.Tensor) -> float:
+    """max |value| over the finite values, 0 for none."""
+    finite = values[values.isfinite()]
+    return float(finite.abs().max()) if finite.numel() else 0.0
 
 
 def _analytic_columns(

@@ -42,6 +42,7 @@ from gradcheck_svc.engine.compare import (
     wide_only_message,
 )
 from gradcheck_svc.engine.context import _FORWARD_ROUNDING, Context
+from gradcheck_svc.engine.linearity import RERUN_SCALE, nonlinear_message, separate, unscaled
 from gradcheck_svc.engine.numeric import _FLOOR_ULPS, _MIN_NOISE_SAMPLES, NODES, derivative_weights
 from gradcheck_svc.engine.problem import Leaf, OutputBlock, flat_index
 from gradcheck_svc.engine.ties import TieTest
@@ -125,10 +126,17 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
         _colouring_declines(j, leaf.size, f0_finite) for j, leaf in zip(jac_t, problem.leaves, strict=True)
     ):
         return None
-    nondeterminism: list[float | None] = [None] * len(problem.leaves)
+    reruns: list[tuple[float | None, float | None]] = [(None, None)] * len(problem.leaves)
     if options.check_nondeterminism:
-        again = _transposed_jacobian(ctx.analytic, m, ctx.f0.device)
-        nondeterminism = [_largest_change(j, a) for j, a in zip(jac_t, again, strict=True)]
+
+        def changes(scale: float) -> list[float]:
+            again = _transposed_jacobian(ctx.analytic, m, ctx.f0.device, scale)
+            return [_largest_change(j, a) for j, a in zip(jac_t, again, strict=True)]
+
+        largest = [
+            max((abs(v) for column in j for v in column if math.isfinite(v)), default=0.0) for j in jac_t
+        ]
+        reruns = list(separate(changes(RERUN_SCALE), lambda: changes(1.0), options.nondet_tol, largest))
     wide_t = (
         _transposed_jacobian(ctx.wide_analytic, m, ctx.f0.device) if ctx.wide_analytic is not None else None
     )
@@ -185,17 +193,22 @@ def run_tiny(ctx: Context) -> list[PairReport] | None:
                 analytic, pair.wide_only = merge_wide_floats(analytic, verdicts, wide, wide_verdicts)
             pair.add(columns, [rows[k] - block.offset for k in mine], analytic, block_diff, verdicts)
             pair.checked += (block.size - len(mine)) * columns
-            reports.append(pair.report(nondeterminism[i], options.nondet_tol))
+            reports.append(pair.report(*reruns[i], options.nondet_tol))
         ctx.timed("compare_s", start)
     return reports
 
 
-def _transposed_jacobian(analytic: Analytic, m: int, device: torch.device) -> list[list[list[float]]]:
-    """The backward of every output row (``probes.onehot`` of each), ``(n_i, M)`` lists per leaf."""
-    few = analytic.few_rows(m)
+def _transposed_jacobian(
+    analytic: Analytic, m: int, device: torch.device, scale: float = 1.0
+) -> list[list[list[float]]]:
+    """The backward of every output row (``probes.onehot`` of each), ``(n_i, M)`` lists per leaf;
+    ``scale`` (a power of two) multiplies the cotangents and divides the results."""
+    few = analytic.few_rows(m, scale)
     if few is not None:
         return few
     cotangents = torch.eye(m, dtype=torch.float64, device=device)
+    if scale != 1.0:
+        return [unscaled(g, scale).T.tolist() for g in analytic.rows(cotangents * scale)]
     return [g.T.tolist() for g in analytic.rows(cotangents)]
 
 
@@ -622,12 +635,15 @@ class _Pair:
         )
         self.worst.append((rank, v.ratio, element))
 
-    def report(self, nondeterminism: float | None, nondet_tol: float) -> PairReport:
+    def report(
+        self, nondeterminism: float | None, nonlinearity: float | None, nondet_tol: float
+    ) -> PairReport:
         status = pair_status(
             nonfinite=bool(self.nonfinite),
             nondeterministic=nondeterminism is not None and nondeterminism > nondet_tol,
             failed=bool(self.failed),
             kinks=bool(self.kinks),
+            nonlinear=nonlinearity is not None,
         )
         error_map = None
         if status.failed:
@@ -652,5 +668,9 @@ class _Pair:
             error_bars=self.full["b"],
             nondeterminism=nondeterminism,
             error_map=error_map,
-            message=wide_only_message(self.leaf, self.wide_only),
+            message=(
+                nonlinear_message(nonlinearity)
+                if nonlinearity is not None
+                else wide_only_message(self.leaf, self.wide_only)
+            ),
         )
