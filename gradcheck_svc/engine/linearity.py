@@ -9,11 +9,13 @@ of two scales every product and sum exactly), so a change is nondeterminism or a
 is not linear; one plain re-run, made only then, tells the two apart. Exact except where values
 underflow: a subnormal result of the first run has fewer bits than the doubled one, so changes
 within ``_UNDERFLOW_SHARE`` of the leaf's largest value do not count as nonlinearity (a backward
-that ignores grad_output is off by half of its values).
+that ignores grad_output is off by half of its values), nor where they overflow: a float16
+gradient above half its largest finite value is inf when doubled.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -40,7 +42,8 @@ def separate(
 ) -> list[tuple[float, float | None]]:
     """Per leaf, from the largest changes of the doubled re-run: ``(nondeterminism,
     nonlinearity)``, the second None unless the doubled run changed beyond ``tolerance`` and
-    beyond the underflow share of the leaf's ``largest`` |value| while a plain re-run
+    beyond the underflow share of the leaf's ``largest`` |value|, and stayed finite (doubling
+    overflowed otherwise), while a plain re-run
     (``plain()``, called only then) did not change beyond ``tolerance``."""
     if all(delta <= tolerance for delta in scaled):
         return [(delta, None) for delta in scaled]
@@ -50,7 +53,9 @@ def separate(
         if delta <= tolerance:
             found.append((delta, None))
         else:
-            linear = same > tolerance or delta <= _UNDERFLOW_SHARE * size
+            # inf (the tensor path counts it as the largest float): the doubled values overflowed
+            overflowed = not delta < sys.float_info.max
+            linear = same > tolerance or delta <= _UNDERFLOW_SHARE * size or overflowed
             found.append((same, None if linear else delta))
     return found
 

@@ -82,3 +82,12 @@ def test_subnormal_values_of_a_linear_backward_are_not_nonlinearity(size):
     w = torch.linspace(0.5, 1.5, size, dtype=torch.float32)
     report = gc.check(lambda t: torch.stack([(t * w).sum(), (t * w * 1e-41).sum()]), x)
     assert report.ok, report
+
+
+@pytest.mark.parametrize("mode", ["full", "fast"])
+@pytest.mark.parametrize("size", [1, 5, 300])
+def test_a_gradient_that_overflows_when_doubled_is_not_nonlinearity(size, mode):
+    # 40000 is a float16 value; the doubled re-run's 80000 is not (inf), though the backward is linear
+    x = torch.linspace(0.5, 1.5, size, dtype=torch.float16)
+    report = gc.check(lambda t: t * 40000.0, x, mode=mode)
+    assert report.ok, report
