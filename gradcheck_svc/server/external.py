@@ -8,9 +8,9 @@ failure (bad answer, silence, deadline, cancellation, drain) ends the RPC with i
 slot is released on every path.
 
 Memory is held as Check holds it: the engine and the tensors decoded from the client's answers run
-under a CheckGuard (``max_check_bytes``), and a check that is not small everywhere (more than
-LIGHT_INPUTS input elements; outputs of more than LIGHT_ELEMENTS or a Jacobian of more than
-LIGHT_JACOBIAN entries, known from the first answer) takes ``max_check_bytes`` of
+under a CheckGuard (``max_check_bytes``), and a check that is not small everywhere (``plan.is_light``,
+as Check decides it: its inputs at once, its outputs and Jacobian once the first answer declares
+them) takes ``max_check_bytes`` of
 ``max_check_bytes_in_flight`` while it runs, or is refused SERVER_BUSY with RetryInfo. It gives it
 back when its engine thread ends and, whatever else happens, when the handler ends.
 """
@@ -46,7 +46,7 @@ from gradcheck_svc.errors import (
 from gradcheck_svc.options import CheckOptions
 from gradcheck_svc.report import Report
 from gradcheck_svc.server.external_source import NAME, NAME_RULE, ClientFailed, ExchangeEnded, StreamSource
-from gradcheck_svc.server.plan import LIGHT_ELEMENTS, LIGHT_INPUTS, LIGHT_JACOBIAN
+from gradcheck_svc.server.plan import is_light
 from gradcheck_svc.server.runner import Deadline, guarded, new_check_id, reported_options
 from gradcheck_svc.server.status import Rejection, failure_for
 from gradcheck_svc.v1 import gradcheck_pb2 as pb
@@ -93,7 +93,7 @@ def check_external(
         memory = CheckMemory(service, inputs)
         service.admit()  # the same refusals as Check: SERVER_DRAINING or SERVER_BUSY, with RetryInfo
         try:
-            if inputs > LIGHT_INPUTS:
+            if not is_light(inputs, 0):
                 memory.reserve()
             run = _Run(service, plan, start, inbox, context, memory)
         except BaseException:
@@ -194,13 +194,10 @@ class CheckMemory:
         with self._lock:
             if self._held:
                 return
-            each = self._service.settings.max_check_bytes
-            if not self._service.check_bytes.try_take(each):
-                raise self._service._out_of_check_memory()
-            self._held = each
+            self._held = self._service.take_check_memory()
 
     def outputs_known(self, elements: int) -> None:
-        if elements > LIGHT_ELEMENTS or elements * self._inputs > LIGHT_JACOBIAN:
+        if not is_light(self._inputs, elements):
             self.reserve()
 
     def release(self) -> None:

@@ -55,6 +55,7 @@ __all__ = [
     "LIGHT_JACOBIAN",
     "CheckPlan",
     "PlannedPoint",
+    "is_light",
     "plan_check",
     "runs_in_worker",
 ]
@@ -170,12 +171,13 @@ def _light(largest: int | None, points: list[PlannedPoint]) -> bool:
     inputs = max(
         (sum(t.numel() for t in p.tensors if isinstance(t, torch.Tensor)) for p in points), default=0
     )
-    return (
-        largest is not None
-        and largest <= LIGHT_ELEMENTS
-        and inputs <= LIGHT_INPUTS
-        and inputs * largest <= LIGHT_JACOBIAN
-    )
+    return largest is not None and is_light(inputs, largest)
+
+
+def is_light(inputs: int, largest: int) -> bool:
+    """Whether a check of ``inputs`` input elements whose largest intermediate (or output) has
+    ``largest`` elements is small everywhere: inputs, intermediates and Jacobian."""
+    return inputs <= LIGHT_INPUTS and largest <= LIGHT_ELEMENTS and inputs * largest <= LIGHT_JACOBIAN
 
 
 # ----------------------------------------------------------------------------- function

@@ -181,13 +181,13 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
         try:
             plan = self.plans.plan(request)  # validated here, even if isolated
             if not plan.light:  # a light check is small everywhere, sized up front
-                each = self.settings.max_check_bytes
                 if wait_for_memory is None:
-                    if not self.check_bytes.try_take(each):
-                        raise self._out_of_check_memory()
-                elif not self.check_bytes.take(each, give_up=lambda: wait_for_memory() is not None):
-                    raise wait_for_memory() or self._out_of_check_memory()
-                reserved = each
+                    reserved = self.take_check_memory()
+                else:
+                    each = self.settings.max_check_bytes
+                    if not self.check_bytes.take(each, give_up=lambda: wait_for_memory() is not None):
+                        raise wait_for_memory() or self._out_of_check_memory()
+                    reserved = each
             deadline = Deadline.start(remaining, self.settings.max_check_seconds)
             isolated = runs_in_worker(self.settings.isolation, plan.operator_code, plan.light)
             if self.workers is not None and isolated:
@@ -228,6 +228,14 @@ class GradcheckService(pb_grpc.GradcheckServiceServicer):
 
                 if log_later is None or not log_later(line):
                     line()
+
+    def take_check_memory(self) -> int:
+        """A check's share of max_check_bytes_in_flight (``max_check_bytes``), for ``check_bytes
+        .give_back``; past the budget, the refusal (SERVER_BUSY, RetryInfo) is raised."""
+        each = self.settings.max_check_bytes
+        if not self.check_bytes.try_take(each):
+            raise self._out_of_check_memory()
+        return each
 
     def _out_of_check_memory(self) -> Rejection:
         budget, each = self.check_bytes.size, self.settings.max_check_bytes
